@@ -1,0 +1,1 @@
+"""Command-line entry points; the only package that ties config, data, model and training together."""

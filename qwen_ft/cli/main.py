@@ -1,0 +1,47 @@
+"""`qwen-ft` console script: subcommands for validating configs, preprocessing data and more.
+
+Run: qwen-ft --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qwen_ft import __version__
+from qwen_ft.errors import QwenFtError
+
+COMMANDS = ("validate", "preprocess", "inspect", "make_tiny_model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per command module (imported lazily, all light)."""
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="qwen-ft", description="Fine-tune Qwen models from one YAML config.")
+    parser.add_argument("--version", action="version", version=f"qwen-ft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f"qwen_ft.cli.{name}")
+        p = sub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run the command; user errors print a message and return 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except QwenFtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

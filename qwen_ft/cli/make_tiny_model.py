@@ -1,0 +1,28 @@
+"""Write a tiny random Qwen2/Qwen3 checkpoint with the real Qwen vocabulary, for demos and tests.
+
+Run: qwen-ft make-tiny-model runs/tiny-qwen3 [--family qwen3] [--hidden 64] [--layers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "write a tiny random Qwen checkpoint (real vocabulary) for CPU demos and tests"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """OUT [--family] [--hidden] [--layers] [--seed]."""
+    p.add_argument("out", help="output directory")
+    p.add_argument("--family", choices=("qwen2", "qwen3"), default="qwen3")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build and save the model."""
+    from qwen_ft.model.tiny import make_tiny_model
+
+    out = make_tiny_model(args.out, args.family, args.hidden, args.layers, args.seed)
+    print(f"wrote tiny {args.family} model (hidden {args.hidden}, {args.layers} layers, random weights) to {out}")
+    return 0

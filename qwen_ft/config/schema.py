@@ -1,0 +1,135 @@
+"""The run config: one frozen dataclass per stage; the YAML mirrors this tree.
+
+Every field has a default and a help string (`metadata["help"]`). `Literal` types list the
+allowed values; the loader checks and coerces them, so downstream code reads typed fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def opt(default, help: str, **kw):  # noqa: A002 - "help" mirrors argparse/TRL naming
+    """A dataclass field with a default and a one-line help string."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base checkpoint."""
+
+    path: str = opt("", "local checkpoint directory (config.json + weights); never a hub id")
+    family: Literal["auto", "qwen", "qwen2", "qwen3"] = opt(
+        "auto", "model family; auto reads model_type from the checkpoint's config.json (never the path)"
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
+        "auto", "auto: flash-attention 2 when installed on a GPU, else sdpa"
+    )
+    gradient_checkpointing: bool = opt(True, "non-reentrant activation checkpointing")
+    trust_remote_code: bool = opt(False, "run code shipped with the checkpoint; off unless you ask for it")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Where the tokenizer lives (qwen.tiktoken for Qwen v1, tokenizer.json for Qwen2/2.5/3)."""
+
+    path: Optional[str] = opt(None, "tokenizer directory; defaults to model.path")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Conversation files and how they become training rows."""
+
+    train_files: tuple[str, ...] = opt((), "conversation files (.json list or .jsonl), QwenLM or OpenAI-messages format")
+    eval_files: tuple[str, ...] = opt((), "held-out conversation files for eval loss")
+    eval_fraction: float = opt(0.0, "fraction of train conversations held out for eval when eval_files is empty")
+    max_length: int = opt(2048, "maximum tokens per conversation and per packed row")
+    overlong: Literal["truncate", "drop"] = opt(
+        "truncate", "conversations over max_length: truncate at a turn boundary, or drop (both counted)"
+    )
+    label_policy: Literal["assistant", "last_turn", "qwen_reference"] = opt(
+        "assistant", "which tokens are learned; see qwen_ft/data/chatml.py"
+    )
+    default_system: str = opt("You are a helpful assistant.", "system prompt used when a conversation has none")
+    packing: bool = opt(True, "pack conversations into rows of max_length with restarting position_ids")
+    on_error: Literal["error", "skip"] = opt("error", "bad rows: stop with every error listed, or skip and count them")
+    num_proc: int = opt(1, "tokenization processes")
+    cache_dir: str = opt(".cache/qwen-ft", "tokenized-data cache, keyed by data content, tokenizer and settings")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter settings (method: lora or qlora)."""
+
+    r: int = opt(8, "LoRA rank")
+    alpha: int = opt(16, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
+    dropout: float = opt(0.05, "dropout on the LoRA input")
+    target_modules: tuple[str, ...] = opt((), "module names to adapt; empty: all linear layers of the family")
+    rslora: bool = opt(False, "rank-stabilised scaling")
+    dora: bool = opt(False, "weight-decomposed LoRA")
+    train_embeddings: bool = opt(False, "also train input embeddings and output layer (Qwen's 'LoRA (emb)')")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantized base for method: qlora."""
+
+    backend: Literal["bnb", "gptq"] = opt("bnb", "bnb: quantize on load with bitsandbytes; gptq: an existing GPTQ checkpoint")
+    bits: int = opt(4, "weight bits (bnb: 4; gptq: 4 or 8)")
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", "bitsandbytes 4-bit data type")
+    double_quant: bool = opt(True, "bitsandbytes nested quantization of the scales")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "dtype of the de-quantized matmuls")
+    original_base: Optional[str] = opt(None, "full-precision checkpoint the quantized base came from (used by merge)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, logging and checkpoints."""
+
+    output_dir: str = opt("runs/default", "where checkpoints, logs and the final model go")
+    seed: int = opt(42, "seed for init, data order and dropout")
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = opt(0, "optimizer steps; 0: derived from epochs")
+    micro_batch_size: int = opt(1, "rows per forward pass per process")
+    grad_accum: int = opt(8, "micro-batches per optimizer step")
+    learning_rate: float = opt(1e-4, "peak learning rate")
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    adam_beta2: float = opt(0.95, "AdamW beta2")
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
+    warmup_ratio: float = opt(0.01, "fraction of steps spent warming up linearly")
+    max_grad_norm: float = opt(1.0, "gradient clipping; 0 disables")
+    logging_steps: int = opt(1, "log every N optimizer steps")
+    eval_steps: int = opt(0, "eval every N steps; 0: only at the end (when an eval set exists)")
+    save_steps: int = opt(0, "checkpoint every N steps; 0: only at the end")
+    save_total_limit: int = opt(2, "keep the newest K checkpoints")
+    resume: str = opt("none", "none, auto (newest complete checkpoint in output_dir), or a checkpoint path")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """Multi-process execution."""
+
+    deepspeed: str = opt("none", "none, zero2, zero3, zero2_offload, zero3_offload, or a path to a DeepSpeed JSON")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One fine-tuning run."""
+
+    model: ModelConfig = opt(ModelConfig(), "base checkpoint")
+    tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer location")
+    data: DataConfig = opt(DataConfig(), "data files and preprocessing")
+    method: Literal["full", "lora", "qlora"] = opt("lora", "what is trained")
+    lora: LoraConfig = opt(LoraConfig(), "adapter settings")
+    quant: QuantConfig = opt(QuantConfig(), "quantized base settings")
+    train: TrainConfig = opt(TrainConfig(), "optimisation")
+    dist: DistConfig = opt(DistConfig(), "distribution")
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The tokenizer directory: tokenizer.path, else model.path."""
+        return self.tokenizer.path or self.model.path

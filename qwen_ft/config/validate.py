@@ -1,0 +1,109 @@
+"""Cross-field rules for a RunConfig. Pure: returns every problem, mutates nothing.
+
+`validate_config` checks what the config says on its own; `check_environment` checks it
+against this machine (paths exist, optional packages installed). Both return lists so the
+caller can report everything in one go.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen_ft import deps
+from qwen_ft.config.schema import RunConfig
+
+DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+def _ranges(cfg: RunConfig) -> list[str]:
+    d, t, lo = cfg.data, cfg.train, cfg.lora
+    checks = [
+        (d.max_length >= 16, f"data.max_length: {d.max_length} is too small; use at least 16 tokens"),
+        (0.0 <= d.eval_fraction < 0.5, f"data.eval_fraction: {d.eval_fraction} must be in [0, 0.5)"),
+        (d.num_proc >= 1, f"data.num_proc: {d.num_proc} must be >= 1"),
+        (t.micro_batch_size >= 1, f"train.micro_batch_size: {t.micro_batch_size} must be >= 1"),
+        (t.grad_accum >= 1, f"train.grad_accum: {t.grad_accum} must be >= 1"),
+        (t.learning_rate > 0, f"train.learning_rate: {t.learning_rate} must be > 0"),
+        (t.max_steps >= 0, f"train.max_steps: {t.max_steps} must be >= 0 (0 derives it from epochs)"),
+        (t.max_steps > 0 or t.epochs > 0, f"train.epochs: {t.epochs} must be > 0 when train.max_steps is 0"),
+        (0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio: {t.warmup_ratio} must be in [0, 1)"),
+        (t.weight_decay >= 0, f"train.weight_decay: {t.weight_decay} must be >= 0"),
+        (0.0 < t.adam_beta2 < 1.0, f"train.adam_beta2: {t.adam_beta2} must be in (0, 1)"),
+        (t.max_grad_norm >= 0, f"train.max_grad_norm: {t.max_grad_norm} must be >= 0 (0 disables clipping)"),
+        (t.logging_steps >= 1, f"train.logging_steps: {t.logging_steps} must be >= 1"),
+        (t.eval_steps >= 0, f"train.eval_steps: {t.eval_steps} must be >= 0"),
+        (t.save_steps >= 0, f"train.save_steps: {t.save_steps} must be >= 0"),
+        (t.save_total_limit >= 1, f"train.save_total_limit: {t.save_total_limit} must be >= 1"),
+        (lo.r >= 1, f"lora.r: {lo.r} must be >= 1"),
+        (lo.alpha > 0, f"lora.alpha: {lo.alpha} must be > 0"),
+        (0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+def _required(cfg: RunConfig) -> list[str]:
+    problems = []
+    if not cfg.model.path:
+        problems.append("model.path: required; set it to a local checkpoint directory (config.json + weights)")
+    if not cfg.data.train_files:
+        problems.append("data.train_files: required; list one or more .json/.jsonl conversation files")
+    return problems
+
+
+def _combinations(cfg: RunConfig) -> list[str]:
+    problems = []
+    if cfg.data.eval_files and cfg.data.eval_fraction > 0:
+        problems.append(
+            "data.eval_files and data.eval_fraction are both set; use one source of eval data (set eval_fraction: 0)"
+        )
+    q = cfg.quant
+    if cfg.method == "qlora" and q.backend == "bnb" and q.bits != 4:
+        problems.append(f"quant.bits: {q.bits} with quant.backend=bnb; Q-LoRA with bitsandbytes uses 4 bits")
+    if cfg.method == "qlora" and q.backend == "gptq" and q.bits not in (4, 8):
+        problems.append(f"quant.bits: {q.bits} with quant.backend=gptq; GPTQ checkpoints here are 4- or 8-bit")
+    ds = cfg.dist.deepspeed
+    if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
+        problems.append(f"dist.deepspeed: {ds!r} is not one of {', '.join(DEEPSPEED_PRESETS)} nor a .json path")
+    if cfg.model.trust_remote_code and cfg.model.family in ("qwen2", "qwen3"):
+        problems.append(
+            f"model.trust_remote_code: true with model.family={cfg.model.family}; transformers supports this family "
+            "natively, set trust_remote_code: false"
+        )
+    return problems
+
+
+def validate_config(cfg: RunConfig) -> list[str]:
+    """Every problem with the config itself (no filesystem or package checks)."""
+    return _required(cfg) + _ranges(cfg) + _combinations(cfg)
+
+
+def required_extras(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(extra, why) for each optional package the config turns on."""
+    need = []
+    if cfg.dist.deepspeed != "none":
+        need.append(("deepspeed", f"dist.deepspeed={cfg.dist.deepspeed}"))
+    if cfg.method == "qlora":
+        extra = "bnb" if cfg.quant.backend == "bnb" else "gptq"
+        need.append((extra, f"method=qlora with quant.backend={cfg.quant.backend}"))
+    if cfg.model.attn_implementation == "flash_attention_2":
+        need.append(("flash_attn", "model.attn_implementation=flash_attention_2"))
+    return need
+
+
+def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
+    """Problems between the config and this machine: missing paths and missing optional packages."""
+    problems = []
+    if need_model and not Path(cfg.model.path).is_dir():
+        problems.append(f"model.path: {cfg.model.path!r} is not a directory; point it at a local checkpoint")
+    tok = Path(cfg.tokenizer_path)
+    if not tok.is_dir():
+        problems.append(f"tokenizer.path: {str(tok)!r} is not a directory (defaults to model.path)")
+    for key in ("train_files", "eval_files"):
+        for f in getattr(cfg.data, key):
+            if not Path(f).is_file():
+                problems.append(f"data.{key}: file {f!r} not found")
+    ds = cfg.dist.deepspeed
+    if ds.endswith(".json") and not Path(ds).is_file():
+        problems.append(f"dist.deepspeed: file {ds!r} not found")
+    problems += [deps.missing_message(name, why) for name, why in required_extras(cfg) if not deps.is_available(name)]
+    return problems

@@ -1,0 +1,1 @@
+"""Conversation files -> validated conversations -> ChatML ids/labels -> packed batches."""

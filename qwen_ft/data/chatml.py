@@ -1,0 +1,159 @@
+"""ChatML rendering and label masking: pure functions, no torch.
+
+Each message renders as `<|im_start|>{role}\\n{content}<|im_end|>\\n`, every piece encoded on
+its own so BPE never merges across the framing:
+
+    ids = [im_start] + enc(role) + enc("\\n") + enc(content) + [im_end] + enc("\\n")
+
+`enc` is ordinary encoding: special-token look-alikes inside content stay text.
+
+Label policies (IGNORE_INDEX = -100 marks tokens that are not learned; a label equals the
+input id where it is learned; the causal shift happens in the loss):
+
+- `assistant` (default): learn each assistant reply's content and its closing `<|im_end|>`.
+  Everything else is masked: all framing of system/user turns, their content, the assistant
+  header (`<|im_start|>assistant\\n`) and the newline after `<|im_end|>` (the model stops at
+  `<|im_end|>`; the newline is context the next turn's prompt always supplies).
+- `last_turn`: as `assistant`, but only the final assistant reply is learned; earlier replies
+  are context.
+- `qwen_reference`: QwenLM's finetune.py masking, token for token. In *every* message
+  (system, user and assistant) the leading `<|im_start|>` and the closing `<|im_end|>` + newline
+  are learned; the role name and the newline after it are masked; assistant content is learned;
+  system and user content is masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+IGNORE_INDEX = -100
+Policy = Literal["assistant", "last_turn", "qwen_reference"]
+POLICIES: tuple[str, ...] = ("assistant", "last_turn", "qwen_reference")
+
+
+class _Encoder(Protocol):
+    im_start_id: int
+    im_end_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Framing:
+    """The content-independent ids of ChatML for one tokenizer."""
+
+    im_start: int
+    im_end: int
+    newline: tuple[int, ...]
+    role_ids: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, tok: _Encoder) -> Framing:
+        """Framing ids of `tok` (role names and newline encoded as ordinary text)."""
+        roles = {r: tuple(tok.encode(r)) for r in ("system", "user", "assistant")}
+        return cls(tok.im_start_id, tok.im_end_id, tuple(tok.encode("\n")), roles)
+
+    def head(self, role: str) -> list[int]:
+        """`<|im_start|>{role}\\n`."""
+        return [self.im_start, *self.role_ids[role], *self.newline]
+
+    def tail(self) -> list[int]:
+        """`<|im_end|>\\n`."""
+        return [self.im_end, *self.newline]
+
+    def message_length(self, role: str, n_content: int) -> int:
+        """Token count of one rendered message with `n_content` content tokens."""
+        return 1 + len(self.role_ids[role]) + len(self.newline) + n_content + 1 + len(self.newline)
+
+
+def _message_labels(role: str, ids: list[int], n_head: int, n_content: int, learn: bool, policy: Policy) -> list[int]:
+    """Labels of one rendered message `ids` = head + content + tail."""
+    masked = [IGNORE_INDEX] * len(ids)
+    if policy == "qwen_reference":
+        labels = masked
+        labels[0] = ids[0]  # <|im_start|>
+        tail_start = n_head + n_content
+        labels[tail_start:] = ids[tail_start:]  # <|im_end|> + newline
+        if role == "assistant":
+            labels[n_head:tail_start] = ids[n_head:tail_start]
+        return labels
+    if not learn:
+        return masked
+    end = n_head + n_content + 1  # content and <|im_end|>
+    return masked[:n_head] + ids[n_head:end] + masked[end:]
+
+
+def assemble(
+    roles: tuple[str, ...] | list[str],
+    content_ids: list[list[int]],
+    framing: Framing,
+    policy: Policy = "assistant",
+) -> tuple[list[int], list[int]]:
+    """Render already-encoded messages into (input_ids, labels) under `policy`.
+
+    Args:
+        roles: role of each message ("system", "user", "assistant").
+        content_ids: ordinary-text ids of each message's content.
+        framing: ChatML ids of the tokenizer.
+        policy: label policy (see module docstring).
+
+    Returns:
+        input_ids and labels of equal length; unlearned labels are IGNORE_INDEX.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown label policy {policy!r}; use one of {', '.join(POLICIES)}")
+    last_reply = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for i, (role, content) in enumerate(zip(roles, content_ids)):
+        head = framing.head(role)
+        ids = head + list(content) + framing.tail()
+        learn = role == "assistant" and (policy != "last_turn" or i == last_reply)
+        input_ids += ids
+        labels += _message_labels(role, ids, len(head), len(content), learn, policy)
+    return input_ids, labels
+
+
+def render_chatml(
+    messages: list[tuple[str, str]] | list[dict], tok: _Encoder, policy: Policy = "assistant"
+) -> tuple[list[int], list[int]]:
+    """Render a conversation as ChatML (input_ids, labels).
+
+    Args:
+        messages: (role, content) pairs or {"role", "content"} dicts, system message included.
+        tok: a tokenizer with `encode` (ordinary text) and `im_start_id`/`im_end_id`.
+        policy: label policy (see module docstring).
+
+    Returns:
+        input_ids and labels.
+    """
+    pairs = [(m["role"], m["content"]) if isinstance(m, dict) else m for m in messages]
+    roles = [r for r, _ in pairs]
+    return assemble(roles, [tok.encode(c) for _, c in pairs], Framing.of(tok), policy)
+
+
+def fit_length(
+    roles: tuple[str, ...] | list[str], content_ids: list[list[int]], framing: Framing, max_length: int, overlong: str
+) -> tuple[int, str]:
+    """How many leading messages to keep so the rendering fits `max_length`.
+
+    `truncate` cuts at a turn boundary after an assistant reply, so no kept reply loses its
+    `<|im_end|>`; `drop` keeps nothing when the conversation is too long.
+
+    Returns:
+        (number of messages to keep, status) with status "ok", "truncated" or "dropped"
+        (0 messages when dropped: not even the first reply fits, or overlong=drop).
+    """
+    total, best = 0, 0
+    for i, (role, content) in enumerate(zip(roles, content_ids)):
+        total += framing.message_length(role, len(content))
+        if total > max_length:
+            break
+        if role == "assistant":
+            best = i + 1
+    else:
+        return len(roles), "ok"
+    if overlong == "drop" or best == 0:
+        return 0, "dropped"
+    return best, "truncated"

@@ -1,0 +1,144 @@
+"""Read conversation files row by row without loading a whole file into memory.
+
+`.jsonl` is read line by line; a `.json` list is decoded element by element from a stream,
+so a file of a million conversations never becomes one Python list. Each row comes with
+its location ("file:line" or "file[index] (line N)") for error messages.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwen_ft.errors import DataError
+
+CHUNK = 1 << 20
+MAX_ELEMENT = 256 << 20  # a single .json element larger than this is treated as malformed
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One decoded row, or the reason it could not be decoded."""
+
+    where: str
+    value: Any = None
+    error: str | None = None
+
+
+def iter_jsonl(path: Path) -> Iterator[RawRow]:
+    """Rows of a JSON-lines file; blank lines are ignored."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawRow(where, error=f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                             "re-encode the file as UTF-8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield RawRow(where, value=json.loads(text))
+            except json.JSONDecodeError as e:
+                yield RawRow(where, error=f"malformed JSON at column {e.colno}: {e.msg}")
+
+
+class _Stream:
+    """Incrementally decoded text of a file, refilled on demand, with line tracking."""
+
+    def __init__(self, fh):
+        self.fh, self.buf, self.pos, self.line, self.eof = fh, "", 0, 1, False
+        self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self.bytes_read = 0
+
+    def fill(self) -> bool:
+        """Append the next chunk; False at end of file."""
+        if self.eof:
+            return False
+        data = self.fh.read(CHUNK)
+        try:
+            text = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{self.fh.name}: not valid UTF-8 at byte {self.bytes_read + e.start}; "
+                            "re-encode the file as UTF-8") from None
+        self.bytes_read += len(data)
+        self.eof = not data
+        self.line += self.buf.count("\n", 0, self.pos)  # drop what was consumed, keep counting lines
+        self.buf, self.pos = self.buf[self.pos:] + text, 0
+        return True
+
+    def skip_ws(self) -> str:
+        """Skip whitespace; return the next character ('' at end of file)."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n\ufeff":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.fill():
+                return self.buf[self.pos:self.pos + 1]
+
+    @property
+    def here(self) -> int:
+        return self.line + self.buf.count("\n", 0, self.pos)
+
+
+def iter_json_list(path: Path) -> Iterator[RawRow]:
+    """Elements of a top-level JSON list, decoded one at a time.
+
+    Raises:
+        DataError: for structural problems (not a list, bad UTF-8, malformed JSON), which
+            cannot be skipped row by row in a .json file; the message suggests .jsonl.
+    """
+    decoder = json.JSONDecoder()
+    with open(path, "rb") as fh:
+        s = _Stream(fh)
+        if s.skip_ws() != "[":
+            raise DataError(f"{path}: expected a JSON list of conversations ('[' ...); "
+                            "for one object per line, name the file .jsonl")
+        s.pos += 1
+        index = 0
+        while (c := s.skip_ws()) != "]":
+            if c == "":
+                raise DataError(f"{path}: the JSON list is not closed (file ends after element {index - 1})")
+            line = s.here
+            value = _decode_element(decoder, s, path, index, line)
+            yield RawRow(f"{path}[{index}] (line {line})", value=value)
+            index += 1
+            c = s.skip_ws()
+            if c == ",":
+                s.pos += 1
+            elif c != "]":
+                raise DataError(f"{path}:{s.here}: expected ',' or ']' after element {index - 1}, found {c!r}")
+
+
+def _decode_element(decoder: json.JSONDecoder, s: _Stream, path: Path, index: int, line: int) -> Any:
+    while True:
+        try:
+            value, end = decoder.raw_decode(s.buf, s.pos)
+            s.pos = end
+            return value
+        except json.JSONDecodeError as e:
+            if len(s.buf) - s.pos > MAX_ELEMENT or not s.fill():
+                raise DataError(
+                    f"{path}:{line}: malformed JSON in element {index}: {e.msg}; "
+                    "fix it, or convert the file to .jsonl so data.on_error=skip can skip bad rows"
+                ) from None
+
+
+def iter_rows(path: str | Path) -> Iterator[RawRow]:
+    """Rows of a conversation file (.json list or .jsonl).
+
+    Raises:
+        DataError: missing file or unsupported extension.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {str(p)!r} not found; check data.train_files / data.eval_files")
+    if p.suffix == ".jsonl":
+        return iter_jsonl(p)
+    if p.suffix == ".json":
+        return iter_json_list(p)
+    raise DataError(f"{p}: unsupported extension {p.suffix!r}; use .json (a list) or .jsonl (one object per line)")

@@ -1,0 +1,174 @@
+"""Conversations -> tokenized Arrow dataset on disk, cached under a content key.
+
+Stage 1 streams validated conversations into an Arrow file (never a Python list of the whole
+file). Stage 2 runs a batched, multi-process `datasets.map` that renders ChatML ids/labels,
+applies the length policy and records each row's status. Dropped rows stay in the cache,
+marked `status: dropped` with empty ids, so reports and `--dump` account for every input row. The result lives in `cache_dir/<key>/` where the key hashes the data files' bytes, the
+tokenizer's vocabulary, the template version and every setting that changes the output, so a
+second run with the same inputs memory-maps the cache instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qwen_ft.data.chatml import Framing, assemble, fit_length
+from qwen_ft.data.conversations import ReadReport, read_conversations
+
+TEMPLATE_VERSION = "chatml-v1"  # bump when rendering or masking changes, to invalidate caches
+WRITE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class TokenizeSpec:
+    """Every setting that changes the tokenized rows (all part of the cache key)."""
+
+    max_length: int
+    overlong: str
+    label_policy: str
+    default_system: str
+    on_error: str
+
+    @classmethod
+    def from_config(cls, data) -> TokenizeSpec:
+        """Spec from a DataConfig."""
+        return cls(data.max_length, data.overlong, data.label_policy, data.default_system, data.on_error)
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(files: Sequence[str], tokenizer_fingerprint: str, spec: TokenizeSpec) -> str:
+    """Key of the tokenized cache: file contents, tokenizer, template and settings."""
+    payload = {
+        "files": [file_digest(f) for f in files],
+        "tokenizer": tokenizer_fingerprint,
+        "template": TEMPLATE_VERSION,
+        "spec": asdict(spec),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _write_conversations(files, spec: TokenizeSpec, out: Path) -> ReadReport:
+    """Stage 1: validated conversations -> Arrow stream file, in batches."""
+    import pyarrow as pa
+
+    schema = pa.schema([("roles", pa.list_(pa.string())), ("contents", pa.list_(pa.string())), ("source", pa.string())])
+    report = ReadReport()
+    cols: dict[str, list] = {"roles": [], "contents": [], "source": []}
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for conv in read_conversations(files, spec.default_system, spec.on_error, report):
+            cols["roles"].append(list(conv.roles))
+            cols["contents"].append(list(conv.contents))
+            cols["source"].append(conv.source)
+            if len(cols["source"]) >= WRITE_BATCH:
+                writer.write_table(pa.table(cols, schema=schema))
+                cols = {k: [] for k in cols}
+        writer.write_table(pa.table(cols, schema=schema))
+    return report
+
+
+def tokenize_batch(batch: dict, tok, spec: TokenizeSpec) -> dict:
+    """Stage 2 (a `datasets.map` function): render and length-check a batch of conversations."""
+    framing = Framing.of(tok)
+    flat = [c for contents in batch["contents"] for c in contents]
+    encoded = tok.encode_batch(flat)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "n_supervised": [], "status": []}
+    k = 0
+    for roles in batch["roles"]:
+        content_ids, k = encoded[k:k + len(roles)], k + len(roles)
+        keep, status = fit_length(roles, content_ids, framing, spec.max_length, spec.overlong)
+        ids, labels = assemble(roles[:keep], content_ids[:keep], framing, spec.label_policy) if keep else ([], [])
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["n_supervised"].append(sum(1 for x in labels if x != -100))
+        out["status"].append(status)
+    return out
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    ints = List(Value("int32"))
+    return Features({"input_ids": ints, "labels": ints, "n_supervised": Value("int32"),
+                     "status": Value("string"), "source": Value("string")})
+
+
+def _build(files, tok, spec: TokenizeSpec, work: Path, num_proc: int) -> dict:
+    """Run both stages into `work`; returns the stats."""
+    from datasets import Dataset
+
+    report = _write_conversations(files, spec, work / "conversations.arrow")
+    convs = Dataset.from_file(str(work / "conversations.arrow"))
+    mapped = convs.map(
+        functools.partial(tokenize_batch, tok=tok, spec=spec), batched=True, batch_size=256,
+        num_proc=num_proc if num_proc > 1 and len(convs) > 1024 else None, remove_columns=["roles", "contents"],
+        features=_features(), cache_file_name=str(work / "data.arrow"), new_fingerprint="tok-" + work.name,
+        desc="tokenizing",
+    )
+    return {"rows_read": report.rows, "skipped": report.skipped, "skipped_examples": report.errors[:5],
+            **_counts(mapped.data)}
+
+
+def _counts(mapped) -> dict:
+    """Row, status and token counts computed in Arrow (no per-row Python objects)."""
+    import pyarrow.compute as pc
+
+    status = mapped.column("status")
+    dropped = pc.equal(status, "dropped")
+    kept = mapped.filter(pc.invert(dropped))
+    total = lambda arr: int(pc.sum(arr).as_py() or 0)  # noqa: E731 - sum of an empty column is null
+    return {
+        "conversations": len(status),
+        "dropped": total(pc.cast(dropped, "int64")),
+        "dropped_examples": mapped.column("source").filter(dropped).slice(0, 5).to_pylist(),
+        "truncated": total(pc.cast(pc.equal(status, "truncated"), "int64")),
+        "examples": kept.num_rows,
+        "tokens": total(pc.list_value_length(kept.column("input_ids"))),
+        "supervised_tokens": total(kept.column("n_supervised")),
+    }
+
+
+def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: str, num_proc: int = 1):
+    """The tokenized dataset for `files`, from the cache when the key matches.
+
+    Returns:
+        (datasets.Dataset with input_ids/labels/n_supervised/status/source, stats dict with
+        "cache" = "hit" or "built" and "cache_path").
+    """
+    from datasets import Dataset
+
+    key = cache_key(files, tok.fingerprint, spec)
+    final = Path(cache_dir) / key
+    if not (final / "stats.json").is_file():
+        work = Path(cache_dir) / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            stats = _build(files, tok, spec, work, num_proc)
+            for name in os.listdir(work):
+                if name != "data.arrow":
+                    os.remove(work / name)
+            (work / "stats.json").write_text(json.dumps(stats, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(work, final)  # atomic: a complete cache entry or none
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        hit = "built"
+    else:
+        hit = "hit"
+    stats = json.loads((final / "stats.json").read_text())
+    return Dataset.from_file(str(final / "data.arrow")), {**stats, "cache": hit, "cache_path": str(final)}

@@ -1,0 +1,56 @@
+"""The one place that probes optional heavy packages (DeepSpeed, bitsandbytes, GPTQ, flash-attn).
+
+Nothing here imports them: `find_spec` only looks. Features call `require(...)` and get a
+`MissingDependency` naming the exact `pip install` that fixes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.util import find_spec
+
+from qwen_ft.errors import MissingDependency
+
+
+@dataclass(frozen=True)
+class Extra:
+    """An optional feature: the modules it needs and the install line that provides them."""
+
+    feature: str
+    modules: tuple[str, ...]
+    install: str
+
+
+EXTRAS: dict[str, Extra] = {
+    "deepspeed": Extra("DeepSpeed ZeRO", ("deepspeed",), "pip install 'qwen-ft[deepspeed]'"),
+    "bnb": Extra("bitsandbytes 4-bit Q-LoRA", ("bitsandbytes",), "pip install 'qwen-ft[qlora]'"),
+    "gptq": Extra("GPTQ bases and re-quantization", ("gptqmodel", "optimum"), "pip install 'qwen-ft[gptq]'"),
+    "flash_attn": Extra("flash-attention 2", ("flash_attn",), "pip install 'qwen-ft[flash]'"),
+    "tensorboard": Extra("TensorBoard logging", ("tensorboard",), "pip install tensorboard"),
+}
+
+
+def is_available(name: str) -> bool:
+    """True when every module of extra `name` can be imported."""
+    return all(find_spec(m) is not None for m in EXTRAS[name].modules)
+
+
+def missing_message(name: str, why: str) -> str:
+    """The message for a missing extra: which feature, which modules, which pip command."""
+    extra = EXTRAS[name]
+    absent = [m for m in extra.modules if find_spec(m) is None]
+    return f"{why} needs {extra.feature} ({', '.join(absent)} not installed): run `{extra.install}`"
+
+
+def require(name: str, why: str) -> None:
+    """Raise MissingDependency unless extra `name` is installed.
+
+    Args:
+        name: key of EXTRAS.
+        why: what asked for it, e.g. "dist.deepspeed=zero3".
+
+    Raises:
+        MissingDependency: with the pip command that installs it.
+    """
+    if not is_available(name):
+        raise MissingDependency(missing_message(name, why))

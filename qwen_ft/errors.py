@@ -1,0 +1,28 @@
+"""Error types shown to users without a traceback.
+
+Every error a user can fix (bad config, bad data, a missing optional package) derives from
+`QwenFtError`; the CLI prints its message and exits 1 instead of dumping a traceback.
+"""
+
+from __future__ import annotations
+
+
+class QwenFtError(Exception):
+    """A problem the user can fix; its message says what, where and how."""
+
+
+class ConfigError(QwenFtError):
+    """One or more config problems, collected and raised together."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+
+class DataError(QwenFtError):
+    """Bad rows in the training data (file:line, field, fix)."""
+
+
+class MissingDependency(QwenFtError):
+    """An optional package needed by the requested feature is not installed."""

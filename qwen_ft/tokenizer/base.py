@@ -1,0 +1,45 @@
+"""The interface the data pipeline needs from a tokenizer.
+
+`encode` treats its input as ordinary text: a message that contains the characters
+`<|im_end|>` is encoded as those characters, never as the control token. Only the ChatML
+framing in `qwen_ft.data.chatml` inserts control-token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+class ChatTokenizer:
+    """Base class: ids of the ChatML control tokens plus ordinary-text encode/decode."""
+
+    im_start_id: int
+    im_end_id: int
+    endoftext_id: int
+    vocab_size: int
+    files: tuple[Path, ...]  # the files that define the vocabulary (copied next to checkpoints)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` as ordinary text (no special tokens recognised)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` over many strings (subclasses use the library's batch path)."""
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, control tokens included as their names."""
+        raise NotImplementedError
+
+    def token_text(self, token_id: int) -> str:
+        """Text of one token, for display (partial UTF-8 shown as replacement chars)."""
+        return self.decode([token_id])
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the vocabulary files; part of the tokenized-data cache key."""
+        h = hashlib.sha256(type(self).__name__.encode())
+        for f in self.files:
+            h.update(f.read_bytes())
+        return h.hexdigest()[:16]

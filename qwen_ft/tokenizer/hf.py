@@ -1,0 +1,46 @@
+"""Qwen2/2.5/3 tokenizer: `tokenizer.json` loaded with HF `tokenizers` (no transformers needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen_ft.errors import QwenFtError
+from qwen_ft.tokenizer.base import ChatTokenizer
+
+
+class HFQwenTokenizer(ChatTokenizer):
+    """A `tokenizers.Tokenizer` whose special tokens are never recognised inside text."""
+
+    def __init__(self, tokenizer_json: str | Path):
+        from tokenizers import Tokenizer
+
+        path = Path(tokenizer_json)
+        self.files = tuple(p for p in (path, path.with_name("tokenizer_config.json")) if p.is_file())
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
+            raise QwenFtError(f"{path}: not a valid tokenizer.json ({e})") from None
+        # Special tokens (<|im_start|>, <|im_end|>, ...) typed by a user are text, not control tokens.
+        self._tok.encode_special_tokens = True
+        ids = {t: self._tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise QwenFtError(f"{path}: no {', '.join(missing)} token; this is not a Qwen ChatML vocabulary")
+        self.im_start_id, self.im_end_id, self.endoftext_id = ids.values()
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tok.encode_special_tokens = True  # not guaranteed to survive pickling into workers
+
+    def encode(self, text: str) -> list[int]:
+        """Ordinary-text ids (no BOS/EOS added, special-token look-alikes kept as text)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Batch `encode` (parallel in Rust)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        """Decode ids, control tokens kept."""
+        return self._tok.decode(list(ids), skip_special_tokens=False)
