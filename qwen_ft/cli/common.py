@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from qwen_ft.config.load import config_from_dict, load_config
 from qwen_ft.config.schema import RunConfig
@@ -27,6 +28,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     Raises:
         QwenFtError: usage mistakes; ConfigError: every config/environment problem at once.
     """
+    _move_overrides_out_of_data(args)
     if args.config:
         extra = [f"{k}={v}" for k, v in _quick_flags(args).items()]
         cfg = load_config(args.config, [*args.overrides, *extra])
@@ -42,6 +44,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
+
+
+OVERRIDE = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)+=")
+
+
+def _move_overrides_out_of_data(args: argparse.Namespace) -> None:
+    """`--data a.jsonl data.max_length=9`: argparse gives the override to --data; hand it back."""
+    if args.data:
+        args.overrides = [*args.overrides, *(d for d in args.data if OVERRIDE.match(d))]
+        args.data = [d for d in args.data if not OVERRIDE.match(d)]
 
 
 def _quick_flags(args: argparse.Namespace) -> dict:

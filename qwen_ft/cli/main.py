@@ -30,9 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args that also accepts `key=value` overrides after or between options."""
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if "=" not in r or r.startswith("-")]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the command; user errors print a message and return 1."""
-    args = build_parser().parse_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     try:
         return int(args.run(args) or 0)
     except QwenFtError as e:

@@ -20,7 +20,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune a Qwen model from one YAML config.")
     p.add_argument("--config", required=True, help="run YAML")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    return p.parse_args(argv)
+    from qwen_ft.cli.main import parse_with_overrides
+
+    return parse_with_overrides(p, argv)
 
 
 def run(args: argparse.Namespace) -> int:

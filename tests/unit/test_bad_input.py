@@ -1,0 +1,88 @@
+"""Every kind of bad row: a clear file:line + field error, or skipped and counted. Never a traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from qwen_ft.cli.main import main
+from qwen_ft.data.conversations import ReadReport, read_conversations
+from qwen_ft.data.schema import RowError, parse_row
+from qwen_ft.errors import DataError
+from tests.conftest import conv, write_jsonl
+
+GOOD = conv("hi", "hello")
+CASES = {
+    "malformed_json": (b'{"messages": [', "malformed JSON at column"),
+    "unknown_role": (json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode(),
+                     "messages[0].role: unknown role 'bot'; use one of system, user, assistant"),
+    "empty_content": (json.dumps(conv("hi", "  ")).encode(), "messages[1].content: empty assistant message"),
+    "non_string_content": (json.dumps({"messages": [{"role": "user", "content": ["a"]},
+                                                    {"role": "assistant", "content": "b"}]}).encode(),
+                           "messages[0].content: expected a string, got list"),
+    "no_assistant": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), "has no assistant reply"),
+    "non_utf8": (b'{"messages": "\xff\xfe"}', "not valid UTF-8 (byte 0xff at column 15)"),
+    "late_system": (json.dumps({"conversations": [{"from": "user", "value": "a"}, {"from": "system", "value": "b"},
+                                                  {"from": "assistant", "value": "c"}]}).encode(),
+                    "conversations[1].from: a system message may only come first"),
+    "not_an_object": (b'[1, 2]', "row is a list, expected an object"),
+    "no_messages_key": (b'{"text": "hi"}', "no 'conversations' (QwenLM) or 'messages' (OpenAI) list; keys present: text"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_row_error_names_file_line_field(tmp_path, case):
+    raw, message = CASES[case]
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, GOOD], raw_lines={1: raw})
+    with pytest.raises(DataError) as e:
+        list(read_conversations([str(path)], "sys", "error", ReadReport()))
+    text = str(e.value)
+    assert f"{path}:2: " in text and message in text, text
+    assert "1 bad row(s) of 3" in text and "data.on_error=skip" in text
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_row_skipped_and_counted(tmp_path, case):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, GOOD], raw_lines={1: CASES[case][0]})
+    report = ReadReport()
+    convs = list(read_conversations([str(path)], "sys", "skip", report))
+    assert len(convs) == 2 and report.rows == 3 and report.skipped == 1
+    assert [c.source for c in convs] == [f"{path}:1", f"{path}:3"]
+
+
+def test_all_bad_rows_listed_together(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 4, raw_lines={0: b"{", 2: b"[]"})
+    with pytest.raises(DataError) as e:
+        list(read_conversations([str(path)], "", "error", ReadReport()))
+    assert f"{path}:1:" in str(e.value) and f"{path}:3:" in str(e.value)
+
+
+def test_missing_file_and_bad_extension(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        list(read_conversations([str(tmp_path / "nope.jsonl")], "", "skip", ReadReport()))
+    (tmp_path / "d.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unsupported extension '.csv'"):
+        list(read_conversations([str(tmp_path / "d.csv")], "", "skip", ReadReport()))
+
+
+def test_system_message_honoured_and_default_inserted():
+    c = parse_row(conv("hi", "yo", system="Be terse."), "f:1", "DEFAULT")
+    assert c.roles == ("system", "user", "assistant") and c.contents[0] == "Be terse."
+    c = parse_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "f:1", "D")
+    assert c.roles == ("system", "user", "assistant") and c.contents[0] == "D"
+    assert parse_row(conv("hi", "yo"), "f:1", "").roles == ("user", "assistant")
+    with pytest.raises(RowError):
+        parse_row({"messages": []}, "f:1", "")
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path, qwen3_dir, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD], raw_lines={1: b'{"messages": [{"role": "bot"}]}'})
+    args = ["preprocess", "--tokenizer", str(qwen3_dir), "--data", str(path), "data.cache_dir=" + str(tmp_path / "c")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:2: messages[0].role: unknown role 'bot'" in err and "Traceback" not in err
+    assert main([*args, "--on-error", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"skipped \(bad rows\)\s+1\n", out) and f"skipped: {path}:2: messages[0].role" in out
