@@ -31,7 +31,7 @@ def highlight(tok, ids: list[int], labels: list[int], color: bool) -> str:
 
     on, off = (GREEN, RESET) if color else ("[[", "]]")
     out = []
-    for learned, group in groupby(zip(ids, labels), key=lambda p: p[1] != -100):
+    for learned, group in groupby(zip(ids, labels, strict=True), key=lambda p: p[1] != -100):
         text = tok.decode([t for t, _ in group])
         out.append(f"{on}{text}{off}" if learned else text)
     return "".join(out)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     for conv in read_conversations(d.train_files, d.default_system, "skip", ReadReport()):
         count += 1
         if count - 1 == args.index:
-            ids, labels = render_chatml(list(zip(conv.roles, conv.contents)), tok, d.label_policy)
+            ids, labels = render_chatml(list(zip(conv.roles, conv.contents, strict=True)), tok, d.label_policy)
             color = not args.no_color and sys.stdout.isatty()
             print(f"{conv.source}  ({len(ids)} tokens, {sum(x != -100 for x in labels)} learned, "
                   f"policy {d.label_policy}, max_length {d.max_length})")

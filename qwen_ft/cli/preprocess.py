@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Tokenize, plan batches, print stats, optionally dump."""
     from qwen_ft.data.prepare import format_stats, plan_for, prepare_data
+    from qwen_ft.data.tokenize import load_shards
     from qwen_ft.tokenizer import load_tokenizer
 
     cfg = config_from_args(args)
@@ -36,20 +37,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"data: {', '.join(cfg.data.train_files)} (cache {s['cache']}: {s['cache_path']})")
     print(format_stats(s, plan_for(cfg, data), cfg))
     if args.dump:
-        n = dump(s["cache_path"], args.dump)
+        n = dump(load_shards(s["cache_path"], s["shards"]), args.dump)
         print(f"wrote {n:,} conversations to {args.dump}")
     return 0
 
 
-def dump(cache_path: str, out_path: str) -> int:
-    """Write every tokenized conversation of the cache entry, in input order."""
-    from datasets import Dataset
-
-    full = Dataset.from_file(f"{cache_path}/data.arrow")
+def dump(full, out_path: str) -> int:
+    """Write every tokenized conversation (dropped ones included), in input order."""
     n = 0
     with open(out_path, "w", encoding="utf-8") as fh:
         for batch in full.iter(batch_size=1000):
-            for ids, labels, status in zip(batch["input_ids"], batch["labels"], batch["status"]):
+            for ids, labels, status in zip(batch["input_ids"], batch["labels"], batch["status"], strict=True):
                 row = {"input_ids": ids, "labels": labels}
                 if status == "dropped":
                     row["dropped"] = True

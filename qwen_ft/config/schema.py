@@ -7,7 +7,7 @@ allowed values; the loader checks and coerces them, so downstream code reads typ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 def opt(default, help: str, **kw):  # noqa: A002 - "help" mirrors argparse/TRL naming
@@ -25,7 +25,9 @@ class ModelConfig:
     family: Literal["auto", "qwen", "qwen2", "qwen3"] = opt(
         "auto", "model family; auto reads model_type from the checkpoint's config.json (never the path)"
     )
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU"
+    )
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
         "auto", "auto: flash-attention 2 when installed on a GPU, else sdpa"
     )
@@ -37,14 +39,14 @@ class ModelConfig:
 class TokenizerConfig:
     """Where the tokenizer lives (qwen.tiktoken for Qwen v1, tokenizer.json for Qwen2/2.5/3)."""
 
-    path: Optional[str] = opt(None, "tokenizer directory; defaults to model.path")
+    path: str | None = opt(None, "tokenizer directory; defaults to model.path")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Conversation files and how they become training rows."""
 
-    train_files: tuple[str, ...] = opt((), "conversation files (.json list or .jsonl), QwenLM or OpenAI-messages format")
+    train_files: tuple[str, ...] = opt((), "conversation files (.json list or .jsonl), QwenLM or OpenAI format")
     eval_files: tuple[str, ...] = opt((), "held-out conversation files for eval loss")
     eval_fraction: float = opt(0.0, "fraction of train conversations held out for eval when eval_files is empty")
     max_length: int = opt(2048, "maximum tokens per conversation and per packed row")
@@ -78,12 +80,14 @@ class LoraConfig:
 class QuantConfig:
     """Quantized base for method: qlora."""
 
-    backend: Literal["bnb", "gptq"] = opt("bnb", "bnb: quantize on load with bitsandbytes; gptq: an existing GPTQ checkpoint")
+    backend: Literal["bnb", "gptq"] = opt(
+        "bnb", "bnb: quantize on load with bitsandbytes; gptq: an existing GPTQ checkpoint"
+    )
     bits: int = opt(4, "weight bits (bnb: 4; gptq: 4 or 8)")
     quant_type: Literal["nf4", "fp4"] = opt("nf4", "bitsandbytes 4-bit data type")
     double_quant: bool = opt(True, "bitsandbytes nested quantization of the scales")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "dtype of the de-quantized matmuls")
-    original_base: Optional[str] = opt(None, "full-precision checkpoint the quantized base came from (used by merge)")
+    original_base: str | None = opt(None, "full-precision checkpoint the quantized base came from (used by merge)")
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def assemble(
     last_reply = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
     input_ids: list[int] = []
     labels: list[int] = []
-    for i, (role, content) in enumerate(zip(roles, content_ids)):
+    for i, (role, content) in enumerate(zip(roles, content_ids, strict=True)):
         head = framing.head(role)
         ids = head + list(content) + framing.tail()
         learn = role == "assistant" and (policy != "last_turn" or i == last_reply)
@@ -146,7 +146,7 @@ def fit_length(
         (0 messages when dropped: not even the first reply fits, or overlong=drop).
     """
     total, best = 0, 0
-    for i, (role, content) in enumerate(zip(roles, content_ids)):
+    for i, (role, content) in enumerate(zip(roles, content_ids, strict=True)):
         total += framing.message_length(role, len(content))
         if total > max_length:
             break

@@ -87,7 +87,8 @@ def format_stats(stats: dict, plan: BatchPlan | None, cfg) -> str:
     if plan is not None:
         mode = "packed rows" if cfg.data.packing else "rows (no packing)"
         lines += [(mode, f"{plan.rows:,}"),
-                  ("padding efficiency", f"{100 * plan.efficiency:.1f}% (micro_batch_size {cfg.train.micro_batch_size})")]
+                  ("padding efficiency",
+                   f"{100 * plan.efficiency:.1f}% (micro_batch_size {cfg.train.micro_batch_size})")]
     width = max(len(k) for k, _ in lines)
     out = [f"  {k:<{width}}  {v}" for k, v in lines]
     for key in ("skipped_examples", "dropped_examples"):

@@ -86,5 +86,5 @@ def parse_row(row: Any, source: str, default_system: str) -> Conversation:
         raise RowError(f"'{key}' has no assistant reply, so nothing would be learned; add one or remove the row")
     if pairs[0][0] != "system" and default_system:
         pairs.insert(0, ("system", default_system))
-    roles, contents = zip(*pairs)
+    roles, contents = zip(*pairs, strict=True)
     return Conversation(tuple(roles), tuple(contents), source)

@@ -3,7 +3,8 @@
 Stage 1 streams validated conversations into an Arrow file (never a Python list of the whole
 file). Stage 2 runs a batched, multi-process `datasets.map` that renders ChatML ids/labels,
 applies the length policy and records each row's status. Dropped rows stay in the cache,
-marked `status: dropped` with empty ids, so reports and `--dump` account for every input row. The result lives in `cache_dir/<key>/` where the key hashes the data files' bytes, the
+marked `status: dropped` with empty ids, so reports and `--dump` account for every input row.
+The result lives in `cache_dir/<key>/` where the key hashes the data files' bytes, the
 tokenizer's vocabulary, the template version and every setting that changes the output, so a
 second run with the same inputs memory-maps the cache instead of tokenizing again.
 """
@@ -66,7 +67,8 @@ def _write_conversations(files, spec: TokenizeSpec, out: Path) -> ReadReport:
     """Stage 1: validated conversations -> Arrow stream file, in batches."""
     import pyarrow as pa
 
-    schema = pa.schema([("roles", pa.list_(pa.string())), ("contents", pa.list_(pa.string())), ("source", pa.string())])
+    strings = pa.list_(pa.string())
+    schema = pa.schema([("roles", strings), ("contents", strings), ("source", pa.string())])
     report = ReadReport()
     cols: dict[str, list] = {"roles": [], "contents": [], "source": []}
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -119,8 +121,9 @@ def _build(files, tok, spec: TokenizeSpec, work: Path, num_proc: int) -> dict:
         features=_features(), cache_file_name=str(work / "data.arrow"), new_fingerprint="tok-" + work.name,
         desc="tokenizing",
     )
+    shards = [Path(f["filename"]).name for f in mapped.cache_files]  # one per process with num_proc > 1
     return {"rows_read": report.rows, "skipped": report.skipped, "skipped_examples": report.errors[:5],
-            **_counts(mapped.data)}
+            "shards": shards, **_counts(mapped.data)}
 
 
 def _counts(mapped) -> dict:
@@ -149,8 +152,6 @@ def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: 
         (datasets.Dataset with input_ids/labels/n_supervised/status/source, stats dict with
         "cache" = "hit" or "built" and "cache_path").
     """
-    from datasets import Dataset
-
     key = cache_key(files, tok.fingerprint, spec)
     final = Path(cache_dir) / key
     if not (final / "stats.json").is_file():
@@ -160,7 +161,7 @@ def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: 
         try:
             stats = _build(files, tok, spec, work, num_proc)
             for name in os.listdir(work):
-                if name != "data.arrow":
+                if name not in stats["shards"]:
                     os.remove(work / name)
             (work / "stats.json").write_text(json.dumps(stats, indent=1))
             shutil.rmtree(final, ignore_errors=True)
@@ -171,4 +172,12 @@ def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: 
     else:
         hit = "hit"
     stats = json.loads((final / "stats.json").read_text())
-    return Dataset.from_file(str(final / "data.arrow")), {**stats, "cache": hit, "cache_path": str(final)}
+    return load_shards(final, stats["shards"]), {**stats, "cache": hit, "cache_path": str(final)}
+
+
+def load_shards(entry: Path, shards: list[str]):
+    """The cached dataset of a cache entry: its Arrow shards, memory-mapped and concatenated in order."""
+    from datasets import Dataset, concatenate_datasets
+
+    parts = [Dataset.from_file(str(Path(entry) / name)) for name in shards]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

@@ -14,7 +14,8 @@ from qwen_ft.tokenizer.base import ChatTokenizer
 
 # Qwen v1's pre-tokenization: like cl100k but \p{N} alone, so digits split one by one.
 PAT_STR = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(f"<|extra_{i}|>" for i in range(205))
 
@@ -30,7 +31,9 @@ def read_ranks(path: Path) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as e:
-                raise QwenFtError(f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r} ({e})") from None
+                raise QwenFtError(
+                    f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r} ({e})"
+                ) from None
     return ranks
 
 

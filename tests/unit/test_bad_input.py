@@ -28,7 +28,8 @@ CASES = {
                                                   {"from": "assistant", "value": "c"}]}).encode(),
                     "conversations[1].from: a system message may only come first"),
     "not_an_object": (b'[1, 2]', "row is a list, expected an object"),
-    "no_messages_key": (b'{"text": "hi"}', "no 'conversations' (QwenLM) or 'messages' (OpenAI) list; keys present: text"),
+    "no_messages_key": (b'{"text": "hi"}',
+                        "no 'conversations' (QwenLM) or 'messages' (OpenAI) list; keys present: text"),
 }
 
 

@@ -70,7 +70,8 @@ def qwenlm_preprocess(source: list[dict], tok, system_message: str) -> tuple[lis
 
 @pytest.mark.parametrize("turns", [
     [("user", "What is 2+2?"), ("assistant", "4")],
-    [("user", "你好"), ("assistant", "你好！很高兴见到你。"), ("user", "code?"), ("assistant", "def f():\n    pass\n")],
+    [("user", "你好"), ("assistant", "你好！很高兴见到你。"),
+     ("user", "code?"), ("assistant", "def f():\n    pass\n")],
 ])
 def test_qwen_reference_matches_qwenlm_token_for_token(v1_tok, turns):
     source = [{"from": r, "value": c} for r, c in turns]
