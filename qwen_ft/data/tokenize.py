@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qwen_ft.data.chatml import Framing, assemble, fit_length
+from qwen_ft.data.chatml import IGNORE_INDEX, Framing, assemble, fit_length
 from qwen_ft.data.conversations import ReadReport, read_conversations
 
 TEMPLATE_VERSION = "chatml-v1"  # bump when rendering or masking changes, to invalidate caches
@@ -66,13 +66,15 @@ def cache_key(files: Sequence[str], tokenizer_fingerprint: str, spec: TokenizeSp
 def _write_conversations(files, spec: TokenizeSpec, out: Path) -> ReadReport:
     """Stage 1: validated conversations -> Arrow stream file, in batches."""
     import pyarrow as pa
+    from tqdm.auto import tqdm
 
     strings = pa.list_(pa.string())
     schema = pa.schema([("roles", strings), ("contents", strings), ("source", pa.string())])
     report = ReadReport()
     cols: dict[str, list] = {"roles": [], "contents": [], "source": []}
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for conv in read_conversations(files, spec.default_system, spec.on_error, report):
+        convs = read_conversations(files, spec.default_system, spec.on_error, report)
+        for conv in tqdm(convs, desc="reading", unit=" conv", disable=None, mininterval=1.0):
             cols["roles"].append(list(conv.roles))
             cols["contents"].append(list(conv.contents))
             cols["source"].append(conv.source)
@@ -96,7 +98,7 @@ def tokenize_batch(batch: dict, tok, spec: TokenizeSpec) -> dict:
         ids, labels = assemble(roles[:keep], content_ids[:keep], framing, spec.label_policy) if keep else ([], [])
         out["input_ids"].append(ids)
         out["labels"].append(labels)
-        out["n_supervised"].append(sum(1 for x in labels if x != -100))
+        out["n_supervised"].append(len(labels) - labels.count(IGNORE_INDEX))
         out["status"].append(status)
     return out
 
