@@ -1,10 +1,9 @@
-"""The story of a run: config -> validate -> dependencies -> tokenizer -> data -> (model -> train -> save).
+"""The story of a run: config -> checks -> tokenizer -> data -> model -> train -> save.
 
-Run: python finetune.py --config configs/tiny_cpu_smoke.yaml [key=value ...]
-
-This version prepares the data (validated, tokenized, cached, packed) and stops before the
-model stage: the training loop is not part of this release yet, and the command says so and
-exits with status 2 rather than pretending to train.
+Run: torchrun --nproc_per_node N finetune.py --config configs/X.yaml [key=value ...]
+     python finetune.py --config configs/tiny_cpu_smoke.yaml
+     qwen-ft train configs/tiny_cpu_smoke.yaml [key=value ...]
+All three run `train()` below.
 """
 
 from __future__ import annotations
@@ -14,40 +13,71 @@ import sys
 
 from qwen_ft.errors import QwenFtError
 
+HELP = "fine-tune a model (same as: torchrun finetune.py --config CONFIG)"
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """--config CONFIG [key=value ...]."""
-    p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune a Qwen model from one YAML config.")
-    p.add_argument("--config", required=True, help="run YAML")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """CONFIG [key=value ...]."""
+    p.add_argument("config", help="run YAML")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    from qwen_ft.cli.main import parse_with_overrides
 
-    return parse_with_overrides(p, argv)
+
+def fit(cfg, dist):
+    """Build everything for `cfg` and train; returns (trainer, final TrainState)."""
+    from qwen_ft.cli import setup
+    from qwen_ft.train import loop
+    from qwen_ft.train.distributed import print0
+    from qwen_ft.train.logging import RunLogger
+
+    precision, attn, family = setup.runtime(cfg, dist)
+    tok, data = setup.tokenizer_and_data(cfg, dist)
+    model, unwrapped = setup.model(cfg, family, precision, attn, dist)
+    plan = setup.run_plan(cfg, dist, data, precision, attn)
+    optimizer, state = setup.optimizer_and_state(cfg, unwrapped, data, dist)
+    trainer = loop.Trainer(cfg, plan, dist, model, unwrapped, optimizer, data, tok.endoftext_id,
+                           setup.saver(cfg, unwrapped, tok, family))
+    logger = RunLogger(cfg.train.output_dir, plan.total_steps, state.step, dist.is_main)
+    state = loop.run(trainer, state, logger)
+    setup.save_final(trainer, state)
+    logger.close(state.history)
+    print0(dist, setup.summary(cfg, state))
+    return trainer, state
+
+
+def train(config: str, overrides: list[str]) -> int:
+    """Run one fine-tuning job end to end; returns the exit status."""
+    from qwen_ft.cli import setup
+    from qwen_ft.train.distributed import shutdown
+
+    cfg = setup.checked_config(config, overrides)
+    dist = setup.distributed()
+    try:
+        fit(cfg, dist)
+        return 0
+    finally:
+        shutdown(dist)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load and check everything up to the model stage."""
-    from qwen_ft.config.load import load_config
-    from qwen_ft.config.validate import check_environment
-    from qwen_ft.data.prepare import format_stats, plan_for, prepare_data
-    from qwen_ft.errors import ConfigError
-    from qwen_ft.tokenizer import load_tokenizer
-
-    cfg = load_config(args.config, args.overrides)
-    problems = check_environment(cfg)
-    if problems:
-        raise ConfigError(problems, source=args.config)
-    tok = load_tokenizer(cfg.tokenizer_path)
-    data = prepare_data(cfg, tok)
-    print(format_stats(data.stats, plan_for(cfg, data), cfg))
-    print("data prepared; the training stage is not available in this version of qwen-ft", file=sys.stderr)
-    return 2
+    """`qwen-ft train` entry."""
+    return train(args.config, args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry for finetune.py; user errors print a message and return 1."""
+    from qwen_ft.cli.main import parse_with_overrides
+
+    p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune a Qwen model from one YAML config.")
+    p.add_argument("--config", required=True, help="run YAML")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parse_with_overrides(p, argv)
     try:
-        return run(parse_args(argv))
+        return train(args.config, args.overrides)
     except QwenFtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

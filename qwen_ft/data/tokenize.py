@@ -24,6 +24,7 @@ from qwen_ft.data.chatml import IGNORE_INDEX, Framing, assemble, fit_length
 from qwen_ft.data.conversations import ReadReport, read_conversations
 
 TEMPLATE_VERSION = "chatml-v1"  # bump when rendering or masking changes, to invalidate caches
+CACHE_FORMAT = 2  # bump when the layout of a cache entry changes
 WRITE_BATCH = 1000
 
 
@@ -58,6 +59,7 @@ def cache_key(files: Sequence[str], tokenizer_fingerprint: str, spec: TokenizeSp
         "files": [file_digest(f) for f in files],
         "tokenizer": tokenizer_fingerprint,
         "template": TEMPLATE_VERSION,
+        "format": CACHE_FORMAT,
         "spec": asdict(spec),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]

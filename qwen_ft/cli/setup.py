@@ -1,0 +1,147 @@
+"""The building steps of a training run, each small; `cli/train.py` reads them top to bottom."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen_ft.config.load import dump_config, load_config
+from qwen_ft.config.validate import check_environment
+from qwen_ft.errors import ConfigError, QwenFtError
+from qwen_ft.train import checkpoint as ck
+from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, print0, wrap_ddp
+
+NOT_YET = {
+    "qlora": "method=qlora is not available in this version of qwen-ft; use method=lora",
+    "deepspeed": "dist.deepspeed is not available in this version of qwen-ft; use dist.deepspeed=none "
+                 "(plain DDP under torchrun)",
+}
+
+
+def checked_config(path: str, overrides: list[str]):
+    """Load, validate and check the config against this machine; refuse what this version cannot run."""
+    cfg = load_config(path, overrides)
+    problems = check_environment(cfg)
+    if cfg.method == "qlora":
+        problems.append(NOT_YET["qlora"])
+    if cfg.dist.deepspeed != "none":
+        problems.append(NOT_YET["deepspeed"])
+    if problems:
+        raise ConfigError(problems, source=path)
+    return cfg
+
+
+def distributed() -> DistInfo:
+    """Join the torchrun job (or run alone)."""
+    return init_distributed()
+
+
+def runtime(cfg, dist: DistInfo):
+    """Precision, attention implementation and model family for this device and checkpoint."""
+    from qwen_ft.model.families import resolve_family
+    from qwen_ft.model.load import resolve_attention, resolve_dtype
+
+    family = resolve_family(cfg.model.family, cfg.model.path)
+    return resolve_dtype(cfg.model.dtype, dist.device), resolve_attention(cfg.model.attn_implementation,
+                                                                          dist.device), family
+
+
+def tokenizer_and_data(cfg, dist: DistInfo):
+    """Tokenizer, then data: the main process builds the cache first, the others then read it."""
+    from qwen_ft.data.prepare import format_stats, plan_for, prepare_data
+    from qwen_ft.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.tokenizer_path)
+    if not dist.is_main:
+        barrier(dist)
+    data = prepare_data(cfg, tok)
+    if dist.is_main:
+        barrier(dist)
+    print0(dist, f"data ({data.stats['cache']}: {data.stats['cache_path']})")
+    print0(dist, format_stats(data.stats, plan_for(cfg, data), cfg))
+    return tok, data
+
+
+def model(cfg, family, precision, attn: str, dist: DistInfo):
+    """The model to train and its DDP wrapper; prints the trainable-parameter count."""
+    import torch
+
+    from qwen_ft.model.adapters import count_parameters
+    from qwen_ft.model.build import build_model
+
+    torch.manual_seed(cfg.train.seed)  # adapter init and dropout follow train.seed (same on every rank)
+    unwrapped = build_model(cfg, family, precision, attn, dist.device)
+    trainable, total = count_parameters(unwrapped)
+    print0(dist, f"model: {family.name} from {cfg.model.path}, method {cfg.method}, {precision.name}, {attn}; "
+                 f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    return wrap_ddp(unwrapped, dist), unwrapped
+
+
+def run_plan(cfg, dist: DistInfo, data, precision, attn):
+    """Step counts for this world size; reports micro-batches left over by uneven division."""
+    from qwen_ft.data.prepare import plan_for
+    from qwen_ft.train.plan import make_run_plan
+
+    n = len(plan_for(cfg, data).batches)
+    plan = make_run_plan(cfg, dist.device, precision, attn, dist.world, n)
+    if n % dist.world:
+        print0(dist, f"note: {n % dist.world} of {n} micro-batches per epoch are left out so that each of "
+                     f"{dist.world} processes gets {n // dist.world} (a different set each epoch)")
+    print0(dist, f"plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), warmup {plan.warmup_steps}, "
+                 f"{cfg.train.micro_batch_size} rows x {cfg.train.grad_accum} accumulation x {dist.world} processes")
+    return plan
+
+
+def optimizer_and_state(cfg, unwrapped, data, dist: DistInfo):
+    """AdamW and the TrainState: fresh, or restored from the checkpoint train.resume selects."""
+    from qwen_ft.model.build import load_trained_weights
+    from qwen_ft.train.resume import check_same_data, resume_path
+    from qwen_ft.train.schedule import build_optimizer
+
+    optimizer = build_optimizer(unwrapped, cfg)
+    key = Path(data.stats["cache_path"]).name
+    ckpt = resume_path(cfg.train.resume, cfg.train.output_dir)
+    if ckpt is None:
+        if cfg.train.resume == "auto":
+            print0(dist, f"resume: no complete checkpoint in {cfg.train.output_dir}/checkpoints; starting fresh")
+        return optimizer, ck.TrainState(data_key=key)
+    check_same_data(ck.read_state(ckpt), key, ckpt)
+    state = ck.load_resume_state(ckpt, optimizer)
+    load_trained_weights(unwrapped, ckpt, cfg.method)
+    print0(dist, f"resume: from {ckpt} at step {state.step}")
+    return optimizer, state
+
+
+def saver(cfg, unwrapped, tok, family):
+    """Callable writing weights + run_config.yaml + manifest.json + tokenizer files into a directory."""
+    from qwen_ft.model.families import checkpoint_model_type
+
+    manifest = ck.build_manifest(cfg, family.name, checkpoint_model_type(cfg.model.path))
+    text = dump_config(cfg)
+
+    def save(out: Path) -> None:
+        ck.save_model_files(unwrapped, out)
+        ck.write_description(out, text, manifest, tok.files)
+
+    return save
+
+
+def save_final(trainer, state) -> None:
+    """Final weights and description in output_dir itself (main process), with the loss history."""
+    import json
+
+    out = Path(trainer.cfg.train.output_dir)
+    if trainer.dist.is_main:
+        trainer.save_fn(out)
+        (out / "train_history.json").write_text(json.dumps(state.history, indent=1))
+    barrier(trainer.dist)
+
+
+def summary(cfg, state) -> str:
+    """Closing lines: loss before/after and where things are."""
+    losses = [h["loss"] for h in state.history if "loss" in h]
+    evals = [h["eval_loss"] for h in state.history if "eval_loss" in h]
+    if not losses:
+        raise QwenFtError("no training step was run; check train.max_steps / train.epochs")
+    text = f"done: {state.step} steps, train loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    text += f", eval loss {evals[-1]:.4f}" if evals else ""
+    return text + f"; model in {cfg.train.output_dir} (loss plot: loss.png, TensorBoard: tensorboard/)"

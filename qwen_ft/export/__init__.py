@@ -1,0 +1,1 @@
+"""After training: merge adapters into standalone models."""

@@ -1,0 +1,136 @@
+"""Merge a LoRA adapter into its base and write a standalone model that stock transformers loads.
+
+The merge is done in fp32 and checks itself: the merged model's logits on a ChatML probe are
+compared with base+adapter logits, and the merge fails (writing nothing) if the difference is
+above tolerance. When the output dtype is bf16/fp16 the cast model is checked too, against a
+looser, dtype-appropriate tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen_ft.errors import QwenFtError
+
+# Max |logit diff| allowed, relative to max(1, max |reference logit|).
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What the merge measured."""
+
+    out_dir: Path
+    dtype: str
+    merge_diff: float  # fp32 merged vs fp32 base+adapter
+    cast_diff: float  # output-dtype merged vs fp32 base+adapter (equals merge_diff for fp32)
+    tolerance: float
+
+
+def read_manifest(adapter_dir: Path) -> dict:
+    """manifest.json of a qwen-ft output, checked to be an adapter.
+
+    Raises:
+        QwenFtError: not an adapter directory.
+    """
+    if not (adapter_dir / "adapter_config.json").is_file():
+        hint = " it holds a full model already; nothing to merge" if (adapter_dir / "config.json").is_file() else ""
+        raise QwenFtError(f"{adapter_dir}: no adapter_config.json;{hint or ' point at a LoRA output directory'}")
+    path = adapter_dir / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def resolve_base(adapter_dir: Path, manifest: dict, base: str | None) -> Path:
+    """The base checkpoint: --base, else the one recorded in the manifest.
+
+    Raises:
+        QwenFtError: neither is available, or the recorded base changed since training.
+    """
+    from qwen_ft.train.checkpoint import model_fingerprint
+
+    if base:
+        return Path(base)
+    recorded = manifest.get("base_model", {})
+    path = Path(recorded.get("path", ""))
+    if not recorded or not (path / "config.json").is_file():
+        raise QwenFtError(f"{adapter_dir}: the base model recorded in manifest.json ({path or 'none'}) is not "
+                          "available; pass --base DIR")
+    if recorded.get("fingerprint") and model_fingerprint(path) != recorded["fingerprint"]:
+        raise QwenFtError(f"{path} changed since {adapter_dir} was trained (fingerprint differs); pass --base DIR "
+                          "to merge into it anyway")
+    return path
+
+
+def probe_ids(tok) -> torch.Tensor:
+    """A short ChatML prompt in the model's vocabulary."""
+    from qwen_ft.data.chatml import Framing, assemble
+
+    framing = Framing.of(tok)
+    msgs = [("system", "You are a helpful assistant."), ("user", "Hello! 1 + 1 = ? 你好"), ("assistant", "2")]
+    ids, _ = assemble([r for r, _ in msgs], [tok.encode(c) for _, c in msgs], framing)
+    return torch.tensor([ids])
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto") -> MergeReport:
+    """Merge, check, and save; see module docstring.
+
+    Raises:
+        QwenFtError: bad inputs, or a merge check above tolerance (nothing is written then).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qwen_ft.tokenizer import load_tokenizer
+
+    src = Path(adapter_dir)
+    manifest = read_manifest(src)
+    base_path = resolve_base(src, manifest, base)
+    tok = load_tokenizer(src)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, local_files_only=True)
+    name = dtype if dtype != "auto" else _checkpoint_dtype(model)
+    model = PeftModel.from_pretrained(model, src).eval()
+    ids = probe_ids(tok)
+    reference = _logits(model, ids)
+    merged = model.merge_and_unload().eval()
+    merge_diff = (_logits(merged, ids) - reference).abs().max().item()
+    merged = merged.to(DTYPES[name])
+    cast_diff = merge_diff if name == "fp32" else (_logits(merged, ids) - reference).abs().max().item()
+    scale = max(1.0, reference.abs().max().item())
+    tol = TOLERANCE[name] * scale
+    if merge_diff > TOLERANCE["fp32"] * scale or cast_diff > tol:
+        raise QwenFtError(f"merge check failed: max |logit diff| {merge_diff:.3g} (fp32), {cast_diff:.3g} ({name}); "
+                          f"tolerance {tol:.3g}; nothing written")
+    _save(merged, tok, src, Path(out_dir), manifest, base_path)
+    return MergeReport(Path(out_dir), name, merge_diff, cast_diff, tol)
+
+
+def _checkpoint_dtype(model) -> str:
+    found = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(found, {"bfloat16": "bf16", "float16": "fp16"}.get(
+        str(found), "fp32"))
+
+
+def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) -> None:
+    """Standalone model: safetensors shards, tokenizer files, generation config, manifest."""
+    from transformers import GenerationConfig
+
+    merged.config.use_cache = True  # training switches the cache off; inference wants it
+    merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+    GenerationConfig(eos_token_id=[tok.im_end_id, tok.endoftext_id], pad_token_id=tok.endoftext_id,
+                     bos_token_id=tok.endoftext_id, max_new_tokens=512).save_pretrained(out)
+    for f in tok.files:
+        shutil.copyfile(f, out / Path(f).name)
+    merged_manifest = {**manifest, "merged_from": {"adapter": str(src.resolve()), "base": str(base_path.resolve())},
+                       "method": "merged"}
+    (out / "manifest.json").write_text(json.dumps(merged_manifest, indent=2))

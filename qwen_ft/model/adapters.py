@@ -1,0 +1,49 @@
+"""Apply the training method: full (every parameter) or LoRA (peft) on top of the base."""
+
+from __future__ import annotations
+
+import torch
+
+from qwen_ft.model.families import Family
+
+
+def lora_config(cfg, family: Family):
+    """peft LoraConfig from the run config and the family registry."""
+    from peft import LoraConfig
+
+    lo = cfg.lora
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+        target_modules=list(lo.target_modules or family.lora_targets), use_rslora=lo.rslora, use_dora=lo.dora,
+        modules_to_save=list(family.embedding_modules) if lo.train_embeddings else None,
+        ensure_weight_tying=bool(lo.train_embeddings),
+    )
+
+
+def apply_method(model, cfg, family: Family):
+    """Return the model to train: the base itself (full) or a PeftModel (lora)."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(cfg, family))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts (tied weights counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters, by name (for tests and checks)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

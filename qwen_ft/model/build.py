@@ -1,0 +1,54 @@
+"""Base checkpoint + method -> the model to train, on its device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qwen_ft.errors import QwenFtError
+from qwen_ft.model.adapters import apply_method
+from qwen_ft.model.families import Family
+from qwen_ft.model.load import Precision, enable_gradient_checkpointing, load_base_model
+
+
+def build_model(cfg, family: Family, precision: Precision, attn: str, device: torch.device):
+    """Load the base and apply the method.
+
+    Full fine-tuning keeps fp32 master weights (the forward runs under autocast); LoRA keeps the
+    frozen base in the run's dtype and peft keeps the adapters in fp32.
+    """
+    weights = torch.float32 if cfg.method == "full" else precision.dtype
+    model = load_base_model(cfg.model.path, weights, attn, cfg.model.trust_remote_code)
+    model.config.use_cache = False  # packed rows are exact only without the KV cache
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model, for_adapters=cfg.method != "full")
+    model = apply_method(model, cfg, family)
+    return model.to(device)
+
+
+def load_trained_weights(model, ckpt: Path, method: str) -> None:
+    """Put the weights saved in checkpoint `ckpt` into `model` (built the same way).
+
+    Raises:
+        QwenFtError: the checkpoint does not hold weights for every trainable tensor.
+    """
+    from safetensors.torch import load_file
+
+    if method != "full":
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise QwenFtError(f"{ckpt}: adapter does not match this run's LoRA settings "
+                              f"({len(result.unexpected_keys)} unexpected tensors)")
+        return
+    state = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        if f.name not in ("optimizer.safetensors", "rng.safetensors"):
+            state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise QwenFtError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+                          f"unexpected {unexpected[:3]})")

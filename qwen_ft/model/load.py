@@ -1,0 +1,78 @@
+"""Load a local base checkpoint: dtype, attention implementation, gradient checkpointing.
+
+Nothing here reaches a model hub: paths are local directories (`local_files_only=True`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen_ft import deps
+from qwen_ft.errors import QwenFtError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Weights dtype of the frozen base and the autocast dtype of the forward pass."""
+
+    name: str
+    dtype: torch.dtype
+
+
+def resolve_dtype(name: str, device: torch.device) -> Precision:
+    """`auto` -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; explicit values checked.
+
+    Raises:
+        QwenFtError: a dtype this device cannot train in.
+    """
+    cuda = device.type == "cuda"
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        name = "bf16" if bf16_ok else "fp16" if cuda else "fp32"
+    if name == "fp16" and not cuda:
+        raise QwenFtError("model.dtype=fp16 on CPU: CPU kernels and loss scaling for fp16 are not supported; "
+                          "use model.dtype=fp32 (or auto)")
+    if name == "bf16" and cuda and not bf16_ok:
+        raise QwenFtError("model.dtype=bf16 but this GPU has no bf16 support; use model.dtype=fp16 (or auto)")
+    return Precision(name, DTYPES[name])
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """`auto` -> flash_attention_2 when installed on a GPU, else sdpa; explicit values checked.
+
+    Raises:
+        QwenFtError: flash-attention requested where it cannot run.
+    """
+    if name == "auto":
+        return "flash_attention_2" if device.type == "cuda" and deps.is_available("flash_attn") else "sdpa"
+    if name == "flash_attention_2":
+        if device.type != "cuda":
+            raise QwenFtError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa (or auto)")
+        deps.require("flash_attn", "model.attn_implementation=flash_attention_2")
+    return name
+
+
+def load_base_model(path: str, weights_dtype: torch.dtype, attn: str, trust_remote_code: bool):
+    """AutoModelForCausalLM from a local directory with the given dtype and attention."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=weights_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
+        local_files_only=True,
+    )
+
+
+def enable_gradient_checkpointing(model, for_adapters: bool) -> None:
+    """Non-reentrant checkpointing; with frozen embeddings (LoRA) the inputs must require grad."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if for_adapters:
+        model.enable_input_require_grads()
+    model.config.use_cache = False

@@ -1,0 +1,1 @@
+"""Training: run plan, optimizer and schedule, loss, loop, checkpoints, logging."""

@@ -1,0 +1,172 @@
+"""Self-describing, atomic checkpoints and resume.
+
+A checkpoint directory holds the weights (a PEFT adapter, or a full model loadable by
+`AutoModelForCausalLM.from_pretrained`), `run_config.yaml`, `manifest.json`, the tokenizer
+files, and the resume state: `trainer_state.json`, `optimizer.safetensors` and
+`rng.safetensors` (no pickles). It is written to a hidden temporary directory and renamed into
+place only when complete, so a crash mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwen_ft import __version__
+
+STATE_FILE = "trainer_state.json"
+CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer steps done, position in the data, loss history."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_offset: int = 0  # micro-batches of `epoch` already consumed by this rank
+    data_key: str = ""  # tokenized-data cache key: resuming on other data is refused
+    history: list[dict] = field(default_factory=list)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Cheap identity of a checkpoint: config.json plus each weight file's name, size, head and tail."""
+    root = Path(path)
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def build_manifest(cfg, family: str, model_type: str) -> dict:
+    """What produced these weights: base checkpoint, family, method, library versions."""
+    import peft
+    import transformers
+
+    base = Path(cfg.model.path).resolve()
+    return {
+        "qwen_ft_version": __version__,
+        "base_model": {"path": str(base), "fingerprint": model_fingerprint(base)},
+        "family": family, "model_type": model_type, "method": cfg.method,
+        "dtype": cfg.model.dtype, "tokenizer_path": str(Path(cfg.tokenizer_path).resolve()),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+
+
+def write_description(out: Path, cfg_yaml: str, manifest: dict, tokenizer_files) -> None:
+    """run_config.yaml, manifest.json and the tokenizer files next to the weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.yaml").write_text(cfg_yaml)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    for f in tokenizer_files:
+        shutil.copyfile(f, out / Path(f).name)
+
+
+def save_model_files(model, out: Path) -> None:
+    """Weights as safetensors: adapter files for a PeftModel, a full checkpoint otherwise.
+
+    Training runs without the KV cache; a saved full model is for inference, so its config says
+    use_cache: true.
+    """
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if config is not None and not hasattr(model, "peft_config"):
+        config.use_cache = True
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if config is not None:
+            config.use_cache = before
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+               for i, state in sd["state"].items() for k, v in state.items()}
+    return tensors, sd["param_groups"]
+
+
+def save_resume_state(out: Path, state: TrainState, optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer moments, RNG states and TrainState, without pickle."""
+    from safetensors.torch import save_file
+
+    tensors, groups = _optimizer_tensors(optimizer)
+    save_file(tensors, str(out / "optimizer.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(out / "rng.safetensors"))
+    (out / STATE_FILE).write_text(json.dumps({**asdict(state), "param_groups": groups}, indent=1))
+
+
+def read_state(ckpt: Path) -> TrainState:
+    """The TrainState saved in `ckpt` (nothing else is loaded)."""
+    meta = json.loads((ckpt / STATE_FILE).read_text())
+    meta.pop("param_groups")
+    return TrainState(**meta)
+
+
+def load_resume_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore optimizer and RNG from `ckpt`; returns its TrainState.
+
+    Raises:
+        QwenFtError: the checkpoint's optimizer does not fit this run's trainable parameters.
+    """
+    from safetensors.torch import load_file
+
+    from qwen_ft.errors import QwenFtError
+
+    meta = json.loads((ckpt / STATE_FILE).read_text())
+    groups = meta.pop("param_groups")
+    flat = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, value in flat.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except ValueError as e:
+        raise QwenFtError(f"{ckpt} was trained with other trainable parameters (method or lora settings differ: "
+                          f"{e}); resume with the checkpoint's settings (see its run_config.yaml)") from None
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))])
+    return TrainState(**meta)
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Flush every file of `tmp`, then rename it to `final` in one step."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary directories are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CKPT.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""Process-group helpers. State lives in a DistInfo passed around, never in module globals."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (from torchrun's environment)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0 (not local rank 0: on several nodes there are several of those)."""
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; start a process group when there are several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if cuda else "gloo")
+    return DistInfo(rank, world, local, device)
+
+
+def print0(info: DistInfo, *args, **kwargs) -> None:
+    """print on the main process only."""
+    if info.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every process (no-op on one)."""
+    if info.world > 1:
+        tdist.barrier()
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise sum of `values` over all processes."""
+    if info.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
+def wrap_ddp(model, info: DistInfo):
+    """DistributedDataParallel over the processes (identity on one)."""
+    if info.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.local_rank] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def shutdown(info: DistInfo) -> None:
+    """Destroy the process group if one was started."""
+    if info.world > 1 and tdist.is_initialized():
+        tdist.destroy_process_group()

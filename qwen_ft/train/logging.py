@@ -1,0 +1,74 @@
+"""Progress bar, TensorBoard scalars and the final loss plot (main process only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RunLogger:
+    """Shows progress (loss, lr, tokens/s), writes TensorBoard scalars, plots loss.png at the end."""
+
+    def __init__(self, out_dir: str | Path, total_steps: int, start_step: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.out = Path(out_dir)
+        self.enabled = enabled
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not enabled,
+                        dynamic_ncols=True)
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        """Record optimizer step `step` (1-based)."""
+        if not self.enabled:
+            return
+        for key, value in metrics.items():
+            self.tb.add_scalar(f"train/{key}", value, step)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                             tok_s=f"{metrics['tokens_per_s']:.0f}")
+        self.bar.update(1)
+
+    def eval(self, step: int, loss: float) -> None:
+        """Record an eval loss."""
+        if self.enabled:
+            self.tb.add_scalar("eval/loss", loss, step)
+            self.bar.write(f"step {step}: eval loss {loss:.4f}")
+
+    def message(self, text: str) -> None:
+        """A line above the progress bar."""
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self, history: list[dict]) -> None:
+        """Flush TensorBoard and write loss.png from the full history (resumed runs included)."""
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.tb.close()
+        plot_losses(history, self.out / "loss.png")
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train (and eval) loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

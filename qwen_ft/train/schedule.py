@@ -1,0 +1,44 @@
+"""AdamW and the learning-rate schedule (linear warmup, then cosine, linear or constant).
+
+The schedule is a pure function of the step, applied to the optimizer before every step, so
+resuming needs no scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_at(step: int, peak: float, total: int, warmup: int, kind: str) -> float:
+    """Learning rate of optimizer step `step` (0-based).
+
+    Warmup rises linearly to `peak` over `warmup` steps ((step+1)/warmup, so step 0 already
+    learns); then `cosine` decays as peak * 0.5 * (1 + cos(pi * p)), `linear` as peak * (1 - p),
+    with p = (step - warmup) / (total - warmup); `constant` stays at peak.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if kind == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return peak * max(0.0, 1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model, cfg) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases, norms and other 1-d parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, cfg.train.adam_beta2), eps=1e-8)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Apply `lr` to every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,38 @@
+"""Tiny checkpoints and run configs for training tests (real vocabulary, hidden 32, one layer)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from qwen_ft.model.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden=32, layers=1)
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir):
+    """Write a run YAML for the tiny model and bundled data; returns a function of section overrides."""
+
+    def make(**sections) -> str:
+        raw = {
+            "model": {"path": str(tiny_model_dir), "dtype": "fp32", "attn_implementation": "sdpa"},
+            "data": {"train_files": [str(REPO / "data/example_chatml.jsonl")], "max_length": 128,
+                     "cache_dir": str(tmp_path / "cache")},
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+            "train": {"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "grad_accum": 2,
+                      "learning_rate": 5e-3, "max_steps": 6, "warmup_ratio": 0.2, "seed": 3},
+        }
+        for key, value in sections.items():
+            raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    return make
