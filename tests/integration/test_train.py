@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,20 @@ def test_resume_refuses_other_data_or_settings(lora_run, run_config, tmp_path):
         fit(setup.checked_config(run_config(), [ckpt]), CPU)  # same data, but no trainable embeddings
     with pytest.raises(ConfigError):
         setup.checked_config(run_config(), ["train.max_stepz=3"])
+
+
+@pytest.mark.parametrize("option, flag", [("lora.rslora=true", "use_rslora"), ("lora.dora=true", "use_dora")])
+def test_lora_variants_train_and_save(run_config, option, flag):
+    trainer, state = train_in_process(run_config(), [option, "train.max_steps=2"])
+    config = json.loads((Path(trainer.cfg.train.output_dir) / "adapter_config.json").read_text())
+    assert config[flag] is True and all(math.isfinite(h["loss"]) for h in state.history)
+
+
+def test_launcher_prints_and_runs_torchrun(run_config):
+    from tests.conftest import REPO
+
+    proc = subprocess.run(["bash", str(REPO / "scripts/train.sh"), run_config(), "train.max_steps=2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("+ torchrun --standalone --nproc_per_node 1 finetune.py --config ")
+    assert "done: 2 steps" in proc.stdout
