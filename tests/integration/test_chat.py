@@ -38,3 +38,14 @@ def test_chat_prompt_answers_once_and_exits(tiny_model_dir, capsys):
     assert main(["chat", str(tiny_model_dir), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.endswith("\n")  # the random model's words are arbitrary; it answered and returned
+
+
+def test_interactive_chat_over_stdin(tiny_model_dir):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", "chat", str(tiny_model_dir),
+                           "--max-new-tokens", "3"], input="Hello\n/reset\nAgain\n/exit\n", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("assistant> ") == 2 and proc.stdout.count("user> ") == 4

@@ -212,3 +212,13 @@ def test_launcher_prints_and_runs_torchrun(run_config):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("+ torchrun --standalone --nproc_per_node 1 finetune.py --config ")
     assert "done: 2 steps" in proc.stdout
+
+
+def test_merge_above_tolerance_fails_and_writes_nothing(lora_run, tmp_path, monkeypatch):
+    import qwen_ft.export.merge as merge
+
+    _, _, out = lora_run
+    monkeypatch.setattr(merge, "TOLERANCE", {k: 0.0 for k in merge.TOLERANCE})
+    with pytest.raises(QwenFtError, match="merge check failed"):
+        merge.merge_adapter(str(out), str(tmp_path / "m"), dtype="bf16")
+    assert not (tmp_path / "m").exists()
