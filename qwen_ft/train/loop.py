@@ -100,18 +100,21 @@ def train_step(tr: Trainer, group: list, scaler) -> tuple[float, float, int, int
 
 
 def evaluate(tr: Trainer) -> float:
-    """Mean token loss over the eval set (all processes)."""
+    """Mean token loss over the whole eval set, each batch counted once across processes."""
     c = tr.cfg
     full = plan_batches(tr.data.lengths("eval"), c.data.max_length, c.train.micro_batch_size, c.data.packing,
                         c.train.seed, 0)
+    # A strided split: every eval batch is evaluated by exactly one rank. The unwrapped model runs
+    # it, since evaluation needs no gradient synchronisation.
+    mine = full.batches[tr.dist.rank::tr.dist.world]
     loss_sum, count = 0.0, 0
-    tr.model.eval()
+    tr.unwrapped.eval()
     with torch.no_grad():
-        for rows in rank_batches(full.batches, tr.dist.rank, tr.dist.world) or full.batches[:1]:
+        for rows in mine:
             with tr.autocast():
-                s, n = causal_lm_loss(tr.model, tr.tensors(rows, "eval"))
+                s, n = causal_lm_loss(tr.unwrapped, tr.tensors(rows, "eval"))
             loss_sum, count = loss_sum + s.item(), count + n
-    tr.model.train()
+    tr.unwrapped.train()
     loss_sum, count = all_reduce_sum([loss_sum, float(count)], tr.dist)
     return loss_sum / max(1.0, count)
 
