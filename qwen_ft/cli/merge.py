@@ -20,15 +20,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base checkpoint (default: the one recorded in manifest.json)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="output dtype; auto: the base checkpoint's")
+    p.add_argument("--eval-data", help="conversations for the Q-LoRA perplexity comparison (default: the run's)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Merge and report."""
     from qwen_ft.export.merge import merge_adapter
 
-    r = merge_adapter(args.adapter, args.out, args.base, args.dtype)
+    r = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.eval_data)
+    print(f"merged into {r.merged_into}")
     print(f"merge check: max |logit diff| merged vs base+adapter = {r.merge_diff:.3g} (fp32)"
           + (f", {r.cast_diff:.3g} after casting to {r.dtype}" if r.dtype != "fp32" else "")
           + f"; tolerance {r.tolerance:.3g}")
+    if r.quantized_diff is not None:
+        ppl = r.perplexity
+        print(f"vs adapter on the quantized base it was trained on: max |logit diff| {r.quantized_diff:.3g}; "
+              f"perplexity merged {ppl['merged']:.3f}, adapter on quantized base "
+              f"{ppl['adapter on quantized base']:.3f} (on {ppl['on']})")
     print(f"wrote merged {r.dtype} model to {r.out_dir}")
     return 0

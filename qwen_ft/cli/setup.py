@@ -11,7 +11,6 @@ from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, print0, wrap_ddp
 
 NOT_YET = {
-    "qlora": "method=qlora is not available in this version of qwen-ft; use method=lora",
     "deepspeed": "dist.deepspeed is not available in this version of qwen-ft; use dist.deepspeed=none "
                  "(plain DDP under torchrun)",
 }
@@ -19,10 +18,10 @@ NOT_YET = {
 
 def checked_config(path: str, overrides: list[str]):
     """Load, validate and check the config against this machine; refuse what this version cannot run."""
+    from qwen_ft.model.checks import checkpoint_problems
+
     cfg = load_config(path, overrides)
-    problems = check_environment(cfg)
-    if cfg.method == "qlora":
-        problems.append(NOT_YET["qlora"])
+    problems = check_environment(cfg) + checkpoint_problems(cfg)
     if cfg.dist.deepspeed != "none":
         problems.append(NOT_YET["deepspeed"])
     if problems:

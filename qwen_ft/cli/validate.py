@@ -25,7 +25,9 @@ def run(args: argparse.Namespace) -> int:
     """Validate; ConfigError propagates to the CLI's error handler (exit 1)."""
     cfg = load_config(args.config, args.overrides)
     if not args.no_env:
-        problems = check_environment(cfg)
+        from qwen_ft.model.checks import checkpoint_problems
+
+        problems = check_environment(cfg) + checkpoint_problems(cfg)
         if problems:
             raise ConfigError(problems, source=args.config)
     print(dump_config(cfg), end="")

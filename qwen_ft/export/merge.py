@@ -31,6 +31,9 @@ class MergeReport:
     merge_diff: float  # fp32 merged vs fp32 base+adapter
     cast_diff: float  # output-dtype merged vs fp32 base+adapter (equals merge_diff for fp32)
     tolerance: float
+    merged_into: str = ""  # which base the adapter was merged into
+    quantized_diff: float | None = None  # merged vs adapter on the quantized base it was trained on (Q-LoRA)
+    perplexity: dict | None = None  # {"merged": p, "adapter on quantized base": p, "on": where from}
 
 
 def read_manifest(adapter_dir: Path) -> dict:
@@ -82,28 +85,34 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits.float()
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto") -> MergeReport:
+def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto",
+                  eval_data: str | None = None) -> MergeReport:
     """Merge, check, and save; see module docstring.
+
+    Q-LoRA adapters are merged into the original-precision base when one is given (--base) or
+    recorded (bitsandbytes: the checkpoint quantized on load), else into the dequantized GPTQ
+    weights; the merged model is then also compared with adapter-on-quantized-base (logits and
+    perplexity on a few conversations).
 
     Raises:
         QwenFtError: bad inputs, or a merge check above tolerance (nothing is written then).
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from qwen_ft.tokenizer import load_tokenizer
 
     src = Path(adapter_dir)
     manifest = read_manifest(src)
-    base_path = resolve_base(src, manifest, base)
     tok = load_tokenizer(src)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, local_files_only=True)
+    model, merged_into, base_path = merge_base(src, manifest, base)
     name = dtype if dtype != "auto" else _checkpoint_dtype(model)
     model = PeftModel.from_pretrained(model, src).eval()
     ids = probe_ids(tok)
     reference = _logits(model, ids)
     merged = model.merge_and_unload().eval()
-    merge_diff = (_logits(merged, ids) - reference).abs().max().item()
+    merged_logits = _logits(merged, ids)
+    merge_diff = (merged_logits - reference).abs().max().item()
+    quantized = _quantized_comparison(src, manifest, merged, merged_logits, ids, tok, eval_data)
     merged = merged.to(DTYPES[name])
     cast_diff = merge_diff if name == "fp32" else (_logits(merged, ids) - reference).abs().max().item()
     scale = max(1.0, reference.abs().max().item())
@@ -112,7 +121,57 @@ def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype
         raise QwenFtError(f"merge check failed: max |logit diff| {merge_diff:.3g} (fp32), {cast_diff:.3g} ({name}); "
                           f"tolerance {tol:.3g}; nothing written")
     _save(merged, tok, src, Path(out_dir), manifest, base_path)
-    return MergeReport(Path(out_dir), name, merge_diff, cast_diff, tol)
+    return MergeReport(Path(out_dir), name, merge_diff, cast_diff, tol, merged_into, *quantized)
+
+
+def merge_base(src: Path, manifest: dict, base: str | None):
+    """(fp32 dense base model, description, its path) to merge the adapter into."""
+    from transformers import AutoModelForCausalLM
+
+    quant = manifest.get("quant") or {}
+    chosen = base or quant.get("original_base")
+    if not chosen and quant.get("backend") == "gptq":
+        from qwen_ft.export.dequant import dequantize_to_dense
+
+        path = resolve_base(src, manifest, None)
+        return dequantize_to_dense(str(path), torch.float32), f"dequantized GPTQ weights of {path}", path
+    path = Path(chosen) if chosen else resolve_base(src, manifest, None)
+    if not (path / "config.json").is_file():
+        raise QwenFtError(f"{path}: not a checkpoint directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise QwenFtError(f"{path} is quantized; merging in place into quantized weights is not supported: pass the "
+                          "original-precision checkpoint as --base, or omit --base to merge into dequantized weights")
+    return model, f"{'--base' if base else 'original-precision base'} {path}", path
+
+
+def _quantized_comparison(src: Path, manifest: dict, merged, merged_logits, ids, tok, eval_data):
+    """For Q-LoRA: (max |logit diff| merged vs adapter-on-quantized-base, perplexities); (None, None) otherwise."""
+    if not manifest.get("quant"):
+        return None, None
+    from peft import PeftModel
+
+    from qwen_ft.export.quality import held_out, perplexity
+
+    base = quantized_base(src, manifest)
+    on_quantized = PeftModel.from_pretrained(base, src).eval()
+    diff = (_logits(on_quantized, ids) - merged_logits).abs().max().item()
+    convs, where = held_out(src / "run_config.yaml", eval_data)
+    ppl = {"merged": perplexity(merged, tok, convs), "adapter on quantized base": perplexity(on_quantized, tok, convs),
+           "on": where}
+    return diff, ppl
+
+
+def quantized_base(src: Path, manifest: dict):
+    """The quantized base the adapter was trained on, loaded as in training (CPU, fp32 compute)."""
+    from qwen_ft.config.load import load_config
+    from qwen_ft.model.load import resolve_dtype
+    from qwen_ft.model.quant import load_bnb_base, load_gptq_base
+
+    cfg = load_config(src / "run_config.yaml", [f"model.path={manifest['base_model']['path']}"])
+    cpu = torch.device("cpu")
+    load = load_bnb_base if cfg.quant.backend == "bnb" else load_gptq_base
+    return load(cfg, resolve_dtype("fp32", cpu), "sdpa", cpu).eval()
 
 
 def _checkpoint_dtype(model) -> str:

@@ -18,6 +18,8 @@ def build_model(cfg, family: Family, precision: Precision, attn: str, device: to
     Full fine-tuning keeps fp32 master weights (the forward runs under autocast); LoRA keeps the
     frozen base in the run's dtype and peft keeps the adapters in fp32.
     """
+    if cfg.method == "qlora":
+        return _build_qlora(cfg, family, precision, attn, device)
     weights = torch.float32 if cfg.method == "full" else precision.dtype
     model = load_base_model(cfg.model.path, weights, attn, cfg.model.trust_remote_code)
     model.config.use_cache = False  # packed rows are exact only without the KV cache
@@ -25,6 +27,15 @@ def build_model(cfg, family: Family, precision: Precision, attn: str, device: to
         enable_gradient_checkpointing(model, for_adapters=cfg.method != "full")
     model = apply_method(model, cfg, family)
     return model.to(device)
+
+
+def _build_qlora(cfg, family: Family, precision: Precision, attn: str, device: torch.device):
+    """Quantized base (placed on `device` while loading) + k-bit preparation + LoRA."""
+    from qwen_ft.model.quant import load_bnb_base, load_gptq_base, prepare_for_kbit
+
+    load = load_bnb_base if cfg.quant.backend == "bnb" else load_gptq_base
+    model = prepare_for_kbit(load(cfg, precision, attn, device), cfg.model.gradient_checkpointing)
+    return apply_method(model, cfg, family)
 
 
 def load_trained_weights(model, ckpt: Path, method: str) -> None:

@@ -62,6 +62,11 @@ def build_manifest(cfg, family: str, model_type: str) -> dict:
         "family": family, "model_type": model_type, "method": cfg.method,
         "dtype": cfg.model.dtype, "tokenizer_path": str(Path(cfg.tokenizer_path).resolve()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "quant": None if cfg.method != "qlora" else {
+            "backend": cfg.quant.backend, "bits": cfg.quant.bits, "quant_type": cfg.quant.quant_type,
+            "double_quant": cfg.quant.double_quant,
+            "original_base": str(Path(cfg.quant.original_base).resolve()) if cfg.quant.original_base else None,
+        },
     }
 
 

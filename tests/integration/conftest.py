@@ -30,7 +30,7 @@ def run_config(tmp_path, tiny_model_dir):
                       "learning_rate": 5e-3, "max_steps": 6, "warmup_ratio": 0.2, "seed": 3},
         }
         for key, value in sections.items():
-            raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+            raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(raw))
         return str(path)

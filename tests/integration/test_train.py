@@ -163,13 +163,14 @@ def test_non_finite_guard_stops_with_last_good_checkpoint(run_config, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("method=qlora", "method=qlora is not available"),
+    ("quant.bits=8", "quant.bits: 8 with quant.backend=bnb"),
     ("model.dtype=fp16", "model.dtype=fp16 on CPU"),
     ("model.family=qwen2", "set model.family: qwen3"),
     ("dist.deepspeed=zero2", "dist.deepspeed"),
 ])
 def test_refusals(run_config, override, message, capsys):
-    assert finetune_main(["--config", run_config(), override]) == 1
+    extra = ["method=qlora"] if override.startswith("quant.") else []
+    assert finetune_main(["--config", run_config(), override, *extra]) == 1
     assert message in capsys.readouterr().err
 
 

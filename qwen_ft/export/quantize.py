@@ -1,0 +1,81 @@
+"""GPTQ re-quantization of a (merged) model with ChatML-rendered calibration conversations.
+
+The output is a GPTQ checkpoint (safetensors + quantization_config) that transformers loads with
+gptqmodel installed. Perplexity on held-out conversations is measured before and after.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen_ft import deps
+from qwen_ft.data.chatml import render_chatml
+from qwen_ft.errors import QwenFtError
+from qwen_ft.export.quality import load_conversations, perplexity
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What the quantization measured."""
+
+    out_dir: Path
+    calibration: int
+    held_out: int
+    ppl_before: float
+    ppl_after: float
+
+
+def check_group_size(model, group_size: int) -> None:
+    """Every linear layer's input width must be a multiple of the group size.
+
+    Raises:
+        QwenFtError: naming the first layer that does not fit and the sizes that would.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head") and module.in_features % group_size:
+            fits = [g for g in (32, 64, 128) if module.in_features % g == 0]
+            raise QwenFtError(f"--group-size {group_size} does not divide the {module.in_features} input features of "
+                              f"{name}; use --group-size {fits[-1] if fits else -1}")
+
+
+def split(files: list[str], n_calib: int, n_eval: int, eval_data: str | None) -> tuple[list, list]:
+    """Calibration conversations and held-out ones (from --eval-data, else taken after the calibration set)."""
+    if eval_data:
+        return load_conversations(files, n_calib), load_conversations([eval_data], n_eval)
+    convs = load_conversations(files, n_calib + n_eval)
+    if len(convs) < 2:
+        raise QwenFtError("the calibration file needs at least 2 conversations (or pass --eval-data)")
+    n_eval = min(n_eval, max(1, len(convs) // 5))
+    return convs[:-n_eval], convs[-n_eval:]
+
+
+def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, calibration: str,
+                   n_calib: int = 128, eval_data: str | None = None, max_length: int = 2048) -> QuantizeReport:
+    """GPTQ-quantize `model_dir` into `out_dir` and measure perplexity before and after."""
+    deps.require("gptq", "qwen-ft quantize")
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoModelForCausalLM
+
+    from qwen_ft.export.dequant import load_gptq_model
+    from qwen_ft.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    calib, held = split([calibration], n_calib, 8, eval_data)
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    check_group_size(dense, group_size)
+    before = perplexity(dense, tok, held, max_length)
+    del dense
+    samples = [render_chatml(c, tok)[0][:max_length] for c in calib]
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group_size))
+    model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples], batch_size=1)
+    model.save(out_dir)
+    for f in tok.files:  # the vocabulary files qwen-ft reads, whatever gptqmodel wrote
+        shutil.copyfile(f, Path(out_dir) / Path(f).name)
+    after = perplexity(load_gptq_model(out_dir).eval(), tok, held, max_length)
+    return QuantizeReport(Path(out_dir), len(samples), len(held), before, after)

@@ -1,0 +1,94 @@
+"""Quantized bases for Q-LoRA: bitsandbytes 4-bit (quantized on load) or an existing GPTQ checkpoint.
+
+bitsandbytes and gptqmodel are imported here lazily and required through `qwen_ft.deps`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qwen_ft import deps
+from qwen_ft.errors import QwenFtError
+from qwen_ft.model.load import DTYPES, Precision
+
+
+def compute_dtype(cfg, precision: Precision) -> torch.dtype:
+    """quant.compute_dtype, `auto` meaning the run's precision."""
+    name = cfg.quant.compute_dtype
+    return precision.dtype if name == "auto" else DTYPES[name]
+
+
+def gptq_settings(path: str | Path) -> dict | None:
+    """The GPTQ quantization settings stored with a checkpoint (config.json or quantize_config.json), or None."""
+    root = Path(path)
+    config = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else {}
+    found = config.get("quantization_config")
+    if found is None and (root / "quantize_config.json").is_file():
+        found = json.loads((root / "quantize_config.json").read_text())
+    if found and str(found.get("quant_method", "gptq")).lower() == "gptq":
+        return found
+    return None
+
+
+def _disable_cpu_repack(model) -> None:
+    """Stop bnb's Linear4bit from repacking weights for the CPU bf16 path on eval-mode forwards.
+
+    On CPU an eval-mode forward (eval loss, merge probe) repacks the 4-bit weights into a layout
+    the training kernels cannot read, and the next training step fails; keep the training layout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_bnb_base(cfg, precision: Precision, attn: str, device: torch.device):
+    """Load model.path quantized to 4 bits by bitsandbytes (nf4/fp4, optional double quantization)."""
+    deps.require("bnb", "method=qlora with quant.backend=bnb")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(cfg, precision)
+    q = cfg.quant
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                                bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
+                                bnb_4bit_quant_storage=dtype)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=config, dtype=dtype,
+                                                 attn_implementation=attn, device_map={"": str(device)},
+                                                 local_files_only=True, trust_remote_code=cfg.model.trust_remote_code)
+    _disable_cpu_repack(model)
+    return model
+
+
+def load_gptq_base(cfg, precision: Precision, attn: str, device: torch.device):
+    """Load an existing GPTQ checkpoint through transformers + gptqmodel with a kernel that can train.
+
+    Raises:
+        QwenFtError: model.path holds no GPTQ quantization settings.
+    """
+    deps.require("gptq", "method=qlora with quant.backend=gptq")
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    settings = gptq_settings(cfg.model.path)
+    if settings is None:
+        raise QwenFtError(f"quant.backend=gptq but {cfg.model.path} has no GPTQ quantization_config "
+                          "(config.json) or quantize_config.json; use quant.backend=bnb for a full-precision base")
+    # Inference kernels such as exllama cannot back-propagate; the torch kernel can.
+    config = GPTQConfig(bits=int(settings.get("bits", cfg.quant.bits)), backend="torch", use_exllama=False)
+    return AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=config,
+                                                dtype=compute_dtype(cfg, precision), attn_implementation=attn,
+                                                device_map={"": str(device)}, local_files_only=True,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+
+
+def prepare_for_kbit(model, gradient_checkpointing: bool):
+    """peft's k-bit preparation: frozen base, fp32 norms/head, non-reentrant checkpointing with input grads."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model

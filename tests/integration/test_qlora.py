@@ -1,0 +1,178 @@
+"""Q-LoRA on CPU: bitsandbytes 4-bit and GPTQ bases, merges (original base / dequantized), re-quantization.
+
+The GPTQ base is made in the test setup by quantizing a tiny model with gptqmodel. The extras
+are installed by scripts/install_gptq.sh (CI runs it); without them these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_ft.cli import setup
+from qwen_ft.cli.main import main
+from qwen_ft.cli.train import fit
+from qwen_ft.errors import ConfigError
+from qwen_ft.train.distributed import DistInfo
+
+pytest.importorskip("bitsandbytes", reason="run scripts/install_gptq.sh")
+pytest.importorskip("gptqmodel", reason="run scripts/install_gptq.sh")
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+PROBE = torch.tensor([[151644, 872, 198, 13048, 151645, 198, 151644, 77091, 198]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=PROBE, use_cache=False).logits.float()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: packed 4-bit storage read as floats holds NaN patterns, which == rejects."""
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b))
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """A tiny full-precision model and its 4-bit GPTQ quantization (group size 32)."""
+    from qwen_ft.export.quantize import quantize_model
+    from qwen_ft.model.tiny import make_tiny_model
+    from tests.conftest import REPO
+
+    root = tmp_path_factory.mktemp("qbases")
+    dense = make_tiny_model(root / "dense", hidden=64, layers=1)
+    report = quantize_model(str(dense), str(root / "gptq"), 4, 32, str(REPO / "data/example_chatml.jsonl"),
+                            n_calib=16)
+    return {"dense": dense, "gptq": root / "gptq", "report": report}
+
+
+@pytest.fixture(scope="module", params=["bnb", "gptq"])
+def qlora_run(request, bases, tmp_path_factory):
+    import yaml
+
+    from tests.conftest import REPO
+
+    tmp = tmp_path_factory.mktemp(f"qlora-{request.param}")
+    cfg = tmp / "run.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"path": str(bases["dense"] if request.param == "bnb" else bases["gptq"]), "dtype": "fp32",
+                  "attn_implementation": "sdpa"},
+        "data": {"train_files": [str(REPO / "data/example_chatml.jsonl")], "max_length": 128,
+                 "cache_dir": str(tmp / "cache"), "eval_fraction": 0.1},
+        "method": "qlora", "quant": {"backend": request.param},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 2e-2,
+                  "max_steps": 8, "eval_steps": 2, "warmup_ratio": 0.1},
+    }))
+    trainer, state = fit(setup.checked_config(str(cfg), []), CPU)
+    return request.param, trainer, state, tmp / "out"
+
+
+def test_qlora_trains_with_eval_between_steps(qlora_run):
+    backend, _, state, out = qlora_run
+    losses = [h["loss"] for h in state.history if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    assert len([h for h in state.history if "eval_loss" in h]) == 4  # eval-mode forwards between training steps
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "qlora" and manifest["quant"]["backend"] == backend
+
+
+def test_qlora_base_stays_frozen(qlora_run, bases):
+    from qwen_ft.export.merge import quantized_base
+
+    backend, trainer, _, out = qlora_run
+    fresh = quantized_base(out, json.loads((out / "manifest.json").read_text())).state_dict()
+    trained = trainer.unwrapped.get_base_model().state_dict()
+    base_keys = [k for k in trained if "lora_" not in k]
+    assert base_keys and all(trainer.unwrapped.get_base_model().get_parameter(k).requires_grad is False
+                             for k in base_keys if k in dict(trainer.unwrapped.get_base_model().named_parameters()))
+    for key in base_keys:
+        plain = key.replace(".base_layer", "").replace(".quant_linear_module", "")  # peft's wrapper names
+        assert same_bits(trained[key], fresh[plain]), key
+
+
+def test_qlora_save_reload_identical_logits(qlora_run):
+    from peft import PeftModel
+
+    from qwen_ft.export.merge import quantized_base
+
+    _, trainer, _, out = qlora_run
+    reloaded = PeftModel.from_pretrained(quantized_base(out, json.loads((out / "manifest.json").read_text())),
+                                         out).eval()
+    trainer.unwrapped.eval()
+    assert torch.equal(logits(reloaded), logits(trainer.unwrapped))
+
+
+def test_qlora_merge_matches_adapter_on_base(qlora_run, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    backend, trainer, _, out = qlora_run
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", str(out), "--out", str(merged_dir)]) == 0
+    text = capsys.readouterr().out
+    expected = "original-precision base" if backend == "bnb" else "dequantized GPTQ weights"
+    assert f"merged into {expected}" in text and "perplexity merged" in text
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert getattr(merged.config, "quantization_config", None) is None
+    trainer.unwrapped.eval()
+    on_quantized = logits(trainer.unwrapped)
+    if backend == "gptq":  # dequantized weights are exactly what the GPTQ kernel applies
+        assert (logits(merged) - on_quantized).abs().max().item() < 1e-4
+    else:  # the original base differs from its 4-bit copy by the quantization error only
+        manifest = json.loads((out / "manifest.json").read_text())
+        original = AutoModelForCausalLM.from_pretrained(manifest["base_model"]["path"])
+        reference = logits(PeftModel.from_pretrained(original, out).eval())
+        assert (logits(merged) - reference).abs().max().item() < 1e-4
+        assert 0 < (logits(merged) - on_quantized).abs().max().item() < 1.0
+
+
+@pytest.mark.parametrize("qlora_run", ["gptq"], indirect=True)  # the round trip starts from the GPTQ base
+def test_requantize_round_trip(qlora_run, bases, tmp_path, capsys):
+    from tests.conftest import REPO
+
+    _, _, _, out = qlora_run
+
+    merged, requant = tmp_path / "merged", tmp_path / "requant"
+    assert main(["merge", str(out), "--out", str(merged)]) == 0
+    assert main(["quantize", str(merged), "--out", str(requant), "--group-size", "32", "--samples", "16",
+                 "--calibration", str(REPO / "data/example_chatml.jsonl")]) == 0
+    text = capsys.readouterr().out
+    assert "perplexity on" in text and "after 4-bit GPTQ" in text
+    config = json.loads((requant / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == 4
+    from qwen_ft.export.dequant import load_gptq_model
+
+    assert torch.isfinite(logits(load_gptq_model(str(requant)))).all()
+    assert bases["report"].ppl_after > 0
+
+
+@pytest.mark.parametrize("case, overrides, message", [
+    ("bnb on gptq", {"backend": "bnb", "path": "gptq"}, "already GPTQ-quantized"),
+    ("gptq on dense", {"backend": "gptq", "path": "dense"}, "has no GPTQ quantization_config"),
+    ("bits mismatch", {"backend": "gptq", "path": "gptq", "bits": 8}, "set quant.bits=4"),
+    ("full on gptq", {"method": "full", "path": "gptq"}, "is a GPTQ checkpoint"),
+])
+def test_incompatible_quantized_setups_are_refused(run_config, bases, case, overrides, message):
+    cfg = run_config(model={"path": str(bases[overrides["path"]])}, method=overrides.get("method", "qlora"),
+                     quant={"backend": overrides.get("backend", "bnb"), "bits": overrides.get("bits", 4)})
+    with pytest.raises(ConfigError, match=message):
+        setup.checked_config(cfg, [])
+
+
+def test_merge_refuses_quantized_base(qlora_run, bases, tmp_path):
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.export.merge import merge_adapter
+
+    _, _, _, out = qlora_run
+    with pytest.raises(QwenFtError, match="merging in place into quantized weights is not supported"):
+        merge_adapter(str(out), str(tmp_path / "m"), base=str(bases["gptq"]))
+    assert not Path(tmp_path / "m").exists()
