@@ -10,11 +10,6 @@ from qwen_ft.errors import ConfigError, QwenFtError
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, print0, wrap_ddp
 
-NOT_YET = {
-    "deepspeed": "dist.deepspeed is not available in this version of qwen-ft; use dist.deepspeed=none "
-                 "(plain DDP under torchrun)",
-}
-
 
 def checked_config(path: str, overrides: list[str]):
     """Load, validate and check the config against this machine; refuse what this version cannot run."""
@@ -22,8 +17,6 @@ def checked_config(path: str, overrides: list[str]):
 
     cfg = load_config(path, overrides)
     problems = check_environment(cfg) + checkpoint_problems(cfg)
-    if cfg.dist.deepspeed != "none":
-        problems.append(NOT_YET["deepspeed"])
     if problems:
         raise ConfigError(problems, source=path)
     return cfg
@@ -60,8 +53,27 @@ def tokenizer_and_data(cfg, dist: DistInfo):
     return tok, data
 
 
+def deepspeed(cfg, precision, dist: DistInfo):
+    """(DeepSpeed config or None, object that must stay alive while a ZeRO-3 model loads)."""
+    if cfg.dist.deepspeed == "none":
+        return None, None
+    from qwen_ft.train.deepspeed import import_deepspeed
+    from qwen_ft.train.ds_config import deepspeed_config, zero_stage
+
+    ds = deepspeed_config(cfg, precision.name, dist.world)
+    import_deepspeed()
+    if zero_stage(ds) == 3 and cfg.method == "qlora" and cfg.quant.backend == "gptq":
+        raise ConfigError([f"dist.deepspeed={cfg.dist.deepspeed} is ZeRO-3, which cannot partition GPTQ's packed "
+                           "weights; use a ZeRO-2 config for GPTQ bases"])
+    if zero_stage(ds) != 3:
+        return ds, None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return ds, HfDeepSpeedConfig(ds)  # from_pretrained then partitions weights while loading (zero.Init)
+
+
 def model(cfg, family, precision, attn: str, dist: DistInfo):
-    """The model to train and its DDP wrapper; prints the trainable-parameter count."""
+    """The model to train; prints the trainable-parameter count."""
     import torch
 
     from qwen_ft.model.adapters import count_parameters
@@ -71,8 +83,22 @@ def model(cfg, family, precision, attn: str, dist: DistInfo):
     unwrapped = build_model(cfg, family, precision, attn, dist.device)
     trainable, total = count_parameters(unwrapped)
     print0(dist, f"model: {family.name} from {cfg.model.path}, method {cfg.method}, {precision.name}, {attn}; "
-                 f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    return wrap_ddp(unwrapped, dist), unwrapped
+                 f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    return unwrapped
+
+
+def backend(cfg, unwrapped, precision, dist: DistInfo, ds_config):
+    """Optimizer plus the backend that steps it: DeepSpeed engine, DDP, or a single process."""
+    from qwen_ft.train.backends import DeepSpeedBackend, TorchBackend
+    from qwen_ft.train.schedule import build_optimizer
+
+    if ds_config is None:
+        optimizer = build_optimizer(unwrapped, cfg)
+        return TorchBackend(wrap_ddp(unwrapped, dist), unwrapped, optimizer, precision, dist.device,
+                            cfg.train.max_grad_norm)
+    from qwen_ft.train.deepspeed import initialize
+
+    return DeepSpeedBackend(initialize(cfg, unwrapped, ds_config), unwrapped, dist.rank)
 
 
 def run_plan(cfg, dist: DistInfo, data, precision, attn):
@@ -90,36 +116,39 @@ def run_plan(cfg, dist: DistInfo, data, precision, attn):
     return plan
 
 
-def optimizer_and_state(cfg, unwrapped, data, dist: DistInfo):
-    """AdamW and the TrainState: fresh, or restored from the checkpoint train.resume selects."""
-    from qwen_ft.model.build import load_trained_weights
+def resume_state(cfg, backend, data, dist: DistInfo):
+    """The TrainState: fresh, or restored (weights, optimizer, RNG) from the checkpoint train.resume selects."""
     from qwen_ft.train.resume import check_same_data, resume_path
-    from qwen_ft.train.schedule import build_optimizer
 
-    optimizer = build_optimizer(unwrapped, cfg)
     key = Path(data.stats["cache_path"]).name
     ckpt = resume_path(cfg.train.resume, cfg.train.output_dir)
     if ckpt is None:
         if cfg.train.resume == "auto":
             print0(dist, f"resume: no complete checkpoint in {cfg.train.output_dir}/checkpoints; starting fresh")
-        return optimizer, ck.TrainState(data_key=key)
+        return ck.TrainState(data_key=key)
     check_same_data(ck.read_state(ckpt), key, ckpt)
-    state = ck.load_resume_state(ckpt, optimizer)
-    load_trained_weights(unwrapped, ckpt, cfg.method)
+    state = backend.load_state(ckpt, cfg.method)
     print0(dist, f"resume: from {ckpt} at step {state.step}")
-    return optimizer, state
+    return state
 
 
-def saver(cfg, unwrapped, tok, family):
-    """Callable writing weights + run_config.yaml + manifest.json + tokenizer files into a directory."""
+def saver(cfg, unwrapped, tok, family, backend, dist: DistInfo):
+    """Callable run on every rank: gathers ZeRO-3 weights, then the main process writes weights,
+    run_config.yaml, manifest.json and tokenizer files into a directory."""
     from qwen_ft.model.families import checkpoint_model_type
 
     manifest = ck.build_manifest(cfg, family.name, checkpoint_model_type(cfg.model.path))
     text = dump_config(cfg)
 
     def save(out: Path) -> None:
-        ck.save_model_files(unwrapped, out)
-        ck.write_description(out, text, manifest, tok.files)
+        state_dict = None
+        if getattr(backend, "engine", None) is not None:
+            from qwen_ft.train.deepspeed import gathered_state_dict
+
+            state_dict = gathered_state_dict(backend.engine, unwrapped, cfg.method)
+        if dist.is_main:
+            ck.save_model_files(unwrapped, out, state_dict)
+            ck.write_description(out, text, manifest, tok.files)
 
     return save
 
@@ -129,8 +158,8 @@ def save_final(trainer, state) -> None:
     import json
 
     out = Path(trainer.cfg.train.output_dir)
+    trainer.save_fn(out)
     if trainer.dist.is_main:
-        trainer.save_fn(out)
         (out / "train_history.json").write_text(json.dumps(state.history, indent=1))
     barrier(trainer.dist)
 

@@ -30,12 +30,14 @@ def fit(cfg, dist):
     from qwen_ft.train.logging import RunLogger
 
     precision, attn, family = setup.runtime(cfg, dist)
+    ds_config, _zero3_loading = setup.deepspeed(cfg, precision, dist)  # kept alive while the model loads
     tok, data = setup.tokenizer_and_data(cfg, dist)
-    model, unwrapped = setup.model(cfg, family, precision, attn, dist)
+    unwrapped = setup.model(cfg, family, precision, attn, dist)
     plan = setup.run_plan(cfg, dist, data, precision, attn)
-    optimizer, state = setup.optimizer_and_state(cfg, unwrapped, data, dist)
-    trainer = loop.Trainer(cfg, plan, dist, model, unwrapped, optimizer, data, tok.endoftext_id,
-                           setup.saver(cfg, unwrapped, tok, family))
+    backend = setup.backend(cfg, unwrapped, precision, dist, ds_config)
+    state = setup.resume_state(cfg, backend, data, dist)
+    trainer = loop.Trainer(cfg, plan, dist, backend, unwrapped, data, tok.endoftext_id,
+                           setup.saver(cfg, unwrapped, tok, family, backend, dist))
     logger = RunLogger(cfg.train.output_dir, plan.total_steps, state.step, dist.is_main)
     state = loop.run(trainer, state, logger)
     setup.save_final(trainer, state)

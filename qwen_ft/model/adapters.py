@@ -39,8 +39,9 @@ def count_parameters(model) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps only a shard locally
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 

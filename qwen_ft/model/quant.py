@@ -46,6 +46,13 @@ def _disable_cpu_repack(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _device_map(device: torch.device) -> dict | None:
+    """Place the quantized base on `device`, except under ZeRO-3, which partitions it itself."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return None if is_deepspeed_zero3_enabled() else {"": str(device)}
+
+
 def load_bnb_base(cfg, precision: Precision, attn: str, device: torch.device):
     """Load model.path quantized to 4 bits by bitsandbytes (nf4/fp4, optional double quantization)."""
     deps.require("bnb", "method=qlora with quant.backend=bnb")
@@ -57,7 +64,7 @@ def load_bnb_base(cfg, precision: Precision, attn: str, device: torch.device):
                                 bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
                                 bnb_4bit_quant_storage=dtype)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=config, dtype=dtype,
-                                                 attn_implementation=attn, device_map={"": str(device)},
+                                                 attn_implementation=attn, device_map=_device_map(device),
                                                  local_files_only=True, trust_remote_code=cfg.model.trust_remote_code)
     _disable_cpu_repack(model)
     return model
@@ -80,7 +87,7 @@ def load_gptq_base(cfg, precision: Precision, attn: str, device: torch.device):
     config = GPTQConfig(bits=int(settings.get("bits", cfg.quant.bits)), backend="torch", use_exllama=False)
     return AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=config,
                                                 dtype=compute_dtype(cfg, precision), attn_implementation=attn,
-                                                device_map={"": str(device)}, local_files_only=True,
+                                                device_map=_device_map(device), local_files_only=True,
                                                 trust_remote_code=cfg.model.trust_remote_code)
 
 

@@ -79,18 +79,18 @@ def write_description(out: Path, cfg_yaml: str, manifest: dict, tokenizer_files)
         shutil.copyfile(f, out / Path(f).name)
 
 
-def save_model_files(model, out: Path) -> None:
+def save_model_files(model, out: Path, state_dict: dict | None = None) -> None:
     """Weights as safetensors: adapter files for a PeftModel, a full checkpoint otherwise.
 
     Training runs without the KV cache; a saved full model is for inference, so its config says
-    use_cache: true.
+    use_cache: true. `state_dict` replaces the model's own tensors (weights gathered from ZeRO-3).
     """
     config = getattr(model, "config", None)
     before = getattr(config, "use_cache", None)
     if config is not None and not hasattr(model, "peft_config"):
         config.use_cache = True
     try:
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     finally:
         if config is not None:
             config.use_cache = before
@@ -113,13 +113,18 @@ def save_resume_state(out: Path, state: TrainState, optimizer: torch.optim.Optim
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(out / "rng.safetensors"))
-    (out / STATE_FILE).write_text(json.dumps({**asdict(state), "param_groups": groups}, indent=1))
+    write_state_json(out, state, groups)
+
+
+def write_state_json(out: Path, state: TrainState, param_groups: list | None = None) -> None:
+    """trainer_state.json: the TrainState (and the optimizer's param groups when saved by qwen-ft)."""
+    (out / STATE_FILE).write_text(json.dumps({**asdict(state), "param_groups": param_groups}, indent=1))
 
 
 def read_state(ckpt: Path) -> TrainState:
     """The TrainState saved in `ckpt` (nothing else is loaded)."""
     meta = json.loads((ckpt / STATE_FILE).read_text())
-    meta.pop("param_groups")
+    meta.pop("param_groups", None)
     return TrainState(**meta)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from qwen_ft.data.collate import collate
 from qwen_ft.data.packing import plan_batches
 from qwen_ft.errors import QwenFtError
 from qwen_ft.train import checkpoint as ck
-from qwen_ft.train.distributed import DistInfo, all_reduce_sum
+from qwen_ft.train.distributed import DistInfo, all_reduce_sum, barrier
 from qwen_ft.train.loss import causal_lm_loss
 from qwen_ft.train.plan import RunPlan, rank_batches
 from qwen_ft.train.schedule import lr_at, set_lr
@@ -27,12 +27,11 @@ class Trainer:
     cfg: object
     plan: RunPlan
     dist: DistInfo
-    model: torch.nn.Module  # what forward/backward run through (DDP-wrapped on several processes)
-    unwrapped: torch.nn.Module  # what is saved
-    optimizer: torch.optim.Optimizer
+    backend: object  # TorchBackend or DeepSpeedBackend: forward module, backward, step, resume state
+    unwrapped: torch.nn.Module  # the model itself (what evaluation runs and what is saved)
     data: object  # PreparedData
     pad_id: int
-    save_fn: object  # callable(dir: Path) writing weights + description
+    save_fn: object  # callable(dir: Path), run on every rank: weights (gathered under ZeRO-3) + description
 
     def epoch_batches(self, epoch: int) -> list:
         """This rank's micro-batches of `epoch` (a fresh, seeded plan per epoch)."""
@@ -51,12 +50,10 @@ class Trainer:
         batch = collate([[lookup[i] for i in row] for row in rows], self.pad_id, self.cfg.data.packing)
         return {k: v.to(self.plan.device) for k, v in batch.items()}
 
-    def autocast(self):
-        """bf16/fp16 autocast on GPU; nothing in fp32."""
-        p = self.plan.precision
-        if p.name == "fp32":
-            return nullcontext()
-        return torch.autocast(self.plan.device.type, dtype=p.dtype)
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose param groups carry the learning rate."""
+        return self.backend.optimizer
 
 
 def next_group(tr: Trainer, state: ck.TrainState, cache: dict) -> list:
@@ -71,32 +68,27 @@ def next_group(tr: Trainer, state: ck.TrainState, cache: dict) -> list:
     return group
 
 
-def train_step(tr: Trainer, group: list, scaler) -> tuple[float, float, int, int]:
-    """Forward/backward over one accumulation group and the optimizer step.
+def train_step(tr: Trainer, group: list) -> tuple[float, int]:
+    """Forward/backward over one accumulation group (no optimizer step).
 
     The loss is the sum of token losses divided by the number of learned tokens in the whole
     group (over all processes), so every token weighs the same whatever the padding/packing.
 
     Returns:
-        (loss, grad norm, learned tokens, input tokens) of the group.
+        (loss, input tokens) of the group.
     """
     batches = [tr.tensors(rows) for rows in group]
     local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     n_tokens = max(1.0, all_reduce_sum([float(local)], tr.dist)[0])
     total = 0.0
     for i, batch in enumerate(batches):
-        sync = i == len(batches) - 1 or not hasattr(tr.model, "no_sync")
-        with (nullcontext() if sync else tr.model.no_sync()), tr.autocast():
-            loss_sum, _ = causal_lm_loss(tr.model, batch)
-            loss = loss_sum * tr.dist.world / n_tokens  # DDP averages gradients over processes
-        scaler.scale(loss).backward()
+        with tr.backend.accumulating(i == len(batches) - 1):
+            with tr.backend.autocast():
+                loss_sum, _ = causal_lm_loss(tr.backend.module, batch)
+            # DDP and DeepSpeed average gradients over processes; the token count is already global.
+            tr.backend.backward(loss_sum * tr.dist.world / n_tokens)
         total += loss_sum.item()
-    loss_value = all_reduce_sum([total], tr.dist)[0] / n_tokens
-    scaler.unscale_(tr.optimizer)
-    params = [p for p in tr.unwrapped.parameters() if p.requires_grad]
-    max_norm = tr.cfg.train.max_grad_norm or float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return loss_value, grad_norm, int(n_tokens), sum(int(b["input_ids"].numel()) for b in batches)
+    return all_reduce_sum([total], tr.dist)[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in batches)
 
 
 def evaluate(tr: Trainer) -> float:
@@ -111,7 +103,7 @@ def evaluate(tr: Trainer) -> float:
     tr.unwrapped.eval()
     with torch.no_grad():
         for rows in mine:
-            with tr.autocast():
+            with tr.backend.autocast():
                 s, n = causal_lm_loss(tr.unwrapped, tr.tensors(rows, "eval"))
             loss_sum, count = loss_sum + s.item(), count + n
     tr.unwrapped.train()
@@ -120,36 +112,38 @@ def evaluate(tr: Trainer) -> float:
 
 
 def save_checkpoint(tr: Trainer, state: ck.TrainState, root: Path, keep: int) -> Path:
-    """Atomic checkpoint of the current state under root/checkpoint-{step} (main process writes)."""
-    final = root / f"checkpoint-{state.step}"
+    """Atomic checkpoint under root/checkpoint-{step}: every rank writes its part into a temporary
+    directory, then the main process renames it into place."""
+    final, tmp = root / f"checkpoint-{state.step}", root / f".tmp-checkpoint-{state.step}"
     if tr.dist.is_main:
-        tmp = root / f".tmp-checkpoint-{state.step}"
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        tr.save_fn(tmp)
-        ck.save_resume_state(tmp, state, tr.optimizer)
+    barrier(tr.dist)
+    tr.save_fn(tmp)
+    tr.backend.save_state(tmp, state, tr.dist.is_main)
+    barrier(tr.dist)
+    if tr.dist.is_main:
         ck.commit_dir(tmp, final)
         ck.prune(root, keep)
+    barrier(tr.dist)
     return final
 
 
-def guard(tr: Trainer, state: ck.TrainState, values: tuple[float, float], scaler, root: Path, position) -> None:
-    """Stop on a non-finite loss (or grad norm outside fp16 loss scaling), saving the last good state.
+def guard(tr: Trainer, state: ck.TrainState, values: tuple[float, float], root: Path, position) -> None:
+    """Stop on a non-finite loss or gradient norm, saving the last good state.
 
-    The failing group's gradients are discarded and the data position rewound to `position`,
-    so the saved checkpoint is exactly the state before the failed step.
+    Checked before the optimizer step, the failing group's gradients are discarded and the data
+    position rewound to `position`, so the checkpoint is exactly the state before the failed step.
+    (Under DeepSpeed the gradient norm is known only after its step: a non-finite norm there
+    stops the run and points to the newest checkpoint.)
 
     Raises:
         QwenFtError: with the step, the values and where the last good state was saved.
     """
     loss, grad_norm = values
-    bad_norm = not math.isfinite(grad_norm) and not scaler.is_enabled()  # fp16 scaler skips such steps itself
-    if math.isfinite(loss) and not bad_norm:
+    if math.isfinite(loss) and (math.isfinite(grad_norm) or tr.backend.tolerates_inf_norm()):
         return
-    tr.optimizer.zero_grad(set_to_none=True)
+    tr.backend.discard()
     state.epoch, state.batch_offset = position
     path = save_checkpoint(tr, state, root, tr.cfg.train.save_total_limit + 1)
     raise QwenFtError(
@@ -160,23 +154,36 @@ def guard(tr: Trainer, state: ck.TrainState, values: tuple[float, float], scaler
     )
 
 
+def after_step_guard(tr: Trainer, state: ck.TrainState, grad_norm: float, root: Path) -> None:
+    """Under DeepSpeed: a non-finite gradient norm reported by the step stops the run.
+
+    Raises:
+        QwenFtError: pointing to the newest complete checkpoint.
+    """
+    if math.isfinite(grad_norm) or tr.backend.tolerates_inf_norm():
+        return
+    found = ck.list_checkpoints(root)
+    where = f"resume from {found[-1]}" if found else "no checkpoint was saved yet"
+    raise QwenFtError(f"non-finite gradient norm at step {state.step} ({grad_norm}); {where}. Lower "
+                      "train.learning_rate, set train.max_grad_norm, or check the data")
+
+
 def run(tr: Trainer, state: ck.TrainState, logger) -> ck.TrainState:
     """Train until plan.total_steps, checkpointing and evaluating as configured."""
     c, root = tr.cfg.train, Path(tr.cfg.train.output_dir) / "checkpoints"
-    scaler = torch.amp.GradScaler(tr.plan.device.type, enabled=tr.plan.precision.name == "fp16")
     cache: dict = {}
-    tr.model.train()
+    tr.backend.module.train()
     while state.step < tr.plan.total_steps:
         lr = lr_at(state.step, c.learning_rate, tr.plan.total_steps, tr.plan.warmup_steps, c.scheduler)
         set_lr(tr.optimizer, lr)
         position = (state.epoch, state.batch_offset)
         t0 = time.perf_counter()
-        loss, grad_norm, _, n_inputs = train_step(tr, next_group(tr, state, cache), scaler)
-        guard(tr, state, (loss, grad_norm), scaler, root, position)
-        scaler.step(tr.optimizer)
-        scaler.update()
-        tr.optimizer.zero_grad(set_to_none=True)
+        loss, n_inputs = train_step(tr, next_group(tr, state, cache))
+        grad_norm = tr.backend.clip()
+        guard(tr, state, (loss, grad_norm), root, position)
+        grad_norm = tr.backend.step(grad_norm)
         state.step += 1
+        after_step_guard(tr, state, grad_norm, root)
         speed = n_inputs * tr.dist.world / (time.perf_counter() - t0)
         record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed}
         state.history.append(record)

@@ -28,14 +28,24 @@ def lr_at(step: int, peak: float, total: int, warmup: int, kind: str) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model, cfg) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on biases, norms and other 1-d parameters."""
+def param_groups(model, cfg) -> list[dict]:
+    """Trainable parameters in two groups: weight decay on matrices, none on biases, norms and other 1-d tensors.
+
+    Under ZeRO-3 a parameter's local tensor is empty; its real rank is in `ds_shape`.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (decay if ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, cfg.train.adam_beta2), eps=1e-8)
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model, cfg) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, cfg)`."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.learning_rate,
+                             betas=(0.9, cfg.train.adam_beta2), eps=1e-8)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

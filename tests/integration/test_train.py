@@ -166,7 +166,6 @@ def test_non_finite_guard_stops_with_last_good_checkpoint(run_config, capsys):
     ("quant.bits=8", "quant.bits: 8 with quant.backend=bnb"),
     ("model.dtype=fp16", "model.dtype=fp16 on CPU"),
     ("model.family=qwen2", "set model.family: qwen3"),
-    ("dist.deepspeed=zero2", "dist.deepspeed"),
 ])
 def test_refusals(run_config, override, message, capsys):
     extra = ["method=qlora"] if override.startswith("quant.") else []

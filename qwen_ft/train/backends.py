@@ -1,0 +1,124 @@
+"""How gradients are synchronised, stepped and saved: plain/DDP (torch) or DeepSpeed ZeRO.
+
+The loop only talks to a backend: `accumulating` around each micro-batch, `backward`,
+`clip` (the gradient norm before the step, where the backend can know it), `step`, and the
+resume-state save/load.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from qwen_ft.train import checkpoint as ck
+
+
+class TorchBackend:
+    """One process or DDP: GradScaler for fp16, clipping before the step, safetensors resume state."""
+
+    def __init__(self, model, unwrapped, optimizer, precision, device: torch.device, max_grad_norm: float):
+        self.module, self.unwrapped, self.optimizer = model, unwrapped, optimizer
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
+        self.max_grad_norm = max_grad_norm or float("inf")
+        self.autocast_dtype = None if precision.name == "fp32" else precision.dtype
+        self.device = device
+
+    @contextmanager
+    def accumulating(self, last: bool):
+        """Forward+backward of one micro-batch; DDP synchronises gradients only on the last."""
+        sync = last or not hasattr(self.module, "no_sync")
+        with nullcontext() if sync else self.module.no_sync():
+            yield
+
+    def autocast(self):
+        """bf16/fp16 autocast, nothing in fp32."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def clip(self) -> float:
+        """Unscale and clip; returns the gradient norm before clipping."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        return float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+
+    def tolerates_inf_norm(self) -> bool:
+        """fp16 loss scaling skips steps with inf gradients by design."""
+        return self.scaler.is_enabled()
+
+    def step(self, grad_norm: float) -> float:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def discard(self) -> None:
+        """Drop accumulated gradients without stepping."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save_state(self, out: Path, state: ck.TrainState, is_main: bool) -> None:
+        if is_main:
+            ck.save_resume_state(out, state, self.optimizer)
+
+    def load_state(self, ckpt: Path, method: str) -> ck.TrainState:
+        from qwen_ft.model.build import load_trained_weights
+
+        state = ck.load_resume_state(ckpt, self.optimizer)
+        load_trained_weights(self.unwrapped, ckpt, method)
+        return state
+
+
+class DeepSpeedBackend:
+    """A DeepSpeed engine: ZeRO partitions, clipping inside `engine.step()`, its own checkpoint format."""
+
+    def __init__(self, engine, unwrapped, rank: int):
+        self.module = self.engine = engine
+        self.unwrapped, self.optimizer, self.rank = unwrapped, engine.optimizer, rank
+
+    @contextmanager
+    def accumulating(self, last: bool):
+        """Tell the engine where the accumulation boundary is (our groups may be shorter at epoch ends)."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        yield
+
+    def autocast(self):
+        return nullcontext()  # DeepSpeed casts the module itself for bf16/fp16
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised per group
+
+    def clip(self) -> float:
+        return 0.0  # known only after engine.step(); checked there
+
+    def tolerates_inf_norm(self) -> bool:
+        return bool(self.engine.fp16_enabled())
+
+    def step(self, _unused: float) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def discard(self) -> None:
+        self.engine.zero_grad()
+
+    def save_state(self, out: Path, state: ck.TrainState, is_main: bool) -> None:
+        """DeepSpeed's partitioned checkpoint (every rank), per-rank RNG, and the TrainState."""
+        from safetensors.torch import save_file
+
+        self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False)
+        save_file({"cpu": torch.get_rng_state()}, str(out / f"rng-rank{self.rank}.safetensors"))
+        if is_main:
+            ck.write_state_json(out, state)
+
+    def load_state(self, ckpt: Path, method: str) -> ck.TrainState:
+        """Restore weights, optimizer partitions and RNG (DeepSpeed's files are torch pickles it wrote itself)."""
+        from safetensors.torch import load_file
+
+        self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_lr_scheduler_states=False)
+        torch.set_rng_state(load_file(str(ckpt / f"rng-rank{self.rank}.safetensors"))["cpu"])
+        return ck.read_state(ckpt)

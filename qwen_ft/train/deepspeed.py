@@ -1,0 +1,61 @@
+"""DeepSpeed engine creation and ZeRO-3 weight gathering (deepspeed imported lazily, required via deps)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qwen_ft import deps
+from qwen_ft.train.ds_config import offloads_optimizer, zero_stage
+
+
+def import_deepspeed():
+    """Import DeepSpeed for this machine and bind its comm layer to the running process group.
+
+    Call before anything else imports deepspeed (transformers' ZeRO-3 loading does): the
+    accelerator is chosen at first import.
+    """
+    deps.require("deepspeed", "dist.deepspeed")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # gloo + CPU ops instead of probing for CUDA
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    return deepspeed
+
+
+def initialize(cfg, model, ds_config: dict):
+    """deepspeed.initialize with qwen-ft's AdamW (DeepSpeedCPUAdam when the optimizer is offloaded).
+
+    No DeepSpeed scheduler is created: the loop sets the learning rate of every step itself.
+    """
+    deepspeed = import_deepspeed()
+    from qwen_ft.train.schedule import build_optimizer, param_groups
+
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(param_groups(model, cfg), lr=cfg.train.learning_rate,
+                                     betas=(0.9, cfg.train.adam_beta2), eps=1e-8, adamw_mode=True)
+    else:
+        optimizer = build_optimizer(model, cfg)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+    return engine
+
+
+def gathered_state_dict(engine, model, method: str) -> dict | None:
+    """Full tensors of what must be saved, on the main process (None when ZeRO keeps whole parameters).
+
+    Every rank must call this (it gathers). Full fine-tuning gathers the consolidated model;
+    adapters gather only the trainable tensors.
+    """
+    if zero_stage(engine.config) != 3:
+        return None
+    if method == "full":
+        return engine._zero3_consolidated_16bit_state_dict()
+    deepspeed = import_deepspeed()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {n: p.detach().cpu().clone() for n, p in named}

@@ -1,0 +1,85 @@
+"""DeepSpeed configuration with the YAML as the one source of truth.
+
+Presets live in `configs/deepspeed/` (zero2, zero3 and their CPU-offload variants). Values that
+also exist in the YAML (micro-batch size, accumulation, clipping, precision) are filled from it;
+a user JSON may leave them as "auto" or repeat the same value, anything else is refused. A
+`scheduler` or `optimizer` block is refused: the learning-rate schedule and AdamW come from the
+YAML, so DeepSpeed can never silently replace them (QwenLM's WarmupLR did exactly that).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from qwen_ft.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+def read_base(choice: str) -> tuple[dict, str]:
+    """The preset or user JSON named by dist.deepspeed, and where it came from.
+
+    Raises:
+        ConfigError: missing or unreadable file.
+    """
+    path = PRESET_DIR / f"{choice}.json" if choice in PRESETS else Path(choice)
+    try:
+        return json.loads(path.read_text()), str(path)
+    except FileNotFoundError:
+        hint = " (presets ship in the repository's configs/deepspeed/; pass a JSON path)" if choice in PRESETS else ""
+        raise ConfigError([f"dist.deepspeed: {path} not found{hint}"]) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"dist.deepspeed: {path}:{e.lineno}: invalid JSON ({e.msg})"]) from None
+
+
+def owned_values(cfg, precision: str, world: int) -> dict[tuple[str, ...], object]:
+    """The DeepSpeed keys whose values come from the YAML."""
+    t = cfg.train
+    return {
+        ("train_micro_batch_size_per_gpu",): t.micro_batch_size,
+        ("gradient_accumulation_steps",): t.grad_accum,
+        ("train_batch_size",): t.micro_batch_size * t.grad_accum * world,
+        ("gradient_clipping",): t.max_grad_norm,
+        ("bf16", "enabled"): precision == "bf16",
+        ("fp16", "enabled"): precision == "fp16",
+    }
+
+
+def deepspeed_config(cfg, precision: str, world: int) -> dict:
+    """The DeepSpeed config for this run.
+
+    Raises:
+        ConfigError: every conflict between the JSON and the YAML, at once.
+    """
+    base, source = read_base(cfg.dist.deepspeed)
+    out, problems = copy.deepcopy(base), []
+    for block in ("scheduler", "optimizer"):
+        if block in base:
+            problems.append(f"{source}: remove the '{block}' block; train.scheduler / train.learning_rate and AdamW "
+                            "settings in the YAML are the only source of truth")
+    for path, value in owned_values(cfg, precision, world).items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        given = node.get(path[-1], "auto")
+        if given not in ("auto", value):
+            problems.append(f"{source}: {'.'.join(path)} is {given!r} but the YAML makes it {value!r}; "
+                            "set it to \"auto\" (or remove it)")
+        node[path[-1]] = value
+    if problems:
+        raise ConfigError(problems, source=source)
+    return out
+
+
+def zero_stage(ds_config: dict) -> int:
+    """ZeRO stage of a DeepSpeed config (0 when absent)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    """True when the optimizer state lives on the CPU (needs DeepSpeedCPUAdam)."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
