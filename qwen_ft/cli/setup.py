@@ -38,15 +38,17 @@ def runtime(cfg, dist: DistInfo):
 
 
 def tokenizer_and_data(cfg, dist: DistInfo):
-    """Tokenizer, then data: the main process builds the cache first, the others then read it."""
+    """Tokenizer, then data: local rank 0 of each node builds the cache (once per node, or once in all
+    on a shared filesystem), the other processes wait and then memory-map it."""
     from qwen_ft.data.prepare import format_stats, plan_for, prepare_data
     from qwen_ft.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer_path)
-    if not dist.is_main:
+    builder = dist.local_rank == 0
+    if not builder:
         barrier(dist)
     data = prepare_data(cfg, tok)
-    if dist.is_main:
+    if builder:
         barrier(dist)
     print0(dist, f"data ({data.stats['cache']}: {data.stats['cache_path']})")
     print0(dist, format_stats(data.stats, plan_for(cfg, data), cfg))
@@ -61,10 +63,10 @@ def deepspeed(cfg, precision, dist: DistInfo):
     from qwen_ft.train.ds_config import deepspeed_config, zero_stage
 
     ds = deepspeed_config(cfg, precision.name, dist.world)
-    import_deepspeed()
     if zero_stage(ds) == 3 and cfg.method == "qlora" and cfg.quant.backend == "gptq":
         raise ConfigError([f"dist.deepspeed={cfg.dist.deepspeed} is ZeRO-3, which cannot partition GPTQ's packed "
                            "weights; use a ZeRO-2 config for GPTQ bases"])
+    import_deepspeed()
     if zero_stage(ds) != 3:
         return ds, None
     from transformers.integrations import HfDeepSpeedConfig

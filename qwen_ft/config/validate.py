@@ -62,6 +62,9 @@ def _combinations(cfg: RunConfig) -> list[str]:
     if cfg.method == "qlora" and q.backend == "gptq" and q.bits not in (4, 8):
         problems.append(f"quant.bits: {q.bits} with quant.backend=gptq; GPTQ checkpoints here are 4- or 8-bit")
     ds = cfg.dist.deepspeed
+    if cfg.method == "qlora" and q.backend == "gptq" and ds in ("zero3", "zero3_offload"):
+        problems.append(f"dist.deepspeed={ds} with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's packed "
+                        "weights; use dist.deepspeed=zero2")
     if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
         problems.append(f"dist.deepspeed: {ds!r} is not one of {', '.join(DEEPSPEED_PRESETS)} nor a .json path")
     if cfg.model.trust_remote_code and cfg.model.family in ("qwen2", "qwen3"):

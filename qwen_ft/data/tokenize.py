@@ -159,6 +159,8 @@ def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: 
     key = cache_key(files, tok.fingerprint, spec)
     final = Path(cache_dir) / key
     if not (final / "stats.json").is_file():
+        if final.exists():  # an entry without stats.json is not one this code completed
+            shutil.rmtree(final, ignore_errors=True)
         work = Path(cache_dir) / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -168,8 +170,11 @@ def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: 
                 if name not in stats["shards"]:
                     os.remove(work / name)
             (work / "stats.json").write_text(json.dumps(stats, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(work, final)  # atomic: a complete cache entry or none
+            try:
+                os.replace(work, final)  # atomic: a complete cache entry or none
+            except OSError:
+                if not (final / "stats.json").is_file():  # not another builder's complete entry: a stale one
+                    raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
         hit = "built"

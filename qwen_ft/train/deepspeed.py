@@ -56,6 +56,10 @@ def gathered_state_dict(engine, model, method: str) -> dict | None:
     if method == "full":
         return engine._zero3_consolidated_16bit_state_dict()
     deepspeed = import_deepspeed()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-        return {n: p.detach().cpu().clone() for n, p in named}
+    # state_dict keys, not named_parameters: tied copies (peft's tied lm_head) share one Parameter
+    # but must each appear under their own key.
+    wanted = {k: p for k, p in model.state_dict(keep_vars=True).items()
+              if isinstance(p, torch.nn.Parameter) and p.requires_grad}
+    unique = list({id(p): p for p in wanted.values()}.values())
+    with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
+        return {k: p.detach().cpu().clone() for k, p in wanted.items()}

@@ -1,7 +1,7 @@
 """Q-LoRA on CPU: bitsandbytes 4-bit and GPTQ bases, merges (original base / dequantized), re-quantization.
 
 The GPTQ base is made in the test setup by quantizing a tiny model with gptqmodel. The extras
-are installed by scripts/install_gptq.sh (CI runs it); without them these tests are skipped.
+are installed by scripts/install_extras.sh (CI runs it); without them these tests are skipped.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from qwen_ft.cli.train import fit
 from qwen_ft.errors import ConfigError
 from qwen_ft.train.distributed import DistInfo
 
-pytest.importorskip("bitsandbytes", reason="run scripts/install_gptq.sh")
-pytest.importorskip("gptqmodel", reason="run scripts/install_gptq.sh")
+pytest.importorskip("bitsandbytes", reason="run scripts/install_extras.sh")
+pytest.importorskip("gptqmodel", reason="run scripts/install_extras.sh")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))

@@ -132,7 +132,7 @@ def test_shipped_configs_validate(path):
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert any(line.startswith("# Launch: ") for line in header), "each shipped YAML names its launch command"
     if cfg.dist.deepspeed != "none":
-        assert any("DeepSpeed" in line for line in header), "configs this version refuses say so up front"
+        assert any("DeepSpeed" in line for line in header), "configs that need DeepSpeed say so up front"
 
 
 def test_validate_cli_exit_codes(tmp_path, capsys):
