@@ -176,3 +176,23 @@ def test_merge_refuses_quantized_base(qlora_run, bases, tmp_path):
     with pytest.raises(QwenFtError, match="merging in place into quantized weights is not supported"):
         merge_adapter(str(out), str(tmp_path / "m"), base=str(bases["gptq"]))
     assert not Path(tmp_path / "m").exists()
+
+
+def test_gptq_qlora_under_zero2(bases, run_config, tmp_path):
+    pytest.importorskip("deepspeed", reason="run scripts/install_extras.sh")
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "gptq-zero2"
+    cfg = run_config(model={"path": str(bases["gptq"])}, method="qlora", quant={"backend": "gptq"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29811",
+           str(REPO / "finetune.py"), "--config", cfg, f"train.output_dir={out}", "dist.deepspeed=zero2",
+           "train.max_steps=3", "train.micro_batch_size=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "train_history.json").read_text())
+    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
+    assert json.loads((out / "manifest.json").read_text())["quant"]["backend"] == "gptq"
