@@ -27,6 +27,29 @@ def distributed() -> DistInfo:
     return init_distributed()
 
 
+def native_checkpoint(cfg, dist: DistInfo):
+    """The config to train with: a Qwen v1 model.path is converted to the native Qwen2 layout first
+    (once, cached under data.cache_dir); the user's config object itself is never changed."""
+    import dataclasses
+
+    from qwen_ft.model.families import resolve_family
+
+    if resolve_family(cfg.model.family, cfg.model.path).name != "qwen":
+        return cfg
+    from qwen_ft.model.qwen_v1 import converted_for_training
+
+    if dist.local_rank != 0:
+        barrier(dist)
+    converted = converted_for_training(cfg.model.path, cfg.data.cache_dir)
+    if dist.local_rank == 0:
+        barrier(dist)
+    print0(dist, f"model: Qwen v1 checkpoint {cfg.model.path} converted to the native layout in {converted}")
+    tokenizer = cfg.tokenizer if cfg.tokenizer.path not in (None, cfg.model.path) else \
+        dataclasses.replace(cfg.tokenizer, path=str(converted))
+    model = dataclasses.replace(cfg.model, path=str(converted), family="qwen2")
+    return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
+
+
 def runtime(cfg, dist: DistInfo):
     """Precision, attention implementation and model family for this device and checkpoint."""
     from qwen_ft.model.families import resolve_family

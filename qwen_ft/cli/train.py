@@ -29,6 +29,7 @@ def fit(cfg, dist):
     from qwen_ft.train.distributed import print0
     from qwen_ft.train.logging import RunLogger
 
+    cfg = setup.native_checkpoint(cfg, dist)
     precision, attn, family = setup.runtime(cfg, dist)
     ds_config, _zero3_loading = setup.deepspeed(cfg, precision, dist)  # kept alive while the model loads
     tok, data = setup.tokenizer_and_data(cfg, dist)

@@ -55,7 +55,7 @@ def resolve_base(adapter_dir: Path, manifest: dict, base: str | None) -> Path:
     Raises:
         QwenFtError: neither is available, or the recorded base changed since training.
     """
-    from qwen_ft.train.checkpoint import model_fingerprint
+    from qwen_ft.model.fingerprint import model_fingerprint
 
     if base:
         return Path(base)

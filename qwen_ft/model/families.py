@@ -28,11 +28,9 @@ QWEN2_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 FAMILIES = {
     "qwen2": Family("qwen2", ("qwen2",), QWEN2_LINEAR, ("embed_tokens", "lm_head")),
     "qwen3": Family("qwen3", ("qwen3",), QWEN2_LINEAR, ("embed_tokens", "lm_head")),
-    "qwen": Family(
-        "qwen", ("qwen",), ("c_attn", "c_proj", "w1", "w2"), ("wte", "lm_head"),
-        unsupported="Qwen v1 checkpoints (model_type 'qwen', remote code) are not supported by this version of "
-                    "qwen-ft; use a Qwen1.5/2/2.5/3 checkpoint, whose architecture transformers supports natively",
-    ),
+    # Qwen v1 is trained after conversion to the native Qwen2 layout (qwen_ft.model.qwen_v1), so its
+    # adapters target the native names.
+    "qwen": Family("qwen", ("qwen",), QWEN2_LINEAR, ("embed_tokens", "lm_head")),
 }
 
 
@@ -59,6 +57,9 @@ def resolve_family(declared: str, path: str | Path) -> Family:
             unsupported family.
     """
     model_type = checkpoint_model_type(path)
+    config = json.loads((Path(path) / "config.json").read_text())
+    if "QWenLMHeadModel" in (config.get("architectures") or []):
+        model_type = "qwen"
     found = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
     if found is None:
         raise QwenFtError(f"{path}: model_type {model_type!r} is not a Qwen family qwen-ft knows "

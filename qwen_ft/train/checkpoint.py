@@ -9,7 +9,6 @@ place only when complete, so a crash mid-save never leaves a checkpoint that loo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from qwen_ft import __version__
+from qwen_ft.model.fingerprint import model_fingerprint
 
 STATE_FILE = "trainer_state.json"
 CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -34,20 +34,6 @@ class TrainState:
     batch_offset: int = 0  # micro-batches of `epoch` already consumed by this rank
     data_key: str = ""  # tokenized-data cache key: resuming on other data is refused
     history: list[dict] = field(default_factory=list)
-
-
-def model_fingerprint(path: str | Path) -> str:
-    """Cheap identity of a checkpoint: config.json plus each weight file's name, size, head and tail."""
-    root = Path(path)
-    h = hashlib.sha256((root / "config.json").read_bytes())
-    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
 
 
 def build_manifest(cfg, family: str, model_type: str) -> dict:

@@ -173,17 +173,21 @@ def test_refusals(run_config, override, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_qwen_v1_checkpoint_refused(run_config, tmp_path, capsys):
+def test_qwen_v1_with_pickle_weights_is_refused(run_config, tmp_path, capsys):
+    import shutil
+
+    from qwen_ft.tokenizer.bundled import bundled_files
+
     v1 = tmp_path / "qwen-v1"
     v1.mkdir()
-    (v1 / "config.json").write_text(json.dumps({"model_type": "qwen", "architectures": ["QWenLMHeadModel"]}))
-    assert finetune_main(["--config", run_config(), f"model.path={v1}", f"tokenizer.path={v1}/../"]) == 1
+    (v1 / "config.json").write_text(json.dumps({"model_type": "qwen", "architectures": ["QWenLMHeadModel"],
+                                                "vocab_size": 151936, "hidden_size": 32, "num_attention_heads": 4,
+                                                "num_hidden_layers": 1, "intermediate_size": 96}))
+    (v1 / "pytorch_model.bin").write_bytes(b"not unpickled")
+    shutil.copyfile(bundled_files("qwen")[0], v1 / "qwen.tiktoken")
+    assert finetune_main(["--config", run_config(), f"model.path={v1}"]) == 1
     err = capsys.readouterr().err
-    assert "tokenizer.path" in err or "Qwen v1 checkpoints" in err
-    with pytest.raises(QwenFtError, match="Qwen v1 checkpoints"):
-        from qwen_ft.model.families import resolve_family
-
-        resolve_family("auto", v1)
+    assert "pickle .bin weights" in err and "never unpickles" in err and "Traceback" not in err
 
 
 def test_resume_refuses_other_data_or_settings(lora_run, run_config, tmp_path):
