@@ -156,7 +156,12 @@ def test_gptq_base_under_zero3_is_refused(tmp_path, tiny_model_dir):
     from qwen_ft.model.load import Precision
     from qwen_ft.train.distributed import DistInfo
 
-    cfg = config_from_dict({"model": {"path": str(tiny_model_dir)}, "data": {"train_files": ["d"]},
-                            "method": "qlora", "quant": {"backend": "gptq"}, "dist": {"deepspeed": "zero3"}})
+    raw = {"model": {"path": str(tiny_model_dir)}, "data": {"train_files": ["d"]}, "method": "qlora",
+           "quant": {"backend": "gptq"}}
+    with pytest.raises(ConfigError, match="use dist.deepspeed=zero2"):  # a preset: refused at validation
+        config_from_dict({**raw, "dist": {"deepspeed": "zero3"}})
+    user = tmp_path / "stage3.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = config_from_dict({**raw, "dist": {"deepspeed": str(user)}})  # a user JSON: refused once read
     with pytest.raises(ConfigError, match="use a ZeRO-2 config for GPTQ bases"):
         setup.deepspeed(cfg, Precision("fp32", torch.float32), DistInfo(0, 1, 0, torch.device("cpu")))
