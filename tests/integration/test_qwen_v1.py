@@ -248,3 +248,14 @@ def test_training_on_a_v1_directory_converts_on_load_and_merges_natively(v1_dens
     assert main(["train", run_config(model={"path": str(src)}), "train.max_steps=1",
                  f"train.output_dir={tmp_path / 'again'}"]) == 0  # the cached conversion is reused
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1
+
+
+def test_qlora_on_a_v1_gptq_directory(v1_gptq, run_config, tmp_path):
+    pytest.importorskip("gptqmodel", reason="run scripts/install_extras.sh")
+    from qwen_ft.cli.main import main
+
+    src, _ = v1_gptq
+    cfg = run_config(model={"path": str(src)}, method="qlora", quant={"backend": "gptq"}, train={"max_steps": 2})
+    assert main(["train", cfg]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["quant"]["backend"] == "gptq" and manifest["model_type"] == "qwen2"
