@@ -141,6 +141,16 @@ def run_plan(cfg, dist: DistInfo, data, precision, attn):
     return plan
 
 
+def loss_function(cfg, unwrapped, ds_config):
+    """Chunked output layer + cross-entropy unless disabled or under ZeRO-3 (partitioned head weights)."""
+    from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss
+
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    if cfg.train.loss_chunk_tokens == 0 or zero3:
+        return causal_lm_loss
+    return ChunkedLoss(unwrapped, cfg.train.loss_chunk_tokens)
+
+
 def resume_state(cfg, backend, data, dist: DistInfo):
     """The TrainState: fresh, or restored (weights, optimizer, RNG) from the checkpoint train.resume selects."""
     from qwen_ft.train.resume import check_same_data, resume_path

@@ -38,7 +38,8 @@ def fit(cfg, dist):
     backend = setup.backend(cfg, unwrapped, precision, dist, ds_config)
     state = setup.resume_state(cfg, backend, data, dist)
     trainer = loop.Trainer(cfg, plan, dist, backend, unwrapped, data, tok.endoftext_id,
-                           setup.saver(cfg, unwrapped, tok, family, backend, dist))
+                           setup.saver(cfg, unwrapped, tok, family, backend, dist),
+                           setup.loss_function(cfg, unwrapped, ds_config))
     logger = RunLogger(cfg.train.output_dir, plan.total_steps, state.step, dist.is_main)
     state = loop.run(trainer, state, logger)
     setup.save_final(trainer, state)

@@ -106,6 +106,9 @@ class TrainConfig:
     scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
     warmup_ratio: float = opt(0.01, "fraction of steps spent warming up linearly")
     max_grad_norm: float = opt(1.0, "gradient clipping; 0 disables")
+    loss_chunk_tokens: int = opt(
+        1024, "learned positions per chunk of output layer + cross-entropy (bounds logits memory); 0: all at once"
+    )
     logging_steps: int = opt(1, "log every N optimizer steps")
     eval_steps: int = opt(0, "eval every N steps; 0: only at the end (when an eval set exists)")
     save_steps: int = opt(0, "checkpoint every N steps; 0: only at the end")

@@ -31,6 +31,7 @@ def _ranges(cfg: RunConfig) -> list[str]:
         (0.0 < t.adam_beta2 < 1.0, f"train.adam_beta2: {t.adam_beta2} must be in (0, 1)"),
         (t.max_grad_norm >= 0, f"train.max_grad_norm: {t.max_grad_norm} must be >= 0 (0 disables clipping)"),
         (t.logging_steps >= 1, f"train.logging_steps: {t.logging_steps} must be >= 1"),
+        (t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens: {t.loss_chunk_tokens} must be >= 0 (0: no chunking)"),
         (t.eval_steps >= 0, f"train.eval_steps: {t.eval_steps} must be >= 0"),
         (t.save_steps >= 0, f"train.save_steps: {t.save_steps} must be >= 0"),
         (t.save_total_limit >= 1, f"train.save_total_limit: {t.save_total_limit} must be >= 1"),

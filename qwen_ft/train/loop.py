@@ -32,6 +32,7 @@ class Trainer:
     data: object  # PreparedData
     pad_id: int
     save_fn: object  # callable(dir: Path), run on every rank: weights (gathered under ZeRO-3) + description
+    loss_fn: object = causal_lm_loss  # (model, batch) -> (summed loss, learned tokens); ChunkedLoss or this
 
     def epoch_batches(self, epoch: int) -> list:
         """This rank's micro-batches of `epoch` (a fresh, seeded plan per epoch)."""
@@ -84,7 +85,7 @@ def train_step(tr: Trainer, group: list) -> tuple[float, int]:
     for i, batch in enumerate(batches):
         with tr.backend.accumulating(i == len(batches) - 1):
             with tr.backend.autocast():
-                loss_sum, _ = causal_lm_loss(tr.backend.module, batch)
+                loss_sum, _ = tr.loss_fn(tr.backend.module, batch)
             # DDP and DeepSpeed average gradients over processes; the token count is already global.
             tr.backend.backward(loss_sum * tr.dist.world / n_tokens)
         total += loss_sum.item()
@@ -104,7 +105,7 @@ def evaluate(tr: Trainer) -> float:
     with torch.no_grad():
         for rows in mine:
             with tr.backend.autocast():
-                s, n = causal_lm_loss(tr.unwrapped, tr.tensors(rows, "eval"))
+                s, n = tr.loss_fn(tr.unwrapped, tr.tensors(rows, "eval"))
             loss_sum, count = loss_sum + s.item(), count + n
     tr.unwrapped.train()
     loss_sum, count = all_reduce_sum([loss_sum, float(count)], tr.dist)
