@@ -41,8 +41,17 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
     return args
 
 
+def quiet_third_party_logs() -> None:
+    """torchao (pulled in with the GPTQ extra) logs deprecation notices through torch's pytree logger
+    at import; they say nothing to a user of qwen-ft."""
+    import logging
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the command; user errors print a message and return 1."""
+    quiet_third_party_logs()
     args = parse_with_overrides(build_parser(), argv)
     try:
         return int(args.run(args) or 0)

@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry for finetune.py; user errors print a message and return 1."""
-    from qwen_ft.cli.main import parse_with_overrides
+    from qwen_ft.cli.main import parse_with_overrides, quiet_third_party_logs
 
+    quiet_third_party_logs()
     p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune a Qwen model from one YAML config.")
     p.add_argument("--config", required=True, help="run YAML")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
