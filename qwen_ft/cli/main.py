@@ -11,7 +11,8 @@ import sys
 from qwen_ft import __version__
 from qwen_ft.errors import QwenFtError
 
-COMMANDS = ("train", "merge", "chat", "quantize", "convert", "validate", "preprocess", "inspect", "make_tiny_model")
+COMMANDS = ("train", "merge", "chat", "quantize", "convert", "estimate", "validate", "preprocess", "inspect",
+            "make_tiny_model")
 
 
 def build_parser() -> argparse.ArgumentParser:

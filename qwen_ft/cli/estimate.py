@@ -1,0 +1,49 @@
+"""Predict peak GPU memory per process for a run config, and whether it fits a GPU.
+
+Run: qwen-ft estimate configs/qwen1.5-7b-chat_lora.yaml [--gpus 8] [--gpu-memory 80] [--dtype bf16] [key=value ...]
+
+Reads config.json from model.path (a directory holding just config.json is enough).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qwen_ft.errors import QwenFtError
+
+HELP = "predict peak GPU memory (weights, optimizer, gradients, activations, logits) for a config"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """CONFIG [key=value ...] [--gpus] [--gpu-memory] [--dtype]."""
+    p.add_argument("config", help="run YAML")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) in the run")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="what dtype=auto becomes")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the breakdown; exit 0 when it fits, 1 when it does not."""
+    from qwen_ft.config.load import load_config
+    from qwen_ft.train.ds_config import deepspeed_config, offloads_optimizer, zero_stage
+    from qwen_ft.train.memory import GB, Shape, estimate, fits
+
+    cfg = load_config(args.config, args.overrides)
+    config_file = Path(cfg.model.path) / "config.json"
+    if not config_file.is_file():
+        raise QwenFtError(f"{config_file} not found: the estimate needs the checkpoint's config.json")
+    shape = Shape.from_config(json.loads(config_file.read_text()))
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else args.dtype
+    ds = deepspeed_config(cfg, dtype, args.gpus) if cfg.dist.deepspeed != "none" else {}
+    e = estimate(cfg, shape, dtype, args.gpus, zero_stage(ds), offloads_optimizer(ds))
+    print(f"{shape.params() / 1e9:.2f}B parameters, method {cfg.method}, {dtype}, {args.gpus} GPU(s), "
+          f"ZeRO stage {zero_stage(ds)}{' + optimizer offload' if offloads_optimizer(ds) else ''}")
+    for name, value in e.parts.items():
+        print(f"  {name:<12} {value / GB:8.2f} GB")
+    ok = fits(e, args.gpu_memory)
+    print(f"  {'total':<12} {e.total / GB:8.2f} GB per GPU: {'fits' if ok else 'does NOT fit'} a "
+          f"{args.gpu_memory:g} GB GPU (first-order estimate, not yet calibrated on GPUs)")
+    return 0 if ok else 1

@@ -1,0 +1,124 @@
+"""Peak GPU memory per process, predicted from the run config and the checkpoint's config.json.
+
+A first-order model: exact parameter counts; weights, gradients and AdamW states by dtype and
+method; ZeRO partitioning and offload; activations per token with and without checkpointing
+(Korthikanti et al.: ~34*H bytes per token per layer in 16-bit with flash/SDPA attention, layer
+inputs only when checkpointed); and the logits of the loss step (one chunk when chunked). It is
+not yet calibrated against measured GPU peaks: treat it as a budget, not a promise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GB = 1024**3
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes that memory depends on (from config.json)."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    tied: bool
+    head_dim: int
+    qwen3: bool  # Qwen3: no q/k/v bias, RMSNorm on q and k per head
+
+    @classmethod
+    def from_config(cls, c: dict) -> Shape:
+        """Qwen2/3 config.json (v1 configs are mapped first)."""
+        if c.get("model_type") == "qwen":
+            from qwen_ft.model.qwen_v1 import native_config
+
+            c = native_config(c)
+        heads = c["num_attention_heads"]
+        return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], heads,
+                   c.get("num_key_value_heads", heads), c["intermediate_size"],
+                   bool(c.get("tie_word_embeddings", False)), int(c.get("head_dim") or c["hidden_size"] // heads),
+                   c.get("model_type") == "qwen3")
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
+                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+
+    def linear_params(self) -> int:
+        """Parameters in the decoder layers' linear weights (what quantization applies to)."""
+        return self.layers * sum(i * o for i, o in self.linear_shapes().values())
+
+    def other_params(self) -> int:
+        """Embeddings, untied head, q/k/v biases (Qwen2) or q/k norms (Qwen3), and layer norms."""
+        attn = 2 * self.head_dim if self.qwen3 else (self.heads + 2 * self.kv_heads) * self.head_dim
+        per_layer = attn + 2 * self.hidden
+        heads = 1 if self.tied else 2
+        return heads * self.vocab * self.hidden + self.layers * per_layer + self.hidden
+
+    def params(self) -> int:
+        """All parameters (tied weights once)."""
+        return self.linear_params() + self.other_params()
+
+
+@dataclass
+class Estimate:
+    """Bytes per component on one GPU."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def trainable_params(cfg, shape: Shape) -> int:
+    """Parameters the optimizer updates."""
+    if cfg.method == "full":
+        return shape.params()
+    targets = set(cfg.lora.target_modules or shape.linear_shapes())
+    lora = shape.layers * sum(cfg.lora.r * (i + o) for name, (i, o) in shape.linear_shapes().items()
+                              if name in targets)
+    emb = (1 if shape.tied else 2) * shape.vocab * shape.hidden if cfg.lora.train_embeddings else 0
+    return lora + emb
+
+
+def weight_bytes(cfg, shape: Shape, dtype: str) -> float:
+    """Model weights as held on the GPU."""
+    if cfg.method == "qlora":
+        bits = 4 if cfg.quant.backend == "bnb" else cfg.quant.bits
+        overhead = 0.127 / 8 if cfg.quant.backend == "bnb" and cfg.quant.double_quant else 0.5 / 8
+        return shape.linear_params() * (bits / 8 + overhead) + shape.other_params() * BYTES[dtype]
+    if cfg.method == "full" and cfg.dist.deepspeed == "none":
+        return shape.params() * 4.0  # fp32 master weights, autocast forward
+    return shape.params() * BYTES[dtype]
+
+
+def estimate(cfg, shape: Shape, dtype: str, world: int, stage: int, offload: bool) -> Estimate:
+    """Predicted peak bytes per GPU for `cfg` on `world` GPUs under ZeRO `stage` (0: none)."""
+    t = trainable_params(cfg, shape)
+    full_ds = cfg.method == "full" and stage > 0
+    grad_bytes = BYTES[dtype] if full_ds else 4  # adapters and plain full training keep fp32 grads
+    optim = t * (8 + (4 if full_ds and dtype != "fp32" else 0))  # Adam moments (+ fp32 master under DS)
+    e = Estimate()
+    e.parts["weights"] = weight_bytes(cfg, shape, dtype) / (world if stage == 3 else 1)
+    e.parts["gradients"] = t * grad_bytes / (world if stage >= 2 else 1)
+    e.parts["optimizer"] = 0.0 if offload else optim / (world if stage >= 1 else 1)
+    tokens = cfg.train.micro_batch_size * cfg.data.max_length
+    per_layer = 34 * shape.hidden * 2  # bytes per token per layer, 16-bit activations
+    if cfg.model.gradient_checkpointing:
+        e.parts["activations"] = tokens * (shape.layers * shape.hidden * 2 + per_layer)
+    else:
+        e.parts["activations"] = tokens * shape.layers * per_layer
+    rows = cfg.train.loss_chunk_tokens if cfg.train.loss_chunk_tokens and stage != 3 else tokens
+    e.parts["logits"] = min(rows, tokens) * shape.vocab * 10  # fp32 logits + 16-bit copy + fp32 grad
+    return e
+
+
+def fits(e: Estimate, gpu_gb: float) -> bool:
+    """True when the estimate leaves ~5% headroom for the allocator and CUDA workspace."""
+    return e.total <= 0.95 * gpu_gb * GB
