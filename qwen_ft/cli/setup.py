@@ -61,8 +61,9 @@ def runtime(cfg, dist: DistInfo):
 
 
 def tokenizer_and_data(cfg, dist: DistInfo):
-    """Tokenizer, then data: local rank 0 of each node builds the cache (once per node, or once in all
-    on a shared filesystem), the other processes wait and then memory-map it."""
+    """Tokenizer, data and the first epoch's batch plan: local rank 0 of each node builds the cache
+    (once per node, or once in all on a shared filesystem), the other processes wait and then
+    memory-map it."""
     from qwen_ft.data.prepare import format_stats, plan_for, prepare_data
     from qwen_ft.tokenizer import load_tokenizer
 
@@ -74,8 +75,9 @@ def tokenizer_and_data(cfg, dist: DistInfo):
     if builder:
         barrier(dist)
     print0(dist, f"data ({data.stats['cache']}: {data.stats['cache_path']})")
-    print0(dist, format_stats(data.stats, plan_for(cfg, data), cfg))
-    return tok, data
+    first = plan_for(cfg, data)
+    print0(dist, format_stats(data.stats, first, cfg))
+    return tok, data, first
 
 
 def deepspeed(cfg, precision, dist: DistInfo):
@@ -126,12 +128,11 @@ def backend(cfg, unwrapped, precision, dist: DistInfo, ds_config):
     return DeepSpeedBackend(initialize(cfg, unwrapped, ds_config), unwrapped, dist.rank)
 
 
-def run_plan(cfg, dist: DistInfo, data, precision, attn):
+def run_plan(cfg, dist: DistInfo, first_epoch, precision, attn):
     """Step counts for this world size; reports micro-batches left over by uneven division."""
-    from qwen_ft.data.prepare import plan_for
     from qwen_ft.train.plan import make_run_plan
 
-    n = len(plan_for(cfg, data).batches)
+    n = len(first_epoch.batches)
     plan = make_run_plan(cfg, dist.device, precision, attn, dist.world, n)
     if n % dist.world:
         print0(dist, f"note: {n % dist.world} of {n} micro-batches per epoch are left out so that each of "
@@ -143,10 +144,10 @@ def run_plan(cfg, dist: DistInfo, data, precision, attn):
 
 def loss_function(cfg, unwrapped, ds_config):
     """Chunked output layer + cross-entropy unless disabled or under ZeRO-3 (partitioned head weights)."""
+    from qwen_ft.train.ds_config import zero_stage
     from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss
 
-    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
-    if cfg.train.loss_chunk_tokens == 0 or zero3:
+    if cfg.train.loss_chunk_tokens == 0 or zero_stage(ds_config or {}) == 3:
         return causal_lm_loss
     return ChunkedLoss(unwrapped, cfg.train.loss_chunk_tokens)
 

@@ -32,9 +32,9 @@ def fit(cfg, dist):
     cfg = setup.native_checkpoint(cfg, dist)
     precision, attn, family = setup.runtime(cfg, dist)
     ds_config, _zero3_loading = setup.deepspeed(cfg, precision, dist)  # kept alive while the model loads
-    tok, data = setup.tokenizer_and_data(cfg, dist)
+    tok, data, first_epoch = setup.tokenizer_and_data(cfg, dist)
     unwrapped = setup.model(cfg, family, precision, attn, dist)
-    plan = setup.run_plan(cfg, dist, data, precision, attn)
+    plan = setup.run_plan(cfg, dist, first_epoch, precision, attn)
     backend = setup.backend(cfg, unwrapped, precision, dist, ds_config)
     state = setup.resume_state(cfg, backend, data, dist)
     trainer = loop.Trainer(cfg, plan, dist, backend, unwrapped, data, tok.endoftext_id,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from qwen_ft.data.collate import collate
-from qwen_ft.data.packing import plan_batches
+from qwen_ft.data.prepare import plan_for
 from qwen_ft.errors import QwenFtError
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, all_reduce_sum, barrier
@@ -36,10 +36,7 @@ class Trainer:
 
     def epoch_batches(self, epoch: int) -> list:
         """This rank's micro-batches of `epoch` (a fresh, seeded plan per epoch)."""
-        c = self.cfg
-        full = plan_batches(self.data.lengths("train"), c.data.max_length, c.train.micro_batch_size,
-                            c.data.packing, c.train.seed, epoch)
-        return rank_batches(full.batches, self.dist.rank, self.dist.world)
+        return rank_batches(plan_for(self.cfg, self.data, epoch).batches, self.dist.rank, self.dist.world)
 
     def tensors(self, rows: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:
         """Collate one planned micro-batch onto the device."""
@@ -94,9 +91,7 @@ def train_step(tr: Trainer, group: list) -> tuple[float, int]:
 
 def evaluate(tr: Trainer) -> float:
     """Mean token loss over the whole eval set, each batch counted once across processes."""
-    c = tr.cfg
-    full = plan_batches(tr.data.lengths("eval"), c.data.max_length, c.train.micro_batch_size, c.data.packing,
-                        c.train.seed, 0)
+    full = plan_for(tr.cfg, tr.data, 0, "eval")
     # A strided split: every eval batch is evaluated by exactly one rank. The unwrapped model runs
     # it, since evaluation needs no gradient synchronisation.
     mine = full.batches[tr.dist.rank::tr.dist.world]
