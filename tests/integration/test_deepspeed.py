@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from qwen_ft.errors import ConfigError
 from qwen_ft.train.schedule import lr_at
 from tests.conftest import REPO
+from tests.integration.conftest import write_run_yaml
 
 pytest.importorskip("deepspeed", reason="run scripts/install_extras.sh")
 PORTS = itertools.count(29700)
@@ -44,16 +45,9 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
     """DDP references and ZeRO runs of the same settings."""
-    import yaml
-
     tmp = tmp_path_factory.mktemp("ds")
     config = tmp / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"path": str(tiny_model_dir), "dtype": "fp32", "attn_implementation": "sdpa"},
-        "data": {"train_files": [str(REPO / "data/example_chatml.jsonl")], "max_length": 128,
-                 "cache_dir": str(tmp / "cache")},
-        "lora": {"r": 8, "alpha": 16}, "train": {"warmup_ratio": 0.2, "seed": 5},
-    }))
+    write_run_yaml(config, tiny_model_dir, tmp, lora={"r": 8, "alpha": 16}, train={"warmup_ratio": 0.2, "seed": 5})
     done = {}
     for ds, method in [("none", "full"), ("none", "lora"), ("zero2", "full"), ("zero2", "lora"), ("zero3", "full"),
                        ("zero3", "lora")]:

@@ -18,6 +18,7 @@ from qwen_ft.cli.main import main
 from qwen_ft.cli.train import fit
 from qwen_ft.errors import ConfigError
 from qwen_ft.train.distributed import DistInfo
+from tests.integration.conftest import write_run_yaml
 
 pytest.importorskip("bitsandbytes", reason="run scripts/install_extras.sh")
 pytest.importorskip("gptqmodel", reason="run scripts/install_extras.sh")
@@ -56,22 +57,14 @@ def bases(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["bnb", "gptq"])
 def qlora_run(request, bases, tmp_path_factory):
-    import yaml
-
-    from tests.conftest import REPO
-
     tmp = tmp_path_factory.mktemp(f"qlora-{request.param}")
     cfg = tmp / "run.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"path": str(bases["dense"] if request.param == "bnb" else bases["gptq"]), "dtype": "fp32",
-                  "attn_implementation": "sdpa"},
-        "data": {"train_files": [str(REPO / "data/example_chatml.jsonl")], "max_length": 128,
-                 "cache_dir": str(tmp / "cache"), "eval_fraction": 0.1},
-        "method": "qlora", "quant": {"backend": request.param},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 2e-2,
-                  "max_steps": 8, "eval_steps": 2, "warmup_ratio": 0.1},
-    }))
+    write_run_yaml(
+        cfg, bases["dense"] if request.param == "bnb" else bases["gptq"], tmp, data={"eval_fraction": 0.1},
+        method="qlora", quant={"backend": request.param}, lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 2e-2,
+               "max_steps": 8, "eval_steps": 2, "warmup_ratio": 0.1},
+    )
     trainer, state = fit(setup.checked_config(str(cfg), []), CPU)
     return request.param, trainer, state, tmp / "out"
 

@@ -17,6 +17,7 @@ from qwen_ft.cli.train import main as finetune_main
 from qwen_ft.errors import ConfigError, QwenFtError
 from qwen_ft.train.distributed import DistInfo
 from qwen_ft.train.schedule import lr_at
+from tests.integration.conftest import write_run_yaml
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -34,20 +35,14 @@ def train_in_process(config: str, overrides=()):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model_dir):
     """One LoRA run shared by several checks (eval held out, checkpoints on)."""
-    import yaml
-
-    from tests.conftest import REPO
-
     tmp = tmp_path_factory.mktemp("lora")
     cfg = tmp / "run.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"path": str(tiny_model_dir), "dtype": "fp32", "attn_implementation": "sdpa"},
-        "data": {"train_files": [str(REPO / "data/example_chatml.jsonl")], "max_length": 128,
-                 "cache_dir": str(tmp / "cache"), "eval_fraction": 0.1},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "train_embeddings": True},
-        "train": {"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 1e-2,
-                  "max_steps": 12, "warmup_ratio": 0.2, "eval_steps": 6, "save_steps": 4, "save_total_limit": 2},
-    }))
+    write_run_yaml(
+        cfg, tiny_model_dir, tmp, data={"eval_fraction": 0.1},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0, "train_embeddings": True},
+        train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 1e-2,
+               "max_steps": 12, "warmup_ratio": 0.2, "eval_steps": 6, "save_steps": 4, "save_total_limit": 2},
+    )
     trainer, state = train_in_process(str(cfg))
     return trainer, state, tmp / "out"
 
