@@ -11,7 +11,7 @@ import sys
 from qwen_ft import __version__
 from qwen_ft.errors import QwenFtError
 
-COMMANDS = ("train", "merge", "chat", "quantize", "convert", "estimate", "validate", "preprocess", "inspect",
+COMMANDS = ("train", "merge", "chat", "quantize", "convert", "estimate", "bench", "validate", "preprocess", "inspect",
             "make_tiny_model")
 
 

@@ -22,12 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
-def fit(cfg, dist):
-    """Build everything for `cfg` and train; returns (trainer, final TrainState)."""
+def build_trainer(cfg, dist):
+    """Everything a run needs, built in order: returns (trainer, TrainState: fresh or resumed)."""
     from qwen_ft.cli import setup
     from qwen_ft.train import loop
-    from qwen_ft.train.distributed import print0
-    from qwen_ft.train.logging import RunLogger
 
     cfg = setup.native_checkpoint(cfg, dist)
     precision, attn, family = setup.runtime(cfg, dist)
@@ -40,11 +38,22 @@ def fit(cfg, dist):
     trainer = loop.Trainer(cfg, plan, dist, backend, unwrapped, data, tok.endoftext_id,
                            setup.saver(cfg, unwrapped, tok, family, backend, dist),
                            setup.loss_function(cfg, unwrapped, ds_config))
-    logger = RunLogger(cfg.train.output_dir, plan.total_steps, state.step, dist.is_main)
+    return trainer, state
+
+
+def fit(cfg, dist):
+    """Build everything for `cfg` and train; returns (trainer, final TrainState)."""
+    from qwen_ft.cli import setup
+    from qwen_ft.train import loop
+    from qwen_ft.train.distributed import print0
+    from qwen_ft.train.logging import RunLogger
+
+    trainer, state = build_trainer(cfg, dist)
+    logger = RunLogger(trainer.cfg.train.output_dir, trainer.plan.total_steps, state.step, dist.is_main)
     state = loop.run(trainer, state, logger)
     setup.save_final(trainer, state)
     logger.close(state.history)
-    print0(dist, setup.summary(cfg, state))
+    print0(dist, setup.summary(trainer.cfg, state))
     return trainer, state
 
 

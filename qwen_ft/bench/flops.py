@@ -1,0 +1,46 @@
+"""Model FLOPs of a training step and model-FLOPs utilisation (MFU).
+
+Counted per token, as matmul FLOPs the method needs (not what an implementation happens to run):
+forward 2 per weight, backward 2 per weight for the input gradients and 2 more per *trainable*
+weight for the weight gradients. So full fine-tuning is the usual 6N, a frozen base 4N; activation
+recomputation (gradient checkpointing) is not counted, as in PaLM's MFU. Causal attention adds
+2 * L * q_width per layer and token forward (QK^T and AV over half the square), twice that backward.
+The output layer is counted at learned positions only, since nothing else needs it.
+"""
+
+from __future__ import annotations
+
+from qwen_ft.train.memory import Shape
+
+# Dense bf16 tensor-core peaks (TFLOPS) from the vendors' data sheets; the first matching name wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H20", 148.0), ("A100", 312.0),
+               ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2),
+               ("RTX 3090", 71.0), ("V100", 125.0))
+
+
+def device_peak_tflops(device_name: str) -> float | None:
+    """The bf16 peak of a GPU by its name, or None (CPUs and unknown GPUs: pass --peak-tflops)."""
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def step_flops(shape: Shape, method: str, length: int, sequences: int, learned: int, adapter_params: int = 0) -> float:
+    """Model FLOPs of one optimizer step over `sequences` rows of `length` tokens, `learned` of them labelled.
+
+    `adapter_params`: LoRA weights (trained: 6 FLOPs per weight and token).
+    """
+    tokens = sequences * length
+    weights = shape.linear_params()
+    body = tokens * ((6 if method == "full" else 4) * weights + 6 * adapter_params)
+    head = learned * shape.vocab * shape.hidden * (6 if method in ("full", "lora_emb") else 4)
+    attention = tokens * shape.layers * 6 * length * shape.heads * shape.head_dim
+    return float(body + head + attention)
+
+
+def mfu(flops: float, seconds: float, peak_tflops: float | None) -> float | None:
+    """Achieved / peak FLOPs, or None without a known peak."""
+    if not peak_tflops or seconds <= 0:
+        return None
+    return flops / seconds / (peak_tflops * 1e12)

@@ -1,0 +1,86 @@
+"""Benchmark results -> one record per case (JSON) and one printed table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from qwen_ft.bench.flops import mfu, step_flops
+from qwen_ft.bench.reference import GOALS, reference
+from qwen_ft.train.memory import Shape
+
+
+def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) -> dict:
+    """Figures of one finished case: peak memory, seconds per step (= per 8 sequences), tokens/s, MFU."""
+    out = {k: case[k] for k in ("impl", "shape", "method", "length")}
+    out.update(error=result.get("error"), device=result.get("device"))
+    measured = result.get("step_seconds", [])[case["warmup"]:]
+    if out["error"] or not measured:
+        out["error"] = out["error"] or "no step measured"
+        return out
+    seconds = statistics.mean(measured)
+    sequences = case["micro_batch_size"] * case["grad_accum"]
+    flops = step_flops(shape, case["method"], case["length"], sequences, case["learned_per_step"],
+                       case["adapter_params"])
+    out.update(peak_gb=result["peak_gb"], peak_reserved_gb=result.get("peak_reserved_gb"), seconds_per_step=seconds,
+               sequences_per_step=sequences, tokens_per_s=sequences * case["length"] / seconds,
+               mfu=mfu(flops, seconds, peak_tflops), step_seconds=measured)
+    ref = reference(case["shape"], case["method"], case["length"])
+    out["reference"] = {"peak_gb": ref[0], "seconds_per_step": ref[1]} if ref else None
+    goal = GOALS.get((case["shape"], case["method"], case["length"]))
+    out["goal"] = {"max_peak_gb": goal[0], "min_mfu": goal[1]} if goal and case["impl"] == "qwen-ft" else None
+    return out
+
+
+def speedups(records: list[dict]) -> dict[tuple, float]:
+    """qwen-ft tokens/s over the baseline's, per (shape, method, length) where both finished."""
+    by = {(r["impl"], r["shape"], r["method"], r["length"]): r for r in records if not r.get("error")}
+    return {key[1:]: r["tokens_per_s"] / by[("baseline", *key[1:])]["tokens_per_s"]
+            for key, r in by.items() if key[0] == "qwen-ft" and ("baseline", *key[1:]) in by}
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if r.get("error"):
+        return r["error"][:28]
+    m = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"
+    return f"{r['peak_gb']:.1f}G {r['seconds_per_step']:.2f}s {r['tokens_per_s']:,.0f}tok/s MFU {m}"
+
+
+def table(records: list[dict]) -> str:
+    """One line per (shape, method, length): qwen-ft, baseline, speed-up and QwenLM's figures."""
+    ratio = speedups(records)
+    keys = list(dict.fromkeys((r["shape"], r["method"], r["length"]) for r in records))
+    find = {(r["impl"], r["shape"], r["method"], r["length"]): r for r in records}
+    lines = [f"{'shape':<5} {'method':<10} {'len':>5} | {'qwen-ft (peak, s/8 seq, tok/s, MFU)':<44} | "
+             f"{'Trainer+peft':<44} | {'x':>5} | QwenLM A100"]
+    for key in keys:
+        ours, base = find.get(("qwen-ft", *key)), find.get(("baseline", *key))
+        ref = (ours or base or {}).get("reference")
+        x = f"{ratio[key]:.2f}" if key in ratio else "-"
+        qwen = f"{ref['peak_gb']}G {ref['seconds_per_step']}s" if ref else "-"
+        lines.append(f"{key[0]:<5} {key[1]:<10} {key[2]:>5} | {_cell(ours):<44} | {_cell(base):<44} | {x:>5} | {qwen}")
+    return "\n".join(lines)
+
+
+def goal_lines(records: list[dict]) -> list[str]:
+    """Met / missed for each of qwen-ft's own goals that was measured."""
+    out = []
+    for r in records:
+        g = r.get("goal")
+        if not g or r.get("error"):
+            continue
+        ok = r["peak_gb"] <= g["max_peak_gb"] and (g["min_mfu"] is None or (r["mfu"] or 0) >= g["min_mfu"])
+        want = f"<= {g['max_peak_gb']} GB" + (f", MFU >= {100 * g['min_mfu']:.0f}%" if g["min_mfu"] else "")
+        out.append(f"goal {r['shape']} {r['method']} {r['length']}: {want}: {'met' if ok else 'MISSED'}")
+    return out
+
+
+def write_json(path: Path, meta: dict, records: list[dict]) -> None:
+    """Everything measured, with the environment, as JSON."""
+    ratios = [{"shape": k[0], "method": k[1], "length": k[2], "tokens_per_s_ratio": v}
+              for k, v in speedups(records).items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "results": records, "speedup_vs_baseline": ratios}, indent=1))

@@ -1,0 +1,78 @@
+"""One benchmark case in its own process (so peak memory is this case's alone).
+
+Run by `qwen-ft bench`: python -m qwen_ft.cli.bench_worker CASE.json; writes case["result"].
+qwen-ft cases go through the training code itself (build_trainer + loop.run); baseline cases
+through transformers' Trainer + peft.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from qwen_ft.bench.measure import StepClock, device_name, peak_memory
+
+
+class ClockLogger:
+    """The loop's logger interface, stamping the end of every optimizer step."""
+
+    def __init__(self, clock: StepClock):
+        self.clock = clock
+
+    def step(self, step: int, metrics: dict) -> None:
+        self.clock.tick()
+
+    def eval(self, step: int, loss: float) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self, history: list) -> None:
+        pass
+
+
+def run_qwen_ft(case: dict, dist) -> StepClock:
+    """case["steps"] optimizer steps of the real training loop; nothing is saved."""
+    from qwen_ft.cli import setup
+    from qwen_ft.cli.train import build_trainer
+    from qwen_ft.train import loop
+
+    trainer, state = build_trainer(setup.checked_config(case["config"], []), dist)
+    clock = StepClock(dist.device)
+    clock.restart()
+    loop.run(trainer, state, ClockLogger(clock))
+    return clock
+
+
+def measure(case: dict) -> dict:
+    """Run the case; out-of-memory and other failures become the result's error."""
+    from qwen_ft.bench.baseline import run_baseline
+    from qwen_ft.cli import setup
+
+    dist = setup.distributed()
+    try:
+        clock = run_qwen_ft(case, dist) if case["impl"] == "qwen-ft" else run_baseline(case, dist.device)
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory", "device": device_name(dist.device), **peak_memory(dist.device)}
+    except Exception as e:  # noqa: BLE001 - reported in the table; the traceback goes to the case log
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:200], "device": device_name(dist.device)}
+    return {"step_seconds": clock.durations(), "device": device_name(dist.device), **peak_memory(dist.device)}
+
+
+def main(argv: list[str]) -> int:
+    case = json.loads(Path(argv[0]).read_text())
+    Path(case["result"]).write_text(json.dumps(measure(case)))
+    return 0
+
+
+if __name__ == "__main__":
+    from qwen_ft.cli.main import quiet_third_party_logs
+
+    quiet_third_party_logs()
+    sys.exit(main(sys.argv[1:]))
