@@ -1,0 +1,105 @@
+"""The benchmark's pure parts: shapes, FLOPs, reference figures, exact-length workload, report."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen_ft.bench.flops import device_peak_tflops, mfu, step_flops
+from qwen_ft.bench.reference import reference
+from qwen_ft.bench.report import goal_lines, record, speedups, table
+from qwen_ft.bench.shapes import shape_config
+from qwen_ft.bench.workload import conversation, run_sections
+from qwen_ft.data.chatml import render_chatml
+from qwen_ft.errors import QwenFtError
+from qwen_ft.train.memory import Shape
+
+SEVEN_B = Shape.from_config(shape_config("7b"))
+
+
+def test_named_shapes_have_the_released_parameter_counts():
+    # Qwen-7B has 7.72B parameters (its model card); the others pin the shapes against accidental edits.
+    assert round(SEVEN_B.params() / 1e9, 2) == 7.72
+    assert round(Shape.from_config(shape_config("1.8b")).params() / 1e9, 2) == 1.84
+    assert round(Shape.from_config(shape_config("14b")).params() / 1e9, 2) == 14.17
+    with pytest.raises(QwenFtError, match="unknown shape '3b'"):
+        shape_config("3b")
+
+
+def test_full_finetuning_flops_follow_the_6n_rule_at_short_lengths():
+    tokens = 8 * 16
+    flops = step_flops(SEVEN_B, "full", 16, 8, learned=tokens)
+    matmul_weights = SEVEN_B.linear_params() + SEVEN_B.vocab * SEVEN_B.hidden  # layers + output layer
+    assert flops == pytest.approx(6 * matmul_weights * tokens, rel=1e-3)
+
+
+def test_frozen_base_needs_two_thirds_and_attention_grows_with_length():
+    lora = step_flops(SEVEN_B, "lora", 16, 8, learned=128)
+    assert lora == pytest.approx(step_flops(SEVEN_B, "full", 16, 8, learned=128) * 2 / 3, rel=1e-3)
+    per_token = [step_flops(SEVEN_B, "lora", n, 1, learned=0) / n for n in (1024, 2048)]
+    assert per_token[1] - per_token[0] == pytest.approx(6 * SEVEN_B.layers * 4096 * 1024)
+    assert step_flops(SEVEN_B, "lora", 16, 8, 128, adapter_params=10) - lora == 6 * 10 * 128
+
+
+def test_mfu_and_device_peaks():
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert device_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert device_peak_tflops("NVIDIA H200") == 989.4
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert device_peak_tflops("cpu") is None
+    assert mfu(5e14, 1.0, 1000.0) == 0.5 and mfu(5e14, 1.0, None) is None
+
+
+def test_reference_figures_from_qwenlm_table():
+    assert reference("7b", "lora", 2048) == (23.8, 5.2)
+    assert reference("7b", "lora_emb", 8192) == (48.5, 21.7)
+    assert reference("1.8b", "qlora_gptq", 256) == (5.8, 1.4)
+    assert reference("7b", "qlora_bnb", 4096) == (16.9, 11.6)
+    assert reference("14b", "lora", 2048) is None and reference("7b", "full", 2048) is None
+    assert reference("7b", "lora", 300) is None
+
+
+@pytest.mark.parametrize("length", [64, 65, 256, 1000, 2048])
+def test_workload_conversations_render_to_exactly_the_length(qwen3_tok, length):
+    messages = conversation(qwen3_tok, length, seed=3)
+    ids, labels = render_chatml(messages, qwen3_tok)
+    assert len(ids) == length
+    learned = sum(x != -100 for x in labels)
+    assert abs(learned - length / 2) < 40  # about half the row is the learned reply
+
+
+def test_workload_refuses_lengths_without_room(qwen3_tok):
+    with pytest.raises(QwenFtError, match="leaves no room"):
+        conversation(qwen3_tok, 20, seed=0)
+
+
+def test_run_sections_per_method(tmp_path):
+    emb = run_sections("lora_emb", "m", "d.jsonl", 512, 4, tmp_path)
+    assert emb["method"] == "lora" and emb["lora"]["train_embeddings"] and emb["lora"]["r"] == 64
+    assert emb["train"]["micro_batch_size"] == 1 and emb["train"]["grad_accum"] == 8
+    gptq = run_sections("qlora_gptq", "m", "d.jsonl", 512, 4, tmp_path)
+    assert gptq["method"] == "qlora" and gptq["quant"] == {"backend": "gptq"}
+    full = run_sections("full", "m", "d.jsonl", 512, 4, tmp_path)
+    assert "lora" not in full and full["train"]["learning_rate"] == 1e-5
+    with pytest.raises(QwenFtError, match="unknown benchmark method 'dora'"):
+        run_sections("dora", "m", "d.jsonl", 512, 4, tmp_path)
+
+
+def _case(impl, method="lora", shape="7b", length=2048):
+    return {"impl": impl, "shape": shape, "method": method, "length": length, "warmup": 1, "micro_batch_size": 1,
+            "grad_accum": 8, "learned_per_step": 8 * 1000, "adapter_params": 0}
+
+
+def test_report_records_speedup_and_goals():
+    ours = record(_case("qwen-ft"), {"step_seconds": [9.0, 2.0, 4.0], "peak_gb": 18.5, "device": "x"},
+                  SEVEN_B, 989.4)
+    base = record(_case("baseline"), {"step_seconds": [9.0, 6.0], "peak_gb": 30.0, "device": "x"}, SEVEN_B, 989.4)
+    assert ours["seconds_per_step"] == 3.0 and ours["tokens_per_s"] == pytest.approx(8 * 2048 / 3)
+    assert ours["reference"] == {"peak_gb": 23.8, "seconds_per_step": 5.2} and base["goal"] is None
+    assert speedups([ours, base]) == {("7b", "lora", 2048): pytest.approx(2.0)}
+    expected_mfu = step_flops(SEVEN_B, "lora", 2048, 8, 8000) / 3.0 / 989.4e12
+    assert ours["mfu"] == pytest.approx(expected_mfu)
+    assert goal_lines([ours]) == [f"goal 7b lora 2048: <= 19.0 GB, MFU >= 45%: "
+                                  f"{'met' if expected_mfu >= 0.45 else 'MISSED'}"]
+    oom = record(_case("qwen-ft", "full"), {"error": "out of memory"}, SEVEN_B, None)
+    text = table([ours, base, oom])
+    assert "2.00" in text and "out of memory" in text and "23.8G 5.2s" in text
