@@ -28,6 +28,8 @@ def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) ->
                mfu=mfu(flops, seconds, peak_tflops), step_seconds=measured)
     ref = reference(case["shape"], case["method"], case["length"])
     out["reference"] = {"peak_gb": ref[0], "seconds_per_step": ref[1]} if ref else None
+    if case.get("estimate_gb") is not None:  # the memory estimator's prediction, to check it against the peak
+        out.update(estimate_gb=case["estimate_gb"], estimate_error=case["estimate_gb"] / result["peak_gb"] - 1)
     goal = GOALS.get((case["shape"], case["method"], case["length"]))
     out["goal"] = {"max_peak_gb": goal[0], "min_mfu": goal[1]} if goal and case["impl"] == "qwen-ft" else None
     return out
@@ -84,3 +86,14 @@ def write_json(path: Path, meta: dict, records: list[dict]) -> None:
               for k, v in speedups(records).items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**meta, "results": records, "speedup_vs_baseline": ratios}, indent=1))
+
+
+def estimate_lines(records: list[dict]) -> list[str]:
+    """The memory estimator against measured GPU peaks (the goal: within 15%)."""
+    gpu = [r for r in records if r["impl"] == "qwen-ft" and not r.get("error") and r.get("device") != "cpu"
+           and r.get("estimate_gb") is not None]
+    if not gpu:
+        return ["estimator check: needs GPU peaks (on a CPU the peak is the process's resident memory)"]
+    return [f"estimator {r['shape']} {r['method']} {r['length']}: predicted {r['estimate_gb']:.1f} GB, measured "
+            f"{r['peak_gb']:.1f} GB ({100 * r['estimate_error']:+.0f}%"
+            f"{')' if abs(r['estimate_error']) <= 0.15 else ', outside 15%)'}" for r in gpu]

@@ -104,9 +104,23 @@ def write_case(work: Path, base: dict) -> Path:
     sections = run_sections(base["method"], base["model_dir"], base["conversations"], base["length"],
                             base["steps"], d)
     (d / "run.yaml").write_text(yaml.safe_dump(sections, sort_keys=False))
-    case = {**base, "config": str(d / "run.yaml"), "work": str(d), "result": str(d / "result.json")}
+    case = {**base, "config": str(d / "run.yaml"), "work": str(d), "result": str(d / "result.json"),
+            "estimate_gb": predicted_gb(d / "run.yaml", base["shape"])}
     (d / "case.json").write_text(json.dumps(case, indent=1))
     return d
+
+
+def predicted_gb(config: Path, shape: str) -> float:
+    """What `qwen-ft estimate` predicts for the case's run config on one device (bf16 on a GPU)."""
+    import torch
+
+    from qwen_ft.bench.shapes import shape_config
+    from qwen_ft.config.load import load_config
+    from qwen_ft.train.memory import GB, Shape, estimate
+
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    cfg = load_config(str(config), [])
+    return estimate(cfg, Shape.from_config(shape_config(shape)), dtype, 1, 0, False).total / GB
 
 
 def run_case(d: Path) -> dict:
@@ -168,7 +182,7 @@ def plan_cases(args, methods: list[str], lengths: list[int], work: Path) -> list
 def run(args: argparse.Namespace) -> int:
     """Run every case, print the table and the goals, write the JSON."""
     from qwen_ft.bench.flops import device_peak_tflops
-    from qwen_ft.bench.report import goal_lines, record, table, write_json
+    from qwen_ft.bench.report import estimate_lines, goal_lines, record, table, write_json
     from qwen_ft.bench.shapes import shape_config
     from qwen_ft.train.memory import Shape
 
@@ -187,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(cases)}] {case['shape']} {case['method']} {case['length']} {case['impl']}: {what} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     print(table(records))
-    for line in goal_lines(records):
+    for line in goal_lines(records) + estimate_lines(records):
         print(line)
     out = Path(args.json or work / f"bench-{args.shape}.json")
     device = next((r["device"] for r in records if r.get("device")), "unknown")

@@ -6,7 +6,7 @@ import pytest
 
 from qwen_ft.bench.flops import device_peak_tflops, mfu, step_flops
 from qwen_ft.bench.reference import reference
-from qwen_ft.bench.report import goal_lines, record, speedups, table
+from qwen_ft.bench.report import estimate_lines, goal_lines, record, speedups, table
 from qwen_ft.bench.shapes import shape_config
 from qwen_ft.bench.workload import conversation, run_sections
 from qwen_ft.data.chatml import render_chatml
@@ -103,3 +103,12 @@ def test_report_records_speedup_and_goals():
     oom = record(_case("qwen-ft", "full"), {"error": "out of memory"}, SEVEN_B, None)
     text = table([ours, base, oom])
     assert "2.00" in text and "out of memory" in text and "23.8G 5.2s" in text
+
+
+def test_estimator_is_checked_only_against_gpu_peaks():
+    case = {**_case("qwen-ft"), "estimate_gb": 20.0}
+    gpu = record(case, {"step_seconds": [1.0, 1.0], "peak_gb": 16.0, "device": "NVIDIA H100"}, SEVEN_B, None)
+    cpu = record(case, {"step_seconds": [1.0, 1.0], "peak_gb": 19.0, "device": "cpu"}, SEVEN_B, None)
+    assert gpu["estimate_error"] == pytest.approx(0.25)
+    assert estimate_lines([gpu]) == ["estimator 7b lora 2048: predicted 20.0 GB, measured 16.0 GB (+25%, outside 15%)"]
+    assert "needs GPU peaks" in estimate_lines([cpu])[0]
