@@ -28,7 +28,20 @@ def apply_method(model, cfg, family: Family):
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(cfg, family))
+    model = get_peft_model(model, lora_config(cfg, family))
+    trainable_in_fp32(model)
+    return model
+
+
+def trainable_in_fp32(model) -> None:
+    """Keep every trained tensor in fp32, whatever the frozen base's dtype.
+
+    peft makes LoRA weights fp32 but copies `modules_to_save` (LoRA (emb)'s embeddings and output
+    layer) in the base's dtype; AdamW updates of bf16 weights are mostly rounded away.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -106,6 +106,8 @@ def estimate(cfg, shape: Shape, dtype: str, world: int, stage: int, offload: boo
     optim = t * (8 + (4 if full_ds and dtype != "fp32" else 0))  # Adam moments (+ fp32 master under DS)
     e = Estimate()
     e.parts["weights"] = weight_bytes(cfg, shape, dtype) / (world if stage == 3 else 1)
+    if cfg.method != "full":  # fp32 LoRA weights and, for LoRA (emb), the fp32 trained copies of embeddings/head
+        e.parts["trained fp32"] = t * 4.0 / (world if stage == 3 else 1)
     e.parts["gradients"] = t * grad_bytes / (world if stage >= 2 else 1)
     e.parts["optimizer"] = 0.0 if offload else optim / (world if stage >= 1 else 1)
     tokens = cfg.train.micro_batch_size * cfg.data.max_length

@@ -189,3 +189,17 @@ def test_gptq_qlora_under_zero2(bases, run_config, tmp_path):
     history = json.loads((out / "train_history.json").read_text())
     assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
     assert json.loads((out / "manifest.json").read_text())["quant"]["backend"] == "gptq"
+
+
+def test_qlora_frozen_parts_stay_in_compute_dtype(bases, run_config):
+    """No fp32 upcast of frozen embeddings/output layer/norms (peft's recipe costs 2.5 GB at 7B)."""
+    cfg = setup.checked_config(run_config(method="qlora", quant={"backend": "bnb"},
+                                          lora={"r": 4, "train_embeddings": True}),
+                               [f"model.path={bases['dense']}", "model.dtype=bf16"])
+    precision, attn, family = setup.runtime(cfg, CPU)
+    model = setup.model(cfg, family, precision, attn, CPU)
+    params = dict(model.named_parameters())
+    frozen = {n: p.dtype for n, p in params.items() if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
+    trained = {p.dtype for p in params.values() if p.requires_grad}
+    assert trained == {torch.float32}

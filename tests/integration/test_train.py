@@ -221,3 +221,14 @@ def test_merge_above_tolerance_fails_and_writes_nothing(lora_run, tmp_path, monk
     with pytest.raises(QwenFtError, match="merge check failed"):
         merge.merge_adapter(str(out), str(tmp_path / "m"), dtype="bf16")
     assert not (tmp_path / "m").exists()
+
+
+def test_lora_emb_on_a_bf16_base_trains_fp32_copies(run_config):
+    """peft copies modules_to_save in the base's dtype; bf16 AdamW updates would mostly round away."""
+    trainer, state = train_in_process(run_config(), ["model.dtype=bf16", "lora.train_embeddings=true",
+                                                     "train.max_steps=2"])
+    params = dict(trainer.unwrapped.named_parameters())
+    trained = {n: p.dtype for n, p in params.items() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trained) and set(trained.values()) == {torch.float32}
+    frozen = {p.dtype for n, p in params.items() if not p.requires_grad}
+    assert frozen == {torch.bfloat16} and all(math.isfinite(h["loss"]) for h in state.history)
