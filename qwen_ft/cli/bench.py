@@ -26,7 +26,8 @@ NEEDS = {"qlora_bnb": "bnb", "qlora_gptq": "gptq"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """--shape, --methods, --lengths, --steps, --warmup, --no-baseline, --work-dir, --json, --peak-tflops."""
+    """--shape, --methods, --lengths, --steps, --warmup, --no-baseline, --work-dir, --json, --peak-tflops,
+    key=value overrides."""
     p.add_argument("--shape", default="tiny", help="tiny, 1.8b, 7b or 14b")
     p.add_argument("--methods", default="lora,lora_emb,qlora_bnb,qlora_gptq",
                    help="comma list of lora, lora_emb, qlora_bnb, qlora_gptq, full")
@@ -37,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=".cache/qwen-ft/bench", help="random checkpoints, data and case logs")
     p.add_argument("--json", default=None, help="results file (default: WORK_DIR/bench-SHAPE.json)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (GPUs are recognised)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides for the qwen-ft runs, e.g. model.checkpoint_fraction=0.5 (the baseline "
+                        "keeps its defaults)")
 
 
 def _csv(text: str, kind=str) -> list:
@@ -105,12 +109,12 @@ def write_case(work: Path, base: dict) -> Path:
                             base["steps"], d)
     (d / "run.yaml").write_text(yaml.safe_dump(sections, sort_keys=False))
     case = {**base, "config": str(d / "run.yaml"), "work": str(d), "result": str(d / "result.json"),
-            "estimate_gb": predicted_gb(d / "run.yaml", base["shape"])}
+            "estimate_gb": predicted_gb(d / "run.yaml", base["shape"], base["overrides"])}
     (d / "case.json").write_text(json.dumps(case, indent=1))
     return d
 
 
-def predicted_gb(config: Path, shape: str) -> float:
+def predicted_gb(config: Path, shape: str, overrides: list[str]) -> float:
     """What `qwen-ft estimate` predicts for the case's run config on one device (bf16 on a GPU)."""
     import torch
 
@@ -119,7 +123,7 @@ def predicted_gb(config: Path, shape: str) -> float:
     from qwen_ft.train.memory import GB, Shape, estimate
 
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    cfg = load_config(str(config), [])
+    cfg = load_config(str(config), overrides)  # also refuses a bad override before anything runs
     return estimate(cfg, Shape.from_config(shape_config(shape)), dtype, 1, 0, False).total / GB
 
 
@@ -171,7 +175,8 @@ def plan_cases(args, methods: list[str], lengths: list[int], work: Path) -> list
             for impl in impls:
                 cases.append({
                     **asdict(s), "impl": impl, "shape": args.shape, "method": method, "length": length,
-                    "steps": steps, "warmup": args.warmup, "model_dir": str(models[method == "qlora_gptq"]),
+                    "steps": steps, "warmup": args.warmup, "overrides": args.overrides if impl == "qwen-ft" else [],
+                    "model_dir": str(models[method == "qlora_gptq"]),
                     "conversations": str(files["conversations"]), "rows": str(files["rows"]),
                     "learned_per_step": files["learned"] * s.micro_batch_size * s.grad_accum,
                     "adapter_params": 0 if method == "full" else adapters,
@@ -206,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.json or work / f"bench-{args.shape}.json")
     device = next((r["device"] for r in records if r.get("device")), "unknown")
     write_json(out, {"date": time.strftime("%Y-%m-%d"), "device": device, "peak_tflops": peak,
-                     "versions": versions(), "command": " ".join(sys.argv)}, records)
+                     "versions": versions(), "command": " ".join(sys.argv),
+                     "overrides": args.overrides}, records)
     print(f"results: {out}")
     return 1 if all(r.get("error") for r in records) else 0

@@ -42,7 +42,7 @@ def run_qwen_ft(case: dict, dist) -> StepClock:
     from qwen_ft.cli.train import build_trainer
     from qwen_ft.train import loop
 
-    trainer, state = build_trainer(setup.checked_config(case["config"], []), dist)
+    trainer, state = build_trainer(setup.checked_config(case["config"], case["overrides"]), dist)
     clock = StepClock(dist.device)
     clock.restart()
     loop.run(trainer, state, ClockLogger(clock))

@@ -32,6 +32,10 @@ class ModelConfig:
         "auto", "auto: flash-attention 2 when installed on a GPU, else sdpa"
     )
     gradient_checkpointing: bool = opt(True, "non-reentrant activation checkpointing")
+    checkpoint_fraction: float = opt(
+        1.0, "with gradient_checkpointing: share of decoder layers recomputed in backward; lower trades memory "
+             "for speed (qwen-ft estimate shows the memory)"
+    )
     trust_remote_code: bool = opt(False, "run code shipped with the checkpoint; off unless you ask for it")
 
 

@@ -16,8 +16,10 @@ DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero2_offload", "zero3_offload")
 
 
 def _ranges(cfg: RunConfig) -> list[str]:
-    d, t, lo = cfg.data, cfg.train, cfg.lora
+    d, t, lo, m = cfg.data, cfg.train, cfg.lora, cfg.model
     checks = [
+        (0.0 < m.checkpoint_fraction <= 1.0, f"model.checkpoint_fraction: {m.checkpoint_fraction} must be in "
+                                             "(0, 1]; to recompute nothing set model.gradient_checkpointing=false"),
         (d.max_length >= 16, f"data.max_length: {d.max_length} is too small; use at least 16 tokens"),
         (0.0 <= d.eval_fraction < 0.5, f"data.eval_fraction: {d.eval_fraction} must be in [0, 0.5)"),
         (d.num_proc >= 1, f"data.num_proc: {d.num_proc} must be >= 1"),

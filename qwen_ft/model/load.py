@@ -66,13 +66,29 @@ def load_base_model(path: str, weights_dtype: torch.dtype, attn: str, trust_remo
     )
 
 
-def enable_gradient_checkpointing(model, for_adapters: bool) -> None:
-    """Non-reentrant checkpointing; with frozen embeddings (LoRA) the inputs must require grad."""
+def enable_gradient_checkpointing(model, for_adapters: bool, fraction: float = 1.0) -> None:
+    """Non-reentrant checkpointing of the first `fraction` of decoder layers; with frozen embeddings
+    (LoRA) the inputs must require grad.
+
+    Layers left out keep their activations: each saves one recomputed forward per step, at the
+    memory of a full layer's activations (`qwen-ft estimate`).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = checkpointed_layers(len(layers), fraction)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < keep
     if for_adapters:
         model.enable_input_require_grads()
     model.config.use_cache = False
+
+
+def checkpointed_layers(n_layers: int, fraction: float) -> int:
+    """How many of `n_layers` decoder layers are recomputed (at least one when fraction > 0)."""
+    return max(1, round(fraction * n_layers)) if fraction > 0 else 0

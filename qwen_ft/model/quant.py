@@ -91,8 +91,8 @@ def load_gptq_base(cfg, precision: Precision, attn: str, device: torch.device):
                                                 trust_remote_code=cfg.model.trust_remote_code)
 
 
-def prepare_for_kbit(model, gradient_checkpointing: bool):
-    """Freeze the quantized base; non-reentrant checkpointing with input grads.
+def prepare_for_kbit(model, checkpoint_fraction: float):
+    """Freeze the quantized base; non-reentrant checkpointing (of that share of layers) with input grads.
 
     Unlike peft's prepare_model_for_kbit_training, the frozen full-precision parts (embeddings,
     output layer, norms) stay in the compute dtype: the forward runs under autocast, which casts
@@ -101,7 +101,7 @@ def prepare_for_kbit(model, gradient_checkpointing: bool):
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model, for_adapters=True)
+    if checkpoint_fraction > 0:
+        enable_gradient_checkpointing(model, True, checkpoint_fraction)
     model.config.use_cache = False
     return model

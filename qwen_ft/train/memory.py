@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qwen_ft.model.load import checkpointed_layers
+
 GB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -112,10 +114,11 @@ def estimate(cfg, shape: Shape, dtype: str, world: int, stage: int, offload: boo
     e.parts["optimizer"] = 0.0 if offload else optim / (world if stage >= 1 else 1)
     tokens = cfg.train.micro_batch_size * cfg.data.max_length
     per_layer = 34 * shape.hidden * 2  # bytes per token per layer, 16-bit activations
-    if cfg.model.gradient_checkpointing:
-        e.parts["activations"] = tokens * (shape.layers * shape.hidden * 2 + per_layer)
-    else:
-        e.parts["activations"] = tokens * shape.layers * per_layer
+    recomputed = checkpointed_layers(shape.layers, cfg.model.checkpoint_fraction if cfg.model.gradient_checkpointing
+                                     else 0.0)
+    # Recomputed layers keep their input only (plus one layer's activations while it is replayed).
+    e.parts["activations"] = tokens * (recomputed * shape.hidden * 2 + (shape.layers - recomputed) * per_layer
+                                       + (per_layer if recomputed else 0))
     rows = cfg.train.loss_chunk_tokens if cfg.train.loss_chunk_tokens and stage != 3 else tokens
     e.parts["logits"] = min(rows, tokens) * shape.vocab * 10  # fp32 logits + 16-bit copy + fp32 grad
     return e
