@@ -54,6 +54,16 @@ def split(files: list[str], n_calib: int, n_eval: int, eval_data: str | None) ->
     return convs[:-n_eval], convs[-n_eval:]
 
 
+def _per_layer_logs_into(folder: Path) -> None:
+    """gptqmodel writes its per-layer quantization logs to ./logs, i.e. wherever the user happens to
+    be; keep them with the quantized model instead. (A module-level path in gptqmodel 7.x; when a
+    later version moves it, gptqmodel's default applies.)"""
+    from gptqmodel.looper import loop_processor
+
+    if isinstance(getattr(loop_processor, "_PROJECT_LOG_DIR", None), Path):
+        loop_processor._PROJECT_LOG_DIR = folder
+
+
 def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, calibration: str,
                    n_calib: int = 128, eval_data: str | None = None, max_length: int = 2048) -> QuantizeReport:
     """GPTQ-quantize `model_dir` into `out_dir` and measure perplexity before and after."""
@@ -72,6 +82,7 @@ def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, cal
     del dense
     samples = [render_chatml(c, tok)[0][:max_length] for c in calib]
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    _per_layer_logs_into(Path(out_dir) / "quant_logs")
     model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group_size))
     model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples], batch_size=1)
     model.save(out_dir)

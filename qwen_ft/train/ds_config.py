@@ -1,6 +1,7 @@
 """DeepSpeed configuration with the YAML as the one source of truth.
 
-Presets live in `configs/deepspeed/` (zero2, zero3 and their CPU-offload variants). Values that
+Presets are built in (`preset`: zero2, zero3 and their CPU-offload variants), so they work from an
+installed wheel; `configs/deepspeed/` holds the same as JSON to copy and edit. Values that
 also exist in the YAML (micro-batch size, accumulation, clipping, precision) are filled from it;
 a user JSON may leave them as "auto" or repeat the same value, anything else is refused. A
 `scheduler` or `optimizer` block is refused: the learning-rate schedule and AdamW come from the
@@ -15,8 +16,26 @@ from pathlib import Path
 
 from qwen_ft.errors import ConfigError
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
+_OFFLOAD = {"device": "cpu", "pin_memory": True}
+
+
+def preset(name: str) -> dict:
+    """A built-in DeepSpeed config: the YAML fills every "auto" (see `owned_values`)."""
+    zero: dict = {"stage": 3 if name.startswith("zero3") else 2, "overlap_comm": True, "contiguous_gradients": True}
+    if zero["stage"] == 2:
+        zero.update(reduce_scatter=True, allgather_bucket_size=200_000_000, reduce_bucket_size=200_000_000)
+    else:
+        zero.update(reduce_bucket_size=200_000_000, stage3_prefetch_bucket_size=50_000_000,
+                    stage3_param_persistence_threshold=100_000, stage3_max_live_parameters=1_000_000_000,
+                    stage3_max_reuse_distance=1_000_000_000, stage3_gather_16bit_weights_on_model_save=True)
+    if name.endswith("_offload"):
+        zero["offload_optimizer"] = dict(_OFFLOAD)
+        if zero["stage"] == 3:
+            zero["offload_param"] = dict(_OFFLOAD)
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "zero_optimization": zero, "steps_per_print": 1_000_000_000, "wall_clock_breakdown": False}
 
 
 def read_base(choice: str) -> tuple[dict, str]:
@@ -25,12 +44,14 @@ def read_base(choice: str) -> tuple[dict, str]:
     Raises:
         ConfigError: missing or unreadable file.
     """
-    path = PRESET_DIR / f"{choice}.json" if choice in PRESETS else Path(choice)
+    if choice in PRESETS:
+        return preset(choice), f"built-in preset {choice}"
+    path = Path(choice)
     try:
         return json.loads(path.read_text()), str(path)
     except FileNotFoundError:
-        hint = " (presets ship in the repository's configs/deepspeed/; pass a JSON path)" if choice in PRESETS else ""
-        raise ConfigError([f"dist.deepspeed: {path} not found{hint}"]) from None
+        raise ConfigError([f"dist.deepspeed: {path} not found; use a preset ({', '.join(PRESETS)}) or a JSON "
+                           "path"]) from None
     except json.JSONDecodeError as e:
         raise ConfigError([f"dist.deepspeed: {path}:{e.lineno}: invalid JSON ({e.msg})"]) from None
 

@@ -160,3 +160,20 @@ def test_gptq_base_under_zero3_is_refused(tmp_path, tiny_model_dir):
     cfg = config_from_dict({**raw, "dist": {"deepspeed": str(user)}})  # a user JSON: refused once read
     with pytest.raises(ConfigError, match="use a ZeRO-2 config for GPTQ bases"):
         setup.deepspeed(cfg, Precision("fp32", torch.float32), DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero2_offload", "zero3_offload"])
+def test_shipped_json_equals_the_built_in_preset(name):
+    """configs/deepspeed/*.json are the copies to edit; the presets themselves are built in (wheel installs)."""
+    from qwen_ft.train.ds_config import preset, read_base
+    from tests.conftest import REPO
+
+    assert json.loads((REPO / f"configs/deepspeed/{name}.json").read_text()) == preset(name)
+    assert read_base(name) == (preset(name), f"built-in preset {name}")
+
+
+def test_missing_user_json_names_the_presets(tmp_path):
+    from qwen_ft.train.ds_config import read_base
+
+    with pytest.raises(ConfigError, match="not found; use a preset \\(zero2, zero3"):
+        read_base(str(tmp_path / "missing.json"))

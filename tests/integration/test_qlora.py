@@ -129,10 +129,12 @@ def test_qlora_merge_matches_adapter_on_base(qlora_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("qlora_run", ["gptq"], indirect=True)  # the round trip starts from the GPTQ base
-def test_requantize_round_trip(qlora_run, bases, tmp_path, capsys):
+def test_requantize_round_trip(qlora_run, bases, tmp_path, capsys, monkeypatch):
     from tests.conftest import REPO
 
     _, _, _, out = qlora_run
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
 
     merged, requant = tmp_path / "merged", tmp_path / "requant"
     assert main(["merge", str(out), "--out", str(merged)]) == 0
@@ -146,6 +148,8 @@ def test_requantize_round_trip(qlora_run, bases, tmp_path, capsys):
 
     assert torch.isfinite(logits(load_gptq_model(str(requant)))).all()
     assert bases["report"].ppl_after > 0
+    # gptqmodel's per-layer logs go with the model, not into the working directory.
+    assert list((requant / "quant_logs").glob("*.log")) and not (tmp_path / "cwd" / "logs").exists()
 
 
 @pytest.mark.parametrize("case, overrides, message", [
