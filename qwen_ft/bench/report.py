@@ -28,7 +28,7 @@ def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) ->
                mfu=mfu(flops, seconds, peak_tflops), step_seconds=measured)
     ref = reference(case["shape"], case["method"], case["length"])
     out["reference"] = {"peak_gb": ref[0], "seconds_per_step": ref[1]} if ref else None
-    if case.get("estimate_gb") is not None:  # the memory estimator's prediction, to check it against the peak
+    if case.get("estimate_gb") is not None and case["impl"] == "qwen-ft":  # the estimator, checked against the peak
         out.update(estimate_gb=case["estimate_gb"], estimate_error=case["estimate_gb"] / result["peak_gb"] - 1)
     goal = GOALS.get((case["shape"], case["method"], case["length"]))
     out["goal"] = {"max_peak_gb": goal[0], "min_mfu": goal[1]} if goal and case["impl"] == "qwen-ft" else None

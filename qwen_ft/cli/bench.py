@@ -96,8 +96,8 @@ def case_files(work: Path, length: int, n: int, tok) -> dict:
     return {"conversations": convs, "rows": rows, "learned": learned}
 
 
-def write_case(work: Path, base: dict) -> Path:
-    """The case JSON (and, for qwen-ft, its run YAML) under work/cases/NAME/."""
+def write_case(work: Path, base: dict) -> tuple[Path, dict]:
+    """The case JSON (and its run YAML) under work/cases/NAME/; returns the folder and the full case."""
     import yaml
 
     from qwen_ft.bench.workload import run_sections
@@ -111,7 +111,7 @@ def write_case(work: Path, base: dict) -> Path:
     case = {**base, "config": str(d / "run.yaml"), "work": str(d), "result": str(d / "result.json"),
             "estimate_gb": predicted_gb(d / "run.yaml", base["shape"], base["overrides"])}
     (d / "case.json").write_text(json.dumps(case, indent=1))
-    return d
+    return d, case
 
 
 def predicted_gb(config: Path, shape: str, overrides: list[str]) -> float:
@@ -196,9 +196,10 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work_dir)
     cases = plan_cases(args, methods, lengths, work)
     shape, records, peak = Shape.from_config(shape_config(args.shape)), [], args.peak_tflops
-    for i, case in enumerate(cases, 1):
+    for i, base in enumerate(cases, 1):
         t0 = time.perf_counter()
-        result = run_case(write_case(work, case))
+        folder, case = write_case(work, base)
+        result = run_case(folder)
         peak = peak or device_peak_tflops(result.get("device") or "")
         records.append(record(case, result, shape, peak))
         r = records[-1]
