@@ -45,9 +45,14 @@ def trainable_in_fp32(model) -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts (tied weights counted once)."""
+    """(trainable, total) parameter counts (tied weights once; quantized layers by their logical size)."""
     seen: set[int] = set()
     trainable = total = 0
+    for module in model.modules():
+        packed = _packed_weight(module)
+        if packed is not None and id(packed) not in seen:  # peft's wrapper exposes its base's qweight too
+            seen.add(id(packed))
+            total += module.in_features * module.out_features
     for p in model.parameters():
         if id(p) in seen:
             continue
@@ -56,6 +61,20 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def _packed_weight(module):
+    """The packed weight of a quantized linear layer (bnb 4-bit parameter or GPTQ buffer), else None.
+
+    bnb packs several 4-bit values per stored element and GPTQ keeps `qweight` as a buffer, so their
+    numel says nothing about the layer's size.
+    """
+    if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
+        return None
+    weight = getattr(module, "weight", None)
+    if weight is not None and type(weight).__name__ == "Params4bit":
+        return weight
+    return getattr(module, "qweight", None)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -207,3 +207,18 @@ def test_qlora_frozen_parts_stay_in_compute_dtype(bases, run_config):
     assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
     trained = {p.dtype for p in params.values() if p.requires_grad}
     assert trained == {torch.float32}
+
+
+@pytest.mark.parametrize("backend", ["bnb", "gptq"])
+def test_parameter_count_is_the_logical_size(bases, run_config, backend):
+    """Quantized layers count as in x out weights, so the banner's total matches the dense model."""
+    from qwen_ft.model.adapters import count_parameters
+
+    path = bases["dense"] if backend == "bnb" else bases["gptq"]
+    cfg = setup.checked_config(run_config(method="qlora", quant={"backend": backend}, lora={"r": 4}),
+                               [f"model.path={path}"])
+    precision, attn, family = setup.runtime(cfg, CPU)
+    trainable, total = count_parameters(setup.model(cfg, family, precision, attn, CPU))
+    dense = setup.checked_config(run_config(lora={"r": 4}), [f"model.path={bases['dense']}"])
+    precision, attn, family = setup.runtime(dense, CPU)
+    assert (trainable, total) == count_parameters(setup.model(dense, family, precision, attn, CPU))
