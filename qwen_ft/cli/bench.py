@@ -82,6 +82,7 @@ def base_checkpoint(work: Path, shape: str, gptq: bool) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     write_random_checkpoint(shape, tmp, dtype, gptq=gptq)
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted earlier write of this cache entry
     tmp.rename(out)
     return out
 
