@@ -15,9 +15,9 @@ import torch
 
 from qwen_ft.bench.shapes import shape_config
 from qwen_ft.tokenizer.bundled import write_tokenizer_files
+from qwen_ft.train.memory import Shape
 
 SHARD_BYTES = 4 * 1024**3
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -50,9 +50,10 @@ def _gptq(shape: tuple[int, int], group: int, gen: torch.Generator, device) -> d
 def _tensors(config: dict, dtype: torch.dtype, gptq_group: int | None, device):
     """Yield (name, tensor) of the whole checkpoint, one layer tensor at a time."""
     gen = torch.Generator(device=device).manual_seed(0)
+    linears = Shape.from_config(config).linear_shapes()
     for name, shape in tensor_shapes(config).items():
         module = name.rsplit(".", 2)
-        if gptq_group and name.endswith(".weight") and module[-2] in LINEARS:
+        if gptq_group and name.endswith(".weight") and module[-2] in linears:
             for suffix, t in _gptq(shape, gptq_group, gen, device).items():
                 yield f"{module[0]}.{module[1]}.{suffix}", t
         else:

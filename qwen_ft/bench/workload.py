@@ -33,6 +33,9 @@ class Settings:
     full_learning_rate: float = 1e-5
     gradient_checkpointing: bool = True
 
+    def learning_rate_for(self, method: str) -> float:
+        return self.full_learning_rate if method == "full" else self.learning_rate
+
 
 def _single_token_words(tok) -> list[str]:
     words = [w for w in WORDS if len(tok.encode(w)) == 1]
@@ -91,7 +94,7 @@ def run_sections(method: str, model_dir: str, data_file: str, length: int, steps
         "method": "full" if method == "full" else ("qlora" if method.startswith("qlora") else "lora"),
         "train": {"output_dir": str(work / "out"), "micro_batch_size": s.micro_batch_size,
                   "grad_accum": s.grad_accum, "max_steps": steps, "warmup_ratio": 0.0,
-                  "learning_rate": s.full_learning_rate if method == "full" else s.learning_rate},
+                  "learning_rate": s.learning_rate_for(method)},
     }
     if method != "full":
         sections["lora"] = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout,

@@ -43,8 +43,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "keeps its defaults)")
 
 
-def _csv(text: str, kind=str) -> list:
-    return [kind(x) for x in text.split(",") if x.strip()]
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _lengths(text: str) -> list[int]:
+    """--lengths as integers.
+
+    Raises:
+        QwenFtError: a value that is not a whole number.
+    """
+    try:
+        return [int(x) for x in _csv(text)]
+    except ValueError:
+        raise QwenFtError(f"--lengths {text!r}: give whole numbers separated by commas, e.g. 256,2048") from None
 
 
 def check_request(shape: str, methods: list[str], lengths: list[int]) -> None:
@@ -161,13 +173,13 @@ def plan_cases(args, methods: list[str], lengths: list[int], work: Path) -> list
     from qwen_ft.bench.shapes import shape_config
     from qwen_ft.bench.workload import Settings
     from qwen_ft.tokenizer import load_tokenizer
-    from qwen_ft.train.memory import Shape
+    from qwen_ft.train.memory import Shape, lora_params
 
     s, shape = Settings(), Shape.from_config(shape_config(args.shape))
     models = {g: base_checkpoint(work, args.shape, g) for g in {m == "qlora_gptq" for m in methods}}
     tok = load_tokenizer(next(iter(models.values())))
     steps = args.warmup + args.steps
-    adapters = shape.layers * s.lora_r * sum(i + o for i, o in shape.linear_shapes().values())
+    adapters = lora_params(shape, s.lora_r)
     impls = ["qwen-ft"] + ([] if args.no_baseline else ["baseline"])
     cases = []
     for length in lengths:
@@ -181,7 +193,7 @@ def plan_cases(args, methods: list[str], lengths: list[int], work: Path) -> list
                     "conversations": str(files["conversations"]), "rows": str(files["rows"]),
                     "learned_per_step": files["learned"] * s.micro_batch_size * s.grad_accum,
                     "adapter_params": 0 if method == "full" else adapters,
-                    "learning_rate": s.full_learning_rate if method == "full" else s.learning_rate})
+                    "learning_rate": s.learning_rate_for(method)})
     return cases
 
 
@@ -192,8 +204,10 @@ def run(args: argparse.Namespace) -> int:
     from qwen_ft.bench.shapes import shape_config
     from qwen_ft.train.memory import Shape
 
-    methods, lengths = _csv(args.methods), _csv(args.lengths, int)
+    methods, lengths = _csv(args.methods), _lengths(args.lengths)
     check_request(args.shape, methods, lengths)
+    if args.steps < 1 or args.warmup < 0:
+        raise QwenFtError(f"--steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
     work = Path(args.work_dir)
     cases = plan_cases(args, methods, lengths, work)
     shape, records, peak = Shape.from_config(shape_config(args.shape)), [], args.peak_tflops

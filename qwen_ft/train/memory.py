@@ -82,11 +82,14 @@ def trainable_params(cfg, shape: Shape) -> int:
     """Parameters the optimizer updates."""
     if cfg.method == "full":
         return shape.params()
-    targets = set(cfg.lora.target_modules or shape.linear_shapes())
-    lora = shape.layers * sum(cfg.lora.r * (i + o) for name, (i, o) in shape.linear_shapes().items()
-                              if name in targets)
     emb = (1 if shape.tied else 2) * shape.vocab * shape.hidden if cfg.lora.train_embeddings else 0
-    return lora + emb
+    return lora_params(shape, cfg.lora.r, cfg.lora.target_modules) + emb
+
+
+def lora_params(shape: Shape, r: int, targets: tuple[str, ...] = ()) -> int:
+    """LoRA A and B weights of rank `r` on the `targets` linear layers (empty: all of them)."""
+    chosen = set(targets or shape.linear_shapes())
+    return shape.layers * sum(r * (i + o) for name, (i, o) in shape.linear_shapes().items() if name in chosen)
 
 
 def weight_bytes(cfg, shape: Shape, dtype: str) -> float:

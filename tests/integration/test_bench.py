@@ -41,6 +41,10 @@ def test_bench_tiny_gptq_qlora(tmp_path, capsys):
 def test_bench_refuses_bad_requests_before_writing(tmp_path, capsys):
     rc = main(["bench", "--methods", "lora,dora", "--work-dir", str(tmp_path / "w")])
     assert rc == 1 and "choose lora, lora_emb" in capsys.readouterr().err
+    assert main(["bench", "--lengths", "256,abc", "--work-dir", str(tmp_path / "w")]) == 1
+    assert "--lengths '256,abc': give whole numbers" in capsys.readouterr().err
+    assert main(["bench", "--steps", "0", "--work-dir", str(tmp_path / "w")]) == 1
+    assert "--steps 0 must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 
 
