@@ -38,6 +38,11 @@ class ModelConfig:
     )
     trust_remote_code: bool = opt(False, "run code shipped with the checkpoint; off unless you ask for it")
 
+    @property
+    def recomputed_fraction(self) -> float:
+        """Share of decoder layers recomputed in backward: checkpoint_fraction, or 0 without checkpointing."""
+        return self.checkpoint_fraction if self.gradient_checkpointing else 0.0
+
 
 @dataclass(frozen=True)
 class TokenizerConfig:

@@ -23,8 +23,8 @@ def build_model(cfg, family: Family, precision: Precision, attn: str, device: to
     weights = torch.float32 if cfg.method == "full" else precision.dtype
     model = load_base_model(cfg.model.path, weights, attn, cfg.model.trust_remote_code)
     model.config.use_cache = False  # packed rows are exact only without the KV cache
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model, cfg.method != "full", cfg.model.checkpoint_fraction)
+    if cfg.model.recomputed_fraction > 0:
+        enable_gradient_checkpointing(model, cfg.method != "full", cfg.model.recomputed_fraction)
     model = apply_method(model, cfg, family)
     return model.to(device)
 
@@ -34,8 +34,7 @@ def _build_qlora(cfg, family: Family, precision: Precision, attn: str, device: t
     from qwen_ft.model.quant import load_bnb_base, load_gptq_base, prepare_for_kbit
 
     load = load_bnb_base if cfg.quant.backend == "bnb" else load_gptq_base
-    checkpointing = cfg.model.checkpoint_fraction if cfg.model.gradient_checkpointing else 0.0
-    model = prepare_for_kbit(load(cfg, precision, attn, device), checkpointing)
+    model = prepare_for_kbit(load(cfg, precision, attn, device), cfg.model.recomputed_fraction)
     return apply_method(model, cfg, family)
 
 

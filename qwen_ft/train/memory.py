@@ -117,8 +117,7 @@ def estimate(cfg, shape: Shape, dtype: str, world: int, stage: int, offload: boo
     e.parts["optimizer"] = 0.0 if offload else optim / (world if stage >= 1 else 1)
     tokens = cfg.train.micro_batch_size * cfg.data.max_length
     per_layer = 34 * shape.hidden * 2  # bytes per token per layer, 16-bit activations
-    recomputed = checkpointed_layers(shape.layers, cfg.model.checkpoint_fraction if cfg.model.gradient_checkpointing
-                                     else 0.0)
+    recomputed = checkpointed_layers(shape.layers, cfg.model.recomputed_fraction)
     # Recomputed layers keep their input only (plus one layer's activations while it is replayed).
     e.parts["activations"] = tokens * (recomputed * shape.hidden * 2 + (shape.layers - recomputed) * per_layer
                                        + (per_layer if recomputed else 0))
