@@ -1,6 +1,7 @@
 """The one place that probes optional heavy packages (DeepSpeed, bitsandbytes, GPTQ, flash-attn).
 
-Nothing here imports them: `find_spec` only looks. Features call `require(...)` and get a
+Nothing here imports them (`find_spec` only looks), except `usable`, which imports a compiled
+extension to prove it loads. Features call `require(...)` and get a
 `MissingDependency` naming the exact `pip install` that fixes it.
 """
 
@@ -32,6 +33,24 @@ EXTRAS: dict[str, Extra] = {
 def is_available(name: str) -> bool:
     """True when every module of extra `name` can be imported."""
     return all(find_spec(m) is not None for m in EXTRAS[name].modules)
+
+
+# The compiled part of an extra: a wheel built for another torch or CUDA is found by find_spec but
+# fails here, at import, instead of in the middle of a run.
+COMPILED = {"flash_attn": "flash_attn_2_cuda"}
+
+
+def usable(name: str) -> bool:
+    """True when extra `name` is installed and its compiled extension (if any) imports."""
+    if not is_available(name):
+        return False
+    if name not in COMPILED:
+        return True
+    try:
+        __import__(COMPILED[name])
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"; the reason is in require()
+        return False
+    return True
 
 
 def missing_message(name: str, why: str) -> str:

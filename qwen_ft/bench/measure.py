@@ -37,10 +37,15 @@ class StepClock:
     def __init__(self, device: torch.device):
         self.device = device
         self.marks = [time.perf_counter()]
+        self.load_peak: dict[str, float] = {}
 
     def restart(self) -> None:
-        """Start counting from now (just before the first step)."""
+        """Start counting from now (just before the first step). The peak so far (loading the model)
+        is kept apart and, on a GPU, the peak counter restarts, so the training peak is its own."""
         synchronize(self.device)
+        self.load_peak = {f"load_{k}": v for k, v in peak_memory(self.device).items()}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.marks = [time.perf_counter()]
 
     def tick(self) -> None:

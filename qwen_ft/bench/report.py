@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from qwen_ft.bench.flops import mfu, step_flops
-from qwen_ft.bench.reference import GOALS, reference
+from qwen_ft.bench.reference import GOALS, SPEEDUP_GOALS, reference
 from qwen_ft.train.memory import Shape
 
 
@@ -23,7 +23,8 @@ def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) ->
     sequences = case["micro_batch_size"] * case["grad_accum"]
     flops = step_flops(shape, case["method"], case["length"], sequences, case["learned_per_step"],
                        case["adapter_params"])
-    out.update(peak_gb=result["peak_gb"], peak_reserved_gb=result.get("peak_reserved_gb"), seconds_per_step=seconds,
+    out.update(peak_gb=result["peak_gb"], peak_reserved_gb=result.get("peak_reserved_gb"),
+               load_peak_gb=result.get("load_peak_gb"), seconds_per_step=seconds,
                sequences_per_step=sequences, tokens_per_s=sequences * case["length"] / seconds,
                mfu=mfu(flops, seconds, peak_tflops), step_seconds=measured)
     ref = reference(case["shape"], case["method"], case["length"])
@@ -48,7 +49,7 @@ def _cell(r: dict | None) -> str:
     if r.get("error"):
         return r["error"][:28]
     m = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"
-    return f"{r['peak_gb']:.1f}G {r['seconds_per_step']:.2f}s {r['tokens_per_s']:,.0f}tok/s MFU {m}"
+    return f"{r['peak_gb']:.1f}GiB {r['seconds_per_step']:.2f}s {r['tokens_per_s']:,.0f}tok/s MFU {m}"
 
 
 def table(records: list[dict]) -> str:
@@ -75,8 +76,12 @@ def goal_lines(records: list[dict]) -> list[str]:
         if not g or r.get("error"):
             continue
         ok = r["peak_gb"] <= g["max_peak_gb"] and (g["min_mfu"] is None or (r["mfu"] or 0) >= g["min_mfu"])
-        want = f"<= {g['max_peak_gb']} GB" + (f", MFU >= {100 * g['min_mfu']:.0f}%" if g["min_mfu"] else "")
+        want = f"<= {g['max_peak_gb']} GiB" + (f", MFU >= {100 * g['min_mfu']:.0f}%" if g["min_mfu"] else "")
         out.append(f"goal {r['shape']} {r['method']} {r['length']}: {want}: {'met' if ok else 'MISSED'}")
+    for key, x in speedups(records).items():
+        if key in SPEEDUP_GOALS:
+            out.append(f"goal {' '.join(map(str, key))}: tokens/s >= {SPEEDUP_GOALS[key]}x Trainer + peft: "
+                       f"{x:.2f}x {'met' if x >= SPEEDUP_GOALS[key] else 'MISSED'}")
     return out
 
 
@@ -94,6 +99,6 @@ def estimate_lines(records: list[dict]) -> list[str]:
            and r.get("estimate_gb") is not None]
     if not gpu:
         return ["estimator check: needs GPU peaks (on a CPU the peak is the process's resident memory)"]
-    return [f"estimator {r['shape']} {r['method']} {r['length']}: predicted {r['estimate_gb']:.1f} GB, measured "
-            f"{r['peak_gb']:.1f} GB ({100 * r['estimate_error']:+.0f}%"
+    return [f"estimator {r['shape']} {r['method']} {r['length']}: predicted {r['estimate_gb']:.1f} GiB, measured "
+            f"{r['peak_gb']:.1f} GiB ({100 * r['estimate_error']:+.0f}%"
             f"{')' if abs(r['estimate_error']) <= 0.15 else ', outside 15%)'}" for r in gpu]

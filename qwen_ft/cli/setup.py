@@ -56,8 +56,8 @@ def runtime(cfg, dist: DistInfo):
     from qwen_ft.model.load import resolve_attention, resolve_dtype
 
     family = resolve_family(cfg.model.family, cfg.model.path)
-    return resolve_dtype(cfg.model.dtype, dist.device), resolve_attention(cfg.model.attn_implementation,
-                                                                          dist.device), family
+    precision = resolve_dtype(cfg.model.dtype, dist.device)
+    return precision, resolve_attention(cfg.model.attn_implementation, dist.device, precision.name), family
 
 
 def tokenizer_and_data(cfg, dist: DistInfo):
@@ -85,6 +85,7 @@ def deepspeed(cfg, precision, dist: DistInfo):
     if cfg.dist.deepspeed == "none":
         return None, None
     from qwen_ft.train.deepspeed import import_deepspeed
+    from qwen_ft.train.distributed import single_process_group
     from qwen_ft.train.ds_config import deepspeed_config, zero_stage
 
     ds = deepspeed_config(cfg, precision.name, dist.world)
@@ -92,6 +93,7 @@ def deepspeed(cfg, precision, dist: DistInfo):
         raise ConfigError([f"dist.deepspeed={cfg.dist.deepspeed} is ZeRO-3, which cannot partition GPTQ's packed "
                            "weights; use a ZeRO-2 config for GPTQ bases"])
     import_deepspeed()
+    single_process_group(dist)
     if zero_stage(ds) != 3:
         return ds, None
     from transformers.integrations import HfDeepSpeedConfig

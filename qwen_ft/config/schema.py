@@ -28,8 +28,9 @@ class ModelConfig:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
         "auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU"
     )
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = opt(
-        "auto", "auto: flash-attention 2 when installed on a GPU, else sdpa"
+    attn_implementation: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = opt(
+        "auto", "auto: on a GPU flash-attention 2 when it works, else torch's varlen flash attention, else sdpa; "
+        "sdpa on CPU. varlen/flash_attention_2 train each micro-batch as one padding-free row"
     )
     gradient_checkpointing: bool = opt(True, "non-reentrant activation checkpointing")
     checkpoint_fraction: float = opt(

@@ -10,6 +10,7 @@ never used by the shifted loss anyway, so packed and unpacked losses are identic
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -17,12 +18,18 @@ import torch
 from qwen_ft.data.chatml import IGNORE_INDEX
 
 
-def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: bool = False) -> dict[str, torch.Tensor]:
     """Pad a micro-batch of rows (each a list of examples with input_ids and labels).
 
+    With `flat` (varlen attention kernels) every example of every row goes into one padding-free
+    row instead; see `flatten`.
+
     Returns:
-        packed: input_ids, labels, position_ids; unpacked: input_ids, labels, attention_mask.
+        packed: input_ids, labels, position_ids; unpacked: input_ids, labels, attention_mask; both:
+        learned_index and learned_columns (see `learned_indices`).
     """
+    if flat:
+        return flatten([ex for row in rows for ex in row])
     ids, labels, pos = [], [], []
     for row in rows:
         if not packed and len(row) != 1:
@@ -39,4 +46,36 @@ def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool) -> dict[s
         out["position_ids"] = torch.tensor([r + list(range(width - len(r))) for r in pos])
     else:
         out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])
+    out.update(learned_indices(out["labels"]))
     return out
+
+
+def flatten(examples: Sequence[dict]) -> dict:
+    """One row holding every example, no padding, with the varlen kernels' boundaries made here.
+
+    `cu_seq_lens_q/k` are the cumulative example lengths (int32, starting at 0) and
+    `max_length_q/k` the longest example, as plain ints, so no layer has to read them from the
+    device. Labels and positions are those of packing, so the loss is the same.
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    out = {
+        "input_ids": torch.tensor([[t for ex in examples for t in ex["input_ids"]]]),
+        "labels": torch.tensor([[t for ex in examples for t in [IGNORE_INDEX, *ex["labels"][1:]]]]),
+        "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths),
+    }
+    out.update(learned_indices(out["labels"]))
+    return out
+
+
+def learned_indices(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the loss looks, worked out on the host so the device never has to be asked.
+
+    `learned_index`: flat positions into labels[:, 1:] whose label is learned (what the chunked
+    loss gathers); `learned_columns`: columns where any row learns (what the plain loss projects).
+    Boolean indexing on the device would make the host wait for it at every micro-batch.
+    """
+    learned = labels[:, 1:] != IGNORE_INDEX
+    return {"learned_index": learned.flatten().nonzero().squeeze(1),
+            "learned_columns": learned.any(dim=0).nonzero().squeeze(1)}

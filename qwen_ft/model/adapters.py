@@ -44,6 +44,17 @@ def trainable_in_fp32(model) -> None:
             p.data = p.data.float()
 
 
+def lora_input_casting_off(model):
+    """peft's `disable_input_dtype_casting` for a peft model; nothing for others."""
+    from contextlib import nullcontext
+
+    if not hasattr(model, "peft_config"):
+        return nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts (tied weights once; quantized layers by their logical size)."""
     seen: set[int] = set()

@@ -18,6 +18,9 @@ def build_model(cfg, family: Family, precision: Precision, attn: str, device: to
     Full fine-tuning keeps fp32 master weights (the forward runs under autocast); LoRA keeps the
     frozen base in the run's dtype and peft keeps the adapters in fp32.
     """
+    from qwen_ft.model.attention import model_attn_name
+
+    attn = model_attn_name(attn)
     if cfg.method == "qlora":
         return _build_qlora(cfg, family, precision, attn, device)
     weights = torch.float32 if cfg.method == "full" else precision.dtype

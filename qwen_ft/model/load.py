@@ -41,18 +41,35 @@ def resolve_dtype(name: str, device: torch.device) -> Precision:
     return Precision(name, DTYPES[name])
 
 
-def resolve_attention(name: str, device: torch.device) -> str:
-    """`auto` -> flash_attention_2 when installed on a GPU, else sdpa; explicit values checked.
+def resolve_attention(name: str, device: torch.device, dtype: str = "bf16") -> str:
+    """`auto` -> the fastest exact kernel here; explicit values checked.
+
+    On a GPU training in bf16/fp16: flash-attn when its compiled extension imports, else torch's
+    own varlen flash attention (`varlen`), else sdpa. In fp32 (flash kernels are half precision
+    only) and on a CPU: sdpa.
 
     Raises:
         QwenFtError: flash-attention requested where it cannot run.
     """
+    from qwen_ft.model.attention import VARLEN, torch_varlen_available
+
     if name == "auto":
-        return "flash_attention_2" if device.type == "cuda" and deps.is_available("flash_attn") else "sdpa"
+        if device.type != "cuda" or dtype == "fp32":
+            return "sdpa"
+        if deps.usable("flash_attn"):
+            return "flash_attention_2"
+        return VARLEN if torch_varlen_available(device) else "sdpa"
+    if name in ("flash_attention_2", VARLEN) and device.type == "cuda" and dtype == "fp32":
+        raise QwenFtError(f"model.attn_implementation={name} runs in bf16/fp16 only, and model.dtype is fp32; "
+                          "use model.dtype=bf16 (or auto), or model.attn_implementation=sdpa")
     if name == "flash_attention_2":
         if device.type != "cuda":
             raise QwenFtError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa (or auto)")
         deps.require("flash_attn", "model.attn_implementation=flash_attention_2")
+    if name == VARLEN and device.type == "cuda" and not torch_varlen_available(device):
+        raise QwenFtError(f"model.attn_implementation=varlen needs torch.nn.attention.varlen (torch 2.11 has it) "
+                          f"and an Ampere or newer GPU; this is torch {torch.__version__} on "
+                          f"{torch.cuda.get_device_name(device)}. Use sdpa (or auto)")
     return name
 
 

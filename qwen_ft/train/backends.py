@@ -38,6 +38,17 @@ class TorchBackend:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def lora_inputs_uncast(self):
+        """Around forward *and* backward (checkpointed layers recompute inside backward): peft's cast
+        of every LoRA input to the adapters' fp32 is off while autocast is on. Autocast casts the
+        matmul operands back to bf16/fp16 anyway, so the cast only cost a full fp32 copy (and fp32
+        dropout) of each adapted layer's input. The fp32 master weights stay."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        from qwen_ft.model.adapters import lora_input_casting_off
+
+        return lora_input_casting_off(self.unwrapped)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
@@ -88,6 +99,9 @@ class DeepSpeedBackend:
 
     def autocast(self):
         return nullcontext()  # DeepSpeed casts the module itself for bf16/fp16
+
+    def lora_inputs_uncast(self):
+        return nullcontext()  # no autocast here: peft's cast is what makes the dtypes meet
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised per group

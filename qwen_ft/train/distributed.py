@@ -38,6 +38,17 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
+def single_process_group(info: DistInfo) -> None:
+    """A process group of one for DeepSpeed when the job was not started by torchrun (plain python,
+    or torchrun with one process): DeepSpeed needs one, and is told not to create its own. The
+    store lives in this process, so no port is opened."""
+    if info.world == 1 and not tdist.is_initialized():
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)  # DeepSpeed reads these, as a launcher would have set them
+        backend = "nccl" if info.device.type == "cuda" else "gloo"
+        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+
+
 def print0(info: DistInfo, *args, **kwargs) -> None:
     """print on the main process only."""
     if info.is_main:
@@ -70,6 +81,6 @@ def wrap_ddp(model, info: DistInfo):
 
 
 def shutdown(info: DistInfo) -> None:
-    """Destroy the process group if one was started."""
-    if info.world > 1 and tdist.is_initialized():
+    """Destroy the process group if one was started (also the single-process one DeepSpeed needed)."""
+    if tdist.is_initialized():
         tdist.destroy_process_group()

@@ -13,6 +13,7 @@ import torch
 from qwen_ft.data.collate import collate
 from qwen_ft.data.prepare import plan_for
 from qwen_ft.errors import QwenFtError
+from qwen_ft.model.attention import flattens
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, all_reduce_sum, barrier
 from qwen_ft.train.loss import causal_lm_loss
@@ -39,19 +40,31 @@ class Trainer:
         return rank_batches(plan_for(self.cfg, self.data, epoch).batches, self.dist.rank, self.dist.world)
 
     def tensors(self, rows: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:
-        """Collate one planned micro-batch onto the device."""
+        """Collate one planned micro-batch onto the device (from pinned memory, without waiting)."""
+        return to_device(self.host_batch(rows, split), self.plan.device)
+
+    def host_batch(self, rows: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:
+        """Collate one planned micro-batch on the host."""
         ds = getattr(self.data, split)
         flat = sorted({i for row in rows for i in row})
         got = ds[flat]
         lookup = {i: {"input_ids": a, "labels": b} for i, a, b in zip(flat, got["input_ids"], got["labels"],
                                                                           strict=True)}
-        batch = collate([[lookup[i] for i in row] for row in rows], self.pad_id, self.cfg.data.packing)
-        return {k: v.to(self.plan.device) for k, v in batch.items()}
+        return collate([[lookup[i] for i in row] for row in rows], self.pad_id, self.cfg.data.packing,
+                       flattens(self.plan.attn))
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The optimizer whose param groups carry the learning rate."""
         return self.backend.optimizer
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy a host batch to `device`; on CUDA through pinned memory, so the copy does not block the host."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def next_group(tr: Trainer, state: ck.TrainState, cache: dict) -> list:
@@ -71,22 +84,25 @@ def train_step(tr: Trainer, group: list) -> tuple[float, int]:
 
     The loss is the sum of token losses divided by the number of learned tokens in the whole
     group (over all processes), so every token weighs the same whatever the padding/packing.
+    Token counts come from the host batches and the loss is summed on the device, so the host
+    waits for the device once per group (reading the loss), not at every micro-batch.
 
     Returns:
         (loss, input tokens) of the group.
     """
-    batches = [tr.tensors(rows) for rows in group]
-    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    hosts = [tr.host_batch(rows) for rows in group]
+    local = sum(int(b["learned_index"].numel()) for b in hosts)
     n_tokens = max(1.0, all_reduce_sum([float(local)], tr.dist)[0])
-    total = 0.0
-    for i, batch in enumerate(batches):
-        with tr.backend.accumulating(i == len(batches) - 1):
+    total = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
+    for i, host in enumerate(hosts):
+        batch = to_device(host, tr.plan.device)
+        with tr.backend.accumulating(i == len(hosts) - 1), tr.backend.lora_inputs_uncast():
             with tr.backend.autocast():
                 loss_sum, _ = tr.loss_fn(tr.backend.module, batch)
             # DDP and DeepSpeed average gradients over processes; the token count is already global.
             tr.backend.backward(loss_sum * tr.dist.world / n_tokens)
-        total += loss_sum.item()
-    return all_reduce_sum([total], tr.dist)[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in batches)
+        total += loss_sum.detach()
+    return all_reduce_sum([total.item()], tr.dist)[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in hosts)
 
 
 def evaluate(tr: Trainer) -> float:
@@ -99,7 +115,7 @@ def evaluate(tr: Trainer) -> float:
     tr.unwrapped.eval()
     with torch.no_grad():
         for rows in mine:
-            with tr.backend.autocast():
+            with tr.backend.autocast(), tr.backend.lora_inputs_uncast():
                 s, n = tr.loss_fn(tr.unwrapped, tr.tensors(rows, "eval"))
             loss_sum, count = loss_sum + s.item(), count + n
     tr.unwrapped.train()

@@ -16,8 +16,16 @@ from qwen_ft.data.chatml import IGNORE_INDEX
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Forward kwargs of a collated batch (position_ids when packed, attention_mask when padded)."""
-    keys = ("input_ids", "position_ids", "attention_mask")
+    keys = ("input_ids", "position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+            "max_length_k")
     return {k: batch[k] for k in keys if k in batch}
+
+
+def _learned_columns(batch: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Columns where some row learns; collate precomputes them on the host (no device sync)."""
+    if "learned_columns" in batch:
+        return batch["learned_columns"]
+    return (target != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -27,30 +35,42 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     projected through the output layer.
     """
     target = batch["labels"][:, 1:]
-    keep = (target != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    keep = _learned_columns(batch, target)
     if keep.numel() == 0:  # still run the forward so every process takes part in the same collectives
         keep = torch.zeros(1, dtype=torch.long, device=target.device)
     out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
     logits = out.logits.float()
     wanted = target[:, keep]
     loss = F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((wanted != IGNORE_INDEX).sum())
+    return loss, learned_count(batch)
+
+
+def learned_count(batch: dict[str, torch.Tensor]) -> int:
+    """Learned labels of a batch, from the host-side index when collate made one."""
+    if "learned_index" in batch:
+        return int(batch["learned_index"].numel())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class ChunkedLoss:
     """The same loss as `causal_lm_loss`, with the output layer and cross-entropy run in chunks.
 
     A forward hook captures the decoder's final hidden states; the model's own forward (so DDP
-    and DeepSpeed hooks still run) is asked for the logits of one position only. The output
-    layer and cross-entropy then run over the learned positions `chunk` at a time under
-    activation checkpointing, so at most one chunk's logits exist at once, in the forward and in
-    the backward. Not for ZeRO-3, whose output-layer weights are partitioned outside the forward.
+    and DeepSpeed hooks still run) is asked for the logits of one position only. The learned
+    positions are gathered (by the host-made index, so the device is never waited on) and the
+    output layer and cross-entropy run over them `chunk` at a time, fused: each chunk's gradient
+    with respect to the hidden states (and a trained output layer's weight) is computed in the
+    forward pass, so backward recomputes nothing and no chunk's logits outlive its own step
+    (`fused_linear_cross_entropy`). An output layer that is not a plain bias-free Linear (a LoRA
+    adapter on it) runs the same chunks under activation checkpointing instead. Not for ZeRO-3,
+    whose output-layer weights are partitioned outside the forward.
     """
 
-    def __init__(self, unwrapped, chunk: int):
+    def __init__(self, unwrapped, chunk: int, fused: bool = True):
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         self.head = base.get_output_embeddings()  # peft wrappers (LoRA, modules_to_save) included
         self.chunk = chunk
+        self.fused = fused and head_weight(self.head) is not None
         self._hidden = None
         base.get_decoder().register_forward_hook(self._capture)
 
@@ -60,19 +80,96 @@ class ChunkedLoss:
     def _chunk_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.head(hidden).float(), target, reduction="sum")
 
+    def _gather(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states and targets of the learned positions, flattened."""
+        target = batch["labels"][:, 1:]
+        hidden, self._hidden = self._hidden[:, :-1], None
+        if "learned_index" not in batch:
+            learned = target != IGNORE_INDEX
+            return hidden[learned], target[learned]
+        index = batch["learned_index"]
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), target.reshape(-1).index_select(0, index)
+
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy over learned labels, and how many labels that is."""
         from torch.utils.checkpoint import checkpoint
 
-        target = batch["labels"][:, 1:]
-        learned = target != IGNORE_INDEX
         model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
-        hidden, self._hidden = self._hidden[:, :-1][learned], None
-        target = target[learned]
-        if target.numel() == 0:  # keep the graph connected so every process joins the same collectives
+        hidden, target = self._gather(batch)
+        n = learned_count(batch)
+        if n == 0:  # keep the graph connected so every process joins the same collectives
             return hidden.sum().float() * 0.0, 0
+        if self.fused:
+            return fused_linear_cross_entropy(hidden, head_weight(self.head), target, self.chunk), n
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, target.numel(), self.chunk):
+        for start in range(0, n, self.chunk):
             end = start + self.chunk
             total = total + checkpoint(self._chunk_loss, hidden[start:end], target[start:end], use_reentrant=False)
-        return total, int(target.numel())
+        return total, n
+
+
+def head_weight(head) -> torch.Tensor | None:
+    """The weight the output layer multiplies by, when it is a plain bias-free Linear (also inside
+    peft's modules_to_save wrapper); None for anything else (a LoRA adapter on the head)."""
+    if hasattr(head, "modules_to_save") and hasattr(head, "active_adapters"):
+        active = [a for a in head.active_adapters if a in head.modules_to_save]
+        head = head.modules_to_save[active[0]] if active else head.original_module
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight
+    return None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               chunk: int) -> torch.Tensor:
+    """sum(cross_entropy(hidden @ weight.T, target)), with gradients made chunk by chunk in the forward.
+
+    Under autocast the matmuls run in the autocast dtype, as `nn.Linear` would; the softmax and
+    the sum are fp32.
+    """
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+    return _FusedLinearCE.apply(hidden, weight, target, chunk, dtype)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Forward: the loss plus d loss / d hidden (and d loss / d weight when trained), chunk by chunk.
+    Backward: the saved gradients times the incoming scale; nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk: int, dtype: torch.dtype):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, target.numel(), chunk):
+                h, t = hidden[start:start + chunk].to(dtype), target[start:start + chunk]
+                logits = (h @ w.T).float()
+                # log-sum-exp and softmax in place: one chunk-sized buffer, no temporary beside it
+                picked = logits.gather(1, t[:, None]).squeeze(1)
+                top = logits.amax(dim=-1, keepdim=True)
+                sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                total += (top + sums.log()).squeeze(1).sub_(picked).sum()
+                if not (need_h or need_w):
+                    continue
+                g = logits.div_(sums)  # softmax, written over the logits
+                g[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                g = g.to(dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = g @ w
+                if need_w:
+                    grad_w += g.T @ h  # per chunk in the compute dtype, summed in fp32
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_out  # a 0-dim fp32 scale: multiplied in fp32, kept in grad_h's dtype
+        if grad_w is not None:
+            grad_w = (grad_w * grad_out).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None

@@ -177,3 +177,15 @@ def test_missing_user_json_names_the_presets(tmp_path):
 
     with pytest.raises(ConfigError, match="not found; use a preset \\(zero2, zero3"):
         read_base(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_single_process_without_a_launcher(tmp_path, tiny_model_dir, stage):
+    """Plain `python finetune.py` with DeepSpeed: a process group of one is made for it."""
+    config = write_run_yaml(tmp_path / "run.yaml", tiny_model_dir, tmp_path, lora={"r": 8, "alpha": 16})
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, str(REPO / "finetune.py"), "--config", config,
+                           f"train.output_dir={tmp_path / 'out'}", f"dist.deepspeed={stage}", *COMMON],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, env={**env, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "done: 4 steps" in proc.stdout and (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -98,8 +98,9 @@ def test_report_records_speedup_and_goals():
     assert speedups([ours, base]) == {("7b", "lora", 2048): pytest.approx(2.0)}
     expected_mfu = step_flops(SEVEN_B, "lora", 2048, 8, 8000) / 3.0 / 989.4e12
     assert ours["mfu"] == pytest.approx(expected_mfu)
-    assert goal_lines([ours]) == [f"goal 7b lora 2048: <= 19.0 GB, MFU >= 45%: "
+    assert goal_lines([ours]) == [f"goal 7b lora 2048: <= 19.0 GiB, MFU >= 45%: "
                                   f"{'met' if expected_mfu >= 0.45 else 'MISSED'}"]
+    assert goal_lines([ours, base])[-1] == "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft: 2.00x met"
     oom = record(_case("qwen-ft", "full"), {"error": "out of memory"}, SEVEN_B, None)
     text = table([ours, base, oom])
     assert "2.00" in text and "out of memory" in text and "23.8G 5.2s" in text
@@ -110,5 +111,6 @@ def test_estimator_is_checked_only_against_gpu_peaks():
     gpu = record(case, {"step_seconds": [1.0, 1.0], "peak_gb": 16.0, "device": "NVIDIA H100"}, SEVEN_B, None)
     cpu = record(case, {"step_seconds": [1.0, 1.0], "peak_gb": 19.0, "device": "cpu"}, SEVEN_B, None)
     assert gpu["estimate_error"] == pytest.approx(0.25)
-    assert estimate_lines([gpu]) == ["estimator 7b lora 2048: predicted 20.0 GB, measured 16.0 GB (+25%, outside 15%)"]
+    assert estimate_lines([gpu]) == ["estimator 7b lora 2048: predicted 20.0 GiB, measured 16.0 GiB "
+                                     "(+25%, outside 15%)"]
     assert "needs GPU peaks" in estimate_lines([cpu])[0]

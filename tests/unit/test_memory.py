@@ -61,8 +61,35 @@ def test_estimate_structure():
     no_ckpt = estimate(run_cfg(method="lora", model={"gradient_checkpointing": False}), shape, "bf16", 1, 0, False)
     assert no_ckpt.parts["activations"] > 5 * lora.parts["activations"]
     unchunked = estimate(run_cfg(method="lora", train={"loss_chunk_tokens": 0}), shape, "bf16", 1, 0, False)
-    assert unchunked.parts["logits"] == pytest.approx(2 * lora.parts["logits"])  # 2048 vs 1024 rows
+    assert unchunked.moments["loss step"] > 2 * lora.moments["loss step"] - 2 * 159_907_840  # 2048 vs 1024 rows
     assert fits(lora, 80) and not fits(lora, lora.total / GB)
+
+
+def test_7b_lora_2048_by_hand():
+    """Qwen-7B, LoRA r 64 on all linear layers, 1 x 2048 tokens, bf16, checkpointing, chunks of 1024."""
+    e = estimate(run_cfg(method="lora", lora={"r": 64}), Shape.from_config(QWEN_7B), "bf16", 1, 0, False)
+    params, lora = 7_721_324_544, 32 * 64 * (4 * 8192 + 2 * 15104 + 15104)
+    assert lora == 159_907_840
+    assert e.parts == {"weights": 2 * params, "trained fp32": 4 * lora, "gradients": 4 * lora,
+                       "optimizer": 8 * lora, "activations": 2048 * 32 * 4096 * 2}  # checkpointed layer inputs
+    assert e.moments == {"loss step": 1024 * 151936 * 11 + 2 * lora,  # one chunk of logits + autocast's bf16 copies
+                         "layer replay": 2048 * 34 * 4096}  # Korthikanti's 34*H bytes, not 34*H*2
+    assert e.total == sum(e.parts.values()) + e.moments["loss step"]  # the moments never add up
+    assert e.total / GB == pytest.approx(19.157, abs=1e-3)  # H100, 2026-11-22: 18.87 GiB measured
+
+
+def test_quantized_weights_by_hand():
+    shape = Shape.from_config(QWEN_7B)
+    linear, other = 6_476_005_376, 1_245_319_168
+    assert shape.linear_params() == linear and shape.other_params() == other
+    bnb = estimate(run_cfg(method="qlora"), shape, "bf16", 1, 0, False).parts["weights"]
+    assert bnb == linear * (0.5 + 1 / 64 + 4 / 16384) + 2 * other  # nf4 codes + double-quantized absmax
+    gptq = estimate(run_cfg(method="qlora", quant={"backend": "gptq"}), shape, "bf16", 1, 0, False,
+                    gptq_group=128).parts["weights"]
+    square = 4096 * 4096 / 2 + 32 * 4096 * 2.5 + 4096 * 4  # q/k/v/o: codes, zeros+scales per group, g_idx
+    wide = 4096 * 11008 / 2 + 32 * 11008 * 2.5 + 4096 * 4  # gate/up
+    down = 11008 * 4096 / 2 + 86 * 4096 * 2.5 + 11008 * 4  # 11008 / 128 = 86 groups
+    assert gptq == 32 * (4 * square + 2 * wide + down) + 2 * other
 
 
 def test_estimate_cli(tmp_path, capsys):
@@ -73,6 +100,6 @@ def test_estimate_cli(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"model": {"path": str(tmp_path)}, "data": {"train_files": ["d.jsonl"]}}))
     assert main(["estimate", str(cfg), "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
-    assert "7.72B parameters" in out and "fits a 80 GB GPU" in out
+    assert "7.72B parameters" in out and "fits a 80 GiB GPU" in out
     assert main(["estimate", str(cfg), "--gpu-memory", "8"]) == 1
     assert "does NOT fit" in capsys.readouterr().out

@@ -1,0 +1,116 @@
+"""What only a GPU can show: bf16/fp16 steps, the varlen kernels against one-by-one references,
+bitsandbytes and GPTQ training kernels, single-process DeepSpeed. Run by scripts/gpu_check.sh."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qwen_ft import deps
+from qwen_ft.cli import setup
+from qwen_ft.cli.main import main
+from qwen_ft.cli.train import fit
+from qwen_ft.data.collate import collate
+from qwen_ft.model.attention import flattens, model_attn_name, torch_varlen_available
+from qwen_ft.train.loss import causal_lm_loss
+from tests.integration.conftest import write_run_yaml
+from tests.integration.test_packing_exact import examples, tiny_model
+
+CUDA = torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def train(config: str):
+    """fit() on the GPU; returns (trainer, state, losses)."""
+    trainer, state = fit(setup.checked_config(config, []), setup.distributed())
+    return trainer, state, [h["loss"] for h in state.history if "loss" in h]
+
+
+def backends_here() -> list[str]:
+    names = ["sdpa"]
+    if CUDA is not None and torch_varlen_available(CUDA):
+        names.append("varlen")
+    if deps.usable("flash_attn"):
+        names.append("flash_attention_2")
+    return names
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_lora_step_in_half_precision(run_config, dtype):
+    """bf16 autocast, and fp16 with the GradScaler: finite, falling loss; adapters stay fp32."""
+    trainer, _, losses = train(run_config(model={"dtype": dtype, "attn_implementation": "auto"},
+                                          train={"max_steps": 8}))
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    trained = [p for p in trainer.unwrapped.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 and p.is_cuda for p in trained)
+    assert trainer.backend.scaler.is_enabled() == (dtype == "fp16")
+
+
+def grads_of(model, batch):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, n = causal_lm_loss(model, {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in batch.items()})
+    loss.backward()
+    return loss.item(), n, torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("rows_per_batch", [1, 2])
+@pytest.mark.parametrize("attn", backends_here())
+def test_packed_equals_one_by_one(attn, rows_per_batch):
+    """A packed micro-batch (flattened for varlen kernels) against each conversation alone, bf16."""
+    exs = examples([40, 64, 25, 33, 50, 17], seed=1)
+    rows = [exs[:3], exs[3:]][:rows_per_batch]
+    ref_model = tiny_model("sdpa").to(CUDA).train()
+    model = tiny_model(model_attn_name(attn)).to(CUDA).train()
+    model.load_state_dict(ref_model.state_dict())
+    loss, n, grads = grads_of(model, collate(rows, 0, packed=True, flat=flattens(attn)))
+    ref_loss, ref_n, ref_grads = 0.0, 0, 0
+    for ex in [e for row in rows for e in row]:
+        one = grads_of(ref_model, collate([[ex]], 0, packed=False))
+        ref_loss, ref_n, ref_grads = ref_loss + one[0], ref_n + one[1], ref_grads + one[2]
+    assert n == ref_n
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    cos = torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0).item()
+    assert cos > 0.999, cos
+
+
+def test_bnb_qlora_step(run_config):
+    pytest.importorskip("bitsandbytes")
+    _, _, losses = train(run_config(method="qlora", quant={"backend": "bnb"}, model={"dtype": "bf16"},
+                                    lora={"dropout": 0.0}, train={"max_steps": 8, "learning_rate": 2e-2}))
+    assert losses[-1] < losses[0], losses
+
+
+def test_gptq_qlora_step_and_merge(tmp_path):
+    pytest.importorskip("gptqmodel")
+    from qwen_ft.export.quantize import quantize_model
+    from qwen_ft.model.tiny import make_tiny_model
+    from tests.conftest import REPO
+
+    dense, gptq = make_tiny_model(tmp_path / "dense", hidden=64, layers=1), tmp_path / "gptq"  # as the CPU test
+    quantize_model(str(dense), str(gptq), 4, 32, str(REPO / "data/example_chatml.jsonl"), n_calib=16)
+    cfg = write_run_yaml(tmp_path / "run.yaml", gptq, tmp_path, method="qlora", quant={"backend": "gptq"},
+                         model={"dtype": "bf16"}, lora={"r": 8, "alpha": 16, "dropout": 0.0},
+                         train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 8,
+                                "learning_rate": 2e-2})
+    _, _, losses = train(cfg)
+    assert losses[-1] < losses[0], losses
+    assert main(["merge", str(tmp_path / "out"), "--out", str(tmp_path / "merged")]) == 0
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_single_process(run_config, tmp_path, stage):
+    """DeepSpeed from plain `python finetune.py` (no launcher): a process group of one is made for it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    pytest.importorskip("deepspeed")
+    config = run_config(model={"dtype": "bf16"}, train={"max_steps": 8})
+    proc = subprocess.run([sys.executable, str(REPO / "finetune.py"), "--config", config, f"dist.deepspeed={stage}",
+                           f"train.output_dir={tmp_path / stage}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "done: 8 steps" in proc.stdout
