@@ -27,6 +27,7 @@ EXTRAS: dict[str, Extra] = {
     "bnb": Extra("bitsandbytes 4-bit Q-LoRA", ("bitsandbytes",), "pip install 'qwen-ft[qlora]'"),
     "gptq": Extra("GPTQ bases and re-quantization", ("gptqmodel", "optimum"), "pip install 'qwen-ft[gptq]'"),
     "flash_attn": Extra("flash-attention 2", ("flash_attn",), "pip install 'qwen-ft[flash]'"),
+    "liger": Extra("Liger's fused linear cross-entropy (GPU)", ("liger_kernel",), "pip install 'qwen-ft[liger]'"),
 }
 
 

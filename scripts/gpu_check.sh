@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 if [ -n "$wheels" ]; then  # wheels + pure-Python packages that have no wheel for this Python
   site="$work/site"
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$wheels"/*.whl || exit 1
   for t in "$wheels"/*.tar.xz; do [ -e "$t" ] && tar -C "$site" -xJf "$t"; done
   export PYTHONPATH="$site:$here${PYTHONPATH:+:$PYTHONPATH}"
 else

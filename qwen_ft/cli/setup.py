@@ -92,6 +92,9 @@ def deepspeed(cfg, precision, dist: DistInfo):
     if zero_stage(ds) == 3 and cfg.method == "qlora" and cfg.quant.backend == "gptq":
         raise ConfigError([f"dist.deepspeed={cfg.dist.deepspeed} is ZeRO-3, which cannot partition GPTQ's packed "
                            "weights; use a ZeRO-2 config for GPTQ bases"])
+    if zero_stage(ds) == 3 and cfg.model.compile:
+        raise ConfigError([f"dist.deepspeed={cfg.dist.deepspeed} is ZeRO-3, whose weight-gathering hooks a compiled "
+                           "layer does not run; set model.compile: false or use a ZeRO-2 config"])
     import_deepspeed()
     single_process_group(dist)
     if zero_stage(ds) != 3:

@@ -37,6 +37,10 @@ class ModelConfig:
         1.0, "with gradient_checkpointing: share of decoder layers recomputed in backward; lower trades memory "
              "for speed (qwen-ft estimate shows the memory)"
     )
+    compile: bool = opt(
+        False, "torch.compile each decoder layer: fewer, fused kernels (the step is host-bound without it on "
+               "GPUs); the first steps pay the compilation. Not with method=qlora or ZeRO-3"
+    )
     trust_remote_code: bool = opt(False, "run code shipped with the checkpoint; off unless you ask for it")
 
     @property

@@ -68,6 +68,12 @@ def _combinations(cfg: RunConfig) -> list[str]:
     if cfg.method == "qlora" and q.backend == "gptq" and ds in ("zero3", "zero3_offload"):
         problems.append(f"dist.deepspeed={ds} with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's packed "
                         "weights; use dist.deepspeed=zero2")
+    if cfg.model.compile and cfg.method == "qlora":
+        problems.append("model.compile: true with method=qlora; the 4-bit kernels are not compiled here, set "
+                        "model.compile: false")
+    if cfg.model.compile and ds in ("zero3", "zero3_offload"):
+        problems.append(f"model.compile: true with dist.deepspeed={ds}; ZeRO-3 gathers weights in hooks that a "
+                        "compiled layer does not run, set model.compile: false or use zero2")
     if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
         problems.append(f"dist.deepspeed: {ds!r} is not one of {', '.join(DEEPSPEED_PRESETS)} nor a .json path")
     if cfg.model.trust_remote_code and cfg.model.family in ("qwen2", "qwen3"):

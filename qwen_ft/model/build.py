@@ -29,7 +29,22 @@ def build_model(cfg, family: Family, precision: Precision, attn: str, device: to
     if cfg.model.recomputed_fraction > 0:
         enable_gradient_checkpointing(model, cfg.method != "full", cfg.model.recomputed_fraction)
     model = apply_method(model, cfg, family)
+    if cfg.model.compile:
+        compile_decoder_layers(model)
     return model.to(device)
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile every decoder layer in place (each layer's call, inside its checkpoint wrapper).
+
+    The layers share one code object, so one compiled graph serves all of them; returns how many.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)  # every micro-batch has its own length: one symbolic-shape graph
+    return len(layers)
 
 
 def _build_qlora(cfg, family: Family, precision: Precision, attn: str, device: torch.device):

@@ -61,16 +61,20 @@ class ChunkedLoss:
     output layer and cross-entropy run over them `chunk` at a time, fused: each chunk's gradient
     with respect to the hidden states (and a trained output layer's weight) is computed in the
     forward pass, so backward recomputes nothing and no chunk's logits outlive its own step
-    (`fused_linear_cross_entropy`). An output layer that is not a plain bias-free Linear (a LoRA
+    (`fused_linear_cross_entropy`; Liger's Triton kernel instead on a GPU where liger-kernel is
+    installed). An output layer that is not a plain bias-free Linear (a LoRA
     adapter on it) runs the same chunks under activation checkpointing instead. Not for ZeRO-3,
     whose output-layer weights are partitioned outside the forward.
     """
 
     def __init__(self, unwrapped, chunk: int, fused: bool = True):
+        from qwen_ft import deps
+
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         self.head = base.get_output_embeddings()  # peft wrappers (LoRA, modules_to_save) included
         self.chunk = chunk
         self.fused = fused and head_weight(self.head) is not None
+        self.liger = self.fused and deps.is_available("liger")  # used on CUDA tensors only
         self._hidden = None
         base.get_decoder().register_forward_hook(self._capture)
 
@@ -99,6 +103,8 @@ class ChunkedLoss:
         n = learned_count(batch)
         if n == 0:  # keep the graph connected so every process joins the same collectives
             return hidden.sum().float() * 0.0, 0
+        if self.fused and self.liger and hidden.is_cuda:
+            return liger_linear_cross_entropy(hidden, head_weight(self.head), target), n
         if self.fused:
             return fused_linear_cross_entropy(hidden, head_weight(self.head), target, self.chunk), n
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -130,6 +136,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
     return _FusedLinearCE.apply(hidden, weight, target, chunk, dtype)
+
+
+def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The same sum through Liger's Triton kernel (GPU only), in the autocast dtype like the rest."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+    with torch.autocast("cuda", enabled=False):
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight.to(dtype), hidden.to(dtype), target).float()
 
 
 class _FusedLinearCE(torch.autograd.Function):

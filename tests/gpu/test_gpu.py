@@ -114,3 +114,26 @@ def test_deepspeed_single_process(run_config, tmp_path, stage):
                            f"train.output_dir={tmp_path / stage}"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "done: 8 steps" in proc.stdout
+
+
+def test_liger_loss_equals_ours():
+    """Liger's kernel (used on a GPU when installed) against qwen-ft's fused chunks, bf16 autocast."""
+    pytest.importorskip("liger_kernel")
+    from qwen_ft.train.loss import fused_linear_cross_entropy, liger_linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64, device=CUDA, requires_grad=True)
+    weight = torch.randn(1000, 64, device=CUDA, requires_grad=True)
+    target = torch.randint(0, 1000, (300,), device=CUDA)
+    results = []
+    for fn in (lambda: liger_linear_cross_entropy(hidden, weight, target),
+               lambda: fused_linear_cross_entropy(hidden, weight, target, 128)):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn()
+        loss.backward()
+        results.append((loss.item(), hidden.grad.clone(), weight.grad.clone()))
+    (a, ha, wa), (b, hb, wb) = results
+    assert a == pytest.approx(b, rel=1e-2)
+    for x, y in ((ha, hb), (wa, wb)):
+        assert torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item() > 0.999
