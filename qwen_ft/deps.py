@@ -38,7 +38,7 @@ def is_available(name: str) -> bool:
 
 # The compiled part of an extra: a wheel built for another torch or CUDA is found by find_spec but
 # fails here, at import, instead of in the middle of a run.
-COMPILED = {"flash_attn": "flash_attn_2_cuda"}
+COMPILED = {"flash_attn": "flash_attn_2_cuda", "liger": "liger_kernel.ops.fused_linear_cross_entropy"}
 
 
 def usable(name: str) -> bool:

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else args.dtype
     ds = deepspeed_config(cfg, dtype, args.gpus) if cfg.dist.deepspeed != "none" else {}
     group = json.loads(config_file.read_text()).get("quantization_config", {}).get("group_size") or 128
-    e = estimate(cfg, shape, dtype, args.gpus, zero_stage(ds), offloads_optimizer(ds), gptq_group=max(1, group))
+    group = group if group > 0 else 1 << 30  # -1: one group spans each column's whole input
+    e = estimate(cfg, shape, dtype, args.gpus, zero_stage(ds), offloads_optimizer(ds), gptq_group=group)
     print(f"{shape.params() / 1e9:.2f}B parameters, method {cfg.method}, {dtype}, {args.gpus} GPU(s), "
           f"ZeRO stage {zero_stage(ds)}{' + optimizer offload' if offloads_optimizer(ds) else ''}")
     for name, value in e.parts.items():

@@ -65,24 +65,38 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     if cu is None or query.shape[0] != 1:
         raise ValueError("varlen attention needs one flattened row with cu_seq_lens_q/max_length_q "
                          "(qwen-ft's collate makes them); use model.attn_implementation=sdpa here")
+    if dropout or kwargs.get("sliding_window"):
+        raise ValueError("varlen attention supports neither attention dropout nor a sliding window; use "
+                         "model.attn_implementation=sdpa for this model")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [tokens, heads, dim]
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat each key/value head
-        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    if dropout:
-        raise ValueError("attention dropout is not supported by varlen attention")
     if q.is_cuda and torch.is_autocast_enabled("cuda"):  # what SDPA does under autocast (RoPE made them fp32)
         q, k, v = (x.to(torch.get_autocast_dtype("cuda")) for x in (q, k, v))
+    if k.shape[1] != q.shape[1] and not (q.is_cuda and _native_gqa()):  # grouped-query: repeat each k/v head
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     fn = _cuda_varlen if q.is_cuda else _reference_varlen
     out = fn(q, k, v, cu.to(torch.int32), int(max_len), scaling)
     return out.unsqueeze(0), None  # [1, tokens, heads, dim], as transformers expects
+
+
+def _varlen_params() -> set[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return set(inspect.signature(varlen_attn).parameters)
+
+
+def _native_gqa() -> bool:
+    """torch's varlen_attn takes fewer key/value heads itself (torch 2.13's enable_gqa)."""
+    return "enable_gqa" in _varlen_params()
 
 
 def _cuda_varlen(q, k, v, cu, max_len: int, scale):
     from torch.nn.attention.varlen import varlen_attn
 
     kwargs = {"window_size": (-1, 0)}  # (-1, 0) is causal in torch's varlen API
-    if "is_causal" in inspect.signature(varlen_attn).parameters:  # torch releases before window_size
+    if "is_causal" in _varlen_params():  # torch releases before window_size
         kwargs = {"is_causal": True}
+    if k.shape[1] != q.shape[1]:
+        kwargs["enable_gqa"] = True
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kwargs)
 
 

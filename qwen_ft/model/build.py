@@ -35,13 +35,22 @@ def build_model(cfg, family: Family, precision: Precision, attn: str, device: to
 
 
 def compile_decoder_layers(model) -> int:
-    """torch.compile every decoder layer in place (each layer's call, inside its checkpoint wrapper).
+    """torch.compile every decoder layer in place (the layer's whole call, its activation-checkpoint
+    region included: torch.compile traces checkpointed regions).
 
     The layers share one code object, so one compiled graph serves all of them; returns how many.
+
+    Raises:
+        QwenFtError: the model has no transformers decoder layers to compile.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from qwen_ft.errors import QwenFtError
+
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise QwenFtError("model.compile: true but this model has no transformers decoder layers to compile "
+                          "(checkpoint code loaded with trust_remote_code?); set model.compile: false")
     for layer in layers:
         layer.compile(dynamic=True)  # every micro-batch has its own length: one symbolic-shape graph
     return len(layers)

@@ -94,14 +94,15 @@ def train_step(tr: Trainer, group: list) -> tuple[float, int]:
     local = sum(int(b["learned_index"].numel()) for b in hosts)
     n_tokens = max(1.0, all_reduce_sum([float(local)], tr.dist)[0])
     total = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
-    for i, host in enumerate(hosts):
-        batch = to_device(host, tr.plan.device)
-        with tr.backend.accumulating(i == len(hosts) - 1), tr.backend.lora_inputs_uncast():
-            with tr.backend.autocast():
-                loss_sum, _ = tr.loss_fn(tr.backend.module, batch)
-            # DDP and DeepSpeed average gradients over processes; the token count is already global.
-            tr.backend.backward(loss_sum * tr.dist.world / n_tokens)
-        total += loss_sum.detach()
+    with tr.backend.lora_inputs_uncast():  # once per group: it walks every module
+        for i, host in enumerate(hosts):
+            batch = to_device(host, tr.plan.device)
+            with tr.backend.accumulating(i == len(hosts) - 1):
+                with tr.backend.autocast():
+                    loss_sum, _ = tr.loss_fn(tr.backend.module, batch)
+                # DDP and DeepSpeed average gradients over processes; the token count is already global.
+                tr.backend.backward(loss_sum * tr.dist.world / n_tokens)
+            total += loss_sum.detach()
     return all_reduce_sum([total.item()], tr.dist)[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in hosts)
 
 

@@ -74,7 +74,7 @@ class ChunkedLoss:
         self.head = base.get_output_embeddings()  # peft wrappers (LoRA, modules_to_save) included
         self.chunk = chunk
         self.fused = fused and head_weight(self.head) is not None
-        self.liger = self.fused and deps.is_available("liger")  # used on CUDA tensors only
+        self.liger = self.fused and torch.cuda.is_available() and deps.usable("liger")  # CUDA tensors only
         self._hidden = None
         base.get_decoder().register_forward_hook(self._capture)
 
@@ -135,16 +135,20 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     dtype = hidden.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
+    if not torch.is_grad_enabled():  # evaluation: needs_input_grad would still follow requires_grad
+        hidden, weight = hidden.detach(), weight.detach()
     return _FusedLinearCE.apply(hidden, weight, target, chunk, dtype)
 
 
 def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The same sum through Liger's Triton kernel (GPU only), in the autocast dtype like the rest."""
+    """The same sum through Liger's Triton kernel (GPU only), in the autocast dtype like the rest.
+    (Liger 0.8.5 reads its token count with one host sync per call.)"""
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
     with torch.autocast("cuda", enabled=False):
-        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight.to(dtype), hidden.to(dtype), target).float()
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", accum_dtype=torch.float32)  # weight grad in fp32
+        return loss(weight.to(dtype), hidden.to(dtype), target).float()
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -174,8 +178,10 @@ class _FusedLinearCE(torch.autograd.Function):
                 g = g.to(dtype)
                 if need_h:
                     grad_h[start:start + chunk] = g @ w
-                if need_w:
-                    grad_w += g.T @ h  # per chunk in the compute dtype, summed in fp32
+                if need_w and dtype == torch.float16:  # fp16's range: a chunk's unscaled sum can overflow
+                    grad_w.addmm_(g.T.float(), h.float())
+                elif need_w:
+                    grad_w += g.T @ h  # per chunk in the compute dtype (bf16: fp32's range), summed in fp32
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total

@@ -155,6 +155,9 @@ def _loss_step_bytes(cfg, shape: Shape, dtype: str, stage: int, tokens: int, tra
     chunked = cfg.train.loss_chunk_tokens and stage != 3
     rows = min(cfg.train.loss_chunk_tokens, tokens) if chunked else tokens
     logits = rows * shape.vocab * LOGIT_BYTES["fused" if chunked else "plain"]
+    if chunked:  # the fused loss keeps d/d hidden of every learned position (and d/d head, fp32, when trained)
+        head_trained = cfg.method == "full" or cfg.lora.train_embeddings
+        logits += tokens * shape.hidden * BYTES[dtype] + (shape.vocab * shape.hidden * 4 if head_trained else 0)
     if dtype == "fp32" or stage > 0:  # no autocast (DeepSpeed casts the module itself)
         return logits
     fp32_weights = shape.params() if cfg.method == "full" else trained

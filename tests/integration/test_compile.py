@@ -34,3 +34,13 @@ def test_compile_refused_where_it_cannot_work(section, value):
     raw = {"model": {"path": "m", "compile": True}, "data": {"train_files": ["d"]}, section: value}
     with pytest.raises(ConfigError, match="model.compile: true"):
         config_from_dict(raw)
+
+
+def test_compile_refuses_a_model_without_decoder_layers():
+    import torch
+
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.build import compile_decoder_layers
+
+    with pytest.raises(QwenFtError, match="no transformers decoder layers"):
+        compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

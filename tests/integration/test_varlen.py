@@ -74,3 +74,12 @@ def test_varlen_refuses_unflattened_batch():
     batch = micro_batch(packed=True, flat=False)
     with pytest.raises(ValueError, match="one flattened row"):
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+
+
+def test_varlen_refuses_a_sliding_window():
+    from qwen_ft.model.attention import varlen_attention_forward
+
+    q = torch.zeros(1, 4, 6, 8)
+    with pytest.raises(ValueError, match="sliding window"):
+        varlen_attention_forward(None, q, q, q, None, sliding_window=4,
+                                 cu_seq_lens_q=torch.tensor([0, 6]), max_length_q=6)

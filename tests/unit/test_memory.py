@@ -72,10 +72,16 @@ def test_7b_lora_2048_by_hand():
     assert lora == 159_907_840
     assert e.parts == {"weights": 2 * params, "trained fp32": 4 * lora, "gradients": 4 * lora,
                        "optimizer": 8 * lora, "activations": 2048 * 32 * 4096 * 2}  # checkpointed layer inputs
-    assert e.moments == {"loss step": 1024 * 151936 * 11 + 2 * lora,  # one chunk of logits + autocast's bf16 copies
-                         "layer replay": 2048 * 34 * 4096}  # Korthikanti's 34*H bytes, not 34*H*2
+    assert e.moments == {
+        # one chunk of logits, d loss / d hidden kept for every learned position, autocast's bf16 LoRA copies
+        "loss step": 1024 * 151936 * 11 + 2048 * 4096 * 2 + 2 * lora,
+        "layer replay": 2048 * 34 * 4096}  # Korthikanti's 34*H bytes, not 34*H*2
     assert e.total == sum(e.parts.values()) + e.moments["loss step"]  # the moments never add up
-    assert e.total / GB == pytest.approx(19.157, abs=1e-3)  # H100, 2026-11-22: 18.87 GiB measured
+    assert e.total / GB == pytest.approx(19.173, abs=1e-3)  # H100, 2026-11-22: 18.87 GiB measured
+    emb = estimate(run_cfg(method="lora", lora={"r": 64, "train_embeddings": True}), Shape.from_config(QWEN_7B),
+                   "bf16", 1, 0, False)
+    assert emb.moments["loss step"] - e.moments["loss step"] == 151936 * 4096 * (4 + 2 * 2)  # fp32 d/d head;
+    # autocast's bf16 copies of the two trained fp32 embedding matrices
 
 
 def test_quantized_weights_by_hand():
@@ -103,3 +109,20 @@ def test_estimate_cli(tmp_path, capsys):
     assert "7.72B parameters" in out and "fits a 80 GiB GPU" in out
     assert main(["estimate", str(cfg), "--gpu-memory", "8"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_estimate_cli_reads_the_gptq_group(tmp_path, capsys):
+    """group_size -1 (one group per column) costs less than groups of 128, never 'groups of 1'."""
+    import yaml
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": str(tmp_path)}, "data": {"train_files": ["d.jsonl"]},
+                                   "method": "qlora", "quant": {"backend": "gptq"}}))
+    weights = {}
+    for group in (128, -1):
+        quant = {"quant_method": "gptq", "bits": 4, "group_size": group}
+        (tmp_path / "config.json").write_text(json.dumps({**QWEN_7B, "quantization_config": quant}))
+        main(["estimate", str(cfg)])
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("weights"))
+        weights[group] = float(line.split()[1])
+    assert 0 < weights[-1] < weights[128] < weights[-1] + 0.2
