@@ -28,9 +28,32 @@ def apply_method(model, cfg, family: Family):
         return model
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(cfg, family))
+    with gptq_dispatch_only_for_gptq(model):
+        model = get_peft_model(model, lora_config(cfg, family))
     trainable_in_fp32(model)
     return model
+
+
+def gptq_dispatch_only_for_gptq(model):
+    """peft imports gptqmodel for every LoRA layer whenever it is installed, to ask whether the layer is
+    a GPTQ (or gptqmodel AWQ) one; importing it prints a banner and rewrites PYTORCH_ALLOC_CONF. A
+    base without such weights cannot have such layers, so for it peft's dispatchers are told
+    gptqmodel is absent."""
+    import sys
+    from contextlib import ExitStack
+    from unittest import mock
+
+    import peft.tuners.lora  # noqa: F401 - the dispatcher modules, loaded before they are patched
+
+    stack = ExitStack()
+    quant = getattr(model.config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() in ("gptq", "awq"):
+        return stack
+    for name, module in list(sys.modules.items()):
+        if name.startswith("peft.") and hasattr(module, "is_gptqmodel_available"):
+            stack.enter_context(mock.patch.object(module, "is_gptqmodel_available", lambda: False))
+    return stack
 
 
 def trainable_in_fp32(model) -> None:
