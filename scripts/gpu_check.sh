@@ -6,7 +6,8 @@
 # Usage: bash scripts/gpu_check.sh OUTDIR [WHEELS_DIR]
 #   WHEELS_DIR: the packages a bare GPU machine lacks (it needs only torch, transformers, peft and
 #   accelerate, and no network); scripts/gpu_wheels.sh DIR makes that folder where pip works.
-#   PARTS="probe tests lora qlora profile" (the default) picks stages (lora = lora2048 + lora8192);
+#   PARTS="probe tests lora qlora profile" (the default) picks stages (lora = lora2048 + lora8192;
+#   compile = 7B LoRA 2048 with model.compile=true, not in the default);
 #   BENCH_STEPS (3): measured optimizer steps per case; WORK: checkpoints and installs (/tmp/qwen-ft-gpu-check).
 # Budget: about 20 minutes on one H100 (random 7B checkpoints are written under WORK, ~25 GB).
 set -uo pipefail
@@ -34,11 +35,14 @@ has() { [[ " $parts " == *" $1 "* ]]; }
 
 has probe && python3 scripts/gpu_probe.py "$out/probe.json" 2>&1 | tail -25
 if has tests; then
-  timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -40 \
-    | tee "$out/gpu-tests.txt"
+  # the whole log goes to OUTDIR (a failure's traceback included); the summary to the terminal
+  timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu > "$out/gpu-tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu-tests.txt" | tail -20
 fi
 has lora || has lora2048 && bench --methods lora --lengths 2048 --json "$out/bench-7b-lora-2048.json"
 has lora || has lora8192 && bench --methods lora --lengths 8192 --no-baseline --json "$out/bench-7b-lora-8192.json"
+has compile && bench --methods lora --lengths 2048 --no-baseline --json "$out/bench-7b-lora-2048-compiled.json" \
+  model.compile=true
 has qlora && bench --methods qlora_bnb,qlora_gptq --lengths 2048 --no-baseline --json "$out/bench-7b-qlora-2048.json"
 if has profile; then
   cfg="$work/bench/cases/7b-lora-2048-qwen-ft/run.yaml"
