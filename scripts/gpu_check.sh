@@ -8,7 +8,8 @@
 #   accelerate, and no network); scripts/gpu_wheels.sh DIR makes that folder where pip works.
 #   PARTS="probe tests lora qlora profile" (the default) picks stages (lora = lora2048 + lora8192;
 #   compile = 7B LoRA 2048 with model.compile=true, not in the default);
-#   BENCH_STEPS (3): measured optimizer steps per case; WORK: checkpoints and installs (/tmp/qwen-ft-gpu-check).
+#   BENCH_STEPS (3): measured optimizer steps per case; WORK: checkpoints and installs (/tmp/qwen-ft-gpu-check);
+#   PROFILE_OVERRIDES: key=value words for the profiled run, e.g. "model.compile=true".
 # Budget: about 20 minutes on one H100 (random 7B checkpoints are written under WORK, ~25 GB).
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [WHEELS_DIR]}
@@ -47,7 +48,8 @@ has qlora && bench --methods qlora_bnb,qlora_gptq --lengths 2048 --no-baseline -
 if has profile; then
   cfg="$work/bench/cases/7b-lora-2048-qwen-ft/run.yaml"
   [ -f "$cfg" ] || bench --methods lora --lengths 2048 --no-baseline --steps 1 --json "$work/warm.json" >/dev/null
-  timeout 300 python3 scripts/profile_step.py "$cfg" "train.output_dir=$work/profile-run" \
+  # shellcheck disable=SC2086 - PROFILE_OVERRIDES holds several key=value words
+  timeout 300 python3 scripts/profile_step.py "$cfg" "train.output_dir=$work/profile-run" ${PROFILE_OVERRIDES:-} \
     --json "$out/profile-7b-lora-2048.json" 2>&1 | grep -v -i warning | tail -25 | tee -a "$out/log.txt"
 fi
 python3 -m qwen_ft.bench.goals "$out"/bench-*.json 2>&1 | tee -a "$out/log.txt"
