@@ -106,22 +106,34 @@ def train_step(tr: Trainer, group: list) -> tuple[float, int]:
     return all_reduce_sum([total.item()], tr.dist)[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in hosts)
 
 
+def eval_share(batches: list, rank: int, world: int) -> list[tuple[list, bool]]:
+    """This rank's eval batches as (rows, counted), the same number on every rank.
+
+    A strided split evaluates every batch on exactly one rank. Under ZeRO-3 every forward is a
+    collective, so a rank with one batch fewer would leave the others waiting forever: short
+    ranks run the set's first batch once more, not counted.
+    """
+    mine = [(rows, True) for rows in batches[rank::world]]
+    short = -(-len(batches) // world) - len(mine)
+    return mine + [(batches[0], False)] * short if short else mine
+
+
 def evaluate(tr: Trainer) -> float:
     """Mean token loss over the whole eval set, each batch counted once across processes."""
     full = plan_for(tr.cfg, tr.data, 0, "eval")
-    # A strided split: every eval batch is evaluated by exactly one rank. The unwrapped model runs
-    # it, since evaluation needs no gradient synchronisation.
-    mine = full.batches[tr.dist.rank::tr.dist.world]
-    loss_sum, count = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
+    count = 0
     tr.unwrapped.eval()
-    with torch.no_grad():
-        for rows in mine:
-            with tr.backend.autocast(), tr.backend.lora_inputs_uncast():
+    # The unwrapped model runs it: evaluation needs no gradient synchronisation.
+    with torch.no_grad(), tr.backend.lora_inputs_uncast():
+        for rows, counted in eval_share(full.batches, tr.dist.rank, tr.dist.world):
+            with tr.backend.autocast():
                 s, n = tr.loss_fn(tr.unwrapped, tr.tensors(rows, "eval"))
-            loss_sum, count = loss_sum + s.item(), count + n
+            if counted:
+                loss_sum, count = loss_sum + s.detach().float(), count + n
     tr.unwrapped.train()
-    loss_sum, count = all_reduce_sum([loss_sum, float(count)], tr.dist)
-    return loss_sum / max(1.0, count)
+    total, count = all_reduce_sum([loss_sum.item(), float(count)], tr.dist)
+    return total / max(1.0, count)
 
 
 def save_checkpoint(tr: Trainer, state: ck.TrainState, root: Path, keep: int) -> Path:

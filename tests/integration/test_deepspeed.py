@@ -189,3 +189,29 @@ def test_single_process_without_a_launcher(tmp_path, tiny_model_dir, stage):
                           capture_output=True, text=True, cwd=REPO, timeout=600, env={**env, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "done: 4 steps" in proc.stdout and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_zero3_eval_of_an_odd_size_on_two_processes(tmp_path, tiny_model_dir):
+    """3 eval batches over 2 ranks: before, rank 1 ran one forward fewer and rank 0 waited forever in
+    ZeRO-3's parameter gathering (forced on every forward here: the tiny model would otherwise stay
+    gathered between forwards and hide it)."""
+    lines = (REPO / "data/example_chatml.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    ds = json.loads((REPO / "configs/deepspeed/zero3.json").read_text())
+    ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0,
+                                   stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    (tmp_path / "zero3_tight.json").write_text(json.dumps(ds))
+    config = write_run_yaml(tmp_path / "run.yaml", tiny_model_dir, tmp_path, lora={"r": 8, "alpha": 16},
+                            data={"eval_files": [str(tmp_path / "eval.jsonl")], "packing": False},
+                            train={"eval_steps": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(PORTS)),
+           str(REPO / "finetune.py"), "--config", config, f"train.output_dir={tmp_path / 'out'}",
+           f"dist.deepspeed={tmp_path / 'zero3_tight.json'}", *COMMON]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=180,
+                              env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("ZeRO-3 evaluation hung: ranks ran different numbers of eval forwards")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    history = json.loads((tmp_path / "out" / "train_history.json").read_text())
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]

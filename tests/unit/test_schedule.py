@@ -45,3 +45,14 @@ def test_rank_batches_are_disjoint_and_equal():
     shares = [rank_batches(batches, r, 3) for r in range(3)]
     assert [len(s) for s in shares] == [3, 3, 3]
     assert sorted(sum(shares, [])) == list(range(9))
+
+
+def test_eval_share_is_even_and_counts_each_batch_once():
+    from qwen_ft.train.loop import eval_share
+
+    batches = [[i] for i in range(5)]
+    shares = [eval_share(batches, rank, 2) for rank in range(2)]
+    assert [len(s) for s in shares] == [3, 3]  # ZeRO-3: every rank takes part in every forward
+    counted = sorted(rows[0] for s in shares for rows, c in s if c)
+    assert counted == [0, 1, 2, 3, 4]
+    assert eval_share([], 0, 2) == [] and len(eval_share(batches, 3, 4)) == 2
