@@ -41,7 +41,24 @@ def _ranges(cfg: RunConfig) -> list[str]:
         (lo.alpha > 0, f"lora.alpha: {lo.alpha} must be > 0"),
         (0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)"),
     ]
-    return [msg for ok, msg in checks if not ok]
+    return [msg for ok, msg in checks if not ok] + _finite(cfg)
+
+
+def _finite(cfg: RunConfig) -> list[str]:
+    """inf/nan numbers are refused: an infinite learning rate trains NaN weights, infinite epochs
+    end in a traceback, and a NaN passes every range check above."""
+    import math
+
+    values = {"train.learning_rate": cfg.train.learning_rate, "train.epochs": cfg.train.epochs,
+              "train.warmup_ratio": cfg.train.warmup_ratio, "train.weight_decay": cfg.train.weight_decay,
+              "train.adam_beta2": cfg.train.adam_beta2, "train.max_grad_norm": cfg.train.max_grad_norm,
+              "lora.dropout": cfg.lora.dropout,
+              "data.eval_fraction": cfg.data.eval_fraction, "model.checkpoint_fraction": cfg.model.checkpoint_fraction}
+    problems = [f"{key}: {value} is not a finite number; give a finite value" for key, value in values.items()
+                if not math.isfinite(value)]
+    if cfg.train.seed < 0:
+        problems.append(f"train.seed: {cfg.train.seed} must be >= 0 (numpy and torch seeds are unsigned)")
+    return problems
 
 
 def _required(cfg: RunConfig) -> list[str]:

@@ -60,6 +60,17 @@ def test_ranges_and_combinations_collected():
     assert len(probs) == 5
 
 
+def test_non_finite_numbers_and_negative_seed_are_refused():
+    raw = {"model": {"path": "m"}, "data": {"train_files": ["d"]},
+           "train": {"learning_rate": float("inf"), "epochs": float("inf"), "max_grad_norm": float("nan"),
+                     "seed": -1}, "lora": {"dropout": float("nan")}}
+    joined = "\n".join(problems_of(raw))
+    for needle in ("train.learning_rate: inf is not a finite number", "train.epochs: inf is not a finite number",
+                   "train.max_grad_norm: nan is not a finite number", "lora.dropout: nan is not a finite number",
+                   "train.seed: -1 must be >= 0"):
+        assert needle in joined, joined
+
+
 def test_required_fields():
     probs = problems_of({})
     assert any(p.startswith("model.path: required") for p in probs)
