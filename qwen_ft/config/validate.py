@@ -67,6 +67,10 @@ def _required(cfg: RunConfig) -> list[str]:
         problems.append("model.path: required; set it to a local checkpoint directory (config.json + weights)")
     if not cfg.data.train_files:
         problems.append("data.train_files: required; list one or more .json/.jsonl conversation files")
+    out = cfg.train.output_dir.strip()
+    if not out or Path(out).anchor == out:  # "" would write into the working directory; "/" into the root
+        problems.append(f"train.output_dir: {cfg.train.output_dir!r} is empty or a filesystem root; name a "
+                        "directory for this run, e.g. runs/my-run")
     return problems
 
 

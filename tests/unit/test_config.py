@@ -71,6 +71,12 @@ def test_non_finite_numbers_and_negative_seed_are_refused():
         assert needle in joined, joined
 
 
+@pytest.mark.parametrize("out", ["", "  ", "/"])
+def test_empty_or_root_output_dir_is_refused(out):
+    raw = {"model": {"path": "m"}, "data": {"train_files": ["d"]}, "train": {"output_dir": out}}
+    assert any(p.startswith("train.output_dir:") and "runs/my-run" in p for p in problems_of(raw))
+
+
 def test_required_fields():
     probs = problems_of({})
     assert any(p.startswith("model.path: required") for p in probs)
