@@ -35,10 +35,11 @@ def run(args: argparse.Namespace) -> int:
     config_file = Path(cfg.model.path) / "config.json"
     if not config_file.is_file():
         raise QwenFtError(f"{config_file} not found: the estimate needs the checkpoint's config.json")
-    shape = Shape.from_config(json.loads(config_file.read_text()))
+    checkpoint_config = json.loads(config_file.read_text())
+    shape = Shape.from_config(checkpoint_config)
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else args.dtype
     ds = deepspeed_config(cfg, dtype, args.gpus) if cfg.dist.deepspeed != "none" else {}
-    group = json.loads(config_file.read_text()).get("quantization_config", {}).get("group_size") or 128
+    group = checkpoint_config.get("quantization_config", {}).get("group_size") or 128
     group = group if group > 0 else 1 << 30  # -1: one group spans each column's whole input
     e = estimate(cfg, shape, dtype, args.gpus, zero_stage(ds), offloads_optimizer(ds), gptq_group=group)
     print(f"{shape.params() / 1e9:.2f}B parameters, method {cfg.method}, {dtype}, {args.gpus} GPU(s), "

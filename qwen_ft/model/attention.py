@@ -13,6 +13,7 @@ restarting `position_ids`, which is exact but pushes SDPA off its flash kernel.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -24,7 +25,7 @@ FLAT = ("flash_attention_2", VARLEN)  # backends that take one flattened row plu
 
 def flattens(attn: str) -> bool:
     """True when `attn` (a resolved name) wants micro-batches flattened into one row."""
-    return attn in FLAT or attn == REGISTERED
+    return attn in FLAT
 
 
 def torch_varlen_available(device: torch.device) -> bool:
@@ -78,10 +79,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.unsqueeze(0), None  # [1, tokens, heads, dim], as transformers expects
 
 
-def _varlen_params() -> set[str]:
+@functools.cache  # called in every layer's forward: the signature is read once per process
+def _varlen_params() -> frozenset[str]:
     from torch.nn.attention.varlen import varlen_attn
 
-    return set(inspect.signature(varlen_attn).parameters)
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _native_gqa() -> bool:

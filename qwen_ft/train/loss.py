@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen_ft.data.chatml import IGNORE_INDEX
+from qwen_ft.data.collate import learned_indices
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -21,11 +22,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in keys if k in batch}
 
 
-def _learned_columns(batch: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    """Columns where some row learns; collate precomputes them on the host (no device sync)."""
-    if "learned_columns" in batch:
-        return batch["learned_columns"]
-    return (target != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+def with_learned_indices(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with collate's learned indices: made on the host by collate (no device sync), or
+    here, from the labels, for a batch built elsewhere (one sync)."""
+    if "learned_index" in batch:
+        return batch
+    return {**batch, **learned_indices(batch["labels"])}
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -34,22 +36,16 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     Position t predicts labels[:, t + 1]; only positions where some row learns that label are
     projected through the output layer.
     """
+    batch = with_learned_indices(batch)
     target = batch["labels"][:, 1:]
-    keep = _learned_columns(batch, target)
+    keep = batch["learned_columns"]
     if keep.numel() == 0:  # still run the forward so every process takes part in the same collectives
         keep = torch.zeros(1, dtype=torch.long, device=target.device)
     out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
     logits = out.logits.float()
     wanted = target[:, keep]
     loss = F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, learned_count(batch)
-
-
-def learned_count(batch: dict[str, torch.Tensor]) -> int:
-    """Learned labels of a batch, from the host-side index when collate made one."""
-    if "learned_index" in batch:
-        return int(batch["learned_index"].numel())
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return loss, int(batch["learned_index"].numel())
 
 
 class ChunkedLoss:
@@ -85,22 +81,19 @@ class ChunkedLoss:
         return F.cross_entropy(self.head(hidden).float(), target, reduction="sum")
 
     def _gather(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states and targets of the learned positions, flattened."""
-        target = batch["labels"][:, 1:]
+        """Hidden states and targets of the learned positions (batch["learned_index"]), flattened."""
+        target, index = batch["labels"][:, 1:], batch["learned_index"]
         hidden, self._hidden = self._hidden[:, :-1], None
-        if "learned_index" not in batch:
-            learned = target != IGNORE_INDEX
-            return hidden[learned], target[learned]
-        index = batch["learned_index"]
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), target.reshape(-1).index_select(0, index)
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy over learned labels, and how many labels that is."""
         from torch.utils.checkpoint import checkpoint
 
+        batch = with_learned_indices(batch)
         model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
         hidden, target = self._gather(batch)
-        n = learned_count(batch)
+        n = int(target.numel())
         if n == 0:  # keep the graph connected so every process joins the same collectives
             return hidden.sum().float() * 0.0, 0
         if self.fused and self.liger and hidden.is_cuda:
@@ -132,9 +125,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     Under autocast the matmuls run in the autocast dtype, as `nn.Linear` would; the softmax and
     the sum are fp32.
     """
-    dtype = hidden.dtype
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
+    dtype = _compute_dtype(hidden)
     if not torch.is_grad_enabled():  # evaluation: needs_input_grad would still follow requires_grad
         hidden, weight = hidden.detach(), weight.detach()
     return _FusedLinearCE.apply(hidden, weight, target, chunk, dtype)
@@ -145,10 +136,16 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     (Liger 0.8.5 reads its token count with one host sync per call.)"""
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+    dtype = _compute_dtype(hidden)
     with torch.autocast("cuda", enabled=False):
         loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", accum_dtype=torch.float32)  # weight grad in fp32
         return loss(weight.to(dtype), hidden.to(dtype), target).float()
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype `nn.Linear` would multiply in here: autocast's when it is on, else the input's."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
 class _FusedLinearCE(torch.autograd.Function):
