@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.util import find_spec
+from pathlib import Path
 
 from qwen_ft.errors import MissingDependency
 
@@ -73,3 +74,56 @@ def require(name: str, why: str) -> None:
     """
     if not is_available(name):
         raise MissingDependency(missing_message(name, why))
+
+
+# What transformers and peft import at their own import time whenever it is installed: torchao for
+# transformers' quantizer table, bitsandbytes for peft's helpers, gptqmodel for peft's LoRA dispatch.
+# Each prints banners or warnings (and gptqmodel rewrites PYTORCH_ALLOC_CONF) although a run that
+# does not use the stack never needs it. qwen-ft never uses torchao.
+PROBED_BY_LIBRARIES = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum"), "deepspeed": ("deepspeed",),
+                       "flash_attn": ("flash_attn",), "torchao": ("torchao",)}
+
+
+def hide_unused(used: set[str]) -> list[str]:
+    """Make the stacks this process will not use look absent to every later import and probe.
+
+    `sys.modules[name] = None` is Python's own "not importable" mark: `import name` raises
+    ImportError and `importlib.util.find_spec(name)` returns None, which is how transformers and
+    peft probe. For one-command processes only (the CLI): a notebook that goes on to use a hidden
+    stack would find it missing. Returns the module names hidden.
+    """
+    import sys
+
+    hidden = []
+    for key, modules in PROBED_BY_LIBRARIES.items():
+        if key in used:
+            continue
+        for name in modules:
+            if name not in sys.modules:  # one already imported stays usable
+                sys.modules[name] = None  # type: ignore[assignment]
+                hidden.append(name)
+    return hidden
+
+
+def stacks_of_checkpoint(path: str | Path) -> set[str]:
+    """The optional stacks loading the checkpoint or qwen-ft output at `path` needs: its own
+    quantization, or for an adapter its manifest's method and base."""
+    path = Path(path)
+    manifest = _read_json(path / "manifest.json")
+    if manifest.get("method") == "qlora":
+        return {"bnb", "gptq"}
+    base = (manifest.get("base_model") or {}).get("path")
+    config = _read_json(Path(base) / "config.json") if base else _read_json(path / "config.json")
+    method = str((config.get("quantization_config") or {}).get("quant_method", "")).lower()
+    return {"gptq"} if method in ("gptq", "awq") else {"bnb"} if method == "bitsandbytes" else set()
+
+
+def _read_json(path: Path) -> dict:
+    """The object in a JSON file, or {} when it is missing or unreadable (the loader reports those)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -114,11 +114,11 @@ def profile(config: str, overrides: list[str], trace: str | None) -> dict:
     import torch
     from torch.profiler import ProfilerActivity
 
-    from qwen_ft.cli import setup
-    from qwen_ft.cli.train import build_trainer
+    from qwen_ft.recipe import steps
+    from qwen_ft.recipe.run import build_trainer
 
-    dist = setup.distributed()
-    tr, state = build_trainer(setup.checked_config(config, overrides), dist)
+    dist = steps.distributed()
+    tr, state = build_trainer(steps.checked_config(config, overrides), dist)
     on_gpu = tr.plan.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     cache: dict = {}
@@ -138,10 +138,10 @@ def profile(config: str, overrides: list[str], trace: str | None) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from qwen_ft.cli.main import quiet_third_party_logs
     from qwen_ft.errors import QwenFtError
+    from qwen_ft.quiet import quiet_third_party
 
-    quiet_third_party_logs()
+    quiet_third_party()
     p = argparse.ArgumentParser(prog="profile_step.py", description=__doc__.split("\n")[0])
     p.add_argument("config", help="run YAML (as for qwen-ft train)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

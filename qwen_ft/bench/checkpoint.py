@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from qwen_ft.bench.shapes import shape_config
+from qwen_ft.model.shape import Shape
 from qwen_ft.tokenizer.bundled import write_tokenizer_files
-from qwen_ft.train.memory import Shape
 
 SHARD_BYTES = 4 * 1024**3
 

@@ -10,7 +10,7 @@ The output layer is counted at learned positions only, since nothing else needs 
 
 from __future__ import annotations
 
-from qwen_ft.train.memory import Shape
+from qwen_ft.model.shape import Shape
 
 # Dense bf16 tensor-core peaks (TFLOPS) from the vendors' data sheets; the first matching name wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H20", 148.0), ("A100", 312.0),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qwen_ft.bench.flops import mfu, step_flops
 from qwen_ft.bench.reference import GOALS, SPEEDUP_GOALS, reference
-from qwen_ft.train.memory import Shape
+from qwen_ft.model.shape import Shape
 
 
 def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) -> dict:

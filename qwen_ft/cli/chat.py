@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="LoRA adapter to apply on MODEL_DIR")
     p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
     p.add_argument("--prompt", help="answer this once and exit")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
 
 
@@ -30,7 +30,10 @@ def _emit(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load once, then answer --prompt or loop over stdin."""
-    from qwen_ft.export.chat import load_chat_model, reply
+    from qwen_ft.deps import hide_unused, stacks_of_checkpoint
+    from qwen_ft.infer.chat import load_chat_model, reply
+
+    hide_unused(stacks_of_checkpoint(args.model) | (stacks_of_checkpoint(args.adapter) if args.adapter else set()))
 
     model, tok = load_chat_model(args.model, args.adapter)
     history = [("system", args.system)]

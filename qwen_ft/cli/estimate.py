@@ -8,10 +8,6 @@ Reads config.json from model.path (a directory holding just config.json is enoug
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-
-from qwen_ft.errors import QwenFtError
 
 HELP = "predict peak GPU memory (weights, optimizer, gradients, activations, logits) for a config"
 
@@ -22,28 +18,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) in the run")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="what dtype=auto becomes")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="what model.dtype=auto becomes")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the breakdown; exit 0 when it fits, 1 when it does not."""
-    from qwen_ft.config.load import load_config
-    from qwen_ft.train.ds_config import deepspeed_config, offloads_optimizer, zero_stage
-    from qwen_ft.train.memory import GB, Shape, estimate, fits
+    from qwen_ft.api import estimate
+    from qwen_ft.sizing.memory import GB, fits
 
-    cfg = load_config(args.config, args.overrides)
-    config_file = Path(cfg.model.path) / "config.json"
-    if not config_file.is_file():
-        raise QwenFtError(f"{config_file} not found: the estimate needs the checkpoint's config.json")
-    checkpoint_config = json.loads(config_file.read_text())
-    shape = Shape.from_config(checkpoint_config)
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else args.dtype
-    ds = deepspeed_config(cfg, dtype, args.gpus) if cfg.dist.deepspeed != "none" else {}
-    group = checkpoint_config.get("quantization_config", {}).get("group_size") or 128
-    group = group if group > 0 else 1 << 30  # -1: one group spans each column's whole input
-    e = estimate(cfg, shape, dtype, args.gpus, zero_stage(ds), offloads_optimizer(ds), gptq_group=group)
-    print(f"{shape.params() / 1e9:.2f}B parameters, method {cfg.method}, {dtype}, {args.gpus} GPU(s), "
-          f"ZeRO stage {zero_stage(ds)}{' + optimizer offload' if offloads_optimizer(ds) else ''}")
+    r = estimate(args.config, args.overrides, gpus=args.gpus, dtype=args.dtype)
+    e = r.estimate
+    print(f"{r.shape.params() / 1e9:.2f}B parameters, method {r.method}, {r.dtype}, {r.gpus} GPU(s), "
+          f"ZeRO stage {r.stage}{' + optimizer offload' if r.offload else ''}")
     for name, value in e.parts.items():
         print(f"  {name:<14} {value / GB:8.2f} GiB")
     for name, value in e.moments.items():

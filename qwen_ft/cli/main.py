@@ -9,7 +9,9 @@ import argparse
 import sys
 
 from qwen_ft import __version__
+from qwen_ft.cli.args import HelpFormatter, parse_with_overrides
 from qwen_ft.errors import QwenFtError
+from qwen_ft.quiet import quiet_third_party
 
 COMMANDS = ("train", "merge", "chat", "quantize", "convert", "estimate", "bench", "validate", "preprocess", "inspect",
             "make_tiny_model")
@@ -25,35 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = importlib.import_module(f"qwen_ft.cli.{name}")
         p = sub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also show third-party warnings, banners and progress bars")
         p.set_defaults(run=module.run)
     return parser
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """parse_args that also accepts `key=value` overrides after or between options."""
-    args, rest = parser.parse_known_args(argv)
-    stray = [r for r in rest if "=" not in r or r.startswith("-")]
-    if stray or (rest and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
-    if rest:
-        args.overrides = [*args.overrides, *rest]
-    return args
-
-
-def quiet_third_party_logs() -> None:
-    """torchao (pulled in with the GPTQ extra) logs deprecation notices through torch's pytree logger
-    at import; they say nothing to a user of qwen-ft."""
-    import logging
-
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the command; user errors print a message and return 1."""
-    quiet_third_party_logs()
     args = parse_with_overrides(build_parser(), argv)
+    quiet_third_party(verbose=args.verbose)
     try:
         return int(args.run(args) or 0)
     except QwenFtError as e:

@@ -13,16 +13,18 @@ HELP = "write a tiny random Qwen checkpoint (real vocabulary) for CPU demos and 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """OUT [--family] [--hidden] [--layers] [--seed]."""
     p.add_argument("out", help="output directory")
-    p.add_argument("--family", choices=("qwen2", "qwen3"), default="qwen3")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=("qwen2", "qwen3"), default="qwen3", help="architecture")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build and save the model."""
+    from qwen_ft.deps import hide_unused
     from qwen_ft.model.tiny import make_tiny_model
 
+    hide_unused(set())
     out = make_tiny_model(args.out, args.family, args.hidden, args.layers, args.seed)
     print(f"wrote tiny {args.family} model (hidden {args.hidden}, {args.layers} layers, random weights) to {out}")
     return 0

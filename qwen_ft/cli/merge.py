@@ -25,8 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Merge and report."""
+    from qwen_ft.deps import hide_unused, stacks_of_checkpoint
     from qwen_ft.export.merge import merge_adapter
 
+    hide_unused(stacks_of_checkpoint(args.adapter) | (stacks_of_checkpoint(args.base) if args.base else set()))
     r = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.eval_data)
     print(f"merged into {r.merged_into}")
     print(f"merge check: max |logit diff| merged vs base+adapter = {r.merge_diff:.3g} (fp32)"

@@ -86,15 +86,11 @@ def _combinations(cfg: RunConfig) -> list[str]:
     if cfg.method == "qlora" and q.backend == "gptq" and q.bits not in (4, 8):
         problems.append(f"quant.bits: {q.bits} with quant.backend=gptq; GPTQ checkpoints here are 4- or 8-bit")
     ds = cfg.dist.deepspeed
-    if cfg.method == "qlora" and q.backend == "gptq" and ds in ("zero3", "zero3_offload"):
-        problems.append(f"dist.deepspeed={ds} with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's packed "
-                        "weights; use dist.deepspeed=zero2")
+    if ds in ("zero3", "zero3_offload"):
+        problems += zero3_conflicts(cfg)
     if cfg.model.compile and cfg.method == "qlora":
         problems.append("model.compile: true with method=qlora; the 4-bit kernels are not compiled here, set "
                         "model.compile: false")
-    if cfg.model.compile and ds in ("zero3", "zero3_offload"):
-        problems.append(f"model.compile: true with dist.deepspeed={ds}; ZeRO-3 gathers weights in hooks that a "
-                        "compiled layer does not run, set model.compile: false or use zero2")
     if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
         problems.append(f"dist.deepspeed: {ds!r} is not one of {', '.join(DEEPSPEED_PRESETS)} nor a .json path")
     if cfg.model.trust_remote_code and cfg.model.family in ("qwen2", "qwen3"):
@@ -103,6 +99,28 @@ def _combinations(cfg: RunConfig) -> list[str]:
             "natively, set trust_remote_code: false"
         )
     return problems
+
+
+def zero3_conflicts(cfg: RunConfig) -> list[str]:
+    """What ZeRO-3 cannot run (dist.deepspeed is a ZeRO-3 preset or a JSON with stage 3)."""
+    ds, problems = cfg.dist.deepspeed, []
+    if cfg.method == "qlora" and cfg.quant.backend == "gptq":
+        problems.append(f"dist.deepspeed={ds} is ZeRO-3 with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's "
+                        "packed weights; use dist.deepspeed=zero2 (or a stage-2 JSON)")
+    if cfg.model.compile:
+        problems.append(f"model.compile: true with dist.deepspeed={ds}, which is ZeRO-3; it gathers weights in "
+                        "hooks that a compiled layer does not run, set model.compile: false or use zero2")
+    return problems
+
+
+def _json_stage(path: str) -> int:
+    """ZeRO stage of a user DeepSpeed JSON (0 when unreadable: deepspeed_config reports that later)."""
+    import json
+
+    try:
+        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
 
 
 def validate_config(cfg: RunConfig) -> list[str]:
@@ -138,5 +156,7 @@ def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
     ds = cfg.dist.deepspeed
     if ds.endswith(".json") and not Path(ds).is_file():
         problems.append(f"dist.deepspeed: file {ds!r} not found")
+    elif ds.endswith(".json") and _json_stage(ds) == 3:
+        problems += zero3_conflicts(cfg)
     problems += [deps.missing_message(name, why) for name, why in required_extras(cfg) if not deps.is_available(name)]
     return problems

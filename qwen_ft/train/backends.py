@@ -72,6 +72,10 @@ class TorchBackend:
         """Drop accumulated gradients without stepping."""
         self.optimizer.zero_grad(set_to_none=True)
 
+    def saved_state_dict(self, method: str) -> dict | None:
+        """None: the unwrapped model holds whole weights, save them as they are."""
+        return None
+
     def save_state(self, out: Path, state: ck.TrainState, is_main: bool) -> None:
         if is_main:
             ck.save_resume_state(out, state, self.optimizer)
@@ -119,6 +123,12 @@ class DeepSpeedBackend:
 
     def discard(self) -> None:
         self.engine.zero_grad()
+
+    def saved_state_dict(self, method: str) -> dict | None:
+        """The weights to save, gathered from ZeRO-3 partitions (every rank must call this)."""
+        from qwen_ft.train.deepspeed import gathered_state_dict
+
+        return gathered_state_dict(self.engine, self.unwrapped, method)
 
     def save_state(self, out: Path, state: ck.TrainState, is_main: bool) -> None:
         """DeepSpeed's partitioned checkpoint (every rank), per-rank RNG, and the TrainState."""

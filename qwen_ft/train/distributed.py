@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,19 @@ def barrier(info: DistInfo) -> None:
     """Wait for every process (no-op on one)."""
     if info.world > 1:
         tdist.barrier()
+
+
+@contextmanager
+def local_main_first(info: DistInfo):
+    """Local rank 0 of each node runs the body first (it builds a cache or converts a checkpoint);
+    the node's other processes wait, then run it and find the work done. Hand-written rather than
+    accelerate's `local_main_process_first` because that needs accelerate's PartialState to own the
+    process group, which DeepSpeed and torchrun already set up here."""
+    if info.local_rank != 0:
+        barrier(info)
+    yield
+    if info.local_rank == 0:
+        barrier(info)
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:

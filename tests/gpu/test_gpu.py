@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from qwen_ft import deps
-from qwen_ft.cli import setup
 from qwen_ft.cli.main import main
-from qwen_ft.cli.train import fit
 from qwen_ft.data.collate import collate
 from qwen_ft.model.attention import flattens, model_attn_name, torch_varlen_available
+from qwen_ft.recipe import steps
+from qwen_ft.recipe.run import fit
 from qwen_ft.train.loss import causal_lm_loss
 from tests.integration.conftest import write_run_yaml
 from tests.integration.test_packing_exact import examples, tiny_model
@@ -23,7 +23,7 @@ CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 
 def train(config: str):
     """fit() on the GPU; returns (trainer, state, losses)."""
-    trainer, state = fit(setup.checked_config(config, []), setup.distributed())
+    trainer, state = fit(steps.checked_config(config, []), steps.distributed())
     return trainer, state, [h["loss"] for h in state.history if "loss" in h]
 
 

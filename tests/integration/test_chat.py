@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qwen_ft.cli.main import main
-from qwen_ft.export.chat import reply
+from qwen_ft.infer.chat import reply
 
 
 class FakeModel:

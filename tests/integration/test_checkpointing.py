@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen_ft.cli import setup
 from qwen_ft.config.load import config_from_dict
 from qwen_ft.errors import ConfigError
+from qwen_ft.model.shape import Shape
+from qwen_ft.recipe import steps
+from qwen_ft.sizing.memory import estimate
 from qwen_ft.train.distributed import DistInfo
 from qwen_ft.train.loss import causal_lm_loss
-from qwen_ft.train.memory import Shape, estimate
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -25,8 +26,8 @@ def four_layers(tmp_path_factory):
 def build(path, method: str, **model):
     cfg = config_from_dict({"model": {"path": str(path), "dtype": "fp32", **model}, "method": method,
                             "data": {"train_files": ["unused.jsonl"]}, "lora": {"r": 4, "dropout": 0.0}})
-    precision, attn, family = setup.runtime(cfg, CPU)
-    return setup.model(cfg, family, precision, attn, CPU)
+    precision, attn, family = steps.runtime(cfg, CPU)
+    return steps.model(cfg, family, precision, attn, CPU)
 
 
 def flags(model) -> list[bool]:

@@ -146,9 +146,9 @@ def test_data_cache_built_once_for_all_ranks(runs):
 
 
 def test_gptq_base_under_zero3_is_refused(tmp_path, tiny_model_dir):
-    from qwen_ft.cli import setup
     from qwen_ft.config.load import config_from_dict
     from qwen_ft.model.load import Precision
+    from qwen_ft.recipe import steps
     from qwen_ft.train.distributed import DistInfo
 
     raw = {"model": {"path": str(tiny_model_dir)}, "data": {"train_files": ["d"]}, "method": "qlora",
@@ -159,7 +159,7 @@ def test_gptq_base_under_zero3_is_refused(tmp_path, tiny_model_dir):
     user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     cfg = config_from_dict({**raw, "dist": {"deepspeed": str(user)}})  # a user JSON: refused once read
     with pytest.raises(ConfigError, match="use a ZeRO-2 config for GPTQ bases"):
-        setup.deepspeed(cfg, Precision("fp32", torch.float32), DistInfo(0, 1, 0, torch.device("cpu")))
+        steps.deepspeed(cfg, Precision("fp32", torch.float32), DistInfo(0, 1, 0, torch.device("cpu")))
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero2_offload", "zero3_offload"])

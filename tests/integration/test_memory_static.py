@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 
-from qwen_ft.cli import setup
 from qwen_ft.config.load import config_from_dict
+from qwen_ft.model.shape import Shape
+from qwen_ft.recipe import steps
+from qwen_ft.sizing.memory import estimate
 from qwen_ft.train.distributed import DistInfo
-from qwen_ft.train.memory import Shape, estimate
 from qwen_ft.train.schedule import build_optimizer
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -39,8 +40,8 @@ def test_static_memory_is_exact(qwen2_dir, emb):
     cfg = config_from_dict({"model": {"path": str(qwen2_dir), "dtype": "bf16"},
                             "data": {"train_files": ["unused.jsonl"], "max_length": 64},
                             "lora": {"r": 8, "train_embeddings": emb}, "train": {"micro_batch_size": 1}})
-    precision, attn, family = setup.runtime(cfg, CPU)
-    model = setup.model(cfg, family, precision, attn, CPU)
+    precision, attn, family = steps.runtime(cfg, CPU)
+    model = steps.model(cfg, family, precision, attn, CPU)
     predicted = estimate(cfg, Shape.from_config(json.loads((qwen2_dir / "config.json").read_text())), "bf16",
                          1, 0, False).parts
     assert unique_bytes(model.parameters()) == predicted["weights"] + predicted["trained fp32"]

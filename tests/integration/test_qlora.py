@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_ft.cli import setup
 from qwen_ft.cli.main import main
-from qwen_ft.cli.train import fit
 from qwen_ft.errors import ConfigError
+from qwen_ft.recipe import steps
+from qwen_ft.recipe.run import fit
 from qwen_ft.train.distributed import DistInfo
 from tests.integration.conftest import write_run_yaml
 
@@ -65,7 +65,7 @@ def qlora_run(request, bases, tmp_path_factory):
         train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 2e-2,
                "max_steps": 8, "eval_steps": 2, "warmup_ratio": 0.1},
     )
-    trainer, state = fit(setup.checked_config(str(cfg), []), CPU)
+    trainer, state = fit(steps.checked_config(str(cfg), []), CPU)
     return request.param, trainer, state, tmp / "out"
 
 
@@ -162,7 +162,7 @@ def test_incompatible_quantized_setups_are_refused(run_config, bases, case, over
     cfg = run_config(model={"path": str(bases[overrides["path"]])}, method=overrides.get("method", "qlora"),
                      quant={"backend": overrides.get("backend", "bnb"), "bits": overrides.get("bits", 4)})
     with pytest.raises(ConfigError, match=message):
-        setup.checked_config(cfg, [])
+        steps.checked_config(cfg, [])
 
 
 def test_merge_refuses_quantized_base(qlora_run, bases, tmp_path):
@@ -197,11 +197,11 @@ def test_gptq_qlora_under_zero2(bases, run_config, tmp_path):
 
 def test_qlora_frozen_parts_stay_in_compute_dtype(bases, run_config):
     """No fp32 upcast of frozen embeddings/output layer/norms (peft's recipe costs 2.5 GB at 7B)."""
-    cfg = setup.checked_config(run_config(method="qlora", quant={"backend": "bnb"},
+    cfg = steps.checked_config(run_config(method="qlora", quant={"backend": "bnb"},
                                           lora={"r": 4, "train_embeddings": True}),
                                [f"model.path={bases['dense']}", "model.dtype=bf16"])
-    precision, attn, family = setup.runtime(cfg, CPU)
-    model = setup.model(cfg, family, precision, attn, CPU)
+    precision, attn, family = steps.runtime(cfg, CPU)
+    model = steps.model(cfg, family, precision, attn, CPU)
     params = dict(model.named_parameters())
     frozen = {n: p.dtype for n, p in params.items() if not p.requires_grad and p.dtype.is_floating_point}
     assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
@@ -215,10 +215,10 @@ def test_parameter_count_is_the_logical_size(bases, run_config, backend):
     from qwen_ft.model.adapters import count_parameters
 
     path = bases["dense"] if backend == "bnb" else bases["gptq"]
-    cfg = setup.checked_config(run_config(method="qlora", quant={"backend": backend}, lora={"r": 4}),
+    cfg = steps.checked_config(run_config(method="qlora", quant={"backend": backend}, lora={"r": 4}),
                                [f"model.path={path}"])
-    precision, attn, family = setup.runtime(cfg, CPU)
-    trainable, total = count_parameters(setup.model(cfg, family, precision, attn, CPU))
-    dense = setup.checked_config(run_config(lora={"r": 4}), [f"model.path={bases['dense']}"])
-    precision, attn, family = setup.runtime(dense, CPU)
-    assert (trainable, total) == count_parameters(setup.model(dense, family, precision, attn, CPU))
+    precision, attn, family = steps.runtime(cfg, CPU)
+    trainable, total = count_parameters(steps.model(cfg, family, precision, attn, CPU))
+    dense = steps.checked_config(run_config(lora={"r": 4}), [f"model.path={bases['dense']}"])
+    precision, attn, family = steps.runtime(dense, CPU)
+    assert (trainable, total) == count_parameters(steps.model(dense, family, precision, attn, CPU))

@@ -14,8 +14,8 @@ pytest.importorskip("gptqmodel", reason="only meaningful where gptqmodel is inst
 
 PROBE = """
 import sys, torch
-from qwen_ft.cli.train import build_trainer
-from qwen_ft.cli.setup import checked_config
+from qwen_ft.recipe.run import build_trainer
+from qwen_ft.recipe.steps import checked_config
 from qwen_ft.train.distributed import DistInfo
 build_trainer(checked_config(sys.argv[1], []), DistInfo(0, 1, 0, torch.device("cpu")))
 print("gptqmodel imported:", "gptqmodel" in sys.modules)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_ft.cli import setup
-from qwen_ft.cli.train import fit
 from qwen_ft.cli.train import main as finetune_main
 from qwen_ft.errors import ConfigError, QwenFtError
+from qwen_ft.recipe import steps
+from qwen_ft.recipe.run import fit
 from qwen_ft.train.distributed import DistInfo
 from qwen_ft.train.schedule import lr_at
 from tests.integration.conftest import write_run_yaml
@@ -29,7 +29,7 @@ def probe_logits(model, ids=None):
 
 
 def train_in_process(config: str, overrides=()):
-    return fit(setup.checked_config(config, list(overrides)), CPU)
+    return fit(steps.checked_config(config, list(overrides)), CPU)
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +189,11 @@ def test_resume_refuses_other_data_or_settings(lora_run, run_config, tmp_path):
     _, _, out = lora_run
     ckpt = f"train.resume={out}/checkpoints/checkpoint-8"
     with pytest.raises(QwenFtError, match="different data"):
-        fit(setup.checked_config(run_config(), [ckpt, "data.max_length=96"]), CPU)
+        fit(steps.checked_config(run_config(), [ckpt, "data.max_length=96"]), CPU)
     with pytest.raises(QwenFtError, match="other trainable parameters"):
-        fit(setup.checked_config(run_config(), [ckpt]), CPU)  # same data, but no trainable embeddings
+        fit(steps.checked_config(run_config(), [ckpt]), CPU)  # same data, but no trainable embeddings
     with pytest.raises(ConfigError):
-        setup.checked_config(run_config(), ["train.max_stepz=3"])
+        steps.checked_config(run_config(), ["train.max_stepz=3"])
 
 
 @pytest.mark.parametrize("option, flag", [("lora.rslora=true", "use_rslora"), ("lora.dora=true", "use_dora")])

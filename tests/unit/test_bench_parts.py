@@ -11,7 +11,7 @@ from qwen_ft.bench.shapes import shape_config
 from qwen_ft.bench.workload import conversation, run_sections
 from qwen_ft.data.chatml import render_chatml
 from qwen_ft.errors import QwenFtError
-from qwen_ft.train.memory import Shape
+from qwen_ft.model.shape import Shape
 
 SEVEN_B = Shape.from_config(shape_config("7b"))
 

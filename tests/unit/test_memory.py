@@ -8,7 +8,8 @@ import pytest
 
 from qwen_ft.cli.main import main
 from qwen_ft.config.load import config_from_dict
-from qwen_ft.train.memory import GB, Shape, estimate, fits, trainable_params
+from qwen_ft.model.shape import Shape
+from qwen_ft.sizing.memory import GB, estimate, fits, trainable_params
 
 
 @pytest.mark.parametrize("family, tied", [("qwen2", False), ("qwen2", True), ("qwen3", True), ("qwen3", False)])

@@ -15,59 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qwen_ft.model.load import checkpointed_layers
+from qwen_ft.model.shape import Shape, lora_params
 
 GB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The sizes that memory depends on (from config.json)."""
-
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    tied: bool
-    head_dim: int
-    qwen3: bool  # Qwen3: no q/k/v bias, RMSNorm on q and k per head
-
-    @classmethod
-    def from_config(cls, c: dict) -> Shape:
-        """Qwen2/3 config.json (v1 configs are mapped first)."""
-        if c.get("model_type") == "qwen":
-            from qwen_ft.model.qwen_v1 import native_config
-
-            c = native_config(c)
-        heads = c["num_attention_heads"]
-        return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], heads,
-                   c.get("num_key_value_heads", heads), c["intermediate_size"],
-                   bool(c.get("tie_word_embeddings", False)), int(c.get("head_dim") or c["hidden_size"] // heads),
-                   c.get("model_type") == "qwen3")
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder layer."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
-
-    def linear_params(self) -> int:
-        """Parameters in the decoder layers' linear weights (what quantization applies to)."""
-        return self.layers * sum(i * o for i, o in self.linear_shapes().values())
-
-    def other_params(self) -> int:
-        """Embeddings, untied head, q/k/v biases (Qwen2) or q/k norms (Qwen3), and layer norms."""
-        attn = 2 * self.head_dim if self.qwen3 else (self.heads + 2 * self.kv_heads) * self.head_dim
-        per_layer = attn + 2 * self.hidden
-        heads = 1 if self.tied else 2
-        return heads * self.vocab * self.hidden + self.layers * per_layer + self.hidden
-
-    def params(self) -> int:
-        """All parameters (tied weights once)."""
-        return self.linear_params() + self.other_params()
 
 
 @dataclass
@@ -89,12 +40,6 @@ def trainable_params(cfg, shape: Shape) -> int:
         return shape.params()
     emb = (1 if shape.tied else 2) * shape.vocab * shape.hidden if cfg.lora.train_embeddings else 0
     return lora_params(shape, cfg.lora.r, cfg.lora.target_modules) + emb
-
-
-def lora_params(shape: Shape, r: int, targets: tuple[str, ...] = ()) -> int:
-    """LoRA A and B weights of rank `r` on the `targets` linear layers (empty: all of them)."""
-    chosen = set(targets or shape.linear_shapes())
-    return shape.layers * sum(r * (i + o) for name, (i, o) in shape.linear_shapes().items() if name in chosen)
 
 
 def weight_bytes(cfg, shape: Shape, dtype: str, gptq_group: int = 128) -> float:
@@ -167,3 +112,55 @@ def _loss_step_bytes(cfg, shape: Shape, dtype: str, stage: int, tokens: int, tra
 def fits(e: Estimate, gpu_gb: float) -> bool:
     """True when the estimate leaves ~5% headroom for the allocator and CUDA workspace."""
     return e.total <= 0.95 * gpu_gb * GB
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """`estimate` for a run config against its checkpoint's config.json."""
+
+    shape: Shape
+    method: str
+    dtype: str
+    gpus: int
+    stage: int
+    offload: bool
+    estimate: Estimate
+
+
+def estimate_run(cfg, gpus: int = 1, dtype: str = "bf16") -> RunEstimate:
+    """Peak memory per GPU for `cfg` on `gpus` GPUs; `dtype` is what model.dtype=auto becomes.
+
+    Raises:
+        QwenFtError: model.path has no readable config.json.
+    """
+    from qwen_ft.train.ds_config import deepspeed_config, offloads_optimizer, zero_stage
+
+    checkpoint_config = read_checkpoint_config(cfg.model.path)
+    shape = Shape.from_config(checkpoint_config)
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else dtype
+    ds = deepspeed_config(cfg, dtype, gpus) if cfg.dist.deepspeed != "none" else {}
+    group = checkpoint_config.get("quantization_config", {}).get("group_size") or 128
+    group = group if group > 0 else 1 << 30  # -1: one group spans each column's whole input
+    e = estimate(cfg, shape, dtype, gpus, zero_stage(ds), offloads_optimizer(ds), gptq_group=group)
+    return RunEstimate(shape, cfg.method, dtype, gpus, zero_stage(ds), offloads_optimizer(ds), e)
+
+
+def read_checkpoint_config(model_path: str) -> dict:
+    """config.json of a checkpoint directory.
+
+    Raises:
+        QwenFtError: naming the file and the fix.
+    """
+    import json
+    from pathlib import Path
+
+    from qwen_ft.errors import QwenFtError
+
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise QwenFtError(f"{path} not found: the estimate reads the checkpoint's config.json; set "
+                          "model.path=DIR to a directory holding it (config.json alone is enough)")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QwenFtError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json") from None

@@ -1,24 +1,29 @@
-"""The building steps of a training run, each small; `cli/train.py` reads them top to bottom."""
+"""The building steps of a training run, each small; `recipe/run.py` reads them top to bottom."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qwen_ft.config.load import dump_config, load_config
+from qwen_ft.config.load import config_from_dict, config_to_dict, dump_config, load_config
+from qwen_ft.config.schema import RunConfig
 from qwen_ft.config.validate import check_environment
 from qwen_ft.errors import ConfigError, QwenFtError
 from qwen_ft.train import checkpoint as ck
-from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, print0, wrap_ddp
+from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, local_main_first, print0, wrap_ddp
 
 
-def checked_config(path: str, overrides: list[str]):
-    """Load, validate and check the config against this machine; refuse what this version cannot run."""
+def checked_config(config: str | Path | RunConfig, overrides: list[str]) -> RunConfig:
+    """Load (or take), validate and check the config against this machine; refuse what this version
+    cannot run."""
     from qwen_ft.model.checks import checkpoint_problems
 
-    cfg = load_config(path, overrides)
+    if isinstance(config, RunConfig):
+        cfg, source = config_from_dict(config_to_dict(config), overrides, source="RunConfig"), "RunConfig"
+    else:
+        cfg, source = load_config(str(config), overrides), str(config)
     problems = check_environment(cfg) + checkpoint_problems(cfg)
     if problems:
-        raise ConfigError(problems, source=path)
+        raise ConfigError(problems, source=source)
     return cfg
 
 
@@ -38,11 +43,8 @@ def native_checkpoint(cfg, dist: DistInfo):
         return cfg
     from qwen_ft.model.qwen_v1 import converted_for_training
 
-    if dist.local_rank != 0:
-        barrier(dist)
-    converted = converted_for_training(cfg.model.path, cfg.data.cache_dir)
-    if dist.local_rank == 0:
-        barrier(dist)
+    with local_main_first(dist):
+        converted = converted_for_training(cfg.model.path, cfg.data.cache_dir)
     print0(dist, f"model: Qwen v1 checkpoint {cfg.model.path} converted to the native layout in {converted}")
     tokenizer = cfg.tokenizer if cfg.tokenizer.path not in (None, cfg.model.path) else \
         dataclasses.replace(cfg.tokenizer, path=str(converted))
@@ -68,12 +70,8 @@ def tokenizer_and_data(cfg, dist: DistInfo):
     from qwen_ft.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer_path)
-    builder = dist.local_rank == 0
-    if not builder:
-        barrier(dist)
-    data = prepare_data(cfg, tok)
-    if builder:
-        barrier(dist)
+    with local_main_first(dist):
+        data = prepare_data(cfg, tok)
     print0(dist, f"data ({data.stats['cache']}: {data.stats['cache_path']})")
     first = plan_for(cfg, data)
     print0(dist, format_stats(data.stats, first, cfg))
@@ -88,13 +86,7 @@ def deepspeed(cfg, precision, dist: DistInfo):
     from qwen_ft.train.distributed import single_process_group
     from qwen_ft.train.ds_config import deepspeed_config, zero_stage
 
-    ds = deepspeed_config(cfg, precision.name, dist.world)
-    if zero_stage(ds) == 3 and cfg.method == "qlora" and cfg.quant.backend == "gptq":
-        raise ConfigError([f"dist.deepspeed={cfg.dist.deepspeed} is ZeRO-3, which cannot partition GPTQ's packed "
-                           "weights; use a ZeRO-2 config for GPTQ bases"])
-    if zero_stage(ds) == 3 and cfg.model.compile:
-        raise ConfigError([f"dist.deepspeed={cfg.dist.deepspeed} is ZeRO-3, whose weight-gathering hooks a compiled "
-                           "layer does not run; set model.compile: false or use a ZeRO-2 config"])
+    ds = deepspeed_config(cfg, precision.name, dist.world)  # ZeRO-3 conflicts: config/validate.py
     import_deepspeed()
     single_process_group(dist)
     if zero_stage(ds) != 3:
@@ -182,11 +174,7 @@ def saver(cfg, unwrapped, tok, family, backend, dist: DistInfo):
     text = dump_config(cfg)
 
     def save(out: Path) -> None:
-        state_dict = None
-        if getattr(backend, "engine", None) is not None:
-            from qwen_ft.train.deepspeed import gathered_state_dict
-
-            state_dict = gathered_state_dict(backend.engine, unwrapped, cfg.method)
+        state_dict = backend.saved_state_dict(cfg.method)  # every rank: ZeRO-3 gathers
         if dist.is_main:
             ck.save_model_files(unwrapped, out, state_dict)
             ck.write_description(out, text, manifest, tok.files)

@@ -1,6 +1,6 @@
 """One benchmark case in its own process (so peak memory is this case's alone).
 
-Run by `qwen-ft bench`: python -m qwen_ft.cli.bench_worker CASE.json; writes case["result"].
+Run by `qwen-ft bench`: python -m qwen_ft.bench.worker CASE.json; writes case["result"].
 qwen-ft cases go through the training code itself (build_trainer + loop.run); baseline cases
 through transformers' Trainer + peft.
 """
@@ -29,20 +29,17 @@ class ClockLogger:
     def eval(self, step: int, loss: float) -> None:
         pass
 
-    def message(self, text: str) -> None:
-        pass
-
     def close(self, history: list) -> None:
         pass
 
 
 def run_qwen_ft(case: dict, dist) -> StepClock:
     """case["steps"] optimizer steps of the real training loop; nothing is saved."""
-    from qwen_ft.cli import setup
-    from qwen_ft.cli.train import build_trainer
+    from qwen_ft.recipe import steps
+    from qwen_ft.recipe.run import build_trainer
     from qwen_ft.train import loop
 
-    trainer, state = build_trainer(setup.checked_config(case["config"], case["overrides"]), dist)
+    trainer, state = build_trainer(steps.checked_config(case["config"], case["overrides"]), dist)
     clock = StepClock(dist.device)
     clock.restart()
     loop.run(trainer, state, ClockLogger(clock))
@@ -52,9 +49,9 @@ def run_qwen_ft(case: dict, dist) -> StepClock:
 def measure(case: dict) -> dict:
     """Run the case; out-of-memory and other failures become the result's error."""
     from qwen_ft.bench.baseline import run_baseline
-    from qwen_ft.cli import setup
+    from qwen_ft.recipe import steps
 
-    dist = setup.distributed()
+    dist = steps.distributed()
     try:
         clock = run_qwen_ft(case, dist) if case["impl"] == "qwen-ft" else run_baseline(case, dist.device)
     except torch.OutOfMemoryError:
@@ -73,7 +70,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from qwen_ft.cli.main import quiet_third_party_logs
+    from qwen_ft.quiet import quiet_third_party
 
-    quiet_third_party_logs()
+    quiet_third_party()
     sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Inference on trained outputs: chat rendering and generation."""

@@ -1,0 +1,84 @@
+"""The story of a run: config -> checks -> tokenizer -> data -> model -> train -> save.
+
+`finetune` is what `qwen_ft.finetune`, `qwen-ft train` and `torchrun finetune.py` all run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen_ft.config.schema import RunConfig
+from qwen_ft.recipe import steps
+from qwen_ft.train.distributed import DistInfo
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished fine-tuning produced."""
+
+    output_dir: Path
+    steps: int
+    first_loss: float
+    last_loss: float
+    eval_loss: float | None
+    model_path: Path  # the final weights (an adapter directory for LoRA/Q-LoRA): output_dir itself
+
+
+def build_trainer(cfg: RunConfig, dist: DistInfo):
+    """Everything a run needs, built in order: returns (trainer, TrainState: fresh or resumed)."""
+    from qwen_ft.train import loop
+
+    cfg = steps.native_checkpoint(cfg, dist)
+    precision, attn, family = steps.runtime(cfg, dist)
+    ds_config, _zero3_loading = steps.deepspeed(cfg, precision, dist)  # kept alive while the model loads
+    tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist)
+    unwrapped = steps.model(cfg, family, precision, attn, dist)
+    plan = steps.run_plan(cfg, dist, first_epoch, precision, attn)
+    backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)
+    state = steps.resume_state(cfg, backend, data, dist)
+    trainer = loop.Trainer(cfg, plan, dist, backend, unwrapped, data, tok.endoftext_id,
+                           steps.saver(cfg, unwrapped, tok, family, backend, dist),
+                           steps.loss_function(cfg, unwrapped, ds_config))
+    return trainer, state
+
+
+def fit(cfg: RunConfig, dist: DistInfo):
+    """Build everything for `cfg` and train; returns (trainer, final TrainState)."""
+    from qwen_ft.train import loop
+    from qwen_ft.train.distributed import print0
+    from qwen_ft.train.logging import RunLogger
+
+    trainer, state = build_trainer(cfg, dist)
+    logger = RunLogger(trainer.cfg.train.output_dir, trainer.plan.total_steps, state.step, dist.is_main)
+    state = loop.run(trainer, state, logger)
+    steps.save_final(trainer, state)
+    logger.close(state.history)
+    print0(dist, steps.summary(trainer.cfg, state))
+    return trainer, state
+
+
+def finetune(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...] = ()) -> RunResult:
+    """Run one fine-tuning job end to end (every process of a torchrun job calls this).
+
+    Raises:
+        ConfigError: every problem with the config and this machine, before any work.
+        QwenFtError: other user errors, with the fix.
+    """
+    from qwen_ft.train.distributed import shutdown
+
+    cfg = steps.checked_config(config, list(overrides))
+    dist = steps.distributed()
+    try:
+        _, state = fit(cfg, dist)
+    finally:
+        shutdown(dist)
+    return result_of(cfg, state)
+
+
+def result_of(cfg: RunConfig, state) -> RunResult:
+    """The RunResult of a finished TrainState."""
+    losses = [h["loss"] for h in state.history if "loss" in h]
+    evals = [h["eval_loss"] for h in state.history if "eval_loss" in h]
+    out = Path(cfg.train.output_dir)
+    return RunResult(out, state.step, losses[0], losses[-1], evals[-1] if evals else None, out)

@@ -1,0 +1,1 @@
+"""Sizing a run before it starts: the memory estimator."""
