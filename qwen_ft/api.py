@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qwen_ft.config.schema import DEFAULT_SYSTEM
+
 if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
     from qwen_ft.export.merge import MergeReport
     from qwen_ft.recipe.run import RunResult
     from qwen_ft.sizing.memory import RunEstimate
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -119,8 +119,8 @@ def run_qwen_ft(path: Path, tok_dir: Path, max_len: int, num_proc: int, cache: P
     dt = time.perf_counter() - t0
     t1 = time.perf_counter()
     tokenized_dataset([str(path)], tok, spec, str(cache), num_proc)
-    return {"seconds": dt, "cache_hit_seconds": time.perf_counter() - t1, "conversations": stats["conversations"],
-            "truncated": stats["truncated"], "dropped": stats["dropped"], "real_tokens": stats["tokens"],
+    return {"seconds": dt, "cache_hit_seconds": time.perf_counter() - t1, "conversations": stats.conversations,
+            "truncated": stats.truncated, "dropped": stats.dropped, "real_tokens": stats.tokens,
             "packed_rows": plan.rows, "padding_efficiency": plan.efficiency}
 
 

@@ -15,6 +15,7 @@ import torch
 
 from qwen_ft.bench.shapes import shape_config
 from qwen_ft.model.shape import Shape
+from qwen_ft.tokenizer import load_tokenizer
 from qwen_ft.tokenizer.bundled import write_tokenizer_files
 
 SHARD_BYTES = 4 * 1024**3
@@ -37,7 +38,7 @@ def _dense(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Gen
     return (torch.randn(shape, generator=gen, device=device) * 0.02).to(dtype).cpu()
 
 
-def _gptq(shape: tuple[int, int], group: int, gen: torch.Generator, device) -> dict[str, torch.Tensor]:
+def _gptq(shape: tuple[int, ...], group: int, gen: torch.Generator, device) -> dict[str, torch.Tensor]:
     """Packed 4-bit tensors of one linear layer (weight shape (out, in))."""
     out_f, in_f = shape
     ints = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), generator=gen, device=device, dtype=torch.int64)
@@ -64,7 +65,9 @@ def _write_shards(items, out: Path) -> None:
     """safetensors shards of at most SHARD_BYTES plus model.safetensors.index.json."""
     from safetensors.torch import save_file
 
-    shards, current, size = [], {}, 0
+    shards: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = 0
     for name, t in items:
         if current and size + t.numel() * t.element_size() > SHARD_BYTES:
             shards.append(current)
@@ -87,9 +90,9 @@ def gptq_group_size(config: dict) -> int:
 def write_random_checkpoint(shape: str, out: str | Path, dtype: torch.dtype = torch.bfloat16,
                             gptq: bool = False) -> Path:
     """Write config.json, random weights and the bundled Qwen tokenizer files to `out`; returns it."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = shape_config(shape)
+    out = write_tokenizer_files("qwen3", out)  # a Path from here on (`out` may be given as a str)
+    tok = load_tokenizer(out)
+    config = {**shape_config(shape), **tok.special_ids()}
     group = gptq_group_size(config) if gptq else None
     if group:
         config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
@@ -98,5 +101,4 @@ def write_random_checkpoint(shape: str, out: str | Path, dtype: torch.dtype = to
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _write_shards(_tensors(config, dtype, group, device), out)
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    write_tokenizer_files("qwen3", out)
-    return out
+    return Path(out)

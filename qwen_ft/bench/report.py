@@ -39,7 +39,7 @@ def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) ->
 def speedups(records: list[dict]) -> dict[tuple, float]:
     """qwen-ft tokens/s over the baseline's, per (shape, method, length) where both finished."""
     by = {(r["impl"], r["shape"], r["method"], r["length"]): r for r in records if not r.get("error")}
-    return {key[1:]: r["tokens_per_s"] / by[("baseline", *key[1:])]["tokens_per_s"]
+    return {key[1:]: r["tokens_per_s"] / by[("baseline",) + key[1:]]["tokens_per_s"]
             for key, r in by.items() if key[0] == "qwen-ft" and ("baseline", *key[1:]) in by}
 
 

@@ -58,32 +58,29 @@ def check_request(req: BenchRequest) -> None:
 
 def base_checkpoint(work: Path, shape: str, gptq: bool) -> Path:
     """The random checkpoint of `shape` (dense or GPTQ), written once and reused."""
-    import shutil
-
     import torch
 
     from qwen_ft.bench.checkpoint import write_random_checkpoint
+    from qwen_ft.files import atomic_dir
 
     out = work / f"model-{shape}-{'gptq' if gptq else 'dense'}"
     if (out / "config.json").is_file():
         return out
     print(f"writing random {shape} checkpoint ({'GPTQ int4' if gptq else 'dense'}) to {out}", flush=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    write_random_checkpoint(shape, tmp, dtype, gptq=gptq)
-    shutil.rmtree(out, ignore_errors=True)  # an interrupted earlier write of this cache entry
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        write_random_checkpoint(shape, tmp, dtype, gptq=gptq)
     return out
 
 
 def case_files(work: Path, length: int, n: int, tok) -> dict:
     """Workload for one length: conversations for qwen-ft, token rows for the baseline, learned tokens/row."""
     from qwen_ft.bench.workload import write_workload
+    from qwen_ft.data.chatml import IGNORE_INDEX
 
     convs, rows = write_workload(tok, length, n, work / f"data-{length}")
     first = json.loads(rows.open().readline())
-    learned = sum(1 for x in first["labels"][1:] if x != -100)
+    learned = sum(1 for x in first["labels"][1:] if x != IGNORE_INDEX)
     return {"conversations": convs, "rows": rows, "learned": learned}
 
 

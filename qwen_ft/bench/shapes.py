@@ -32,5 +32,4 @@ def shape_config(name: str) -> dict:
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **s,
             "num_key_value_heads": s["num_attention_heads"], "max_position_embeddings": 32768,
             "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-            "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643, "use_cache": False,
-            "torch_dtype": "bfloat16"}
+            "use_cache": False, "torch_dtype": "bfloat16"}  # special ids: from the tokenizer written beside it

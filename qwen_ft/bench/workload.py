@@ -12,12 +12,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen_ft.config.schema import DEFAULT_SYSTEM as SYSTEM
 from qwen_ft.data.chatml import render_chatml
 from qwen_ft.errors import QwenFtError
 
 METHODS = ("lora", "lora_emb", "qlora_bnb", "qlora_gptq", "full")
 WORDS = (" the", " of", " and", " to", " in", " is", " that", " for", " it", " was", " on", " with")
-SYSTEM = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qwen_ft.config.schema import DEFAULT_SYSTEM
+
 HELP = "chat with a model (multi-turn ChatML, streaming); --prompt answers once"
 
 
@@ -17,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL_DIR [--adapter] [--system] [--prompt] [--max-new-tokens] [--temperature]."""
     p.add_argument("model", help="model directory (a merged model, a full fine-tune, or a LoRA output)")
     p.add_argument("--adapter", help="LoRA adapter to apply on MODEL_DIR")
-    p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
+    p.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt")
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from qwen_ft.cli.common import add_data_source_arguments, config_from_args
+from qwen_ft.data.chatml import IGNORE_INDEX
 from qwen_ft.errors import QwenFtError
 
 HELP = "show one example with its supervised tokens highlighted"
@@ -31,7 +32,7 @@ def highlight(tok, ids: list[int], labels: list[int], color: bool) -> str:
 
     on, off = (GREEN, RESET) if color else ("[[", "]]")
     out = []
-    for learned, group in groupby(zip(ids, labels, strict=True), key=lambda p: p[1] != -100):
+    for learned, group in groupby(zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE_INDEX):
         text = tok.decode([t for t, _ in group])
         out.append(f"{on}{text}{off}" if learned else text)
     return "".join(out)
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if count - 1 == args.index:
             ids, labels = render_chatml(list(zip(conv.roles, conv.contents, strict=True)), tok, d.label_policy)
             color = not args.no_color and sys.stdout.isatty()
-            print(f"{conv.source}  ({len(ids)} tokens, {sum(x != -100 for x in labels)} learned, "
+            print(f"{conv.source}  ({len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} learned, "
                   f"policy {d.label_policy}, max_length {d.max_length})")
             print(highlight(tok, ids, labels, color))
             return 0

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"merge check: max |logit diff| merged vs base+adapter = {r.merge_diff:.3g} (fp32)"
           + (f", {r.cast_diff:.3g} after casting to {r.dtype}" if r.dtype != "fp32" else "")
           + f"; tolerance {r.tolerance:.3g}")
-    if r.quantized_diff is not None:
+    if r.quantized_diff is not None and r.perplexity is not None:  # both set for a Q-LoRA adapter
         ppl = r.perplexity
         print(f"vs adapter on the quantized base it was trained on: max |logit diff| {r.quantized_diff:.3g}; "
               f"perplexity merged {ppl['merged']:.3f}, adapter on quantized base "

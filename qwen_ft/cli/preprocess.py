@@ -34,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
     tok = load_tokenizer(cfg.tokenizer_path)
     data = prepare_data(cfg, tok)
     s = data.stats
-    print(f"data: {', '.join(cfg.data.train_files)} (cache {s['cache']}: {s['cache_path']})")
+    print(f"data: {', '.join(cfg.data.train_files)} (cache {s.cache}: {s.cache_path})")
     print(format_stats(s, plan_for(cfg, data), cfg))
     if args.dump:
-        n = dump(load_shards(s["cache_path"], s["shards"]), args.dump)
+        n = dump(load_shards(s.cache_path, s.shards), args.dump)
         print(f"wrote {n:,} conversations to {args.dump}")
     return 0
 

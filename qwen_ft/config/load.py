@@ -41,7 +41,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """Check `value` against type `tp`; return the coerced value (or None after recording a problem)."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if value is None:  # an empty section in YAML means "all defaults"
             return tp()
         if not isinstance(value, dict):

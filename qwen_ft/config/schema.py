@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Qwen v1 ChatML's default system prompt (QwenLM finetune.py, chat demos).
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
 
 def opt(default, help: str, **kw):  # noqa: A002 - "help" mirrors argparse/TRL naming
     """A dataclass field with a default and a one-line help string."""
@@ -70,7 +73,7 @@ class DataConfig:
     label_policy: Literal["assistant", "last_turn", "qwen_reference"] = opt(
         "assistant", "which tokens are learned; see qwen_ft/data/chatml.py"
     )
-    default_system: str = opt("You are a helpful assistant.", "system prompt used when a conversation has none")
+    default_system: str = opt(DEFAULT_SYSTEM, "system prompt used when a conversation has none")
     packing: bool = opt(True, "pack conversations into rows of max_length with restarting position_ids")
     on_error: Literal["error", "skip"] = opt("error", "bad rows: stop with every error listed, or skip and count them")
     num_proc: int = opt(1, "tokenization processes")
@@ -123,7 +126,7 @@ class TrainConfig:
     loss_chunk_tokens: int = opt(
         1024, "learned positions per chunk of output layer + cross-entropy (bounds logits memory); 0: all at once"
     )
-    logging_steps: int = opt(1, "log every N optimizer steps")
+    logging_steps: int = opt(1, "TensorBoard scalars and the bar's loss every N optimizer steps (mean over them)")
     eval_steps: int = opt(0, "eval every N steps; 0: only at the end (when an eval set exists)")
     save_steps: int = opt(0, "checkpoint every N steps; 0: only at the end")
     save_total_limit: int = opt(2, "keep the newest K checkpoints")

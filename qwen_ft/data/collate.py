@@ -59,13 +59,14 @@ def flatten(examples: Sequence[dict]) -> dict:
     """
     lengths = [len(ex["input_ids"]) for ex in examples]
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-    out = {
+    labels = torch.tensor([[t for ex in examples for t in [IGNORE_INDEX, *ex["labels"][1:]]]])
+    out: dict[str, torch.Tensor | int] = {
         "input_ids": torch.tensor([[t for ex in examples for t in ex["input_ids"]]]),
-        "labels": torch.tensor([[t for ex in examples for t in [IGNORE_INDEX, *ex["labels"][1:]]]]),
+        "labels": labels,
         "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
         "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths),
     }
-    out.update(learned_indices(out["labels"]))
+    out.update(learned_indices(labels))
     return out
 
 

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qwen_ft.data.packing import BatchPlan, plan_batches
+from qwen_ft.data.stats import DataStats
 from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
 from qwen_ft.errors import DataError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from qwen_ft.config.schema import RunConfig
 
 
 @dataclass
 class PreparedData:
     """Tokenized examples ready for batching (dropped rows removed)."""
 
-    train: object  # datasets.Dataset
-    eval: object | None
-    stats: dict = field(default_factory=dict)
+    train: Dataset
+    eval: Dataset | None
+    stats: DataStats  # of the train files (their eval split included); the eval files' in stats.eval
 
     def lengths(self, split: str = "train") -> np.ndarray:
         """Token count of every example of `split`."""
@@ -28,21 +35,21 @@ class PreparedData:
         return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
 
 
-def _kept(ds):
+def _kept(ds: Dataset) -> Dataset:
     import pyarrow.compute as pc
 
     keep = np.flatnonzero(pc.not_equal(ds.data.column("status"), "dropped").to_numpy(zero_copy_only=False))
     return ds if len(keep) == len(ds) else ds.select(keep)
 
 
-def _split(ds, fraction: float, seed: int):
+def _split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Hold out `fraction` of the examples for eval (at least one), reproducibly."""
     order = np.random.default_rng(seed).permutation(len(ds))
     n_eval = max(1, int(round(len(ds) * fraction)))
     return ds.select(np.sort(order[n_eval:])), ds.select(np.sort(order[:n_eval]))
 
 
-def prepare_data(cfg, tok) -> PreparedData:
+def prepare_data(cfg: RunConfig, tok) -> PreparedData:
     """Tokenize (or load from cache) the train and eval data of `cfg`.
 
     Raises:
@@ -53,12 +60,12 @@ def prepare_data(cfg, tok) -> PreparedData:
     full, stats = tokenized_dataset(d.train_files, tok, spec, d.cache_dir, d.num_proc)
     train, eval_ds = _kept(full), None
     if len(train) == 0:
-        raise DataError(f"no training example left out of {stats['rows_read']} row(s) in {', '.join(d.train_files)} "
-                        f"(skipped {stats['skipped']}, dropped {stats['dropped']} as longer than "
+        raise DataError(f"no training example left out of {stats.rows_read} row(s) in {', '.join(d.train_files)} "
+                        f"(skipped {stats.skipped}, dropped {stats.dropped} as longer than "
                         f"data.max_length={d.max_length}); fix the data or raise data.max_length")
     if d.eval_files:
         eval_full, eval_stats = tokenized_dataset(d.eval_files, tok, spec, d.cache_dir, d.num_proc)
-        eval_ds, stats = _kept(eval_full), {**stats, "eval": eval_stats}
+        eval_ds, stats = _kept(eval_full), stats.with_eval(eval_stats)
     elif d.eval_fraction > 0:
         if len(train) < 2:
             raise DataError("data.eval_fraction needs at least 2 examples; set it to 0 or add data")
@@ -66,21 +73,21 @@ def prepare_data(cfg, tok) -> PreparedData:
     return PreparedData(train, eval_ds, stats)
 
 
-def plan_for(cfg, data: PreparedData, epoch: int = 0, split: str = "train") -> BatchPlan:
+def plan_for(cfg: RunConfig, data: PreparedData, epoch: int = 0, split: str = "train") -> BatchPlan:
     """The batch plan of one epoch of `split` under the config's packing settings."""
     return plan_batches(data.lengths(split), cfg.data.max_length, cfg.train.micro_batch_size,
                         cfg.data.packing, cfg.train.seed, epoch)
 
 
-def format_stats(stats: dict, plan: BatchPlan | None, cfg) -> str:
+def format_stats(stats: DataStats, plan: BatchPlan | None, cfg: RunConfig) -> str:
     """Human-readable preprocessing report."""
-    tok, sup = stats["tokens"], stats["supervised_tokens"]
+    tok, sup = stats.tokens, stats.supervised_tokens
     lines = [
-        ("conversations read", f"{stats['rows_read']:,}"),
-        ("skipped (bad rows)", f"{stats['skipped']:,}"),
-        (f"dropped (> {cfg.data.max_length} tokens)", f"{stats['dropped']:,}"),
-        ("truncated at a turn", f"{stats['truncated']:,}"),
-        ("examples", f"{stats['examples']:,}"),
+        ("conversations read", f"{stats.rows_read:,}"),
+        ("skipped (bad rows)", f"{stats.skipped:,}"),
+        (f"dropped (> {cfg.data.max_length} tokens)", f"{stats.dropped:,}"),
+        ("truncated at a turn", f"{stats.truncated:,}"),
+        ("examples", f"{stats.examples:,}"),
         ("tokens", f"{tok:,}"),
         ("supervised tokens", f"{sup:,} ({100 * sup / max(tok, 1):.1f}%)"),
     ]
@@ -91,6 +98,6 @@ def format_stats(stats: dict, plan: BatchPlan | None, cfg) -> str:
                    f"{100 * plan.efficiency:.1f}% (micro_batch_size {cfg.train.micro_batch_size})")]
     width = max(len(k) for k, _ in lines)
     out = [f"  {k:<{width}}  {v}" for k, v in lines]
-    for key in ("skipped_examples", "dropped_examples"):
-        out += [f"  {key.split('_')[0]}: {e}" for e in stats.get(key, [])]
+    for kind, examples in (("skipped", stats.skipped_examples), ("dropped", stats.dropped_examples)):
+        out += [f"  {kind}: {e}" for e in examples]
     return "\n".join(out)

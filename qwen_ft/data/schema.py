@@ -51,8 +51,8 @@ def _messages(row: Any) -> tuple[list, str, str, str]:
 def _message(msg: Any, where: str, role_key: str, content_key: str) -> tuple[str, str]:
     if not isinstance(msg, dict):
         raise RowError(f"{where}: expected an object with '{role_key}' and '{content_key}', got {msg!r:.60}")
-    role = msg.get(role_key)
-    role = ROLE_ALIASES.get(role, role)
+    raw = msg.get(role_key)
+    role = ROLE_ALIASES.get(raw, raw) if isinstance(raw, str) else raw  # an unhashable role is reported below
     if role not in ROLES:
         raise RowError(f"{where}.{role_key}: unknown role {msg.get(role_key)!r}; use one of {', '.join(ROLES)}")
     content = msg.get(content_key)

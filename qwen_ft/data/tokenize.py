@@ -15,13 +15,20 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from qwen_ft.data.chatml import IGNORE_INDEX, Framing, assemble, fit_length
+from qwen_ft.data.chatml import IGNORE_INDEX, Framing, Policy, assemble, fit_length
 from qwen_ft.data.conversations import ReadReport, read_conversations
+from qwen_ft.data.stats import DataStats
+from qwen_ft.files import atomic_dir
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from qwen_ft.config.schema import DataConfig
 
 TEMPLATE_VERSION = "chatml-v1"  # bump when rendering or masking changes, to invalidate caches
 CACHE_FORMAT = 2  # bump when the layout of a cache entry changes
@@ -33,13 +40,13 @@ class TokenizeSpec:
     """Every setting that changes the tokenized rows (all part of the cache key)."""
 
     max_length: int
-    overlong: str
-    label_policy: str
+    overlong: Literal["truncate", "drop"]
+    label_policy: Policy
     default_system: str
-    on_error: str
+    on_error: Literal["error", "skip"]
 
     @classmethod
-    def from_config(cls, data) -> TokenizeSpec:
+    def from_config(cls, data: DataConfig) -> TokenizeSpec:
         """Spec from a DataConfig."""
         return cls(data.max_length, data.overlong, data.label_policy, data.default_system, data.on_error)
 
@@ -113,7 +120,7 @@ def _features():
                      "status": Value("string"), "source": Value("string")})
 
 
-def _build(files, tok, spec: TokenizeSpec, work: Path, num_proc: int) -> dict:
+def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: int) -> DataStats:
     """Run both stages into `work`; returns the stats."""
     from datasets import Dataset
 
@@ -126,12 +133,12 @@ def _build(files, tok, spec: TokenizeSpec, work: Path, num_proc: int) -> dict:
         desc="tokenizing",
     )
     shards = [Path(f["filename"]).name for f in mapped.cache_files]  # one per process with num_proc > 1
-    return {"rows_read": report.rows, "skipped": report.skipped, "skipped_examples": report.errors[:5],
-            "shards": shards, **_counts(mapped.data)}
+    return DataStats(rows_read=report.rows, skipped=report.skipped, skipped_examples=report.errors[:5],
+                     shards=shards, **_counts(mapped.data))
 
 
-def _counts(mapped) -> dict:
-    """Row, status and token counts computed in Arrow (no per-row Python objects)."""
+def _counts(mapped) -> dict[str, Any]:
+    """Row, status and token counts (DataStats fields) computed in Arrow (no per-row Python objects)."""
     import pyarrow.compute as pc
 
     status = mapped.column("status")
@@ -149,42 +156,32 @@ def _counts(mapped) -> dict:
     }
 
 
-def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: str, num_proc: int = 1):
+def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: str,
+                      num_proc: int = 1) -> tuple[Dataset, DataStats]:
     """The tokenized dataset for `files`, from the cache when the key matches.
 
     Returns:
-        (datasets.Dataset with input_ids/labels/n_supervised/status/source, stats dict with
-        "cache" = "hit" or "built" and "cache_path").
+        (datasets.Dataset with input_ids/labels/n_supervised/status/source, its DataStats with
+        cache = "hit" or "built" and cache_path).
     """
     key = cache_key(files, tok.fingerprint, spec)
     final = Path(cache_dir) / key
     if not (final / "stats.json").is_file():
-        if final.exists():  # an entry without stats.json is not one this code completed
-            shutil.rmtree(final, ignore_errors=True)
-        work = Path(cache_dir) / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            stats = _build(files, tok, spec, work, num_proc)
+        # A complete cache entry or none; another builder's complete entry (shared filesystem) wins.
+        with atomic_dir(final, complete=lambda d: (d / "stats.json").is_file()) as work:
+            built = _build(files, tok, spec, work, num_proc)
             for name in os.listdir(work):
-                if name not in stats["shards"]:
+                if name not in built.shards:
                     os.remove(work / name)
-            (work / "stats.json").write_text(json.dumps(stats, indent=1))
-            try:
-                os.replace(work, final)  # atomic: a complete cache entry or none
-            except OSError:
-                if not (final / "stats.json").is_file():  # not another builder's complete entry: a stale one
-                    raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        hit = "built"
+            (work / "stats.json").write_text(json.dumps(built.to_dict(), indent=1))
+        hit: Literal["built", "hit"] = "built"
     else:
         hit = "hit"
-    stats = json.loads((final / "stats.json").read_text())
-    return load_shards(final, stats["shards"]), {**stats, "cache": hit, "cache_path": str(final)}
+    stats = DataStats.from_dict(json.loads((final / "stats.json").read_text()), hit, str(final))
+    return load_shards(final, stats.shards), stats
 
 
-def load_shards(entry: Path, shards: list[str]):
+def load_shards(entry: str | Path, shards: list[str]) -> Dataset:
     """The cached dataset of a cache entry: its Arrow shards, memory-mapped and concatenated in order."""
     from datasets import Dataset, concatenate_datasets
 

@@ -9,17 +9,16 @@ looser, dtype-appropriate tolerance.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qwen_ft.errors import QwenFtError
+from qwen_ft.model.load import DTYPES
 
 # Max |logit diff| allowed, relative to max(1, max |reference logit|).
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -72,10 +71,11 @@ def resolve_base(adapter_dir: Path, manifest: dict, base: str | None) -> Path:
 
 def probe_ids(tok) -> torch.Tensor:
     """A short ChatML prompt in the model's vocabulary."""
+    from qwen_ft.config.schema import DEFAULT_SYSTEM
     from qwen_ft.data.chatml import Framing, assemble
 
     framing = Framing.of(tok)
-    msgs = [("system", "You are a helpful assistant."), ("user", "Hello! 1 + 1 = ? 你好"), ("assistant", "2")]
+    msgs = [("system", DEFAULT_SYSTEM), ("user", "Hello! 1 + 1 = ? 你好"), ("assistant", "2")]
     ids, _ = assemble([r for r, _ in msgs], [tok.encode(c) for _, c in msgs], framing)
     return torch.tensor([ids])
 
@@ -176,8 +176,9 @@ def quantized_base(src: Path, manifest: dict):
 
 def _checkpoint_dtype(model) -> str:
     found = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(found, {"bfloat16": "bf16", "float16": "fp16"}.get(
-        str(found), "fp32"))
+    if isinstance(found, torch.dtype):
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(found, "fp32")
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(str(found), "fp32")
 
 
 def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) -> None:
@@ -186,10 +187,8 @@ def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) ->
 
     merged.config.use_cache = True  # training switches the cache off; inference wants it
     merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
-    GenerationConfig(eos_token_id=[tok.im_end_id, tok.endoftext_id], pad_token_id=tok.endoftext_id,
-                     bos_token_id=tok.endoftext_id, max_new_tokens=512).save_pretrained(out)
-    for f in tok.files:
-        shutil.copyfile(f, out / Path(f).name)
+    GenerationConfig(**tok.generation_ids(), max_new_tokens=512).save_pretrained(out)
+    tok.save_files(out)
     merged_manifest = {**manifest, "merged_from": {"adapter": str(src.resolve()), "base": str(base_path.resolve())},
                        "method": "merged"}
     (out / "manifest.json").write_text(json.dumps(merged_manifest, indent=2))

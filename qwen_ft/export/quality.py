@@ -7,20 +7,18 @@ from pathlib import Path
 
 import torch
 
+from qwen_ft.config.schema import DEFAULT_SYSTEM
 from qwen_ft.data.chatml import render_chatml
 from qwen_ft.data.conversations import ReadReport, read_conversations
 from qwen_ft.errors import QwenFtError
 from qwen_ft.train.loss import causal_lm_loss
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
-
-def load_conversations(files: list[str], limit: int, skip: int = 0) -> list[list[tuple[str, str]]]:
-    """Up to `limit` conversations (after the first `skip`) as (role, content) lists, bad rows skipped."""
+def load_conversations(files: list[str], limit: int) -> list[list[tuple[str, str]]]:
+    """Up to `limit` conversations as (role, content) lists, bad rows skipped."""
     out = []
-    for i, conv in enumerate(read_conversations(files, DEFAULT_SYSTEM, "skip", ReadReport())):
-        if i >= skip:
-            out.append(list(zip(conv.roles, conv.contents, strict=True)))
+    for conv in read_conversations(files, DEFAULT_SYSTEM, "skip", ReadReport()):
+        out.append(list(zip(conv.roles, conv.contents, strict=True)))
         if len(out) >= limit:
             break
     if not out:

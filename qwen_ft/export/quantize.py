@@ -7,7 +7,6 @@ gptqmodel installed. Perplexity on held-out conversations is measured before and
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +85,6 @@ def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, cal
     model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group_size))
     model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples], batch_size=1)
     model.save(out_dir)
-    for f in tok.files:  # the vocabulary files qwen-ft reads, whatever gptqmodel wrote
-        shutil.copyfile(f, Path(out_dir) / Path(f).name)
+    tok.save_files(out_dir)  # the vocabulary files qwen-ft reads, whatever gptqmodel wrote
     after = perplexity(load_gptq_model(out_dir).eval(), tok, held, max_length)
     return QuantizeReport(Path(out_dir), len(samples), len(held), before, after)

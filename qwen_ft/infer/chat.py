@@ -16,7 +16,8 @@ class _Stream:
     """transformers streamer: skips the prompt, emits decoded text as it becomes valid UTF-8."""
 
     def __init__(self, tok, emit: Callable[[str], None]):
-        self.tok, self.emit, self.ids, self.shown, self.prompt_seen = tok, emit, [], 0, False
+        self.tok, self.emit, self.shown, self.prompt_seen = tok, emit, 0, False
+        self.ids: list[int] = []
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:
@@ -52,7 +53,9 @@ def load_chat_model(model_dir: str, adapter: str | None = None):
                               f"--adapter {path}")
         path, adapter = Path(base), str(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True).to(device).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
+    # transformers wraps .to with functools.wraps, whose typeshed type leaves `self` unbound
+    model = loaded.to(device).eval()  # type: ignore[arg-type]
     if adapter:
         from peft import PeftModel
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from qwen_ft.model.families import Family
 
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
-def lora_config(cfg, family: Family):
+
+def lora_config(cfg: RunConfig, family: Family):
     """peft LoraConfig from the run config and the family registry."""
     from peft import LoraConfig
 
@@ -20,7 +25,7 @@ def lora_config(cfg, family: Family):
     )
 
 
-def apply_method(model, cfg, family: Family):
+def apply_method(model, cfg: RunConfig, family: Family):
     """Return the model to train: the base itself (full) or a PeftModel (lora)."""
     if cfg.method == "full":
         for p in model.parameters():
@@ -109,8 +114,3 @@ def _packed_weight(module):
     if weight is not None and type(weight).__name__ == "Params4bit":
         return weight
     return getattr(module, "qweight", None)
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Detached copies of the trainable parameters, by name (for tests and checks)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
 import torch
 
@@ -94,7 +95,8 @@ def _native_gqa() -> bool:
 def _cuda_varlen(q, k, v, cu, max_len: int, scale):
     from torch.nn.attention.varlen import varlen_attn
 
-    kwargs = {"window_size": (-1, 0)}  # (-1, 0) is causal in torch's varlen API
+    # which keywords exist depends on the torch release (read from the signature above)
+    kwargs: dict[str, Any] = {"window_size": (-1, 0)}  # (-1, 0) is causal in torch's varlen API
     if "is_causal" in _varlen_params():  # torch releases before window_size
         kwargs = {"is_causal": True}
     if k.shape[1] != q.shape[1]:
@@ -107,7 +109,7 @@ def _reference_varlen(q, k, v, cu, max_len: int, scale):
     bounds = cu.tolist()
     outs = []
     for a, b in zip(bounds, bounds[1:], strict=False):
-        seg = [x[a:b].transpose(0, 1) for x in (q, k, v)]  # [heads, len, dim]
-        outs.append(torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, scale=scale)
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [heads, len, dim]
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
                     .transpose(0, 1))
     return torch.cat(outs)

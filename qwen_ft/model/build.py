@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,8 +12,11 @@ from qwen_ft.model.adapters import apply_method
 from qwen_ft.model.families import Family
 from qwen_ft.model.load import Precision, enable_gradient_checkpointing, load_base_model
 
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
-def build_model(cfg, family: Family, precision: Precision, attn: str, device: torch.device):
+
+def build_model(cfg: RunConfig, family: Family, precision: Precision, attn: str, device: torch.device):
     """Load the base and apply the method.
 
     Full fine-tuning keeps fp32 master weights (the forward runs under autocast); LoRA keeps the
@@ -56,7 +60,7 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
-def _build_qlora(cfg, family: Family, precision: Precision, attn: str, device: torch.device):
+def _build_qlora(cfg: RunConfig, family: Family, precision: Precision, attn: str, device: torch.device):
     """Quantized base (placed on `device` while loading) + k-bit preparation + LoRA."""
     from qwen_ft.model.quant import load_bnb_base, load_gptq_base, prepare_for_kbit
 
@@ -77,9 +81,10 @@ def load_trained_weights(model, ckpt: Path, method: str) -> None:
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-        if getattr(result, "unexpected_keys", None):
+        unexpected_keys = getattr(result, "unexpected_keys", None)
+        if unexpected_keys:
             raise QwenFtError(f"{ckpt}: adapter does not match this run's LoRA settings "
-                              f"({len(result.unexpected_keys)} unexpected tensors)")
+                              f"({len(unexpected_keys)} unexpected tensors)")
         return
     state = {}
     for f in sorted(ckpt.glob("*.safetensors")):

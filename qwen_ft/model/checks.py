@@ -6,11 +6,15 @@ Combinations the stack cannot train correctly are refused here, before anything 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_ft.model.quant import gptq_settings
 
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
-def checkpoint_problems(cfg) -> list[str]:
+
+def checkpoint_problems(cfg: RunConfig) -> list[str]:
     """Problems between method/quant settings and the checkpoint at model.path."""
     if not (Path(cfg.model.path) / "config.json").is_file():
         return []  # reported by the environment check
@@ -23,7 +27,7 @@ def checkpoint_problems(cfg) -> list[str]:
     return []
 
 
-def _qlora_problems(cfg, gptq: dict | None) -> list[str]:
+def _qlora_problems(cfg: RunConfig, gptq: dict | None) -> list[str]:
     q, problems = cfg.quant, []
     if q.backend == "gptq" and gptq is None:
         problems.append(f"quant.backend=gptq but {cfg.model.path} has no GPTQ quantization_config; "

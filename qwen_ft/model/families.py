@@ -15,13 +15,12 @@ from qwen_ft.errors import QwenFtError
 
 @dataclass(frozen=True)
 class Family:
-    """Per-family facts used to build adapters and refuse unsupported checkpoints."""
+    """Per-family facts used to build adapters."""
 
     name: str
     model_types: tuple[str, ...]
     lora_targets: tuple[str, ...]
     embedding_modules: tuple[str, ...]
-    unsupported: str = ""  # non-empty: why training this family is refused, and what to do
 
 
 QWEN2_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -53,8 +52,7 @@ def resolve_family(declared: str, path: str | Path) -> Family:
     """The family of the checkpoint at `path`; a declared family must agree with its config.json.
 
     Raises:
-        QwenFtError: unknown model_type, a declared family that contradicts the checkpoint, or an
-            unsupported family.
+        QwenFtError: unknown model_type, or a declared family that contradicts the checkpoint.
     """
     model_type = checkpoint_model_type(path)
     config = json.loads((Path(path) / "config.json").read_text())
@@ -67,6 +65,4 @@ def resolve_family(declared: str, path: str | Path) -> Family:
     if declared != "auto" and declared != found.name:
         raise QwenFtError(f"model.family: {declared!r} but {path}/config.json says model_type {model_type!r}; "
                           f"set model.family: {found.name} (or auto)")
-    if found.unsupported:
-        raise QwenFtError(f"{path}: {found.unsupported}")
     return found

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,8 +15,11 @@ from qwen_ft import deps
 from qwen_ft.errors import QwenFtError
 from qwen_ft.model.load import DTYPES, Precision, enable_gradient_checkpointing
 
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
-def compute_dtype(cfg, precision: Precision) -> torch.dtype:
+
+def compute_dtype(cfg: RunConfig, precision: Precision) -> torch.dtype:
     """quant.compute_dtype, `auto` meaning the run's precision."""
     name = cfg.quant.compute_dtype
     return precision.dtype if name == "auto" else DTYPES[name]
@@ -53,7 +57,7 @@ def _device_map(device: torch.device) -> dict | None:
     return None if is_deepspeed_zero3_enabled() else {"": str(device)}
 
 
-def load_bnb_base(cfg, precision: Precision, attn: str, device: torch.device):
+def load_bnb_base(cfg: RunConfig, precision: Precision, attn: str, device: torch.device):
     """Load model.path quantized to 4 bits by bitsandbytes (nf4/fp4, optional double quantization)."""
     deps.require("bnb", "method=qlora with quant.backend=bnb")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -70,7 +74,7 @@ def load_bnb_base(cfg, precision: Precision, attn: str, device: torch.device):
     return model
 
 
-def load_gptq_base(cfg, precision: Precision, attn: str, device: torch.device):
+def load_gptq_base(cfg: RunConfig, precision: Precision, attn: str, device: torch.device):
     """Load an existing GPTQ checkpoint through transformers + gptqmodel with a kernel that can train.
 
     Raises:

@@ -66,7 +66,6 @@ def native_config(v1: dict) -> dict:
         "rms_norm_eps": v1.get("layer_norm_epsilon", 1e-6),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(v1.get("rotary_emb_base", 10000))},
         "tie_word_embeddings": False, "use_cache": True, "use_sliding_window": False, "dtype": dtype,
-        "bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": 151643,
     }
     if v1.get("quantization_config"):
         out["quantization_config"] = v1["quantization_config"]
@@ -92,6 +91,8 @@ def native_name(name: str) -> str:
 def split_c_attn(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fused c_attn tensor -> q/k/v_proj tensors (dense: dim 0; GPTQ packed tensors: dim 1)."""
     m = LAYER.match(name)
+    if m is None:
+        raise QwenFtError(f"{name}: not a layer tensor of a Qwen v1 checkpoint; conversion stopped")
     part = name.rsplit(".", 1)[1]
     prefix = f"model.layers.{m.group(1)}.self_attn"
     if part == "g_idx":  # one input-channel grouping shared by q, k and v
@@ -160,33 +161,26 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "auto") ->
     Raises:
         QwenFtError: not a v1 checkpoint, pickle-only weights, or an unexpected tensor.
     """
-    import os
-    import shutil
-
+    from qwen_ft.files import atomic_dir
     from qwen_ft.tokenizer.convert import convert_tiktoken
+    from qwen_ft.tokenizer.tiktoken_qwen import QwenV1Tokenizer
 
     src, out = Path(src), Path(dst)
     v1 = read_v1_config(src)
     if not is_qwen_v1(v1):
         raise QwenFtError(f"{src}/config.json is not a Qwen v1 checkpoint (model_type {v1.get('model_type')!r})")
-    config = native_config(v1)
+    tok = QwenV1Tokenizer(src / "qwen.tiktoken")
+    # As v1's own config: <|endoftext|> ends text; generation_config.json adds <|im_end|> for chat.
+    config = {**native_config(v1), **tok.special_ids(), "eos_token_id": tok.endoftext_id}
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     if dtype != "auto" and "quantization_config" not in config:
         config["dtype"] = names[dtype]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         _write_weights(src, tmp, None if "quantization_config" in config else getattr(torch, config["dtype"]))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"eos_token_id": [151645, 151643], "pad_token_id": 151643, "bos_token_id": 151643}, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(tok.generation_ids(), indent=2))
         convert_tiktoken(src / "qwen.tiktoken", tmp)
         (tmp / "converted_from.json").write_text(json.dumps({"source": str(src.resolve()), "format": "qwen-v1"}))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -20,12 +20,14 @@ def make_tiny_model(out_dir: str | Path, family: str = "qwen3", hidden: int = 64
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
     cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    from qwen_ft.tokenizer import load_tokenizer
+
+    out = Path(out_dir)
+    tok = load_tokenizer(write_tokenizer_files("qwen3", out))
     config = cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=4096,
-                 tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+                 tie_word_embeddings=True, **tok.special_ids())
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
-    write_tokenizer_files("qwen3", out)
     return out

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_ft.config.schema import RunConfig
 from qwen_ft.recipe import steps
 from qwen_ft.train.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from qwen_ft.train.checkpoint import TrainState
+    from qwen_ft.train.loop import Trainer
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class RunResult:
     model_path: Path  # the final weights (an adapter directory for LoRA/Q-LoRA): output_dir itself
 
 
-def build_trainer(cfg: RunConfig, dist: DistInfo):
+def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
     """Everything a run needs, built in order: returns (trainer, TrainState: fresh or resumed)."""
     from qwen_ft.train import loop
 
@@ -43,14 +48,15 @@ def build_trainer(cfg: RunConfig, dist: DistInfo):
     return trainer, state
 
 
-def fit(cfg: RunConfig, dist: DistInfo):
+def fit(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
     """Build everything for `cfg` and train; returns (trainer, final TrainState)."""
     from qwen_ft.train import loop
     from qwen_ft.train.distributed import print0
     from qwen_ft.train.logging import RunLogger
 
     trainer, state = build_trainer(cfg, dist)
-    logger = RunLogger(trainer.cfg.train.output_dir, trainer.plan.total_steps, state.step, dist.is_main)
+    c = trainer.cfg.train
+    logger = RunLogger(c.output_dir, trainer.plan.total_steps, state.step, dist.is_main, c.logging_steps)
     state = loop.run(trainer, state, logger)
     steps.save_final(trainer, state)
     logger.close(state.history)
@@ -76,7 +82,7 @@ def finetune(config: str | Path | RunConfig, overrides: list[str] | tuple[str, .
     return result_of(cfg, state)
 
 
-def result_of(cfg: RunConfig, state) -> RunResult:
+def result_of(cfg: RunConfig, state: TrainState) -> RunResult:
     """The RunResult of a finished TrainState."""
     losses = [h["loss"] for h in state.history if "loss" in h]
     evals = [h["eval_loss"] for h in state.history if "eval_loss" in h]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from qwen_ft.config.load import config_from_dict, config_to_dict, dump_config, load_config
 from qwen_ft.config.schema import RunConfig
@@ -10,6 +11,18 @@ from qwen_ft.config.validate import check_environment
 from qwen_ft.errors import ConfigError, QwenFtError
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, local_main_first, print0, wrap_ddp
+
+if TYPE_CHECKING:  # the steps import what they build lazily, so that `qwen-ft --help` stays fast
+    import torch
+
+    from qwen_ft.data.packing import BatchPlan
+    from qwen_ft.data.prepare import PreparedData
+    from qwen_ft.model.families import Family
+    from qwen_ft.model.load import Precision
+    from qwen_ft.tokenizer.base import ChatTokenizer
+    from qwen_ft.train.loop import Trainer
+    from qwen_ft.train.plan import RunPlan
+    from qwen_ft.train.protocols import Backend, LossFn, Saver
 
 
 def checked_config(config: str | Path | RunConfig, overrides: list[str]) -> RunConfig:
@@ -32,7 +45,7 @@ def distributed() -> DistInfo:
     return init_distributed()
 
 
-def native_checkpoint(cfg, dist: DistInfo):
+def native_checkpoint(cfg: RunConfig, dist: DistInfo) -> RunConfig:
     """The config to train with: a Qwen v1 model.path is converted to the native Qwen2 layout first
     (once, cached under data.cache_dir); the user's config object itself is never changed."""
     import dataclasses
@@ -52,7 +65,7 @@ def native_checkpoint(cfg, dist: DistInfo):
     return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
 
 
-def runtime(cfg, dist: DistInfo):
+def runtime(cfg: RunConfig, dist: DistInfo) -> tuple[Precision, str, Family]:
     """Precision, attention implementation and model family for this device and checkpoint."""
     from qwen_ft.model.families import resolve_family
     from qwen_ft.model.load import resolve_attention, resolve_dtype
@@ -62,7 +75,7 @@ def runtime(cfg, dist: DistInfo):
     return precision, resolve_attention(cfg.model.attn_implementation, dist.device, precision.name), family
 
 
-def tokenizer_and_data(cfg, dist: DistInfo):
+def tokenizer_and_data(cfg: RunConfig, dist: DistInfo) -> tuple[ChatTokenizer, PreparedData, BatchPlan]:
     """Tokenizer, data and the first epoch's batch plan: local rank 0 of each node builds the cache
     (once per node, or once in all on a shared filesystem), the other processes wait and then
     memory-map it."""
@@ -72,13 +85,13 @@ def tokenizer_and_data(cfg, dist: DistInfo):
     tok = load_tokenizer(cfg.tokenizer_path)
     with local_main_first(dist):
         data = prepare_data(cfg, tok)
-    print0(dist, f"data ({data.stats['cache']}: {data.stats['cache_path']})")
+    print0(dist, f"data ({data.stats.cache}: {data.stats.cache_path})")
     first = plan_for(cfg, data)
     print0(dist, format_stats(data.stats, first, cfg))
     return tok, data, first
 
 
-def deepspeed(cfg, precision, dist: DistInfo):
+def deepspeed(cfg: RunConfig, precision: Precision, dist: DistInfo) -> tuple[dict[str, Any] | None, object]:
     """(DeepSpeed config or None, object that must stay alive while a ZeRO-3 model loads)."""
     if cfg.dist.deepspeed == "none":
         return None, None
@@ -96,7 +109,7 @@ def deepspeed(cfg, precision, dist: DistInfo):
     return ds, HfDeepSpeedConfig(ds)  # from_pretrained then partitions weights while loading (zero.Init)
 
 
-def model(cfg, family, precision, attn: str, dist: DistInfo):
+def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist: DistInfo) -> torch.nn.Module:
     """The model to train; prints the trainable-parameter count."""
     import torch
 
@@ -111,7 +124,8 @@ def model(cfg, family, precision, attn: str, dist: DistInfo):
     return unwrapped
 
 
-def backend(cfg, unwrapped, precision, dist: DistInfo, ds_config):
+def backend(cfg: RunConfig, unwrapped: torch.nn.Module, precision: Precision, dist: DistInfo,
+            ds_config: dict[str, Any] | None) -> Backend:
     """Optimizer plus the backend that steps it: DeepSpeed engine, DDP, or a single process."""
     from qwen_ft.train.backends import DeepSpeedBackend, TorchBackend
     from qwen_ft.train.schedule import build_optimizer
@@ -125,7 +139,7 @@ def backend(cfg, unwrapped, precision, dist: DistInfo, ds_config):
     return DeepSpeedBackend(initialize(cfg, unwrapped, ds_config), unwrapped, dist.rank)
 
 
-def run_plan(cfg, dist: DistInfo, first_epoch, precision, attn):
+def run_plan(cfg: RunConfig, dist: DistInfo, first_epoch: BatchPlan, precision: Precision, attn: str) -> RunPlan:
     """Step counts for this world size; reports micro-batches left over by uneven division."""
     from qwen_ft.train.plan import make_run_plan
 
@@ -139,7 +153,7 @@ def run_plan(cfg, dist: DistInfo, first_epoch, precision, attn):
     return plan
 
 
-def loss_function(cfg, unwrapped, ds_config):
+def loss_function(cfg: RunConfig, unwrapped: torch.nn.Module, ds_config: dict[str, Any] | None) -> LossFn:
     """Chunked output layer + cross-entropy unless disabled or under ZeRO-3 (partitioned head weights)."""
     from qwen_ft.train.ds_config import zero_stage
     from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss
@@ -149,11 +163,11 @@ def loss_function(cfg, unwrapped, ds_config):
     return ChunkedLoss(unwrapped, cfg.train.loss_chunk_tokens)
 
 
-def resume_state(cfg, backend, data, dist: DistInfo):
+def resume_state(cfg: RunConfig, backend: Backend, data: PreparedData, dist: DistInfo) -> ck.TrainState:
     """The TrainState: fresh, or restored (weights, optimizer, RNG) from the checkpoint train.resume selects."""
     from qwen_ft.train.resume import check_same_data, resume_path
 
-    key = Path(data.stats["cache_path"]).name
+    key = Path(data.stats.cache_path).name
     ckpt = resume_path(cfg.train.resume, cfg.train.output_dir)
     if ckpt is None:
         if cfg.train.resume == "auto":
@@ -165,7 +179,8 @@ def resume_state(cfg, backend, data, dist: DistInfo):
     return state
 
 
-def saver(cfg, unwrapped, tok, family, backend, dist: DistInfo):
+def saver(cfg: RunConfig, unwrapped: torch.nn.Module, tok: ChatTokenizer, family: Family, backend: Backend,
+          dist: DistInfo) -> Saver:
     """Callable run on every rank: gathers ZeRO-3 weights, then the main process writes weights,
     run_config.yaml, manifest.json and tokenizer files into a directory."""
     from qwen_ft.model.families import checkpoint_model_type
@@ -182,7 +197,7 @@ def saver(cfg, unwrapped, tok, family, backend, dist: DistInfo):
     return save
 
 
-def save_final(trainer, state) -> None:
+def save_final(trainer: Trainer, state: ck.TrainState) -> None:
     """Final weights and description in output_dir itself (main process), with the loss history."""
     import json
 
@@ -193,7 +208,7 @@ def save_final(trainer, state) -> None:
     barrier(trainer.dist)
 
 
-def summary(cfg, state) -> str:
+def summary(cfg: RunConfig, state: ck.TrainState) -> str:
     """Closing lines: loss before/after and where things are."""
     losses = [h["loss"] for h in state.history if "loss" in h]
     evals = [h["eval_loss"] for h in state.history if "eval_loss" in h]

@@ -13,9 +13,13 @@ bnb/GPTQ 2048): within 15% of every measured peak (`qwen-ft bench` reports the e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from qwen_ft.model.load import checkpointed_layers
 from qwen_ft.model.shape import Shape, lora_params
+
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
 GB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -34,7 +38,7 @@ class Estimate:
         return sum(self.parts.values()) + max(self.moments.values(), default=0.0)
 
 
-def trainable_params(cfg, shape: Shape) -> int:
+def trainable_params(cfg: RunConfig, shape: Shape) -> int:
     """Parameters the optimizer updates."""
     if cfg.method == "full":
         return shape.params()
@@ -42,7 +46,7 @@ def trainable_params(cfg, shape: Shape) -> int:
     return lora_params(shape, cfg.lora.r, cfg.lora.target_modules) + emb
 
 
-def weight_bytes(cfg, shape: Shape, dtype: str, gptq_group: int = 128) -> float:
+def weight_bytes(cfg: RunConfig, shape: Shape, dtype: str, gptq_group: int = 128) -> float:
     """Model weights as held on the GPU."""
     if cfg.method == "qlora":
         return quantized_linear_bytes(cfg, shape, gptq_group) + shape.other_params() * BYTES[dtype]
@@ -51,7 +55,7 @@ def weight_bytes(cfg, shape: Shape, dtype: str, gptq_group: int = 128) -> float:
     return shape.params() * BYTES[dtype]
 
 
-def quantized_linear_bytes(cfg, shape: Shape, gptq_group: int) -> float:
+def quantized_linear_bytes(cfg: RunConfig, shape: Shape, gptq_group: int) -> float:
     """The decoder's linear layers quantized. bitsandbytes: 4-bit codes plus an fp32 absmax per 64
     weights, or with double quantization an 8-bit absmax per 64 and an fp32 scale per 256 of those.
     GPTQ: packed codes, packed zeros and fp16 scales per group of each output column, int32 g_idx
@@ -71,7 +75,7 @@ def quantized_linear_bytes(cfg, shape: Shape, gptq_group: int) -> float:
 LOGIT_BYTES = {"fused": 11, "plain": 13}
 
 
-def estimate(cfg, shape: Shape, dtype: str, world: int, stage: int, offload: bool,
+def estimate(cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, offload: bool,
              gptq_group: int = 128) -> Estimate:
     """Predicted peak bytes per GPU for `cfg` on `world` GPUs under ZeRO `stage` (0: none)."""
     t = trainable_params(cfg, shape)
@@ -95,7 +99,7 @@ def estimate(cfg, shape: Shape, dtype: str, world: int, stage: int, offload: boo
     return e
 
 
-def _loss_step_bytes(cfg, shape: Shape, dtype: str, stage: int, tokens: int, trained: int) -> float:
+def _loss_step_bytes(cfg: RunConfig, shape: Shape, dtype: str, stage: int, tokens: int, trained: int) -> float:
     """One chunk of logits, plus autocast's cache of 16-bit copies of the fp32 weights it used."""
     chunked = cfg.train.loss_chunk_tokens and stage != 3
     rows = min(cfg.train.loss_chunk_tokens, tokens) if chunked else tokens
@@ -127,7 +131,7 @@ class RunEstimate:
     estimate: Estimate
 
 
-def estimate_run(cfg, gpus: int = 1, dtype: str = "bf16") -> RunEstimate:
+def estimate_run(cfg: RunConfig, gpus: int = 1, dtype: str = "bf16") -> RunEstimate:
     """Peak memory per GPU for `cfg` on `gpus` GPUs; `dtype` is what model.dtype=auto becomes.
 
     Raises:

@@ -32,9 +32,20 @@ class ChatTokenizer:
         """Text of `ids`, control tokens included as their names."""
         raise NotImplementedError
 
-    def token_text(self, token_id: int) -> str:
-        """Text of one token, for display (partial UTF-8 shown as replacement chars)."""
-        return self.decode([token_id])
+    def save_files(self, out: str | Path) -> Path:
+        """Copy the vocabulary files into `out` (next to saved weights, so outputs tokenize alike)."""
+        from qwen_ft.files import copy_into
+
+        return copy_into(self.files, out)
+
+    def special_ids(self) -> dict[str, int]:
+        """config.json's special ids for a model on this vocabulary: <|endoftext|> begins and pads,
+        <|im_end|> ends a turn."""
+        return {"bos_token_id": self.endoftext_id, "eos_token_id": self.im_end_id, "pad_token_id": self.endoftext_id}
+
+    def generation_ids(self) -> dict[str, object]:
+        """generation_config.json's ids: generation stops at either end token."""
+        return {**self.special_ids(), "eos_token_id": [self.im_end_id, self.endoftext_id]}
 
     @property
     def fingerprint(self) -> str:

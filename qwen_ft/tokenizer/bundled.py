@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import shutil
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -35,8 +34,6 @@ def bundled_files(family: str) -> list[Path]:
 
 def write_tokenizer_files(family: str, out_dir: str | Path) -> Path:
     """Copy the bundled vocabulary of `family` into `out_dir`; returns `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in bundled_files(family):
-        shutil.copyfile(f, out / f.name)
-    return out
+    from qwen_ft.files import copy_into
+
+    return copy_into(bundled_files(family), out_dir)

@@ -26,7 +26,7 @@ class HFQwenTokenizer(ChatTokenizer):
         missing = [t for t, i in ids.items() if i is None]
         if missing:
             raise QwenFtError(f"{path}: no {', '.join(missing)} token; this is not a Qwen ChatML vocabulary")
-        self.im_start_id, self.im_end_id, self.endoftext_id = ids.values()
+        self.im_start_id, self.im_end_id, self.endoftext_id = (i for i in ids.values() if i is not None)  # all found
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def __setstate__(self, state: dict) -> None:
@@ -40,6 +40,16 @@ class HFQwenTokenizer(ChatTokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Batch `encode` (parallel in Rust)."""
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_offsets(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """`encode_batch` with each token's start offset (in characters) within its text."""
+        return [(e.ids, [o[0] for o in e.offsets]) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def special_tokens(self) -> dict[str, int]:
+        """The control tokens: added tokens marked special (<|im_start|>, <|im_end|>, <|endoftext|>, ...).
+        Non-special added tokens such as <think> and <tool_call> are matched inside text, as in
+        apply_chat_template."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def decode(self, ids: list[int]) -> str:
         """Decode ids, control tokens kept."""

@@ -1,24 +1,30 @@
 """How gradients are synchronised, stepped and saved: plain/DDP (torch) or DeepSpeed ZeRO.
 
-The loop only talks to a backend: `accumulating` around each micro-batch, `backward`,
-`clip` (the gradient norm before the step, where the backend can know it), `step`, and the
-resume-state save/load.
+The loop only talks to a backend (the `Backend` protocol, train/protocols.py): `accumulating`
+around each micro-batch, `backward`, `clip` (the gradient norm before the step, where the
+backend can know it), `step`, and the resume-state save/load.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qwen_ft.train import checkpoint as ck
 
+if TYPE_CHECKING:
+    from qwen_ft.model.load import Precision
+
 
 class TorchBackend:
     """One process or DDP: GradScaler for fp16, clipping before the step, safetensors resume state."""
 
-    def __init__(self, model, unwrapped, optimizer, precision, device: torch.device, max_grad_norm: float):
+    def __init__(self, model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 precision: Precision, device: torch.device, max_grad_norm: float):
         self.module, self.unwrapped, self.optimizer = model, unwrapped, optimizer
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
         self.max_grad_norm = max_grad_norm or float("inf")
@@ -26,19 +32,19 @@ class TorchBackend:
         self.device = device
 
     @contextmanager
-    def accumulating(self, last: bool):
+    def accumulating(self, last: bool) -> Iterator[None]:
         """Forward+backward of one micro-batch; DDP synchronises gradients only on the last."""
-        sync = last or not hasattr(self.module, "no_sync")
-        with nullcontext() if sync else self.module.no_sync():
+        ddp = self.module if isinstance(self.module, torch.nn.parallel.DistributedDataParallel) else None
+        with nullcontext() if last or ddp is None else ddp.no_sync():
             yield
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager[object]:
         """bf16/fp16 autocast, nothing in fp32."""
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def lora_inputs_uncast(self):
+    def lora_inputs_uncast(self) -> AbstractContextManager[object]:
         """Around forward *and* backward (checkpointed layers recompute inside backward): peft's cast
         of every LoRA input to the adapters' fp32 is off while autocast is on. Autocast casts the
         matmul operands back to bf16/fp16 anyway, so the cast only cost a full fp32 copy (and fp32
@@ -72,7 +78,7 @@ class TorchBackend:
         """Drop accumulated gradients without stepping."""
         self.optimizer.zero_grad(set_to_none=True)
 
-    def saved_state_dict(self, method: str) -> dict | None:
+    def saved_state_dict(self, method: str) -> dict[str, torch.Tensor] | None:
         """None: the unwrapped model holds whole weights, save them as they are."""
         return None
 
@@ -91,20 +97,20 @@ class TorchBackend:
 class DeepSpeedBackend:
     """A DeepSpeed engine: ZeRO partitions, clipping inside `engine.step()`, its own checkpoint format."""
 
-    def __init__(self, engine, unwrapped, rank: int):
+    def __init__(self, engine: Any, unwrapped: torch.nn.Module, rank: int):  # engine: deepspeed.DeepSpeedEngine
         self.module = self.engine = engine
         self.unwrapped, self.optimizer, self.rank = unwrapped, engine.optimizer, rank
 
     @contextmanager
-    def accumulating(self, last: bool):
+    def accumulating(self, last: bool) -> Iterator[None]:
         """Tell the engine where the accumulation boundary is (our groups may be shorter at epoch ends)."""
         self.engine.set_gradient_accumulation_boundary(last)
         yield
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager[object]:
         return nullcontext()  # DeepSpeed casts the module itself for bf16/fp16
 
-    def lora_inputs_uncast(self):
+    def lora_inputs_uncast(self) -> AbstractContextManager[object]:
         return nullcontext()  # no autocast here: peft's cast is what makes the dtypes meet
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -124,7 +130,7 @@ class DeepSpeedBackend:
     def discard(self) -> None:
         self.engine.zero_grad()
 
-    def saved_state_dict(self, method: str) -> dict | None:
+    def saved_state_dict(self, method: str) -> dict[str, torch.Tensor] | None:
         """The weights to save, gathered from ZeRO-3 partitions (every rank must call this)."""
         from qwen_ft.train.deepspeed import gathered_state_dict
 

@@ -10,16 +10,20 @@ place only when complete, so a crash mid-save never leaves a checkpoint that loo
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from qwen_ft import __version__
+from qwen_ft.files import copy_into
 from qwen_ft.model.fingerprint import model_fingerprint
+
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
 STATE_FILE = "trainer_state.json"
 CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -36,7 +40,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def build_manifest(cfg, family: str, model_type: str) -> dict:
+def build_manifest(cfg: RunConfig, family: str, model_type: str) -> dict:
     """What produced these weights: base checkpoint, family, method, library versions."""
     import peft
     import transformers
@@ -61,8 +65,7 @@ def write_description(out: Path, cfg_yaml: str, manifest: dict, tokenizer_files)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.yaml").write_text(cfg_yaml)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    for f in tokenizer_files:
-        shutil.copyfile(f, out / Path(f).name)
+    copy_into(tokenizer_files, out)
 
 
 def save_model_files(model, out: Path, state_dict: dict | None = None) -> None:
@@ -141,17 +144,6 @@ def load_resume_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> TrainStat
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))])
     return TrainState(**meta)
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Flush every file of `tmp`, then rename it to `final` in one step."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from qwen_ft import deps
 from qwen_ft.train.ds_config import offloads_optimizer, zero_stage
+
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
 
 def import_deepspeed():
@@ -26,21 +30,15 @@ def import_deepspeed():
     return deepspeed
 
 
-def initialize(cfg, model, ds_config: dict):
+def initialize(cfg: RunConfig, model, ds_config: dict):
     """deepspeed.initialize with qwen-ft's AdamW (DeepSpeedCPUAdam when the optimizer is offloaded).
 
     No DeepSpeed scheduler is created: the loop sets the learning rate of every step itself.
     """
     deepspeed = import_deepspeed()
-    from qwen_ft.train.schedule import build_optimizer, param_groups
+    from qwen_ft.train.schedule import build_optimizer
 
-    if offloads_optimizer(ds_config):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(param_groups(model, cfg), lr=cfg.train.learning_rate,
-                                     betas=(0.9, cfg.train.adam_beta2), eps=1e-8, adamw_mode=True)
-    else:
-        optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, cpu_offload=offloads_optimizer(ds_config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return engine
 

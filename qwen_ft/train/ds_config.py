@@ -13,8 +13,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_ft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
 PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
 _OFFLOAD = {"device": "cpu", "pin_memory": True}
@@ -56,7 +60,7 @@ def read_base(choice: str) -> tuple[dict, str]:
         raise ConfigError([f"dist.deepspeed: {path}:{e.lineno}: invalid JSON ({e.msg})"]) from None
 
 
-def owned_values(cfg, precision: str, world: int) -> dict[tuple[str, ...], object]:
+def owned_values(cfg: RunConfig, precision: str, world: int) -> dict[tuple[str, ...], object]:
     """The DeepSpeed keys whose values come from the YAML."""
     t = cfg.train
     return {
@@ -69,7 +73,7 @@ def owned_values(cfg, precision: str, world: int) -> dict[tuple[str, ...], objec
     }
 
 
-def deepspeed_config(cfg, precision: str, world: int) -> dict:
+def deepspeed_config(cfg: RunConfig, precision: str, world: int) -> dict:
     """The DeepSpeed config for this run.
 
     Raises:

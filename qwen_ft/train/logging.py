@@ -8,11 +8,12 @@ from pathlib import Path
 class RunLogger:
     """Shows progress (loss, lr, tokens/s), writes TensorBoard scalars, plots loss.png at the end."""
 
-    def __init__(self, out_dir: str | Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, out_dir: str | Path, total_steps: int, start_step: int, enabled: bool, every: int = 1):
         from tqdm.auto import tqdm
 
         self.out = Path(out_dir)
-        self.enabled = enabled
+        self.enabled, self.every, self.total = enabled, every, total_steps
+        self.window: list[dict[str, float]] = []
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not enabled,
                         dynamic_ncols=True)
         self.tb = None
@@ -22,33 +23,44 @@ class RunLogger:
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
-        """Record optimizer step `step` (1-based)."""
-        if not self.enabled:
+        """Record optimizer step `step` (1-based). Every `every` steps (train.logging_steps) and at the
+        last one, TensorBoard and the bar get the window's mean loss and speed and its last lr and
+        gradient norm; the history keeps every step regardless."""
+        if self.tb is None:  # not enabled
             return
-        for key, value in metrics.items():
-            self.tb.add_scalar(f"train/{key}", value, step)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}")
         self.bar.update(1)
+        self.window.append(metrics)
+        if step % self.every and step < self.total:
+            return
+        logged = window_mean(self.window)
+        self.window = []
+        for key, value in logged.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}", value, step)
+        self.bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
+                             tok_s=f"{logged['tokens_per_s']:.0f}")
 
     def eval(self, step: int, loss: float) -> None:
         """Record an eval loss."""
-        if self.enabled:
+        if self.tb is not None:  # enabled
             self.tb.add_scalar("eval/loss", loss, step)
             self.bar.write(f"step {step}: eval loss {loss:.4f}")
 
-    def message(self, text: str) -> None:
-        """A line above the progress bar."""
-        if self.enabled:
-            self.bar.write(text)
-
     def close(self, history: list[dict]) -> None:
         """Flush TensorBoard and write loss.png from the full history (resumed runs included)."""
-        if not self.enabled:
+        if self.tb is None:  # not enabled
             return
         self.bar.close()
         self.tb.close()
         plot_losses(history, self.out / "loss.png")
+
+
+def window_mean(window: list[dict[str, float]]) -> dict[str, float]:
+    """Loss and speed averaged over the logging window; lr and gradient norm as of its last step."""
+    last = dict(window[-1])
+    for key in ("loss", "tokens_per_s"):
+        last[key] = sum(m[key] for m in window) / len(window)
+    return last
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

@@ -7,33 +7,39 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from qwen_ft.data.collate import collate
-from qwen_ft.data.prepare import plan_for
+from qwen_ft.data.prepare import PreparedData, plan_for
 from qwen_ft.errors import QwenFtError
+from qwen_ft.files import commit_dir
 from qwen_ft.model.attention import flattens
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, all_reduce_sum, barrier
 from qwen_ft.train.loss import causal_lm_loss
 from qwen_ft.train.plan import RunPlan, rank_batches
+from qwen_ft.train.protocols import Backend, LossFn, Saver, StepLogger
 from qwen_ft.train.schedule import lr_at, set_lr
+
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
 
 @dataclass
 class Trainer:
     """Everything the loop needs, built elsewhere (this class loads nothing)."""
 
-    cfg: object
+    cfg: RunConfig
     plan: RunPlan
     dist: DistInfo
-    backend: object  # TorchBackend or DeepSpeedBackend: forward module, backward, step, resume state
+    backend: Backend  # TorchBackend or DeepSpeedBackend: forward module, backward, step, resume state
     unwrapped: torch.nn.Module  # the model itself (what evaluation runs and what is saved)
-    data: object  # PreparedData
+    data: PreparedData
     pad_id: int
-    save_fn: object  # callable(dir: Path), run on every rank: weights (gathered under ZeRO-3) + description
-    loss_fn: object = causal_lm_loss  # (model, batch) -> (summed loss, learned tokens); ChunkedLoss or this
+    save_fn: Saver  # run on every rank: weights (gathered under ZeRO-3) + description
+    loss_fn: LossFn = causal_lm_loss  # ChunkedLoss or this
 
     def epoch_batches(self, epoch: int) -> list:
         """This rank's micro-batches of `epoch` (a fresh, seeded plan per epoch)."""
@@ -132,8 +138,8 @@ def evaluate(tr: Trainer) -> float:
             if counted:
                 loss_sum, count = loss_sum + s.detach().float(), count + n
     tr.unwrapped.train()
-    total, count = all_reduce_sum([loss_sum.item(), float(count)], tr.dist)
-    return total / max(1.0, count)
+    total, n_counted = all_reduce_sum([loss_sum.item(), float(count)], tr.dist)
+    return total / max(1.0, n_counted)
 
 
 def save_checkpoint(tr: Trainer, state: ck.TrainState, root: Path, keep: int) -> Path:
@@ -148,13 +154,14 @@ def save_checkpoint(tr: Trainer, state: ck.TrainState, root: Path, keep: int) ->
     tr.backend.save_state(tmp, state, tr.dist.is_main)
     barrier(tr.dist)
     if tr.dist.is_main:
-        ck.commit_dir(tmp, final)
+        commit_dir(tmp, final)
         ck.prune(root, keep)
     barrier(tr.dist)
     return final
 
 
-def guard(tr: Trainer, state: ck.TrainState, values: tuple[float, float], root: Path, position) -> None:
+def guard(tr: Trainer, state: ck.TrainState, values: tuple[float, float], root: Path,
+          position: tuple[int, int]) -> None:
     """Stop on a non-finite loss or gradient norm, saving the last good state.
 
     Checked before the optimizer step, the failing group's gradients are discarded and the data
@@ -193,7 +200,7 @@ def after_step_guard(tr: Trainer, state: ck.TrainState, grad_norm: float, root: 
                       "train.learning_rate, set train.max_grad_norm, or check the data")
 
 
-def run(tr: Trainer, state: ck.TrainState, logger) -> ck.TrainState:
+def run(tr: Trainer, state: ck.TrainState, logger: StepLogger) -> ck.TrainState:
     """Train until plan.total_steps, checkpointing and evaluating as configured."""
     c, root = tr.cfg.train, Path(tr.cfg.train.output_dir) / "checkpoints"
     cache: dict = {}

@@ -30,7 +30,7 @@ def with_learned_indices(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {**batch, **learned_indices(batch["labels"])}
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over learned labels, and how many labels that is.
 
     Position t predicts labels[:, t + 1]; only positions where some row learns that label are
@@ -49,7 +49,8 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 class ChunkedLoss:
-    """The same loss as `causal_lm_loss`, with the output layer and cross-entropy run in chunks.
+    """The same loss as `causal_lm_loss` (both are `LossFn`s, train/protocols.py), with the output
+    layer and cross-entropy run in chunks.
 
     A forward hook captures the decoder's final hidden states; the model's own forward (so DDP
     and DeepSpeed hooks still run) is asked for the logits of one position only. The learned
@@ -71,7 +72,7 @@ class ChunkedLoss:
         self.chunk = chunk
         self.fused = fused and head_weight(self.head) is not None
         self.liger = self.fused and torch.cuda.is_available() and deps.usable("liger")  # CUDA tensors only
-        self._hidden = None
+        self._hidden: torch.Tensor | None = None
         base.get_decoder().register_forward_hook(self._capture)
 
     def _capture(self, module, args, output) -> None:
@@ -83,10 +84,12 @@ class ChunkedLoss:
     def _gather(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states and targets of the learned positions (batch["learned_index"]), flattened."""
         target, index = batch["labels"][:, 1:], batch["learned_index"]
+        if self._hidden is None:
+            raise RuntimeError("the decoder's forward hook captured no hidden states")
         hidden, self._hidden = self._hidden[:, :-1], None
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), target.reshape(-1).index_select(0, index)
 
-    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy over learned labels, and how many labels that is."""
         from torch.utils.checkpoint import checkpoint
 
@@ -96,10 +99,11 @@ class ChunkedLoss:
         n = int(target.numel())
         if n == 0:  # keep the graph connected so every process joins the same collectives
             return hidden.sum().float() * 0.0, 0
-        if self.fused and self.liger and hidden.is_cuda:
-            return liger_linear_cross_entropy(hidden, head_weight(self.head), target), n
-        if self.fused:
-            return fused_linear_cross_entropy(hidden, head_weight(self.head), target, self.chunk), n
+        weight = head_weight(self.head) if self.fused else None
+        if weight is not None and self.liger and hidden.is_cuda:
+            return liger_linear_cross_entropy(hidden, weight, target), n
+        if weight is not None:
+            return fused_linear_cross_entropy(hidden, weight, target, self.chunk), n
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, self.chunk):
             end = start + self.chunk
@@ -173,11 +177,11 @@ class _FusedLinearCE(torch.autograd.Function):
                 g = logits.div_(sums)  # softmax, written over the logits
                 g[torch.arange(t.numel(), device=t.device), t] -= 1.0
                 g = g.to(dtype)
-                if need_h:
+                if grad_h is not None:  # need_h
                     grad_h[start:start + chunk] = g @ w
-                if need_w and dtype == torch.float16:  # fp16's range: a chunk's unscaled sum can overflow
+                if grad_w is not None and dtype == torch.float16:  # fp16's range: a chunk's unscaled sum can overflow
                     grad_w.addmm_(g.T.float(), h.float())
-                elif need_w:
+                elif grad_w is not None:  # need_w
                     grad_w += g.T @ h  # per chunk in the compute dtype (bf16: fp32's range), summed in fp32
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from qwen_ft.errors import QwenFtError
 from qwen_ft.model.load import Precision
+
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,8 @@ def rank_batches(batches: list, rank: int, world: int) -> list:
     return batches[rank:even:world]
 
 
-def make_run_plan(cfg, device: torch.device, precision: Precision, attn: str, world: int, n_batches: int) -> RunPlan:
+def make_run_plan(cfg: RunConfig, device: torch.device, precision: Precision, attn: str, world: int,
+                  n_batches: int) -> RunPlan:
     """Step counts from the number of planned micro-batches of one epoch.
 
     Raises:

@@ -7,8 +7,12 @@ resuming needs no scheduler state.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
 
 
 def lr_at(step: int, peak: float, total: int, warmup: int, kind: str) -> float:
@@ -28,12 +32,13 @@ def lr_at(step: int, peak: float, total: int, warmup: int, kind: str) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups(model, cfg) -> list[dict]:
+def param_groups(model, cfg: RunConfig) -> list[dict]:
     """Trainable parameters in two groups: weight decay on matrices, none on biases, norms and other 1-d tensors.
 
     Under ZeRO-3 a parameter's local tensor is empty; its real rank is in `ds_shape`.
     """
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             ndim = len(getattr(p, "ds_shape", p.shape))
@@ -42,13 +47,18 @@ def param_groups(model, cfg) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model, cfg) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, cfg)`; the fused kernel when every trained tensor is on a GPU
-    (one launch per step instead of several per tensor)."""
+def build_optimizer(model, cfg: RunConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `param_groups(model, cfg)`: DeepSpeed's CPU AdamW when ZeRO offloads the optimizer,
+    else torch's, with the fused kernel when every trained tensor is on a GPU (one launch per step
+    instead of several per tensor)."""
     groups = param_groups(model, cfg)
+    hyper: dict[str, Any] = {"lr": cfg.train.learning_rate, "betas": (0.9, cfg.train.adam_beta2), "eps": 1e-8}
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **hyper)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, cfg.train.adam_beta2), eps=1e-8,
-                             fused=on_cuda or None)
+    return torch.optim.AdamW(groups, fused=on_cuda or None, **hyper)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

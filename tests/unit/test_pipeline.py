@@ -26,21 +26,21 @@ def test_cache_hit_and_key_changes(tmp_path, qwen3_tok):
     cache = str(tmp_path / "cache")
     ds1, s1 = tokenized_dataset([str(f)], qwen3_tok, SPEC, cache)
     ds2, s2 = tokenized_dataset([str(f)], qwen3_tok, SPEC, cache)
-    assert (s1["cache"], s2["cache"]) == ("built", "hit") and s1["cache_path"] == s2["cache_path"]
+    assert (s1.cache, s2.cache) == ("built", "hit") and s1.cache_path == s2.cache_path
     assert ds1["input_ids"] == ds2["input_ids"]
     _, s3 = tokenized_dataset([str(f)], qwen3_tok, TokenizeSpec(**{**SPEC.__dict__, "max_length": 32}), cache)
     write_jsonl(f, sample_rows(21))
     _, s4 = tokenized_dataset([str(f)], qwen3_tok, SPEC, cache)
-    assert len({s1["cache_path"], s3["cache_path"], s4["cache_path"]}) == 3
-    assert s4["cache"] == "built" and s4["conversations"] == 21
+    assert len({s1.cache_path, s3.cache_path, s4.cache_path}) == 3
+    assert s4.cache == "built" and s4.conversations == 21
 
 
 def test_rows_equal_pure_renderer_and_counts(tmp_path, v1_tok):
     rows = sample_rows(10) + [conv("x " * 80, "y")]  # the last cannot fit 64 tokens at all
     f = write_jsonl(tmp_path / "d.jsonl", rows)
     ds, stats = tokenized_dataset([str(f)], v1_tok, SPEC, str(tmp_path / "c"))
-    assert stats["conversations"] == 11 and stats["dropped"] == 1 and stats["examples"] == 10
-    assert stats["dropped_examples"] == [f"{f}:11"]
+    assert stats.conversations == 11 and stats.dropped == 1 and stats.examples == 10
+    assert stats.dropped_examples == [f"{f}:11"]
     for i in range(10):
         msgs = [("system", SPEC.default_system)] + [(m["role"], m["content"]) for m in rows[i]["messages"]]
         ids, labels = render_chatml(msgs, v1_tok)
@@ -48,9 +48,9 @@ def test_rows_equal_pure_renderer_and_counts(tmp_path, v1_tok):
             assert (ds[i]["input_ids"], ds[i]["labels"], ds[i]["status"]) == (ids, labels, "ok")
         else:
             assert ds[i]["status"] == "truncated" and ds[i]["input_ids"] == ids[:len(ds[i]["input_ids"])]
-    assert stats["truncated"] == sum(1 for r in ds if r["status"] == "truncated") > 0
-    assert stats["tokens"] == sum(len(r["input_ids"]) for r in ds)
-    assert stats["supervised_tokens"] == sum(sum(x != -100 for x in r["labels"]) for r in ds)
+    assert stats.truncated == sum(1 for r in ds if r["status"] == "truncated") > 0
+    assert stats.tokens == sum(len(r["input_ids"]) for r in ds)
+    assert stats.supervised_tokens == sum(sum(x != -100 for x in r["labels"]) for r in ds)
 
 
 def test_multiprocess_map_equals_single(tmp_path, qwen3_tok):

@@ -1,0 +1,213 @@
+"""Rendering through the checkpoint's own chat template, token for token as servers render it.
+
+The template is the one every server reads: `chat_template.jinja` in the tokenizer directory, or
+`tokenizer_config.json`'s `chat_template` (`data.chat_template` may name another file). It is
+rendered with transformers' own Jinja environment, so the text equals `apply_chat_template`'s.
+The text is then encoded with control tokens recognised only where the template wrote them:
+
+    ids(conversation) == tokenizer.apply_chat_template(messages, tools=..., tokenize=True, **kwargs)
+
+for every conversation whose strings hold no special-token text. Where a message does contain
+special-token text such as "<|im_end|>", qwen-ft encodes it as ordinary text (a user cannot forge a
+turn end); apply_chat_template would encode a control token there. That is the one known difference.
+
+Label rule (what is learned): the rendered ids are cut into blocks, each from a `<|im_start|>` to
+its `<|im_end|>`. A block's header is its role name and the newline after it. With the default
+policy `assistant`, every assistant block is learned from the first token after its header through
+its `<|im_end|>`, exactly as the template rendered it (a Qwen3 `<think>` block, tool calls and all);
+a token that begins inside the header is not learned. Everything else is masked: system, user and
+tool blocks, the headers, and the newline after each `<|im_end|>`. `last_turn` learns only the last
+assistant block; `qwen_reference` adds QwenLM's learned `<|im_start|>` and `<|im_end|>` + newline of
+every block. An assistant message with `weight: 0` or `loss: false` is not learned. The n-th
+assistant block belongs to the n-th assistant message; a template that renders them in any other
+number is refused for that row.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwen_ft.errors import QwenFtError
+
+# Unicode noncharacters: never valid text in interchange, so they can mark user-written special-token
+# text through the template without colliding with data (a row holding them is refused).
+MARK_OPEN, MARK_CLOSE = "\ufdd0", "\ufdd1"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template's Jinja source and where it was found."""
+
+    text: str
+    source: str
+
+
+def find_template(tokenizer_dir: str | Path, override: str | None = None) -> ChatTemplate | None:
+    """The template servers would use for `tokenizer_dir` (or the `override` file); None when it has none.
+
+    Raises:
+        QwenFtError: an override file that is missing, or a tokenizer_config.json that is not JSON.
+    """
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise QwenFtError(f"data.chat_template: file {override!r} not found; name a .jinja file or remove it")
+        return ChatTemplate(_template_text(path), str(path))
+    d = Path(tokenizer_dir)
+    if (d / "chat_template.jinja").is_file():
+        return ChatTemplate((d / "chat_template.jinja").read_text(encoding="utf-8"), str(d / "chat_template.jinja"))
+    config = d / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except ValueError as e:
+        raise QwenFtError(f"{config}: not valid JSON ({e}); restore the checkpoint's tokenizer_config.json") from None
+    if isinstance(raw, list):  # several named templates: servers use "default"
+        raw = next((t.get("template") for t in raw if isinstance(t, dict) and t.get("name") == "default"), None)
+    return ChatTemplate(raw, f"{config} (chat_template)") if isinstance(raw, str) and raw.strip() else None
+
+
+def _template_text(path: Path) -> str:
+    """A .jinja file's text, or the chat_template of a tokenizer_config.json given instead."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        found = json.loads(text).get("chat_template")
+        if not isinstance(found, str):
+            raise QwenFtError(f"data.chat_template: {path} has no string chat_template")
+        return found
+    return text
+
+
+@dataclass(frozen=True)
+class Block:
+    """One `<|im_start|>` ... `<|im_end|>` span of the ids: [start, end] inclusive, content from `body`."""
+
+    role: str
+    start: int
+    body: int
+    end: int
+
+
+class TemplateRenderer:
+    """Renders normalised conversations through one template and encodes them for one tokenizer."""
+
+    def __init__(self, template: ChatTemplate, specials: dict[str, int], encode_offsets, kwargs: dict | None = None):
+        """`specials`: special-token text -> id (the control tokens); `encode_offsets(texts)` -> a list of
+        (ids, start offsets) per text, encoding special-token text as ordinary text."""
+        self.template, self.specials, self.encode_offsets = template, specials, encode_offsets
+        self.kwargs = dict(kwargs or {})
+        alternatives = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) or "(?!)"
+        self._control = re.compile(f"({alternatives})")
+        marks = f"{MARK_OPEN}{MARK_CLOSE}"
+        self._marked = re.compile(f"{MARK_OPEN}({alternatives}){MARK_CLOSE}|({alternatives})|[{marks}]")
+        self.im_start, self.im_end = specials["<|im_start|>"], specials["<|im_end|>"]
+
+    def text(self, conversation: dict[str, Any], add_generation_prompt: bool = False) -> str:
+        """The template's text for {"messages", "tools", "kwargs"}, as apply_chat_template renders it."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        kwargs = {**self.kwargs, **(conversation.get("kwargs") or {})}
+        rendered, _ = render_jinja_template([conversation["messages"]], tools=conversation.get("tools"),
+                                            chat_template=self.template.text,
+                                            add_generation_prompt=add_generation_prompt, **kwargs)
+        return rendered[0]
+
+    def encode(self, conversation: dict[str, Any],
+               add_generation_prompt: bool = False) -> tuple[list[int], list[Block]]:
+        """Ids of the rendered conversation and its blocks.
+
+        Raises:
+            ValueError: a string holding the noncharacters used as marks (a row error).
+        """
+        marked = self._mark(conversation)
+        segments = self._segments(self.text(marked, add_generation_prompt), marked is not conversation)
+        texts = [s for s in segments if isinstance(s, str)]
+        encoded = iter(self.encode_offsets(texts))
+        ids: list[int] = []
+        headers: dict[int, tuple[int, str]] = {}  # block start index -> (first content index, role)
+        for seg in segments:
+            if isinstance(seg, int):
+                ids.append(seg)
+                continue
+            piece_ids, offsets = next(encoded)
+            if ids and ids[-1] == self.im_start:
+                header = seg.find("\n") + 1 or len(seg)
+                headers[len(ids) - 1] = (len(ids) + sum(1 for o in offsets if o < header), seg[:header].strip())
+            ids += piece_ids
+        return ids, self._blocks(ids, headers)
+
+    def _mark(self, conversation: dict[str, Any]) -> dict[str, Any]:
+        """`conversation` with special-token text in its strings wrapped in marks (itself when none)."""
+        strings = list(_strings(conversation))
+        if any(MARK_OPEN in s or MARK_CLOSE in s for s in strings):
+            raise ValueError("text holds the Unicode noncharacters U+FDD0/U+FDD1; remove them")
+        if not any(self._control.search(s) for s in strings):
+            return conversation
+        return _map_strings(conversation, lambda s: self._control.sub(f"{MARK_OPEN}\\1{MARK_CLOSE}", s))
+
+    def _segments(self, text: str, marked: bool) -> list[str | int]:
+        """Rendered text as runs of ordinary text (str) and control-token ids (int)."""
+        if not marked:
+            parts = self._control.split(text)
+            return [self.specials[p] if i % 2 else p for i, p in enumerate(parts) if p]
+        out: list[str | int] = []
+        pos = 0
+        for m in self._marked.finditer(text):
+            _add_text(out, text[pos:m.start()])
+            if m.group(2):
+                out.append(self.specials[m.group(2)])
+            else:  # a user's special-token text (mark dropped), or a lone mark a template split off
+                _add_text(out, m.group(1) or "")
+            pos = m.end()
+        _add_text(out, text[pos:])
+        return out
+
+    def _blocks(self, ids: list[int], headers: dict[int, tuple[int, str]]) -> list[Block]:
+        """Every `<|im_start|>` with its role, first content index and `<|im_end|>` (or the last id)."""
+        blocks, start = [], None
+        for i, t in enumerate(ids + [self.im_end]):  # the sentinel closes a block left open (a generation prompt)
+            if t == self.im_start:
+                start = i
+            elif t == self.im_end and start is not None:
+                body, role = headers.get(start, (start + 1, ""))
+                blocks.append(Block(role, start, body, min(i, len(ids) - 1)))
+                start = None
+        return blocks
+
+
+def _add_text(out: list[str | int], text: str) -> None:
+    """Append ordinary text, joined with a preceding text run (they are encoded as one)."""
+    if not text:
+        return
+    if out and isinstance(out[-1], str):
+        out[-1] += text
+    else:
+        out.append(text)
+
+
+def _strings(value: Any):
+    """Every string inside a JSON-like value (dict keys excluded)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _map_strings(value: Any, fn) -> Any:
+    """A copy of a JSON-like value with `fn` applied to every string (dict keys kept)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value

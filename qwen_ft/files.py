@@ -1,0 +1,51 @@
+"""Writing directories so that a reader sees the old one or the complete new one, never a part."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def flush_tree(root: Path) -> None:
+    """fsync every file under `root`, so a rename after it cannot expose unwritten data after a crash."""
+    for f in root.rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Flush every file of `tmp`, then rename it to `final` in one step (an old `final` is replaced)."""
+    flush_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_dir(final: str | Path, complete: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `final` to write into; on success it becomes `final` in one
+    rename, on failure it is removed. `complete(final)` true at commit time means another process
+    finished the same directory first: its copy is kept and this one dropped."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if not (complete and complete(final)):
+            commit_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_into(files: Iterable[str | Path], out: str | Path) -> Path:
+    """Copy `files` into directory `out` (created), keeping their names; returns `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, out / Path(f).name)
+    return out
