@@ -1,8 +1,11 @@
-"""Shared fixtures: the real Qwen vocabularies (from PyPI packages) and small data helpers."""
+"""Shared fixtures: the real Qwen vocabularies (from PyPI packages), small data helpers, test assets,
+free ports for launched process groups, and the `extras` marker (optional stacks)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,26 @@ from qwen_ft.tokenizer import load_tokenizer
 from qwen_ft.tokenizer.bundled import bundled_files
 
 REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).resolve().parent / "assets"  # data files the tests read (never written to)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.extras("deepspeed", ...)`: skip, naming what is missing, where an optional stack
+    from scripts/install_extras.sh is not installed. CI runs the suite without them first, then
+    `-m extras` after installing them."""
+    for item in items:
+        needed = {name for mark in item.iter_markers("extras") for name in mark.args}
+        missing = sorted(name for name in needed if importlib.util.find_spec(name) is None)
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)}: run scripts/install_extras.sh"))
+
+
+def free_port() -> int:
+    """A TCP port free right now (bound to port 0, read, released), for torchrun's --master_port:
+    fixed numbers collide when two test runs share a machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

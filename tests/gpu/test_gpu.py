@@ -75,15 +75,15 @@ def test_packed_equals_one_by_one(attn, rows_per_batch):
     assert cos > 0.999, cos
 
 
+@pytest.mark.extras("bitsandbytes")
 def test_bnb_qlora_step(run_config):
-    pytest.importorskip("bitsandbytes")
     _, _, losses = train(run_config(method="qlora", quant={"backend": "bnb"}, model={"dtype": "bf16"},
                                     lora={"dropout": 0.0}, train={"max_steps": 8, "learning_rate": 2e-2}))
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.extras("gptqmodel")
 def test_gptq_qlora_step_and_merge(tmp_path):
-    pytest.importorskip("gptqmodel")
     from qwen_ft.export.quantize import quantize_model
     from qwen_ft.model.tiny import make_tiny_model
     from tests.conftest import REPO
@@ -100,6 +100,7 @@ def test_gptq_qlora_step_and_merge(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
 
 
+@pytest.mark.extras("deepspeed")
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_single_process(run_config, tmp_path, stage):
     """DeepSpeed from plain `python finetune.py` (no launcher): a process group of one is made for it."""
@@ -108,7 +109,6 @@ def test_deepspeed_single_process(run_config, tmp_path, stage):
 
     from tests.conftest import REPO
 
-    pytest.importorskip("deepspeed")
     config = run_config(model={"dtype": "bf16"}, train={"max_steps": 8})
     proc = subprocess.run([sys.executable, str(REPO / "finetune.py"), "--config", config, f"dist.deepspeed={stage}",
                            f"train.output_dir={tmp_path / stage}"], capture_output=True, text=True, timeout=600)

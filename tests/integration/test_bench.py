@@ -9,6 +9,7 @@ import pytest
 from qwen_ft.cli.main import main
 
 
+@pytest.mark.slow
 def test_bench_tiny_lora_against_baseline(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--shape", "tiny", "--methods", "lora", "--lengths", "96", "--steps", "2", "--warmup", "1",
@@ -29,8 +30,9 @@ def test_bench_tiny_lora_against_baseline(tmp_path, capsys):
     assert "plan: 3 steps" in log and "1 rows x 8 accumulation" in log
 
 
+@pytest.mark.slow
+@pytest.mark.extras("gptqmodel")
 def test_bench_tiny_gptq_qlora(tmp_path, capsys):
-    pytest.importorskip("gptqmodel", reason="run scripts/install_extras.sh")
     rc = main(["bench", "--shape", "tiny", "--methods", "qlora_gptq", "--lengths", "80", "--steps", "1",
                "--no-baseline", "--work-dir", str(tmp_path)])
     assert rc == 0, capsys.readouterr().out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
 from qwen_ft.cli.main import main
@@ -34,10 +37,44 @@ def test_reply_streams_and_stops_at_im_end(qwen3_tok):
     assert prompt[-3:] == [151644, 77091, 198]  # ends with <|im_start|>assistant\n
 
 
-def test_chat_prompt_answers_once_and_exits(tiny_model_dir, capsys):
-    assert main(["chat", str(tiny_model_dir), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
-    out = capsys.readouterr().out
-    assert out.endswith("\n")  # the random model's words are arbitrary; it answered and returned
+@pytest.fixture
+def talkative_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model with a random final norm: with tied embeddings and random weights it otherwise
+    repeats the prompt's last token ("\\n") forever, which would hide a dropped or extra token."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        norm = model.model.norm.weight
+        norm.copy_(torch.randn(norm.shape, generator=torch.Generator().manual_seed(0)))
+    out = tmp_path / "talkative"
+    model.save_pretrained(out)
+    for f in tiny_model_dir.iterdir():  # tokenizer files
+        if not (out / f.name).exists():
+            shutil.copyfile(f, out / f.name)
+    return out
+
+
+def greedy_answer(model_dir, system: str, prompt: str, max_new_tokens: int) -> str:
+    """The expected answer, computed with transformers alone: the checkpoint's own chat template and
+    greedy generate(), stopping at <|im_end|> or <|endoftext|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    inputs = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    stop = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                         pad_token_id=stop[1])
+    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_chat_prompt_answers_once_and_exits(talkative_model_dir, capsys):
+    expected = greedy_answer(talkative_model_dir, "Be brief.", "Hello", 5)
+    assert len(expected.strip()) > 3  # the fixture's point: an answer of several different tokens
+    assert main(["chat", str(talkative_model_dir), "--system", "Be brief.", "--prompt", "Hello",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == expected + "\n"  # exactly the greedy answer, printed once
 
 
 def test_interactive_chat_over_stdin(tiny_model_dir):

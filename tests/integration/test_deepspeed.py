@@ -1,12 +1,12 @@
 """DeepSpeed ZeRO-2/3 on CPU (gloo, 2 processes): loss falls, outputs equal a DDP reference, resume, LR.
 
 Each configuration trains 4 steps of the tiny model; DeepSpeed's CPU shared-memory op is compiled
-once into the torch extensions cache on first use.
+once into the torch extensions cache on first use. The DeepSpeed JSON builder and its refusals are
+tested without DeepSpeed in tests/unit/test_ds_config.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import subprocess
@@ -17,20 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen_ft.errors import ConfigError
 from qwen_ft.train.schedule import lr_at
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.integration.conftest import write_run_yaml
 
-pytest.importorskip("deepspeed", reason="run scripts/install_extras.sh")
-PORTS = itertools.count(29700)
+pytestmark = [pytest.mark.extras("deepspeed"), pytest.mark.slow]  # every test launches DeepSpeed processes
 COMMON = ["train.max_steps=4", "train.save_steps=2", "train.micro_batch_size=1", "train.grad_accum=2",
           "lora.dropout=0.0", "train.learning_rate=2e-3"]
 
 
 def torchrun(config: str, out: Path, *extra: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(next(PORTS)), str(REPO / "finetune.py"), "--config", config, f"train.output_dir={out}", *COMMON, *extra]
+           str(free_port()), str(REPO / "finetune.py"), "--config", config, f"train.output_dir={out}", *COMMON, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -108,29 +106,9 @@ def test_lora_with_trainable_embeddings_under_zero3(runs):
     assert any("embed_tokens" in k for k in saved) and all(t.numel() > 0 for t in saved.values())
 
 
-def test_user_json_conflicts_and_schedulers_are_refused(tmp_path):
-    from qwen_ft.config.load import config_from_dict
-    from qwen_ft.train.ds_config import deepspeed_config
-
-    user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto",
-                                "scheduler": {"type": "WarmupLR"}, "zero_optimization": {"stage": 2}}))
-    cfg = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]},
-                            "dist": {"deepspeed": str(user)}, "train": {"micro_batch_size": 2}})
-    with pytest.raises(ConfigError) as e:
-        deepspeed_config(cfg, "fp32", 2)
-    text = str(e.value)
-    assert "remove the 'scheduler' block" in text and "train_micro_batch_size_per_gpu is 4" in text
-    cfg = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]}, "dist": {"deepspeed": "zero3"},
-                            "train": {"micro_batch_size": 2, "grad_accum": 3, "max_grad_norm": 0.5}})
-    filled = deepspeed_config(cfg, "bf16", 4)
-    assert (filled["train_batch_size"], filled["gradient_clipping"], filled["bf16"]["enabled"]) == (24, 0.5, True)
-    assert filled["zero_optimization"]["stage"] == 3 and "scheduler" not in filled
-
-
+@pytest.mark.extras("bitsandbytes")
 @pytest.mark.parametrize("ds", ["zero2", "zero3"])
 def test_bnb_qlora_under_zero(runs, ds):
-    pytest.importorskip("bitsandbytes", reason="run scripts/install_extras.sh")
     config, tmp, _ = runs
     out = tmp / f"{ds}-qlora"
     torchrun(config, out, f"dist.deepspeed={ds}", "method=qlora", "quant.backend=bnb")
@@ -143,40 +121,6 @@ def test_data_cache_built_once_for_all_ranks(runs):
     _, tmp, _ = runs
     entries = [p.name for p in (tmp / "cache").iterdir()]
     assert len(entries) == 1 and not entries[0].startswith(".")  # one complete entry, no leftovers
-
-
-def test_gptq_base_under_zero3_is_refused(tmp_path, tiny_model_dir):
-    from qwen_ft.config.load import config_from_dict
-    from qwen_ft.model.load import Precision
-    from qwen_ft.recipe import steps
-    from qwen_ft.train.distributed import DistInfo
-
-    raw = {"model": {"path": str(tiny_model_dir)}, "data": {"train_files": ["d"]}, "method": "qlora",
-           "quant": {"backend": "gptq"}}
-    with pytest.raises(ConfigError, match="use dist.deepspeed=zero2"):  # a preset: refused at validation
-        config_from_dict({**raw, "dist": {"deepspeed": "zero3"}})
-    user = tmp_path / "stage3.json"
-    user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    cfg = config_from_dict({**raw, "dist": {"deepspeed": str(user)}})  # a user JSON: refused once read
-    with pytest.raises(ConfigError, match="use a ZeRO-2 config for GPTQ bases"):
-        steps.deepspeed(cfg, Precision("fp32", torch.float32), DistInfo(0, 1, 0, torch.device("cpu")))
-
-
-@pytest.mark.parametrize("name", ["zero2", "zero3", "zero2_offload", "zero3_offload"])
-def test_shipped_json_equals_the_built_in_preset(name):
-    """configs/deepspeed/*.json are the copies to edit; the presets themselves are built in (wheel installs)."""
-    from qwen_ft.train.ds_config import preset, read_base
-    from tests.conftest import REPO
-
-    assert json.loads((REPO / f"configs/deepspeed/{name}.json").read_text()) == preset(name)
-    assert read_base(name) == (preset(name), f"built-in preset {name}")
-
-
-def test_missing_user_json_names_the_presets(tmp_path):
-    from qwen_ft.train.ds_config import read_base
-
-    with pytest.raises(ConfigError, match="not found; use a preset \\(zero2, zero3"):
-        read_base(str(tmp_path / "missing.json"))
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
@@ -204,7 +148,7 @@ def test_zero3_eval_of_an_odd_size_on_two_processes(tmp_path, tiny_model_dir):
     config = write_run_yaml(tmp_path / "run.yaml", tiny_model_dir, tmp_path, lora={"r": 8, "alpha": 16},
                             data={"eval_files": [str(tmp_path / "eval.jsonl")], "packing": False},
                             train={"eval_steps": 2})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(PORTS)),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "finetune.py"), "--config", config, f"train.output_dir={tmp_path / 'out'}",
            f"dist.deepspeed={tmp_path / 'zero3_tight.json'}", *COMMON]
     try:

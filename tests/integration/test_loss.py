@@ -101,6 +101,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, loss
 """
 
 
+@pytest.mark.slow
 def test_chunked_loss_lowers_peak_memory():
     def peak(kind: str) -> tuple[float, float]:
         out = subprocess.run([sys.executable, "-c", PEAK, kind], capture_output=True, text=True, check=True).stdout

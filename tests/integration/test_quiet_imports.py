@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytest.importorskip("gptqmodel", reason="only meaningful where gptqmodel is installed")
+pytestmark = pytest.mark.extras("gptqmodel")  # only meaningful where gptqmodel is installed
 
 PROBE = """
 import sys, torch

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen_ft.model.qwen_v1 import convert_checkpoint, native_config
 from qwen_ft.tokenizer.bundled import bundled_files
+from tests.conftest import ASSETS
 
 H, HEADS, LAYERS, FFN, VOCAB = 32, 4, 2, 48, 151936
 V1_CONFIG = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], "vocab_size": VOCAB, "hidden_size": H,
@@ -122,12 +123,7 @@ def test_unexpected_tensor_is_an_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-CORPUS = ["Hello, world! How are you today?", "你好，世界！今天天气怎么样？我们一起去公园吧。",
-          "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "3.14159265358979 * 2 = 6.28318",
-          "emoji: 😀🚀🔥👨‍👩‍👧‍👦 ✓ ✗", "日本語、한국어, русский, العربية, ελληνικά",
-          "   leading and  double  spaces\t\ttabs\r\n",
-          "<|im_start|>user literal text<|im_end|>", "URL https://example.com/a?b=1&c=2 #tag @user",
-          "混合 mixed 文本 text 123 数字 456"]
+CORPUS = json.loads((ASSETS / "tokenizer_corpus.json").read_text(encoding="utf-8"))  # scripts, emoji, whitespace
 
 
 def test_converted_tokenizer_ids_equal_tiktoken(tmp_path):
@@ -217,8 +213,8 @@ def test_gptq_dequantized_weights_equal_exactly(v1_gptq, tmp_path):
                                module_dequant(original, f"transformer.h.{i}.{v1_name}"))
 
 
+@pytest.mark.extras("gptqmodel")
 def test_gptq_converted_checkpoint_loads_with_the_real_kernel(v1_gptq, tmp_path):
-    pytest.importorskip("gptqmodel", reason="run scripts/install_extras.sh")
     from qwen_ft.export.dequant import dense_weight, load_gptq_model
 
     src, original = v1_gptq
@@ -229,6 +225,7 @@ def test_gptq_converted_checkpoint_loads_with_the_real_kernel(v1_gptq, tmp_path)
     assert torch.allclose(dense_weight(q_proj).float().T, fused[:, :H], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_training_on_a_v1_directory_converts_on_load_and_merges_natively(v1_dense, run_config, tmp_path, capsys):
     from peft import PeftConfig
 
@@ -250,8 +247,9 @@ def test_training_on_a_v1_directory_converts_on_load_and_merges_natively(v1_dens
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.extras("gptqmodel")
 def test_qlora_on_a_v1_gptq_directory(v1_gptq, run_config, tmp_path):
-    pytest.importorskip("gptqmodel", reason="run scripts/install_extras.sh")
     from qwen_ft.cli.main import main
 
     src, _ = v1_gptq

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,6 +29,7 @@ def finish(proc: subprocess.Popen) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(run_config, tmp_path):
     config = run_config()
     ref_out, crash_out = tmp_path / "ref", tmp_path / "crash"

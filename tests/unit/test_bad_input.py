@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -11,26 +10,23 @@ from qwen_ft.cli.main import main
 from qwen_ft.data.conversations import ReadReport, read_conversations
 from qwen_ft.data.schema import RowError, parse_row
 from qwen_ft.errors import DataError
-from tests.conftest import conv, write_jsonl
+from tests.conftest import ASSETS, conv, write_jsonl
 
 GOOD = conv("hi", "hello")
-CASES = {
-    "malformed_json": (b'{"messages": [', "malformed JSON at column"),
-    "unknown_role": (json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode(),
-                     "messages[0].role: unknown role 'bot'; use one of system, user, assistant"),
-    "empty_content": (json.dumps(conv("hi", "  ")).encode(), "messages[1].content: empty assistant message"),
-    "non_string_content": (json.dumps({"messages": [{"role": "user", "content": ["a"]},
-                                                    {"role": "assistant", "content": "b"}]}).encode(),
-                           "messages[0].content: expected a string, got list"),
-    "no_assistant": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), "has no assistant reply"),
-    "non_utf8": (b'{"messages": "\xff\xfe"}', "not valid UTF-8 (byte 0xff at column 15)"),
-    "late_system": (json.dumps({"conversations": [{"from": "user", "value": "a"}, {"from": "system", "value": "b"},
-                                                  {"from": "assistant", "value": "c"}]}).encode(),
-                    "conversations[1].from: a system message may only come first"),
-    "not_an_object": (b'[1, 2]', "row is a list, expected an object"),
-    "no_messages_key": (b'{"text": "hi"}',
-                        "no 'conversations' (QwenLM) or 'messages' (OpenAI) list; keys present: text"),
+# One bad row per file in tests/assets/bad_rows/ (raw bytes, non-UTF-8 included), with the error it must give.
+MESSAGES = {
+    "malformed_json": "malformed JSON at column",
+    "unknown_role": "messages[0].role: unknown role 'bot'; use one of system, user, assistant",
+    "empty_content": "messages[1].content: empty assistant message",
+    "non_string_content": "messages[0].content: expected a string, got list",
+    "no_assistant": "has no assistant reply",
+    "non_utf8": "not valid UTF-8 (byte 0xff at column 15)",
+    "late_system": "conversations[1].from: a system message may only come first",
+    "not_an_object": "row is a list, expected an object",
+    "no_messages_key": "no 'conversations' (QwenLM) or 'messages' (OpenAI) list; keys present: text",
 }
+CASES = {case: ((ASSETS / "bad_rows" / f"{case}.jsonl").read_bytes().rstrip(b"\n"), message)
+         for case, message in MESSAGES.items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
@@ -51,6 +47,11 @@ def test_bad_row_skipped_and_counted(tmp_path, case):
     convs = list(read_conversations([str(path)], "sys", "skip", report))
     assert len(convs) == 2 and report.rows == 3 and report.skipped == 1
     assert [c.source for c in convs] == [f"{path}:1", f"{path}:3"]
+
+
+def test_every_bad_row_asset_has_its_message():
+    assert sorted(p.stem for p in (ASSETS / "bad_rows").glob("*.jsonl")) == sorted(MESSAGES)
+    assert all(raw and b"\n" not in raw for raw, _ in CASES.values())  # one row each
 
 
 def test_all_bad_rows_listed_together(tmp_path):

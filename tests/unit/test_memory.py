@@ -10,6 +10,7 @@ from qwen_ft.cli.main import main
 from qwen_ft.config.load import config_from_dict
 from qwen_ft.model.shape import Shape
 from qwen_ft.sizing.memory import GB, estimate, fits, trainable_params
+from tests.conftest import ASSETS
 
 
 @pytest.mark.parametrize("family, tied", [("qwen2", False), ("qwen2", True), ("qwen3", True), ("qwen3", False)])
@@ -37,8 +38,8 @@ def test_lora_trainable_count_matches_peft():
     assert trainable_params(cfg, Shape.from_config(config.to_dict())) == expected
 
 
-QWEN_7B = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 4096, "num_hidden_layers": 32,
-           "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008}
+QWEN_7B_DIR = ASSETS / "qwen1.5-7b"  # config.json only: the estimator reads nothing else
+QWEN_7B = json.loads((QWEN_7B_DIR / "config.json").read_text())
 
 
 def run_cfg(**sections):
@@ -102,9 +103,8 @@ def test_quantized_weights_by_hand():
 def test_estimate_cli(tmp_path, capsys):
     import yaml
 
-    (tmp_path / "config.json").write_text(json.dumps(QWEN_7B))
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"path": str(tmp_path)}, "data": {"train_files": ["d.jsonl"]}}))
+    cfg.write_text(yaml.safe_dump({"model": {"path": str(QWEN_7B_DIR)}, "data": {"train_files": ["d.jsonl"]}}))
     assert main(["estimate", str(cfg), "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
     assert "7.72B parameters" in out and "fits a 80 GiB GPU" in out
