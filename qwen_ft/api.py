@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwen_ft.config.schema import DEFAULT_SYSTEM
-
 if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
     from qwen_ft.export.merge import MergeReport
@@ -44,12 +42,12 @@ def finetune(config: str | Path | RunConfig, overrides: Sequence[str] = ()) -> R
 
 
 def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "auto",
-          eval_data: str | None = None) -> MergeReport:
+          eval_data: str | None = None, overwrite: bool = False) -> MergeReport:
     """Merge a LoRA/Q-LoRA output into its base (recorded in its manifest unless `base` is given),
     self-checked against base + adapter."""
     from qwen_ft.export.merge import merge_adapter
 
-    return merge_adapter(str(adapter), str(out), str(base) if base else None, dtype, eval_data)
+    return merge_adapter(str(adapter), str(out), str(base) if base else None, dtype, eval_data, overwrite)
 
 
 def estimate(config: str | Path | RunConfig, overrides: Sequence[str] = (), gpus: int = 1,
@@ -65,16 +63,17 @@ def estimate(config: str | Path | RunConfig, overrides: Sequence[str] = (), gpus
     return estimate_run(cfg, gpus, dtype)
 
 
-def chat(model: str | Path, prompt: str, adapter: str | Path | None = None, system: str | None = DEFAULT_SYSTEM,
+def chat(model: str | Path, prompt: str, adapter: str | Path | None = None, system: str | None = None,
          history: Sequence[tuple[str, str]] = (), emit: Callable[[str], None] | None = None,
-         max_new_tokens: int = 256, temperature: float = 0.0) -> str:
+         max_new_tokens: int = 256, temperature: float = 0.0, template_kwargs: dict | None = None) -> str:
     """One reply from a model directory (a merged model, a full fine-tune or a LoRA output), to
-    `prompt` after the (user, assistant) pairs in `history`; `emit` receives the text as it streams."""
+    `prompt` after the (user, assistant) pairs in `history`, rendered by the model's chat template
+    (`system` None: the template's own default); `emit` receives the text as it streams."""
     from qwen_ft.infer.chat import load_chat_model, reply
 
     loaded, tok = load_chat_model(str(model), str(adapter) if adapter else None)
-    messages = [("system", system)] if system is not None else []
+    messages = [{"role": "system", "content": system}] if system is not None else []
     for user, assistant in history:
-        messages += [("user", user), ("assistant", assistant)]
-    return reply(loaded, tok, [*messages, ("user", prompt)], emit or (lambda _text: None),
-                 max_new_tokens=max_new_tokens, temperature=temperature)
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return reply(loaded, tok, [*messages, {"role": "user", "content": prompt}], emit or (lambda _text: None),
+                 max_new_tokens=max_new_tokens, temperature=temperature, template_kwargs=template_kwargs)

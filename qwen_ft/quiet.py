@@ -20,7 +20,11 @@ QUIET_LOGGERS = ("torch.utils._pytree", "torchao", "bitsandbytes", "DeepSpeed", 
 
 
 def quiet_third_party(verbose: bool = False) -> None:
-    """Hide third-party warnings, banners and progress bars (not errors); `verbose` leaves them on."""
+    """Hide third-party warnings, banners and progress bars (not errors); `verbose` leaves them on.
+    Either way the hub libraries are told to stay offline: qwen-ft reads local directories only,
+    and a mistyped path must fail at once rather than retry a download."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if verbose:
         return
     for key, value in QUIET_ENV.items():

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_ft.config.schema import DEFAULT_SYSTEM as SYSTEM
-from qwen_ft.data.chatml import render_chatml
 from qwen_ft.errors import QwenFtError
 
 METHODS = ("lora", "lora_emb", "qlora_bnb", "qlora_gptq", "full")
@@ -52,7 +51,8 @@ def conversation(tok, length: int, seed: int) -> list[dict]:
         QwenFtError: `length` is too short for the ChatML framing, or the rendering is not exact.
     """
     words, rng = _single_token_words(tok), random.Random(seed)
-    overhead = len(render_chatml([("system", SYSTEM), ("user", ""), ("assistant", "")], tok)[0])
+    overhead = len(_ids(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ""},
+                              {"role": "assistant", "content": ""}])[0])
     free = length - overhead
     if free < 2:
         raise QwenFtError(f"sequence length {length} leaves no room for content ({overhead} framing tokens)")
@@ -60,10 +60,18 @@ def conversation(tok, length: int, seed: int) -> list[dict]:
     reply = "".join(rng.choice(words) for _ in range(free - free // 2)).lstrip()
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
                 {"role": "assistant", "content": reply}]
-    got = len(render_chatml(messages, tok)[0])
+    got = len(_ids(tok, messages)[0])
     if got != length:
         raise QwenFtError(f"benchmark conversation renders to {got} tokens, not {length}")
     return messages
+
+
+def _ids(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) as qwen-ft's training renders `messages` (the tokenizer's chat template)."""
+    from qwen_ft.data.render import Renderer
+
+    ids, labels, _ = Renderer.of(tok).render({"messages": messages, "learn": [True]})
+    return ids, labels
 
 
 def write_workload(tok, length: int, n: int, out_dir: Path) -> tuple[Path, Path]:
@@ -73,7 +81,7 @@ def write_workload(tok, length: int, n: int, out_dir: Path) -> tuple[Path, Path]
     with convs.open("w") as fc, rows.open("w") as fr:
         for i in range(n):
             messages = conversation(tok, length, seed=i)
-            ids, labels = render_chatml(messages, tok)
+            ids, labels = _ids(tok, messages)
             fc.write(json.dumps({"messages": messages}) + "\n")
             fr.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
     return convs, rows

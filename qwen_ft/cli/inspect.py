@@ -40,21 +40,23 @@ def highlight(tok, ids: list[int], labels: list[int], color: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Render conversation `--index` and print it with stats."""
-    from qwen_ft.data.chatml import render_chatml
     from qwen_ft.data.conversations import ReadReport, read_conversations
+    from qwen_ft.data.render import Renderer
     from qwen_ft.tokenizer import load_tokenizer
 
     cfg = config_from_args(args)
     tok = load_tokenizer(cfg.tokenizer_path)
     d = cfg.data
+    renderer = Renderer.of(tok, d.chat_template, d.template_kwargs)
     count = 0
     for conv in read_conversations(d.train_files, d.default_system, "skip", ReadReport()):
         count += 1
         if count - 1 == args.index:
-            ids, labels = render_chatml(list(zip(conv.roles, conv.contents, strict=True)), tok, d.label_policy)
+            ids, labels, _ = renderer.render(conv.conv, d.label_policy)
             color = not args.no_color and sys.stdout.isatty()
-            print(f"{conv.source}  ({len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} learned, "
-                  f"policy {d.label_policy}, max_length {d.max_length})")
+            print(f"{conv.source}  (rendered by {renderer.source})")
+            print(f"  {len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} learned, "
+                  f"policy {d.label_policy}, max_length {d.max_length}")
             print(highlight(tok, ids, labels, color))
             return 0
     raise QwenFtError(f"--index {args.index}: the data has only {count} valid conversation(s); use 0..{count - 1}")

@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="output dtype; auto: the base checkpoint's")
     p.add_argument("--eval-data", help="conversations for the Q-LoRA perplexity comparison (default: the run's)")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load .bin (torch pickle) weights when there are no safetensors (unpickling can run code)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model already in --out (never the adapter or its base)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from qwen_ft.export.merge import merge_adapter
 
     hide_unused(stacks_of_checkpoint(args.adapter) | (stacks_of_checkpoint(args.base) if args.base else set()))
-    r = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.eval_data)
+    r = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.eval_data, args.overwrite,
+                      args.allow_pickle_weights)
     print(f"merged into {r.merged_into}")
     print(f"merge check: max |logit diff| merged vs base+adapter = {r.merge_diff:.3g} (fp32)"
           + (f", {r.cast_diff:.3g} after casting to {r.dtype}" if r.dtype != "fp32" else "")

@@ -28,13 +28,15 @@ def run(args: argparse.Namespace) -> int:
     """Tokenize, plan batches, print stats, optionally dump."""
     from qwen_ft.data.prepare import format_stats, plan_for, prepare_data
     from qwen_ft.data.tokenize import load_shards
+    from qwen_ft.recipe.steps import template_source
     from qwen_ft.tokenizer import load_tokenizer
 
     cfg = config_from_args(args)
     tok = load_tokenizer(cfg.tokenizer_path)
     data = prepare_data(cfg, tok)
     s = data.stats
-    print(f"data: {', '.join(cfg.data.train_files)} (cache {s.cache}: {s.cache_path})")
+    print(f"data: {', '.join(cfg.data.train_files)} (cache {s.cache}: {s.cache_path}), rendered by "
+          f"{template_source(cfg, tok)}")
     print(format_stats(s, plan_for(cfg, data), cfg))
     if args.dump:
         n = dump(load_shards(s.cache_path, s.shards), args.dump)
@@ -48,6 +50,8 @@ def dump(full, out_path: str) -> int:
     with open(out_path, "w", encoding="utf-8") as fh:
         for batch in full.iter(batch_size=1000):
             for ids, labels, status in zip(batch["input_ids"], batch["labels"], batch["status"], strict=True):
+                if status == "error":  # a skipped row (data.on_error=skip), counted in the report
+                    continue
                 row = {"input_ids": ids, "labels": labels}
                 if status == "dropped":
                     row["dropped"] = True

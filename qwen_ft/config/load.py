@@ -29,6 +29,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin is dict:
+        return "a mapping"
     if origin is tuple:
         return "a list of strings"
     if origin is Union:
@@ -58,6 +60,11 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if value in choices and isinstance(value, str):
             return value
         problems.append(f"{where}: {value!r} is not {_type_name(tp)}{did_you_mean(value, choices)}")
+        return None
+    if origin is dict:  # free-form mappings (template variables): string keys, YAML values
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        problems.append(f"{where}: expected a mapping with string keys, got {value!r}")
         return None
     if origin is tuple:
         items = [value] if isinstance(value, str) else value
@@ -109,6 +116,16 @@ def schema_paths(cls: type = RunConfig, prefix: str = "") -> list[str]:
     return out
 
 
+def _inside_mapping(key: str) -> bool:
+    """`data.template_kwargs.enable_thinking`: a key inside a free-form mapping field."""
+    section, _, rest = key.partition(".")
+    name, _, inner = rest.partition(".")
+    cls = typing.get_type_hints(RunConfig).get(section)
+    if not inner or cls is None or not dataclasses.is_dataclass(cls):
+        return False
+    return typing.get_origin(typing.get_type_hints(cls).get(name)) is dict
+
+
 def parse_overrides(items: typing.Sequence[str]) -> tuple[list[tuple[list[str], Any]], list[str]]:
     """Parse `key.sub=value` strings; values are read as YAML scalars (true, 8, [a, b]).
 
@@ -123,7 +140,7 @@ def parse_overrides(items: typing.Sequence[str]) -> tuple[list[tuple[list[str], 
         if not sep or not key:
             problems.append(f"override {item!r}: expected key.sub=value")
             continue
-        if key not in known:
+        if key not in known and not _inside_mapping(key):
             problems.append(f"override {item!r}: unknown key '{key}'{did_you_mean(key, known)}")
             continue
         try:

@@ -7,7 +7,7 @@ allowed values; the loader checks and coerces them, so downstream code reads typ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 # Qwen v1 ChatML's default system prompt (QwenLM finetune.py, chat demos).
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -45,6 +45,10 @@ class ModelConfig:
                "GPUs); the first steps pay the compilation. Not with method=qlora or ZeRO-3"
     )
     trust_remote_code: bool = opt(False, "run code shipped with the checkpoint; off unless you ask for it")
+    allow_pickle_weights: bool = opt(
+        False, "load .bin (torch pickle) weights when a checkpoint has no safetensors; off: refused, since "
+               "unpickling can run code"
+    )
 
     @property
     def recomputed_fraction(self) -> float:
@@ -63,7 +67,10 @@ class TokenizerConfig:
 class DataConfig:
     """Conversation files and how they become training rows."""
 
-    train_files: tuple[str, ...] = opt((), "conversation files (.json list or .jsonl), QwenLM or OpenAI format")
+    train_files: tuple[str, ...] = opt(
+        (), "conversation files or directories: .jsonl, .json, .parquet, .arrow, .csv, or a datasets.save_to_disk "
+            "directory; OpenAI messages, ShareGPT, Qwen v1, Alpaca or prompt/completion rows (data/README.md)"
+    )
     eval_files: tuple[str, ...] = opt((), "held-out conversation files for eval loss")
     eval_fraction: float = opt(0.0, "fraction of train conversations held out for eval when eval_files is empty")
     max_length: int = opt(2048, "maximum tokens per conversation and per packed row")
@@ -71,9 +78,20 @@ class DataConfig:
         "truncate", "conversations over max_length: truncate at a turn boundary, or drop (both counted)"
     )
     label_policy: Literal["assistant", "last_turn", "qwen_reference"] = opt(
-        "assistant", "which tokens are learned; see qwen_ft/data/chatml.py"
+        "assistant", "which tokens are learned; see qwen_ft/data/template.py"
     )
-    default_system: str = opt(DEFAULT_SYSTEM, "system prompt used when a conversation has none")
+    chat_template: str | None = opt(
+        None, "a .jinja file (or tokenizer_config.json) whose chat template renders the data; default: the "
+              "tokenizer directory's own (chat_template.jinja or tokenizer_config.json), as servers use"
+    )
+    template_kwargs: dict[str, Any] = opt(
+        {}, "variables for the chat template on every conversation, e.g. {enable_thinking: false}; a row's own "
+            "chat_template_kwargs take precedence"
+    )
+    default_system: str = opt(
+        "", "system prompt inserted when a conversation has none; empty: the chat template's own default "
+            f"(Qwen v1 ChatML without a template: {DEFAULT_SYSTEM!r})"
+    )
     packing: bool = opt(True, "pack conversations into rows of max_length with restarting position_ids")
     on_error: Literal["error", "skip"] = opt("error", "bad rows: stop with every error listed, or skip and count them")
     num_proc: int = opt(1, "tokenization processes")

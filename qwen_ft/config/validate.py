@@ -151,8 +151,11 @@ def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
         problems.append(f"tokenizer.path: {str(tok)!r} is not a directory (defaults to model.path)")
     for key in ("train_files", "eval_files"):
         for f in getattr(cfg.data, key):
-            if not Path(f).is_file():
-                problems.append(f"data.{key}: file {f!r} not found")
+            if not Path(f).exists():
+                problems.append(f"data.{key}: {missing_data_message(f)}")
+    for key, value in (("train.output_dir", cfg.train.output_dir), ("data.cache_dir", cfg.data.cache_dir)):
+        if not _writable(Path(value)):
+            problems.append(f"{key}: {value!r} cannot be written by this user; choose a directory you can write")
     ds = cfg.dist.deepspeed
     if ds.endswith(".json") and not Path(ds).is_file():
         problems.append(f"dist.deepspeed: file {ds!r} not found")
@@ -160,3 +163,23 @@ def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
         problems += zero3_conflicts(cfg)
     problems += [deps.missing_message(name, why) for name, why in required_extras(cfg) if not deps.is_available(name)]
     return problems
+
+
+def _writable(path: Path) -> bool:
+    """The directory exists and is writable, or its nearest existing ancestor is (it can be created)."""
+    import os
+
+    for d in (path, *path.absolute().parents):
+        if d.exists():
+            return d.is_dir() and os.access(d, os.W_OK | os.X_OK)
+    return False
+
+
+def missing_data_message(name: str) -> str:
+    """Why a data path that does not exist cannot be read; a hub-style name is told the toolkit is offline."""
+    import re
+
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).suffix:
+        return (f"data file {name!r} not found; it looks like a dataset name on a hub, and qwen-ft works offline: "
+                "it never downloads data. Download the dataset yourself and list its local files")
+    return f"data file {name!r} not found; check data.train_files / data.eval_files"

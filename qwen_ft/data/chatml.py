@@ -89,6 +89,7 @@ def assemble(
     content_ids: list[list[int]],
     framing: Framing,
     policy: Policy = "assistant",
+    learn: list[bool] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Render already-encoded messages into (input_ids, labels) under `policy`.
 
@@ -97,6 +98,7 @@ def assemble(
         content_ids: ordinary-text ids of each message's content.
         framing: ChatML ids of the tokenizer.
         policy: label policy (see module docstring).
+        learn: per assistant message, False leaves it unlearned (`weight: 0`); default all True.
 
     Returns:
         input_ids and labels of equal length; unlearned labels are IGNORE_INDEX.
@@ -106,12 +108,14 @@ def assemble(
     last_reply = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
     input_ids: list[int] = []
     labels: list[int] = []
+    flags = iter(learn if learn is not None else [True] * roles.count("assistant"))
     for i, (role, content) in enumerate(zip(roles, content_ids, strict=True)):
         head = framing.head(role)
         ids = head + list(content) + framing.tail()
-        learn = role == "assistant" and (policy != "last_turn" or i == last_reply)
+        wanted = next(flags) if role == "assistant" else False
+        learned = wanted and (policy != "last_turn" or i == last_reply)
         input_ids += ids
-        labels += _message_labels(role, ids, len(head), len(content), learn, policy)
+        labels += _message_labels(role, ids, len(head), len(content), learned, policy)
     return input_ids, labels
 
 

@@ -15,21 +15,28 @@ from qwen_ft.data.sources import iter_rows
 from qwen_ft.errors import DataError
 
 MAX_SHOWN = 20
+SHOWN_IN_STATS = 5
 
 
 @dataclass
 class ReadReport:
-    """Counts of rows seen and rows refused while reading."""
+    """Counts of rows seen and rows refused while reading, and of row fields left out."""
 
     rows: int = 0
     skipped: int = 0
     errors: list[str] = field(default_factory=list)
+    ignored_fields: dict[str, int] = field(default_factory=dict)  # top-level field -> rows that had it
 
     def add_error(self, message: str) -> None:
         """Count one bad row; keep the first MAX_SHOWN messages."""
         self.skipped += 1
         if len(self.errors) < MAX_SHOWN:
             self.errors.append(message)
+
+    def shown(self) -> list[str]:
+        """The first few messages, with how many more there were (for the data report)."""
+        more = self.skipped - min(len(self.errors), SHOWN_IN_STATS)
+        return self.errors[:SHOWN_IN_STATS] + ([f"... and {more} more"] if more > 0 else [])
 
     def error_text(self) -> str:
         """The kept messages, plus how many more there were."""
@@ -39,7 +46,7 @@ class ReadReport:
 
 
 def read_conversations(
-    files: Sequence[str], default_system: str, on_error: str, report: ReadReport
+    files: Sequence[str], default_system: str | None, on_error: str, report: ReadReport
 ) -> Iterator[Conversation]:
     """Yield validated conversations from `files` in order, filling `report`.
 
@@ -54,9 +61,13 @@ def read_conversations(
                 report.add_error(f"{raw.where}: {raw.error}")
                 continue
             try:
-                yield parse_row(raw.value, raw.where, default_system)
+                conv = parse_row(raw.value, raw.where, default_system)
             except RowError as e:
                 report.add_error(f"{raw.where}: {e}")
+                continue
+            for name in conv.ignored:
+                report.ignored_fields[name] = report.ignored_fields.get(name, 0) + 1
+            yield conv
     if report.skipped and on_error == "error":
         raise DataError(
             f"{report.skipped} bad row(s) of {report.rows}:\n{report.error_text()}\n"

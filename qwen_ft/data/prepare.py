@@ -36,9 +36,11 @@ class PreparedData:
 
 
 def _kept(ds: Dataset) -> Dataset:
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    keep = np.flatnonzero(pc.not_equal(ds.data.column("status"), "dropped").to_numpy(zero_copy_only=False))
+    kept = pc.is_in(ds.data.column("status"), pa.array(["ok", "truncated"]))
+    keep = np.flatnonzero(kept.to_numpy(zero_copy_only=False))
     return ds if len(keep) == len(ds) else ds.select(keep)
 
 
@@ -56,7 +58,7 @@ def prepare_data(cfg: RunConfig, tok) -> PreparedData:
         DataError: when no example survives validation and length checks.
     """
     d = cfg.data
-    spec = TokenizeSpec.from_config(d)
+    spec = TokenizeSpec.from_config(d, tok)
     full, stats = tokenized_dataset(d.train_files, tok, spec, d.cache_dir, d.num_proc)
     train, eval_ds = _kept(full), None
     if len(train) == 0:
@@ -100,4 +102,8 @@ def format_stats(stats: DataStats, plan: BatchPlan | None, cfg: RunConfig) -> st
     out = [f"  {k:<{width}}  {v}" for k, v in lines]
     for kind, examples in (("skipped", stats.skipped_examples), ("dropped", stats.dropped_examples)):
         out += [f"  {kind}: {e}" for e in examples]
+    if stats.dropped > len(stats.dropped_examples):
+        out.append(f"  dropped: ... and {stats.dropped - len(stats.dropped_examples)} more")
+    out += [f"  left out: row field {name!r} in {n:,} row(s) (not part of any format qwen-ft reads)"
+            for name, n in sorted(stats.ignored_fields.items())]
     return "\n".join(out)

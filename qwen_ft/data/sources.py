@@ -34,6 +34,8 @@ def iter_jsonl(path: Path) -> Iterator[RawRow]:
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a UTF-8 BOM is not part of the first row
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -128,17 +130,27 @@ def _decode_element(decoder: json.JSONDecoder, s: _Stream, path: Path, index: in
                 ) from None
 
 
+SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
+
+
 def iter_rows(path: str | Path) -> Iterator[RawRow]:
-    """Rows of a conversation file (.json list or .jsonl).
+    """Rows of a conversation file (.jsonl, .json list, .parquet, .arrow, .csv) or of a directory
+    written by `datasets.save_to_disk`.
 
     Raises:
-        DataError: missing file or unsupported extension.
+        DataError: missing file, unsupported extension, or a dataset name from a hub.
     """
+    from qwen_ft.config.validate import missing_data_message
+    from qwen_ft.data import tables
+
     p = Path(path)
+    if p.is_dir():
+        return tables.iter_saved_dataset(p)
     if not p.is_file():
-        raise DataError(f"data file {str(p)!r} not found; check data.train_files / data.eval_files")
-    if p.suffix == ".jsonl":
-        return iter_jsonl(p)
-    if p.suffix == ".json":
-        return iter_json_list(p)
-    raise DataError(f"{p}: unsupported extension {p.suffix!r}; use .json (a list) or .jsonl (one object per line)")
+        raise DataError(missing_data_message(str(path)))
+    readers = {".jsonl": iter_jsonl, ".json": iter_json_list, ".parquet": tables.iter_parquet,
+               ".arrow": tables.iter_arrow, ".csv": tables.iter_csv}
+    if p.suffix not in readers:
+        raise DataError(f"{p}: unsupported extension {p.suffix!r}; use one of {', '.join(SUFFIXES)}, or a "
+                        "directory written by datasets' save_to_disk")
+    return readers[p.suffix](p)

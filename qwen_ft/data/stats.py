@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 # the fields written to stats.json (the others describe one load of the entry)
 STORED = ("rows_read", "skipped", "skipped_examples", "shards", "conversations", "dropped", "dropped_examples",
-          "truncated", "examples", "tokens", "supervised_tokens")
+          "truncated", "examples", "tokens", "supervised_tokens", "ignored_fields")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class DataStats:
     examples: int  # conversations kept (conversations - dropped)
     tokens: int  # tokens of the kept conversations
     supervised_tokens: int  # learned labels of the kept conversations
+    ignored_fields: dict[str, int] = dataclasses.field(default_factory=dict)  # row field -> rows holding it
     cache: Literal["built", "hit"] | None = None  # how this load got the cache entry
     cache_path: str = ""  # the cache entry's directory
     eval: DataStats | None = None  # the eval files' own stats (data.eval_files)

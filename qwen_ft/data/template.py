@@ -108,14 +108,18 @@ class TemplateRenderer:
         self.im_start, self.im_end = specials["<|im_start|>"], specials["<|im_end|>"]
 
     def text(self, conversation: dict[str, Any], add_generation_prompt: bool = False) -> str:
-        """The template's text for {"messages", "tools", "kwargs"}, as apply_chat_template renders it."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
+        """The template's text for {"messages", "tools", "kwargs"}, as apply_chat_template renders it:
+        transformers' own compiled template and sandboxed Jinja environment. Its wrapper
+        (`render_jinja_template`) would only copy the messages into plain JSON types, which
+        `formats.normalise` already made them."""
         kwargs = {**self.kwargs, **(conversation.get("kwargs") or {})}
-        rendered, _ = render_jinja_template([conversation["messages"]], tools=conversation.get("tools"),
-                                            chat_template=self.template.text,
-                                            add_generation_prompt=add_generation_prompt, **kwargs)
-        return rendered[0]
+        return self._compiled().render(messages=conversation["messages"], tools=conversation.get("tools"),
+                                       documents=None, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def _compiled(self):
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(self.template.text)
 
     def encode(self, conversation: dict[str, Any],
                add_generation_prompt: bool = False) -> tuple[list[int], list[Block]]:
@@ -124,10 +128,16 @@ class TemplateRenderer:
         Raises:
             ValueError: a string holding the noncharacters used as marks (a row error).
         """
+        segments = self.segments(conversation, add_generation_prompt)
+        return self.assemble(segments, iter(self.encode_offsets([s for s in segments if isinstance(s, str)])))
+
+    def segments(self, conversation: dict[str, Any], add_generation_prompt: bool = False) -> list[str | int]:
+        """The rendered conversation as runs of ordinary text and control-token ids (see `encode`)."""
         marked = self._mark(conversation)
-        segments = self._segments(self.text(marked, add_generation_prompt), marked is not conversation)
-        texts = [s for s in segments if isinstance(s, str)]
-        encoded = iter(self.encode_offsets(texts))
+        return self._segments(self.text(marked, add_generation_prompt), marked is not conversation)
+
+    def assemble(self, segments: list[str | int], encoded) -> tuple[list[int], list[Block]]:
+        """Ids and blocks from `segments` and an iterator over the (ids, offsets) of their text runs."""
         ids: list[int] = []
         headers: dict[int, tuple[int, str]] = {}  # block start index -> (first content index, role)
         for seg in segments:

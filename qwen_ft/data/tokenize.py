@@ -1,9 +1,10 @@
 """Conversations -> tokenized Arrow dataset on disk, cached under a content key.
 
-Stage 1 streams validated conversations into an Arrow file (never a Python list of the whole
-file). Stage 2 runs a batched, multi-process `datasets.map` that renders ChatML ids/labels,
-applies the length policy and records each row's status. Dropped rows stay in the cache,
-marked `status: dropped` with empty ids, so reports and `--dump` account for every input row.
+Stage 1 streams validated, normalised conversations into an Arrow file (never a Python list of
+the whole file). Stage 2 runs a batched, multi-process `datasets.map` that renders them through
+the tokenizer's chat template (`render.py`), applies the length policy and records each row's
+status. Dropped rows stay in the cache, marked `status: dropped` with empty ids, so reports and
+`--dump` account for every input row; rows the template cannot render are `status: error`.
 The result lives in `cache_dir/<key>/` where the key hashes the data files' bytes, the
 tokenizer's vocabulary, the template version and every setting that changes the output, so a
 second run with the same inputs memory-maps the cache instead of tokenizing again.
@@ -20,18 +21,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from qwen_ft.data.chatml import IGNORE_INDEX, Framing, Policy, assemble, fit_length
+from qwen_ft.data.chatml import IGNORE_INDEX, Policy
 from qwen_ft.data.conversations import ReadReport, read_conversations
 from qwen_ft.data.stats import DataStats
+from qwen_ft.errors import DataError
 from qwen_ft.files import atomic_dir
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
     from qwen_ft.config.schema import DataConfig
+    from qwen_ft.data.render import Renderer
 
-TEMPLATE_VERSION = "chatml-v1"  # bump when rendering or masking changes, to invalidate caches
-CACHE_FORMAT = 2  # bump when the layout of a cache entry changes
+TEMPLATE_VERSION = "template-v2"  # bump when rendering or masking changes, to invalidate caches
+CACHE_FORMAT = 3  # bump when the layout of a cache entry changes
 WRITE_BATCH = 1000
 
 
@@ -44,11 +47,33 @@ class TokenizeSpec:
     label_policy: Policy
     default_system: str
     on_error: Literal["error", "skip"]
+    chat_template: str | None = None  # the template's text; None: Qwen v1 ChatML
+    template_source: str = ""
+    template_kwargs: str = "{}"  # JSON, keys sorted
 
     @classmethod
-    def from_config(cls, data: DataConfig) -> TokenizeSpec:
-        """Spec from a DataConfig."""
-        return cls(data.max_length, data.overlong, data.label_policy, data.default_system, data.on_error)
+    def from_config(cls, data: DataConfig, tok) -> TokenizeSpec:
+        """Spec from a DataConfig and the tokenizer whose template renders the data."""
+        from qwen_ft.data.template import find_template
+
+        template = find_template(tok.directory, data.chat_template) if tok.supports_templates else None
+        return cls(data.max_length, data.overlong, data.label_policy, data.default_system, data.on_error,
+                   template.text if template else None, template.source if template else "",
+                   json.dumps(data.template_kwargs, sort_keys=True))
+
+    def renderer(self, tok) -> Renderer:
+        """The Renderer this spec describes, built once per process."""
+        from qwen_ft.data.render import Renderer
+        from qwen_ft.data.template import ChatTemplate
+
+        key = (id(tok), self)
+        if key not in _RENDERERS:
+            template = ChatTemplate(self.chat_template, self.template_source) if self.chat_template else None
+            _RENDERERS[key] = Renderer(tok, template, json.loads(self.template_kwargs))
+        return _RENDERERS[key]
+
+
+_RENDERERS: dict[tuple[int, TokenizeSpec], Renderer] = {}
 
 
 def file_digest(path: str) -> str:
@@ -77,15 +102,13 @@ def _write_conversations(files, spec: TokenizeSpec, out: Path) -> ReadReport:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-    strings = pa.list_(pa.string())
-    schema = pa.schema([("roles", strings), ("contents", strings), ("source", pa.string())])
+    schema = pa.schema([("conversation", pa.string()), ("source", pa.string())])
     report = ReadReport()
-    cols: dict[str, list] = {"roles": [], "contents": [], "source": []}
+    cols: dict[str, list] = {"conversation": [], "source": []}
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         convs = read_conversations(files, spec.default_system, spec.on_error, report)
         for conv in tqdm(convs, desc="reading", unit=" conv", disable=None, mininterval=1.0):
-            cols["roles"].append(list(conv.roles))
-            cols["contents"].append(list(conv.contents))
+            cols["conversation"].append(json.dumps(conv.conv, ensure_ascii=False))
             cols["source"].append(conv.source)
             if len(cols["source"]) >= WRITE_BATCH:
                 writer.write_table(pa.table(cols, schema=schema))
@@ -96,19 +119,24 @@ def _write_conversations(files, spec: TokenizeSpec, out: Path) -> ReadReport:
 
 def tokenize_batch(batch: dict, tok, spec: TokenizeSpec) -> dict:
     """Stage 2 (a `datasets.map` function): render and length-check a batch of conversations."""
-    framing = Framing.of(tok)
-    flat = [c for contents in batch["contents"] for c in contents]
-    encoded = tok.encode_batch(flat)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "n_supervised": [], "status": []}
-    k = 0
-    for roles in batch["roles"]:
-        content_ids, k = encoded[k:k + len(roles)], k + len(roles)
-        keep, status = fit_length(roles, content_ids, framing, spec.max_length, spec.overlong)
-        ids, labels = assemble(roles[:keep], content_ids[:keep], framing, spec.label_policy) if keep else ([], [])
+    from qwen_ft.data.render import fit
+    from qwen_ft.data.schema import RowError
+
+    convs = [json.loads(text) for text in batch["conversation"]]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "n_supervised": [], "status": [], "error": []}
+    for rendered in spec.renderer(tok).render_many(convs, spec.label_policy):
+        error = ""
+        ids: list[int]
+        labels: list[int]
+        if isinstance(rendered, RowError):
+            ids, labels, status, error = [], [], "error", str(rendered)
+        else:
+            ids, labels, status = fit(*rendered, spec.max_length, spec.overlong)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["n_supervised"].append(len(labels) - labels.count(IGNORE_INDEX))
         out["status"].append(status)
+        out["error"].append(error)
     return out
 
 
@@ -117,7 +145,7 @@ def _features():
 
     ints = List(Value("int32"))
     return Features({"input_ids": ints, "labels": ints, "n_supervised": Value("int32"),
-                     "status": Value("string"), "source": Value("string")})
+                     "status": Value("string"), "error": Value("string"), "source": Value("string")})
 
 
 def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: int) -> DataStats:
@@ -126,27 +154,53 @@ def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: 
 
     report = _write_conversations(files, spec, work / "conversations.arrow")
     convs = Dataset.from_file(str(work / "conversations.arrow"))
+    if len(convs) == 0:
+        raise DataError(no_conversations_message(files, report))
     mapped = convs.map(
         functools.partial(tokenize_batch, tok=tok, spec=spec), batched=True, batch_size=256,
-        num_proc=num_proc if num_proc > 1 and len(convs) > 1024 else None, remove_columns=["roles", "contents"],
+        num_proc=num_proc if num_proc > 1 and len(convs) > 1024 else None, remove_columns=["conversation"],
         features=_features(), cache_file_name=str(work / "data.arrow"), new_fingerprint="tok-" + work.name,
         desc="tokenizing",
     )
     shards = [Path(f["filename"]).name for f in mapped.cache_files]  # one per process with num_proc > 1
-    return DataStats(rows_read=report.rows, skipped=report.skipped, skipped_examples=report.errors[:5],
-                     shards=shards, **_counts(mapped.data))
+    for where, message in _render_errors(mapped.data):
+        report.add_error(f"{where}: {message}")
+    if report.skipped and spec.on_error == "error":
+        raise DataError(f"{report.skipped} bad row(s) of {report.rows}:\n{report.error_text()}\n"
+                        "Fix them, or set data.on_error=skip to skip and count them.")
+    return DataStats(rows_read=report.rows, skipped=report.skipped, skipped_examples=report.shown(),
+                     shards=shards, ignored_fields=report.ignored_fields, **_counts(mapped.data))
+
+
+def no_conversations_message(files: Sequence[str], report: ReadReport) -> str:
+    """Why a set of files gave nothing to train on: empty, or every row skipped."""
+    where = ", ".join(files)
+    if report.rows == 0:
+        return f"no training conversations in {where}: the file(s) hold no rows; check the paths and contents"
+    return (f"no training conversations in {where}: all {report.rows} row(s) were skipped as bad:\n"
+            f"{report.error_text()}")
+
+
+def _render_errors(mapped) -> list[tuple[str, str]]:
+    """(source, message) of every row the chat template could not render."""
+    import pyarrow.compute as pc
+
+    bad = pc.equal(mapped.column("status"), "error")
+    return list(zip(mapped.column("source").filter(bad).to_pylist(), mapped.column("error").filter(bad).to_pylist(),
+                    strict=True))
 
 
 def _counts(mapped) -> dict[str, Any]:
     """Row, status and token counts (DataStats fields) computed in Arrow (no per-row Python objects)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     status = mapped.column("status")
     dropped = pc.equal(status, "dropped")
-    kept = mapped.filter(pc.invert(dropped))
+    kept = mapped.filter(pc.is_in(status, pa.array(["ok", "truncated"])))
     total = lambda arr: int(pc.sum(arr).as_py() or 0)  # noqa: E731 - sum of an empty column is null
     return {
-        "conversations": len(status),
+        "conversations": len(status) - total(pc.cast(pc.equal(status, "error"), "int64")),
         "dropped": total(pc.cast(dropped, "int64")),
         "dropped_examples": mapped.column("source").filter(dropped).slice(0, 5).to_pylist(),
         "truncated": total(pc.cast(pc.equal(status, "truncated"), "int64")),

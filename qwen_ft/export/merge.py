@@ -9,6 +9,7 @@ looser, dtype-appropriate tolerance.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,19 +55,11 @@ def resolve_base(adapter_dir: Path, manifest: dict, base: str | None) -> Path:
     Raises:
         QwenFtError: neither is available, or the recorded base changed since training.
     """
-    from qwen_ft.model.fingerprint import model_fingerprint
+    from qwen_ft.model.fingerprint import recorded_base
 
     if base:
         return Path(base)
-    recorded = manifest.get("base_model", {})
-    path = Path(recorded.get("path", ""))
-    if not recorded or not (path / "config.json").is_file():
-        raise QwenFtError(f"{adapter_dir}: the base model recorded in manifest.json ({path or 'none'}) is not "
-                          "available; pass --base DIR")
-    if recorded.get("fingerprint") and model_fingerprint(path) != recorded["fingerprint"]:
-        raise QwenFtError(f"{path} changed since {adapter_dir} was trained (fingerprint differs); pass --base DIR "
-                          "to merge into it anyway")
-    return path
+    return recorded_base(adapter_dir, manifest, "pass --base DIR to merge into another (or the changed) base")
 
 
 def probe_ids(tok) -> torch.Tensor:
@@ -86,7 +79,8 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto",
-                  eval_data: str | None = None) -> MergeReport:
+                  eval_data: str | None = None, overwrite: bool = False,
+                  allow_pickle_weights: bool = False) -> MergeReport:
     """Merge, check, and save; see module docstring.
 
     Q-LoRA adapters are merged into the original-precision base when one is given (--base) or
@@ -103,6 +97,8 @@ def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype
 
     src = Path(adapter_dir)
     manifest = read_manifest(src)
+    check_out(Path(out_dir), src, manifest, base, overwrite)
+    check_weights(src, manifest, base, allow_pickle_weights)
     tok = load_tokenizer(src)
     model, merged_into, base_path = merge_base(src, manifest, base)
     name = dtype if dtype != "auto" else _checkpoint_dtype(model)
@@ -122,6 +118,46 @@ def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype
                           f"tolerance {tol:.3g}; nothing written")
     _save(merged, tok, src, Path(out_dir), manifest, base_path)
     return MergeReport(Path(out_dir), name, merge_diff, cast_diff, tol, merged_into, *quantized)
+
+
+def check_weights(adapter: Path, manifest: dict, base: str | None, allow: bool) -> None:
+    """Refuse pickle-only (.bin) adapter or base weights unless allowed.
+
+    Raises:
+        QwenFtError: naming the directory and the fix.
+    """
+    from qwen_ft.model.checks import pickle_weights_problem
+
+    if allow:
+        return
+    quant = manifest.get("quant") or {}
+    dirs = [adapter, *(Path(p) for p in (base, (manifest.get("base_model") or {}).get("path"),
+                                         quant.get("original_base")) if p)]
+    for d in dirs:
+        problem = pickle_weights_problem(d, "merge", "pass --allow-pickle-weights")
+        if problem:
+            raise QwenFtError(problem)
+
+
+def check_out(out: Path, adapter: Path, manifest: dict, base: str | None, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, an --out that is the adapter, a base, or (without
+    `overwrite`) any directory that already holds a model; with `overwrite` such a directory is cleared.
+
+    Raises:
+        QwenFtError: naming the directory and the fix.
+    """
+    quant = manifest.get("quant") or {}
+    sources = [adapter, *(Path(p) for p in (base, (manifest.get("base_model") or {}).get("path"),
+                                             quant.get("original_base")) if p)]
+    if any(out.resolve() == s.resolve() for s in sources):
+        raise QwenFtError(f"--out {out} is the adapter or a base model this merge reads; choose a new directory")
+    holds = [f for f in ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
+             if (out / f).is_file()]
+    if holds and not overwrite:
+        raise QwenFtError(f"--out {out} already holds a model ({', '.join(holds)}); choose a new directory, or pass "
+                          "--overwrite to replace it")
+    if holds:
+        shutil.rmtree(out)
 
 
 def merge_base(src: Path, manifest: dict, base: str | None):
@@ -182,13 +218,14 @@ def _checkpoint_dtype(model) -> str:
 
 
 def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) -> None:
-    """Standalone model: safetensors shards, tokenizer files, generation config, manifest."""
-    from transformers import GenerationConfig
+    """Standalone model: safetensors shards, tokenizer files and chat template (the adapter's, which
+    rendered its data), the base's generation config with the end-of-turn ids, manifest."""
+    from qwen_ft.model.generation import write_generation_config
 
     merged.config.use_cache = True  # training switches the cache off; inference wants it
     merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
-    GenerationConfig(**tok.generation_ids(), max_new_tokens=512).save_pretrained(out)
-    tok.save_files(out)
+    write_generation_config(base_path, tok, out)
+    tok.save_files(out)  # with the adapter's chat_template.jinja when it has one
     merged_manifest = {**manifest, "merged_from": {"adapter": str(src.resolve()), "base": str(base_path.resolve())},
                        "method": "merged"}
     (out / "manifest.json").write_text(json.dumps(merged_manifest, indent=2))

@@ -7,18 +7,16 @@ from pathlib import Path
 
 import torch
 
-from qwen_ft.config.schema import DEFAULT_SYSTEM
-from qwen_ft.data.chatml import render_chatml
 from qwen_ft.data.conversations import ReadReport, read_conversations
 from qwen_ft.errors import QwenFtError
 from qwen_ft.train.loss import causal_lm_loss
 
 
-def load_conversations(files: list[str], limit: int) -> list[list[tuple[str, str]]]:
-    """Up to `limit` conversations as (role, content) lists, bad rows skipped."""
+def load_conversations(files: list[str], limit: int) -> list[dict]:
+    """Up to `limit` normalised conversations (formats.py), bad rows skipped."""
     out = []
-    for conv in read_conversations(files, DEFAULT_SYSTEM, "skip", ReadReport()):
-        out.append(list(zip(conv.roles, conv.contents, strict=True)))
+    for conv in read_conversations(files, None, "skip", ReadReport()):
+        out.append(conv.conv)
         if len(out) >= limit:
             break
     if not out:
@@ -46,11 +44,14 @@ def held_out(run_config: Path | None, eval_data: str | None, limit: int = 8) -> 
 
 def perplexity(model, tok, conversations: list, max_length: int = 2048) -> float:
     """exp(mean next-token loss over the assistant replies) of `model` on `conversations`."""
+    from qwen_ft.data.render import Renderer
+
     total, count = 0.0, 0
     device = next(model.parameters()).device
+    renderer = Renderer.of(tok)
     with torch.no_grad():
         for conv in conversations:
-            ids, labels = render_chatml(conv, tok)
+            ids, labels, _ = renderer.render(conv)
             batch = {"input_ids": torch.tensor([ids[:max_length]], device=device),
                      "labels": torch.tensor([labels[:max_length]], device=device)}
             loss, n = causal_lm_loss(model, batch)

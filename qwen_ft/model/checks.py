@@ -14,17 +14,104 @@ if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def pickle_weights_problem(path: str | Path, where: str, opt_in: str) -> str | None:
+    """A message when the directory's weights exist only as torch pickles (.bin), which load through
+    torch.load and can run code; None when it has safetensors (or no weights at all)."""
+    d = Path(path)
+    if not d.is_dir() or any(d.glob("*.safetensors")):
+        return None
+    pickles = sorted(f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        return None
+    return (f"{where}: {d} holds only pickle weights ({', '.join(pickles[:3])}), which qwen-ft does not load by "
+            "default (torch.load can run code); convert them to safetensors (save_pretrained(..., "
+            f"safe_serialization=True) where you trust the files), or {opt_in}")
+
+
 def checkpoint_problems(cfg: RunConfig) -> list[str]:
     """Problems between method/quant settings and the checkpoint at model.path."""
     if not (Path(cfg.model.path) / "config.json").is_file():
         return []  # reported by the environment check
+    unreadable = _config_json_problem(cfg.model.path)
+    if unreadable:
+        return [unreadable]
+    if not cfg.model.allow_pickle_weights:
+        dirs = [("model.path", cfg.model.path), ("quant.original_base", cfg.quant.original_base)]
+        found = [pickle_weights_problem(p, key, "set model.allow_pickle_weights: true") for key, p in dirs if p]
+        if any(found):
+            return [f for f in found if f]
+    if cfg.model.trust_remote_code:
+        return [_remote_code_problem(cfg)]
     gptq = gptq_settings(cfg.model.path)
+    targets = _target_problems(cfg)
     if cfg.method == "qlora":
-        return _qlora_problems(cfg, gptq)
+        return targets + _qlora_problems(cfg, gptq)
     if gptq is not None:
         return [f"model.path: {cfg.model.path} is a GPTQ checkpoint, whose weights cannot be trained directly; "
                 "use method=qlora with quant.backend=gptq (or a full-precision checkpoint)"]
-    return []
+    return targets
+
+
+def _config_json_problem(path: str) -> str | None:
+    """config.json must be a JSON object with a model_type (everything after reads it)."""
+    import json
+
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"model.path: {file} is not valid JSON ({e}); restore the checkpoint's config.json"
+    if not isinstance(config, dict) or "model_type" not in config:
+        return f"model.path: {file} has no model_type; restore the checkpoint's config.json"
+    return None
+
+
+def module_names(path: str | Path) -> set[str]:
+    """Dotted module names that own weights in the checkpoint's safetensors (headers only, nothing loaded)."""
+    from safetensors import safe_open
+
+    names = set()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "np") as fh:
+            names |= {k.rsplit(".", 1)[0] for k in fh.keys()}
+    return names
+
+
+def _target_problems(cfg: RunConfig) -> list[str]:
+    """lora.target_modules must each name modules of this checkpoint (peft matches by name suffix)."""
+    import difflib
+
+    if cfg.method == "full" or not cfg.lora.target_modules:
+        return []
+    names = module_names(cfg.model.path)
+    if not names:
+        return []  # no safetensors to read names from (a v1 directory is converted first)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    problems = []
+    for t in cfg.lora.target_modules:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            close = difflib.get_close_matches(t, leaves, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"lora.target_modules: {t!r} names no module of {cfg.model.path}{hint}; its layers "
+                            f"are named {', '.join(n for n in leaves if not n.isdigit())[:300]}")
+    return problems
+
+
+def _remote_code_problem(cfg: RunConfig) -> str:
+    """trust_remote_code never overrides a family rule: every family qwen-ft trains loads natively."""
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.families import resolve_family
+
+    try:
+        family = resolve_family("auto", cfg.model.path).name
+    except QwenFtError as e:
+        return f"model.trust_remote_code: true, but {e}"
+    how = "is converted to the native Qwen2 layout" if family == "qwen" else "is supported by transformers natively"
+    return (f"model.trust_remote_code: true with {cfg.model.path}, a {family} checkpoint, which {how}; "
+            "set model.trust_remote_code: false (qwen-ft runs no checkpoint code)")
 
 
 def _qlora_problems(cfg: RunConfig, gptq: dict | None) -> list[str]:

@@ -162,6 +162,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "auto") ->
         QwenFtError: not a v1 checkpoint, pickle-only weights, or an unexpected tensor.
     """
     from qwen_ft.files import atomic_dir
+    from qwen_ft.model.generation import write_generation_config
     from qwen_ft.tokenizer.convert import convert_tiktoken
     from qwen_ft.tokenizer.tiktoken_qwen import QwenV1Tokenizer
 
@@ -178,7 +179,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "auto") ->
     with atomic_dir(out) as tmp:
         _write_weights(src, tmp, None if "quantization_config" in config else getattr(torch, config["dtype"]))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(tok.generation_ids(), indent=2))
+        write_generation_config(src, tok, tmp)
         convert_tiktoken(src / "qwen.tiktoken", tmp)
         (tmp / "converted_from.json").write_text(json.dumps({"source": str(src.resolve()), "format": "qwen-v1"}))
     return out

@@ -85,10 +85,17 @@ def tokenizer_and_data(cfg: RunConfig, dist: DistInfo) -> tuple[ChatTokenizer, P
     tok = load_tokenizer(cfg.tokenizer_path)
     with local_main_first(dist):
         data = prepare_data(cfg, tok)
-    print0(dist, f"data ({data.stats.cache}: {data.stats.cache_path})")
+    print0(dist, f"data ({data.stats.cache}: {data.stats.cache_path}), rendered by {template_source(cfg, tok)}")
     first = plan_for(cfg, data)
     print0(dist, format_stats(data.stats, first, cfg))
     return tok, data, first
+
+
+def template_source(cfg: RunConfig, tok: ChatTokenizer) -> str:
+    """Where the chat template that renders the data comes from (said once per run)."""
+    from qwen_ft.data.render import Renderer
+
+    return Renderer.of(tok, cfg.data.chat_template).source
 
 
 def deepspeed(cfg: RunConfig, precision: Precision, dist: DistInfo) -> tuple[dict[str, Any] | None, object]:
@@ -183,16 +190,18 @@ def saver(cfg: RunConfig, unwrapped: torch.nn.Module, tok: ChatTokenizer, family
           dist: DistInfo) -> Saver:
     """Callable run on every rank: gathers ZeRO-3 weights, then the main process writes weights,
     run_config.yaml, manifest.json and tokenizer files into a directory."""
+    from qwen_ft.data.template import find_template
     from qwen_ft.model.families import checkpoint_model_type
 
     manifest = ck.build_manifest(cfg, family.name, checkpoint_model_type(cfg.model.path))
     text = dump_config(cfg)
+    override = find_template(tok.directory, cfg.data.chat_template) if cfg.data.chat_template else None
 
     def save(out: Path) -> None:
         state_dict = backend.saved_state_dict(cfg.method)  # every rank: ZeRO-3 gathers
         if dist.is_main:
             ck.save_model_files(unwrapped, out, state_dict)
-            ck.write_description(out, text, manifest, tok.files)
+            ck.write_description(out, text, manifest, tok, override.text if override else None)
 
     return save
 

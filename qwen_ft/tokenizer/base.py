@@ -32,6 +32,13 @@ class ChatTokenizer:
         """Text of `ids`, control tokens included as their names."""
         raise NotImplementedError
 
+    supports_templates = False  # True where chat templates render (tokenizer.json vocabularies)
+
+    @property
+    def directory(self) -> Path:
+        """The directory holding the vocabulary (and the chat template, where there is one)."""
+        return self.files[0].parent
+
     def save_files(self, out: str | Path) -> Path:
         """Copy the vocabulary files into `out` (next to saved weights, so outputs tokenize alike)."""
         from qwen_ft.files import copy_into
@@ -42,10 +49,6 @@ class ChatTokenizer:
         """config.json's special ids for a model on this vocabulary: <|endoftext|> begins and pads,
         <|im_end|> ends a turn."""
         return {"bos_token_id": self.endoftext_id, "eos_token_id": self.im_end_id, "pad_token_id": self.endoftext_id}
-
-    def generation_ids(self) -> dict[str, object]:
-        """generation_config.json's ids: generation stops at either end token."""
-        return {**self.special_ids(), "eos_token_id": [self.im_end_id, self.endoftext_id]}
 
     @property
     def fingerprint(self) -> str:

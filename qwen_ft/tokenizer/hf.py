@@ -11,11 +11,14 @@ from qwen_ft.tokenizer.base import ChatTokenizer
 class HFQwenTokenizer(ChatTokenizer):
     """A `tokenizers.Tokenizer` whose special tokens are never recognised inside text."""
 
+    supports_templates = True
+
     def __init__(self, tokenizer_json: str | Path):
         from tokenizers import Tokenizer
 
         path = Path(tokenizer_json)
-        self.files = tuple(p for p in (path, path.with_name("tokenizer_config.json")) if p.is_file())
+        names = ("tokenizer_config.json", "chat_template.jinja")  # the chat template servers render with
+        self.files = tuple(p for p in (path, *(path.with_name(n) for n in names)) if p.is_file())
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON

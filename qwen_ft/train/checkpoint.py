@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from qwen_ft import __version__
-from qwen_ft.files import copy_into
 from qwen_ft.model.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
@@ -60,12 +59,26 @@ def build_manifest(cfg: RunConfig, family: str, model_type: str) -> dict:
     }
 
 
-def write_description(out: Path, cfg_yaml: str, manifest: dict, tokenizer_files) -> None:
-    """run_config.yaml, manifest.json and the tokenizer files next to the weights."""
+def write_description(out: Path, cfg_yaml: str, manifest: dict, tok, template_text: str | None = None) -> None:
+    """run_config.yaml, manifest.json, the tokenizer files and what serving needs next to the weights:
+    the chat template that rendered the data (`template_text`: a data.chat_template override, written
+    as chat_template.jinja, which servers prefer), the base's generation config with the end-of-turn
+    ids, and for an adapter an absolute base path that stock AutoPeftModel resolves from anywhere."""
+    from qwen_ft.model.generation import write_generation_config
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.yaml").write_text(cfg_yaml)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    copy_into(tokenizer_files, out)
+    tok.save_files(out)
+    if template_text is not None:
+        (out / "chat_template.jinja").write_text(template_text, encoding="utf-8")
+    base = manifest["base_model"]["path"]
+    write_generation_config(base, tok, out)
+    adapter_config = out / "adapter_config.json"
+    if adapter_config.is_file():
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = base
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_model_files(model, out: Path, state_dict: dict | None = None) -> None:

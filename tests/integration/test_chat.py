@@ -29,12 +29,17 @@ class FakeModel:
 
 def test_reply_streams_and_stops_at_im_end(qwen3_tok):
     model, pieces = FakeModel(qwen3_tok), []
-    text = reply(model, qwen3_tok, [("system", "S"), ("user", "hello")], pieces.append)
+    text = reply(model, qwen3_tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "hello"}],
+                 pieces.append)
     assert text == "Hi! 你好" and "".join(pieces) == "Hi! 你好"
     assert "\ufffd" not in "".join(pieces)  # multi-byte characters are never split
     assert model.kwargs["eos_token_id"] == [151645, 151643]
     prompt = model.kwargs["input_ids"][0].tolist()
-    assert prompt[-3:] == [151644, 77091, 198]  # ends with <|im_start|>assistant\n
+    assert prompt[-3:] == [151644, 77091, 198]  # ends with <|im_start|>assistant\n (Qwen3's thinking prompt)
+    reply(model, qwen3_tok, [{"role": "user", "content": "hello"}], pieces.append,
+          template_kwargs={"enable_thinking": False})
+    no_think = model.kwargs["input_ids"][0].tolist()
+    assert qwen3_tok.decode(no_think[-7:]) == "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
 @pytest.fixture
@@ -82,7 +87,35 @@ def test_interactive_chat_over_stdin(tiny_model_dir):
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", "chat", str(tiny_model_dir),
-                           "--max-new-tokens", "3"], input="Hello\n/reset\nAgain\n/exit\n", capture_output=True,
-                          text=True, timeout=120)
+                           "--max-new-tokens", "3"], input="/help\nHello\n/reset\nAgain\n/nope\n/exit\n",
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("assistant> ") == 2 and proc.stdout.count("user> ") == 4
+    assert proc.stdout.count("assistant> ") == 2 and proc.stdout.count("user> ") == 6
+    assert "(new conversation)" in proc.stderr and "unknown command /nope" in proc.stderr
+    assert proc.stderr.count("/reset start a new conversation") == 3  # banner, /help, unknown command
+    ended = subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", "chat", str(tiny_model_dir),
+                            "--max-new-tokens", "2"], input="Hello\n", capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 0 and "Traceback" not in ended.stderr  # Ctrl-D (end of input) ends cleanly
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(capsys):
+    from qwen_ft.cli.chat import chat_loop
+
+    seen, lines = [], iter(["first", "^C", "second", "/exit"])  # ^C: Ctrl-C at the prompt
+
+    def answer(messages):
+        seen.append([m["content"] for m in messages])
+        if len(seen) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first answer is being written
+        return "ok"
+
+    def read(_prompt):
+        line = next(lines)
+        if line == "^C":
+            raise KeyboardInterrupt
+        return line
+
+    assert chat_loop([{"role": "system", "content": "S"}], answer, read) == 0
+    assert seen == [["S", "first"], ["S", "second"]]  # the stopped turn is not kept in the history
+    err = capsys.readouterr().err
+    assert "(answer stopped)" in err and "/exit or Ctrl-D ends the chat" in err

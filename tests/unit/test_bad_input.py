@@ -18,12 +18,11 @@ MESSAGES = {
     "malformed_json": "malformed JSON at column",
     "unknown_role": "messages[0].role: unknown role 'bot'; use one of system, user, assistant",
     "empty_content": "messages[1].content: empty assistant message",
-    "non_string_content": "messages[0].content: expected a string, got list",
+    "non_string_content": "messages[0].content[0]: a str part; qwen-ft trains text models",
     "no_assistant": "has no assistant reply",
     "non_utf8": "not valid UTF-8 (byte 0xff at column 15)",
-    "late_system": "conversations[1].from: a system message may only come first",
     "not_an_object": "row is a list, expected an object",
-    "no_messages_key": "no 'conversations' (QwenLM) or 'messages' (OpenAI) list; keys present: text",
+    "no_messages_key": "cannot tell the format: keys present: text (one of 'messages' (OpenAI)",
 }
 CASES = {case: ((ASSETS / "bad_rows" / f"{case}.jsonl").read_bytes().rstrip(b"\n"), message)
          for case, message in MESSAGES.items()}
@@ -64,17 +63,23 @@ def test_all_bad_rows_listed_together(tmp_path):
 def test_missing_file_and_bad_extension(tmp_path):
     with pytest.raises(DataError, match="not found"):
         list(read_conversations([str(tmp_path / "nope.jsonl")], "", "skip", ReadReport()))
-    (tmp_path / "d.csv").write_text("a,b")
-    with pytest.raises(DataError, match="unsupported extension '.csv'"):
-        list(read_conversations([str(tmp_path / "d.csv")], "", "skip", ReadReport()))
+    (tmp_path / "d.txt").write_text("a,b")
+    with pytest.raises(DataError, match="unsupported extension '.txt'; use one of .jsonl, .json, .parquet"):
+        list(read_conversations([str(tmp_path / "d.txt")], "", "skip", ReadReport()))
+    with pytest.raises(DataError, match="looks like a dataset name on a hub, and qwen-ft works offline"):
+        list(read_conversations(["Qwen/some-dataset"], "", "skip", ReadReport()))
+
+
+def roles_contents(c) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(m["role"] for m in c.messages), tuple(m["content"] for m in c.messages)
 
 
 def test_system_message_honoured_and_default_inserted():
     c = parse_row(conv("hi", "yo", system="Be terse."), "f:1", "DEFAULT")
-    assert c.roles == ("system", "user", "assistant") and c.contents[0] == "Be terse."
+    assert roles_contents(c) == (("system", "user", "assistant"), ("Be terse.", "hi", "yo"))
     c = parse_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "f:1", "D")
-    assert c.roles == ("system", "user", "assistant") and c.contents[0] == "D"
-    assert parse_row(conv("hi", "yo"), "f:1", "").roles == ("user", "assistant")
+    assert roles_contents(c) == (("system", "user", "assistant"), ("D", "hi", "yo"))
+    assert roles_contents(parse_row(conv("hi", "yo"), "f:1", ""))[0] == ("user", "assistant")  # the template's own
     with pytest.raises(RowError):
         parse_row({"messages": []}, "f:1", "")
 

@@ -9,7 +9,6 @@ from qwen_ft.bench.reference import reference
 from qwen_ft.bench.report import estimate_lines, goal_lines, record, speedups, table
 from qwen_ft.bench.shapes import shape_config
 from qwen_ft.bench.workload import conversation, run_sections
-from qwen_ft.data.chatml import render_chatml
 from qwen_ft.errors import QwenFtError
 from qwen_ft.model.shape import Shape
 
@@ -60,8 +59,10 @@ def test_reference_figures_from_qwenlm_table():
 
 @pytest.mark.parametrize("length", [64, 65, 256, 1000, 2048])
 def test_workload_conversations_render_to_exactly_the_length(qwen3_tok, length):
+    from qwen_ft.data.render import Renderer
+
     messages = conversation(qwen3_tok, length, seed=3)
-    ids, labels = render_chatml(messages, qwen3_tok)
+    ids, labels, _ = Renderer.of(qwen3_tok).render({"messages": messages, "learn": [True]})  # as training renders
     assert len(ids) == length
     learned = sum(x != -100 for x in labels)
     assert abs(learned - length / 2) < 40  # about half the row is the learned reply

@@ -134,7 +134,7 @@ def test_environment_reports_missing_paths_and_extras(monkeypatch):
     assert [e for e, _ in required_extras(cfg)] == ["deepspeed", "bnb"]
     probs = check_environment(cfg)
     assert any("model.path: 'm' is not a directory" in p for p in probs)
-    assert any("data.train_files: file 'd.jsonl' not found" in p for p in probs)
+    assert any("data.train_files: data file 'd.jsonl' not found" in p for p in probs)
     assert any("pip install 'qwen-ft[deepspeed]'" in p for p in probs)
     assert any("pip install 'qwen-ft[qlora]'" in p for p in probs)
 

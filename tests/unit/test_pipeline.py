@@ -9,7 +9,9 @@ import pytest
 from qwen_ft.cli.main import main
 from qwen_ft.config.load import config_from_dict
 from qwen_ft.data.chatml import render_chatml
+from qwen_ft.data.formats import normalise
 from qwen_ft.data.prepare import prepare_data
+from qwen_ft.data.render import Renderer
 from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
 from tests.conftest import conv, write_jsonl
 
@@ -70,9 +72,11 @@ def test_dump_one_line_per_conversation_in_order(tmp_path, qwen3_dir, qwen3_tok)
     dumped = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(dumped) == len(rows)
     assert dumped[5] == {"input_ids": [], "labels": [], "dropped": True}
-    msgs = [("system", "You are a helpful assistant.")] + [(m["role"], m["content"]) for m in rows[6]["messages"]]
-    ids, labels = render_chatml(msgs, qwen3_tok)
-    assert dumped[6] == {"input_ids": ids, "labels": labels}
+    # the tokenizer directory's own chat template (Qwen3's: no default system prompt) renders the rows
+    row6, _ = normalise(rows[6], None)
+    ids, labels, _ = Renderer.of(qwen3_tok).render(row6)
+    assert dumped[6] == {"input_ids": ids, "labels": labels} and ids[:3] == \
+        [qwen3_tok.im_start_id, *qwen3_tok.encode("user\n")]
 
 
 def test_eval_fraction_and_eval_files(tmp_path, qwen3_dir, qwen3_tok):

@@ -1,0 +1,160 @@
+"""The one way a conversation becomes ids and labels for a tokenizer: through its chat template
+(see `template.py` for the label rule), or Qwen v1's ChatML where the tokenizer has no template
+(`chatml.py`). Training, preprocess dumps, chat, merge checks and calibration all render here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwen_ft.config.schema import DEFAULT_SYSTEM
+from qwen_ft.data.chatml import IGNORE_INDEX, Framing, Policy, assemble
+from qwen_ft.data.schema import RowError
+from qwen_ft.data.template import Block, ChatTemplate, TemplateRenderer, find_template
+
+
+class Renderer:
+    """Renders normalised conversations (`formats.normalise`) for one tokenizer."""
+
+    def __init__(self, tok, template: ChatTemplate | None, kwargs: dict | None = None):
+        self.tok, self.template = tok, template
+        self.kwargs = dict(kwargs or {})
+        self._templ = None if template is None else \
+            TemplateRenderer(template, tok.special_tokens(), tok.encode_offsets, self.kwargs)
+
+    @classmethod
+    def of(cls, tok, override: str | None = None, kwargs: dict | None = None) -> Renderer:
+        """The tokenizer directory's own template (or `override`); Qwen v1 ChatML when there is none."""
+        template = find_template(tok.directory, override) if tok.supports_templates else None
+        if template is None and override:
+            raise RowError(f"data.chat_template {override}: Qwen v1 tiktoken vocabularies render ChatML only")
+        return cls(tok, template, kwargs)
+
+    @property
+    def source(self) -> str:
+        """Where the rendering comes from, for reports."""
+        return self.template.source if self.template else "Qwen v1 ChatML (the tokenizer has no chat template)"
+
+    def render(self, conv: dict[str, Any], policy: Policy = "assistant") -> tuple[list[int], list[int], list[Block]]:
+        """(input_ids, labels, blocks) of a whole conversation.
+
+        Raises:
+            RowError: what the template cannot render for this row.
+        """
+        if self._templ is None:
+            return self._chatml(conv, policy)
+        try:
+            ids, blocks = self._templ.encode(conv)
+        except ValueError as e:
+            raise RowError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - a Jinja error (raise_exception, undefined) is this row's problem
+            raise RowError(f"the chat template ({self.source}) cannot render this row: {e}") from None
+        return ids, labels_of(ids, blocks, conv["learn"], policy), blocks
+
+    def render_many(self, convs: list[dict[str, Any]],
+                    policy: Policy = "assistant") -> list[tuple[list[int], list[int], list[Block]] | RowError]:
+        """`render` over many conversations, with one batched encoding call for all their text (the
+        tokenizer's Rust batch path); a row that fails gives its RowError in its place."""
+        if self._templ is None:
+            return [self._caught(c, policy) for c in convs]
+        segments: list[list[str | int] | RowError] = []
+        for conv in convs:
+            try:
+                segments.append(self._templ.segments(conv))
+            except Exception as e:  # noqa: BLE001 - as in `render`: this row's problem
+                segments.append(RowError(str(e) if isinstance(e, ValueError) else
+                                         f"the chat template ({self.source}) cannot render this row: {e}"))
+        texts = [s for segs in segments if not isinstance(segs, RowError) for s in segs if isinstance(s, str)]
+        encoded = iter(self.tok.encode_offsets(texts))
+        return [segs if isinstance(segs, RowError) else self._labelled(conv, policy, segs, encoded)
+                for conv, segs in zip(convs, segments, strict=True)]
+
+    def _labelled(self, conv, policy, segments, encoded):
+        assert self._templ is not None
+        ids, blocks = self._templ.assemble(segments, encoded)
+        try:
+            return ids, labels_of(ids, blocks, conv["learn"], policy), blocks
+        except RowError as e:
+            return e
+
+    def _caught(self, conv, policy):
+        try:
+            return self.render(conv, policy)
+        except RowError as e:
+            return e
+
+    def prompt(self, conv: dict[str, Any]) -> list[int]:
+        """Ids that ask the model for the next assistant turn (the generation prompt)."""
+        if self._templ is None:
+            ids, _, _ = self._chatml({**conv, "learn": [False] * len(conv.get("learn", []))}, "assistant")
+            framing = Framing.of(self.tok)
+            return ids + framing.head("assistant")
+        return self._templ.encode(conv, add_generation_prompt=True)[0]
+
+    def _chatml(self, conv: dict[str, Any], policy: Policy) -> tuple[list[int], list[int], list[Block]]:
+        """Qwen v1 ChatML: text roles only; the QwenLM default system prompt when there is none."""
+        messages = conv["messages"]
+        for i, m in enumerate(messages):
+            if m["role"] == "tool" or m.get("tool_calls") or m.get("reasoning_content") or conv.get("tools"):
+                raise RowError(f"messages[{i}]: tools and reasoning need a chat template, and this tokenizer has "
+                               "none (Qwen v1); set data.chat_template to a template file")
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
+        roles = [m["role"] for m in messages]
+        framing = Framing.of(self.tok)
+        contents = [self.tok.encode(m["content"]) for m in messages]
+        ids, labels = assemble(roles, contents, framing, policy, learn=conv["learn"])
+        return ids, labels, chatml_blocks(roles, contents, framing)
+
+
+def chatml_blocks(roles: list[str], contents: list[list[int]], framing: Framing) -> list[Block]:
+    """The blocks of a ChatML rendering made by `assemble`."""
+    blocks, pos = [], 0
+    for role, content in zip(roles, contents, strict=True):
+        body = pos + len(framing.head(role))
+        blocks.append(Block(role, pos, body, body + len(content)))
+        pos += framing.message_length(role, len(content))
+    return blocks
+
+
+def labels_of(ids: list[int], blocks: list[Block], learn: list[bool], policy: Policy) -> list[int]:
+    """Labels under `policy` (the rule in template.py's docstring).
+
+    Raises:
+        RowError: the template rendered a different number of assistant turns than the row has.
+    """
+    labels = [IGNORE_INDEX] * len(ids)
+    replies = [b for b in blocks if b.role == "assistant"]
+    if len(replies) != len(learn):
+        raise RowError(f"the chat template renders {len(replies)} assistant turn(s) for {len(learn)} assistant "
+                       "message(s), so per-message learning cannot be matched; check the messages' roles")
+    for j, b in enumerate(replies):
+        if learn[j] and (policy != "last_turn" or j == len(replies) - 1):
+            labels[b.body:b.end + 1] = ids[b.body:b.end + 1]
+    if policy == "qwen_reference":
+        for k, b in enumerate(blocks):
+            nxt = blocks[k + 1].start if k + 1 < len(blocks) else len(ids)
+            labels[b.start] = ids[b.start]
+            labels[b.end:nxt] = ids[b.end:nxt]  # <|im_end|> and the newline after it
+    return labels
+
+
+def fit(ids: list[int], labels: list[int], blocks: list[Block], max_length: int,
+        overlong: str) -> tuple[list[int], list[int], str]:
+    """Cut an overlong rendering after the last assistant turn (and its newline) that fits, or drop it.
+
+    Returns:
+        (ids, labels, status) with status "ok", "truncated" or "dropped" (empty lists).
+    """
+    if len(ids) <= max_length:
+        return ids, labels, "ok"
+    cuts = [_turn_end(ids, blocks, k) for k, b in enumerate(blocks) if b.role == "assistant"]
+    cut = max((c for c in cuts if c <= max_length), default=0)
+    if overlong == "drop" or cut == 0:
+        return [], [], "dropped"
+    return ids[:cut], labels[:cut], "truncated"
+
+
+def _turn_end(ids: list[int], blocks: list[Block], k: int) -> int:
+    """Index just past block k's `<|im_end|>` and the text after it up to the next block."""
+    return blocks[k + 1].start if k + 1 < len(blocks) else len(ids)
