@@ -108,6 +108,8 @@ def hide_unused(used: set[str]) -> list[str]:
 def stacks_of_checkpoint(path: str | Path) -> set[str]:
     """The optional stacks loading the checkpoint or qwen-ft output at `path` needs: its own
     quantization, or for an adapter its manifest's method and base."""
+    from qwen_ft.files import read_json_object as _read_json
+
     path = Path(path)
     manifest = _read_json(path / "manifest.json")
     if manifest.get("method") == "qlora":
@@ -116,14 +118,3 @@ def stacks_of_checkpoint(path: str | Path) -> set[str]:
     config = _read_json(Path(base) / "config.json") if base else _read_json(path / "config.json")
     method = str((config.get("quantization_config") or {}).get("quant_method", "")).lower()
     return {"gptq"} if method in ("gptq", "awq") else {"bnb"} if method == "bitsandbytes" else set()
-
-
-def _read_json(path: Path) -> dict:
-    """The object in a JSON file, or {} when it is missing or unreadable (the loader reports those)."""
-    import json
-
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -42,6 +42,39 @@ def atomic_dir(final: str | Path, complete: Callable[[Path], bool] | None = None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def clean_stale_temps(parent: str | Path) -> list[Path]:
+    """Remove `atomic_dir` temporaries under `parent` whose process is gone (a run killed mid-write)."""
+    removed = []
+    for tmp in Path(parent).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """True while process `pid` (on this host) exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_json_object(path: str | Path) -> dict:
+    """The object in a JSON file, or {} when it is missing or unreadable (the caller reports those)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def copy_into(files: Iterable[str | Path], out: str | Path) -> Path:
     """Copy `files` into directory `out` (created), keeping their names; returns `out`."""
     out = Path(out)

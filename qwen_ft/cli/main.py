@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the command; user errors print a message and return 1."""
     args = parse_with_overrides(build_parser(), argv)
+    args.own_process = argv is None  # the command line itself, not a caller's main([...])
     quiet_third_party(verbose=args.verbose)
     try:
         return int(args.run(args) or 0)

@@ -21,10 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build and save the model."""
-    from qwen_ft.deps import hide_unused
+    from qwen_ft.cli.args import hide_unused_stacks
     from qwen_ft.model.tiny import make_tiny_model
 
-    hide_unused(set())
+    hide_unused_stacks(args, set())
     out = make_tiny_model(args.out, args.family, args.hidden, args.layers, args.seed)
     print(f"wrote tiny {args.family} model (hidden {args.hidden}, {args.layers} layers, random weights) to {out}")
     return 0

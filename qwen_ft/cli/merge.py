@@ -29,10 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Merge and report."""
-    from qwen_ft.deps import hide_unused, stacks_of_checkpoint
+    from qwen_ft.cli.args import hide_unused_stacks
+    from qwen_ft.deps import stacks_of_checkpoint
     from qwen_ft.export.merge import merge_adapter
 
-    hide_unused(stacks_of_checkpoint(args.adapter) | (stacks_of_checkpoint(args.base) if args.base else set()))
+    hide_unused_stacks(args, stacks_of_checkpoint(args.adapter) | (stacks_of_checkpoint(args.base) if args.base
+                                                                   else set()))
     r = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.eval_data, args.overwrite,
                       args.allow_pickle_weights)
     print(f"merged into {r.merged_into}")

@@ -25,10 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Quantize and report."""
-    from qwen_ft.deps import hide_unused
+    from qwen_ft.cli.args import hide_unused_stacks
     from qwen_ft.export.quantize import quantize_model
 
-    hide_unused({"gptq"})
+    hide_unused_stacks(args, {"gptq"})
     r = quantize_model(args.model, args.out, args.bits, args.group_size, args.calibration, args.samples,
                        args.eval_data)
     print(f"calibrated on {r.calibration} conversations; perplexity on {r.held_out} held-out conversations: "

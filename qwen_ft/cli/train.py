@@ -24,11 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`qwen-ft train` entry."""
     from qwen_ft.api import load_config
+    from qwen_ft.cli.args import hide_unused_stacks
     from qwen_ft.config.validate import required_extras
-    from qwen_ft.deps import hide_unused
     from qwen_ft.recipe.run import finetune
 
-    hide_unused({name for name, _ in required_extras(load_config(args.config, args.overrides))})
+    hide_unused_stacks(args, {name for name, _ in required_extras(load_config(args.config, args.overrides))})
     finetune(args.config, args.overrides)
     return 0
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show third-party warnings, banners and progress bars")
     args = parse_with_overrides(p, argv)
+    args.own_process = argv is None
     quiet_third_party(verbose=args.verbose)
     try:
         return run(args)

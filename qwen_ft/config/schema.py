@@ -148,7 +148,10 @@ class TrainConfig:
     eval_steps: int = opt(0, "eval every N steps; 0: only at the end (when an eval set exists)")
     save_steps: int = opt(0, "checkpoint every N steps; 0: only at the end")
     save_total_limit: int = opt(2, "keep the newest K checkpoints")
-    resume: str = opt("none", "none, auto (newest complete checkpoint in output_dir), or a checkpoint path")
+    resume: str = opt("none", "none, auto (newest checkpoint in output_dir that verifies), or a checkpoint path")
+    overwrite_output_dir: bool = opt(
+        False, "a new run into an output_dir holding another run's outputs clears them first (refused otherwise)"
+    )
 
 
 @dataclass(frozen=True)

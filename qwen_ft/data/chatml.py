@@ -75,7 +75,7 @@ def _message_labels(role: str, ids: list[int], n_head: int, n_content: int, lear
         labels[0] = ids[0]  # <|im_start|>
         tail_start = n_head + n_content
         labels[tail_start:] = ids[tail_start:]  # <|im_end|> + newline
-        if role == "assistant":
+        if role == "assistant" and learn:
             labels[n_head:tail_start] = ids[n_head:tail_start]
         return labels
     if not learn:

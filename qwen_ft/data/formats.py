@@ -24,8 +24,13 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 FORMATS = {"messages": "OpenAI messages", "conversations": "ShareGPT / Qwen v1", "instruction": "Alpaca",
            "prompt": "prompt/completion"}
 MESSAGE_KEYS = {"role", "content", "reasoning_content", "tool_calls", "name", "tool_call_id", "weight", "loss"}
-ROW_KEYS = {"messages", "conversations", "tools", "chat_template_kwargs", "system", "id", "instruction", "input",
-            "output", "history", "prompt", "completion"}
+# The row fields each format reads; a field another format reads is refused in it (it would be lost),
+# any other field (ids, metadata) is left out and counted.
+ROW_KEYS = {"messages": {"messages", "tools", "chat_template_kwargs"},
+            "conversations": {"conversations", "tools", "system", "chat_template_kwargs"},
+            "instruction": {"instruction", "input", "output", "system", "history", "chat_template_kwargs"},
+            "prompt": {"prompt", "completion", "system", "tools", "chat_template_kwargs"}}
+FORMAT_FIELDS = set().union(*ROW_KEYS.values())
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool", "function_call": "function_call"}
 
@@ -46,6 +51,10 @@ def normalise(row: Any, default_system: str | None) -> tuple[dict[str, Any], lis
         raise RowError(f"cannot tell the format: {why} (one of 'messages' (OpenAI), 'conversations' (ShareGPT/Qwen), "
                        "'instruction' + 'output' (Alpaca), 'prompt' + 'completion')")
     key = found[0]
+    misplaced = sorted(k for k in row if k in FORMAT_FIELDS and k not in ROW_KEYS[key])
+    if misplaced:
+        raise RowError(f"{', '.join(misplaced)}: not part of the {FORMATS[key]} format, so it would be lost; "
+                       f"this format reads {', '.join(sorted(ROW_KEYS[key]))}")
     messages = {"messages": _openai, "conversations": _sharegpt, "instruction": _alpaca, "prompt": _prompt}[key](row)
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"'{key}' has no assistant reply, so nothing would be learned; add one or remove the row")
@@ -54,7 +63,7 @@ def normalise(row: Any, default_system: str | None) -> tuple[dict[str, Any], lis
     conv = {"messages": [_for_template(m) for m in messages], "tools": _tools(row.get("tools")),
             "kwargs": _kwargs(row.get("chat_template_kwargs")),
             "learn": [_learned(m, i) for i, m in enumerate(messages) if m["role"] == "assistant"]}
-    return conv, sorted(str(k) for k in row if k not in ROW_KEYS)
+    return conv, sorted(str(k) for k in row if k not in FORMAT_FIELDS and k != "id")
 
 
 def _check_text(row: dict) -> None:
@@ -90,6 +99,7 @@ def _message(msg: Any, where: str) -> dict:
     """One OpenAI-style message, checked and normalised."""
     if not isinstance(msg, dict):
         raise RowError(f"{where}: expected an object with 'role' and 'content', got {msg!r:.60}")
+    msg = {k: v for k, v in msg.items() if v is not None or k == "content"}  # a null field is an absent one
     unknown = sorted(str(k) for k in msg if k not in MESSAGE_KEYS)
     if unknown:
         raise RowError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(MESSAGE_KEYS))}")
@@ -130,10 +140,16 @@ def _content(content: Any, where: str, role: str, has_calls: bool) -> str:
 
 
 def _tool_call(call: Any, where: str) -> dict:
-    """{"type": "function", "function": {"name", "arguments": object}} from either common spelling."""
+    """{"type": "function", "function": {"name", "arguments": object}} (plus its "id") from either common
+    spelling; unknown keys are refused (a misspelt "argument" must not become empty arguments)."""
     fn = call.get("function", call) if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise RowError(f"{where}: expected {{\"function\": {{\"name\": ..., \"arguments\": ...}}}}, got {call!r:.80}")
+    outer = set(call) - ({"type", "function", "id"} if "function" in call else {"type", "name", "arguments", "id"})
+    inner = set(fn) - {"name", "arguments"} if fn is not call else set()
+    if outer or inner:
+        raise RowError(f"{where}: unknown field(s) {', '.join(sorted(map(str, outer | inner)))}; a tool call has "
+                       "type, id and function {name, arguments}")
     args = fn.get("arguments", {})
     if isinstance(args, str):
         try:
@@ -142,7 +158,10 @@ def _tool_call(call: Any, where: str) -> dict:
             raise RowError(f"{where}.arguments: not valid JSON ({e.msg}); give an object or a JSON string") from None
     if not isinstance(args, dict):
         raise RowError(f"{where}.arguments: expected an object, got {type(args).__name__}")
-    return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    out: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if "id" in call:
+        out["id"] = call["id"]
+    return out
 
 
 def _sharegpt(row: dict) -> list[dict]:
@@ -161,8 +180,10 @@ def _sharegpt(row: dict) -> list[dict]:
         role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
             raise RowError(f"{where}.from: unknown speaker {t.get('from')!r}; use one of {', '.join(SHAREGPT_ROLES)}")
-        if role == "function_call":
-            _add_call(out, _tool_call(_json_value(t.get("value"), f"{where}.value"), f"{where}.value"), t)
+        if role == "function_call":  # one call, or a JSON list of parallel calls
+            value = _json_value(t.get("value"), f"{where}.value")
+            for j, call in enumerate(value if isinstance(value, list) else [value]):
+                _add_call(out, _tool_call(call, f"{where}.value[{j}]"), t)
             continue
         msg = {"role": role, "content": t.get("value")}
         msg.update({k: t[k] for k in ("weight", "loss") if k in t})
@@ -172,10 +193,12 @@ def _sharegpt(row: dict) -> list[dict]:
 
 def _add_call(out: list[dict], call: dict, turn: dict) -> None:
     """A function_call turn: a tool call of the assistant message it follows, or its own message."""
-    if out and out[-1]["role"] == "assistant" and "tool_calls" not in out[-1]:
-        out[-1]["tool_calls"] = [call]
-    elif out and out[-1]["role"] == "assistant":
-        out[-1]["tool_calls"].append(call)
+    flags = {k: turn[k] for k in ("weight", "loss") if k in turn}
+    if out and out[-1]["role"] == "assistant":
+        if any(out[-1].get(k, v) != v for k, v in flags.items()):
+            raise RowError("a function_call turn's weight/loss differs from the reply it belongs to; make them equal")
+        out[-1].setdefault("tool_calls", []).append(call)
+        out[-1].update(flags)
     else:
         out.append({"role": "assistant", "content": "", "tool_calls": [call],
                     **{k: turn[k] for k in ("weight", "loss") if k in turn}})
@@ -200,7 +223,10 @@ def _alpaca(row: dict) -> list[dict]:
         raise RowError("'history' must be a list of [user, assistant] pairs")
     for user, answer in history:
         out += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    prompt = "\n".join(x for x in (row.get("instruction"), row.get("input")) if isinstance(x, str) and x)
+    for key in ("instruction", "input"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise RowError(f"{key}: expected a string, got {type(row[key]).__name__}")
+    prompt = "\n".join(x for x in (row.get("instruction"), row.get("input")) if x)
     out += [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
     return [_message(m, f"alpaca {m['role']}") for m in out]
 
@@ -209,11 +235,13 @@ def _prompt(row: dict) -> list[dict]:
     """prompt/completion: strings (one user turn, one reply) or message lists."""
     if "completion" not in row:
         raise RowError("'prompt' without 'completion'; add the answer or remove the row")
-    parts = []
+    parts = [{"role": "system", "content": row["system"]}] if row.get("system") else []
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = row[key]
         msgs = value if isinstance(value, list) else [{"role": role, "content": value}]
-        parts += [_message(m, f"{key}[{i}]") for i, m in enumerate(msgs)]
+        # only the completion is learned: replies inside a prompt are context (few-shot examples)
+        parts += [{**_message(m, f"{key}[{i}]"), **({"weight": 0} if key == "prompt" and m.get("role") ==
+                                                   "assistant" else {})} for i, m in enumerate(msgs)]
     return parts
 
 

@@ -10,7 +10,8 @@ from typing import Any
 from qwen_ft.config.schema import DEFAULT_SYSTEM
 from qwen_ft.data.chatml import IGNORE_INDEX, Framing, Policy, assemble
 from qwen_ft.data.schema import RowError
-from qwen_ft.data.template import Block, ChatTemplate, TemplateRenderer, find_template
+from qwen_ft.data.template import Block, ChatTemplate, TemplateRenderer, find_template, special_token_variables
+from qwen_ft.errors import QwenFtError
 
 
 class Renderer:
@@ -19,15 +20,18 @@ class Renderer:
     def __init__(self, tok, template: ChatTemplate | None, kwargs: dict | None = None):
         self.tok, self.template = tok, template
         self.kwargs = dict(kwargs or {})
+        variables = {**special_token_variables(tok.directory), **self.kwargs} if template else {}
         self._templ = None if template is None else \
-            TemplateRenderer(template, tok.special_tokens(), tok.encode_offsets, self.kwargs)
+            TemplateRenderer(template, tok.special_tokens(), tok.encode_offsets, variables)
 
     @classmethod
     def of(cls, tok, override: str | None = None, kwargs: dict | None = None) -> Renderer:
         """The tokenizer directory's own template (or `override`); Qwen v1 ChatML when there is none."""
+        if override and not tok.supports_templates:
+            raise QwenFtError(f"data.chat_template {override}: a Qwen v1 qwen.tiktoken vocabulary renders Qwen v1 "
+                              "ChatML only; convert the checkpoint (qwen-ft convert), whose tokenizer.json takes "
+                              "templates, or remove data.chat_template")
         template = find_template(tok.directory, override) if tok.supports_templates else None
-        if template is None and override:
-            raise RowError(f"data.chat_template {override}: Qwen v1 tiktoken vocabularies render ChatML only")
         return cls(tok, template, kwargs)
 
     @property
@@ -71,11 +75,13 @@ class Renderer:
 
     def _labelled(self, conv, policy, segments, encoded):
         assert self._templ is not None
-        ids, blocks = self._templ.assemble(segments, encoded)
         try:
+            ids, blocks = self._templ.assemble(segments, encoded)
             return ids, labels_of(ids, blocks, conv["learn"], policy), blocks
         except RowError as e:
             return e
+        except ValueError as e:
+            return RowError(str(e))
 
     def _caught(self, conv, policy):
         try:
@@ -96,8 +102,9 @@ class Renderer:
         messages = conv["messages"]
         for i, m in enumerate(messages):
             if m["role"] == "tool" or m.get("tool_calls") or m.get("reasoning_content") or conv.get("tools"):
-                raise RowError(f"messages[{i}]: tools and reasoning need a chat template, and this tokenizer has "
-                               "none (Qwen v1); set data.chat_template to a template file")
+                raise RowError(f"messages[{i}]: tools and reasoning need a chat template, and this Qwen v1 "
+                               "tokenizer has none; train on the converted checkpoint (qwen-ft convert) with a "
+                               "data.chat_template that renders them")
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
         roles = [m["role"] for m in messages]
@@ -139,22 +146,29 @@ def labels_of(ids: list[int], blocks: list[Block], learn: list[bool], policy: Po
     return labels
 
 
-def fit(ids: list[int], labels: list[int], blocks: list[Block], max_length: int,
-        overlong: str) -> tuple[list[int], list[int], str]:
-    """Cut an overlong rendering after the last assistant turn (and its newline) that fits, or drop it.
+def fit(renderer: Renderer, conv: dict[str, Any], rendered: tuple[list[int], list[int], list[Block]],
+        policy: Policy, max_length: int, overlong: str) -> tuple[list[int], list[int], str]:
+    """An overlong conversation cut after its last assistant message that fits, or dropped.
+
+    The cut conversation is rendered again, not sliced: the template renders a conversation that
+    ends at a reply differently (Qwen3 keeps that reply's thinking), and `last_turn` learns the
+    last kept reply. A cut that leaves nothing learned is dropped.
 
     Returns:
         (ids, labels, status) with status "ok", "truncated" or "dropped" (empty lists).
     """
+    ids, labels, _ = rendered
     if len(ids) <= max_length:
         return ids, labels, "ok"
-    cuts = [_turn_end(ids, blocks, k) for k, b in enumerate(blocks) if b.role == "assistant"]
-    cut = max((c for c in cuts if c <= max_length), default=0)
-    if overlong == "drop" or cut == 0:
+    if overlong == "drop":
         return [], [], "dropped"
-    return ids[:cut], labels[:cut], "truncated"
-
-
-def _turn_end(ids: list[int], blocks: list[Block], k: int) -> int:
-    """Index just past block k's `<|im_end|>` and the text after it up to the next block."""
-    return blocks[k + 1].start if k + 1 < len(blocks) else len(ids)
+    replies = [i for i, m in enumerate(conv["messages"]) if m["role"] == "assistant"]
+    for k in range(len(replies) - 1, 0, -1):
+        cut = {**conv, "messages": conv["messages"][:replies[k - 1] + 1], "learn": conv["learn"][:k]}
+        try:
+            ids, labels, _ = renderer.render(cut, policy)
+        except RowError:
+            continue
+        if len(ids) <= max_length and any(x != IGNORE_INDEX for x in labels):
+            return ids, labels, "truncated"
+    return [], [], "dropped"

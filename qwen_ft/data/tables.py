@@ -50,8 +50,19 @@ def _rows(path: Path, batches) -> Iterator[RawRow]:
     index = 0
     for batch in batches:
         for row in batch.to_pylist():
-            yield RawRow(f"{path} row {index}", value=row)
+            yield RawRow(f"{path} row {index}", value=_without_nulls(row))
             index += 1
+
+
+def _without_nulls(value):
+    """Arrow gives every message (and every tool-call argument object) each field any row has, null
+    where it had none: a null field in a table is a missing one. (Store tool-call arguments as JSON
+    strings in tables to keep a deliberate null.)"""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def iter_csv(path: Path) -> Iterator[RawRow]:
@@ -68,6 +79,12 @@ def iter_csv(path: Path) -> Iterator[RawRow]:
 
 def _cell(key: str, value: str):
     stripped = value.strip()
+    if key in ("prompt", "completion"):  # plain text, unless it is a JSON list of messages
+        try:
+            parsed = json.loads(stripped) if stripped[:1] == "[" else None
+        except json.JSONDecodeError:
+            return value
+        return parsed if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed) else value
     if key in JSON_COLUMNS and stripped[:1] in ("[", "{"):
         return json.loads(stripped)
     return value

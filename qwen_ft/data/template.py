@@ -72,6 +72,22 @@ def find_template(tokenizer_dir: str | Path, override: str | None = None) -> Cha
     return ChatTemplate(raw, f"{config} (chat_template)") if isinstance(raw, str) and raw.strip() else None
 
 
+def special_token_variables(tokenizer_dir: str | Path) -> dict[str, str]:
+    """bos_token, eos_token, ... as tokenizer_config.json names them: apply_chat_template offers them to
+    the template (a template may write `{{ eos_token }}`)."""
+    try:
+        config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
 def _template_text(path: Path) -> str:
     """A .jinja file's text, or the chat_template of a tokenizer_config.json given instead."""
     text = path.read_text(encoding="utf-8")
@@ -113,8 +129,10 @@ class TemplateRenderer:
         (`render_jinja_template`) would only copy the messages into plain JSON types, which
         `formats.normalise` already made them."""
         kwargs = {**self.kwargs, **(conversation.get("kwargs") or {})}
-        return self._compiled().render(messages=conversation["messages"], tools=conversation.get("tools"),
-                                       documents=None, add_generation_prompt=add_generation_prompt, **kwargs)
+        messages = [{"thinking": m["reasoning_content"], **m} if m.get("reasoning_content") is not None else m
+                    for m in conversation["messages"]]  # transformers offers reasoning under both names
+        return self._compiled().render(messages=messages, tools=conversation.get("tools"), documents=None,
+                                       add_generation_prompt=add_generation_prompt, **kwargs)
 
     def _compiled(self):
         from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -129,15 +147,21 @@ class TemplateRenderer:
             ValueError: a string holding the noncharacters used as marks (a row error).
         """
         segments = self.segments(conversation, add_generation_prompt)
-        return self.assemble(segments, iter(self.encode_offsets([s for s in segments if isinstance(s, str)])))
+        texts = [s for s in segments if isinstance(s, str)]
+        return self.assemble(segments, iter(self.encode_offsets(texts)), add_generation_prompt)
 
     def segments(self, conversation: dict[str, Any], add_generation_prompt: bool = False) -> list[str | int]:
         """The rendered conversation as runs of ordinary text and control-token ids (see `encode`)."""
         marked = self._mark(conversation)
         return self._segments(self.text(marked, add_generation_prompt), marked is not conversation)
 
-    def assemble(self, segments: list[str | int], encoded) -> tuple[list[int], list[Block]]:
-        """Ids and blocks from `segments` and an iterator over the (ids, offsets) of their text runs."""
+    def assemble(self, segments: list[str | int], encoded,
+                 add_generation_prompt: bool = False) -> tuple[list[int], list[Block]]:
+        """Ids and blocks from `segments` and an iterator over the (ids, offsets) of their text runs.
+
+        Raises:
+            ValueError: a turn that the template never closes, or opens inside another (a row error).
+        """
         ids: list[int] = []
         headers: dict[int, tuple[int, str]] = {}  # block start index -> (first content index, role)
         for seg in segments:
@@ -149,7 +173,7 @@ class TemplateRenderer:
                 header = seg.find("\n") + 1 or len(seg)
                 headers[len(ids) - 1] = (len(ids) + sum(1 for o in offsets if o < header), seg[:header].strip())
             ids += piece_ids
-        return ids, self._blocks(ids, headers)
+        return ids, self._blocks(ids, headers, add_generation_prompt)
 
     def _mark(self, conversation: dict[str, Any]) -> dict[str, Any]:
         """`conversation` with special-token text in its strings wrapped in marks (itself when none)."""
@@ -177,16 +201,24 @@ class TemplateRenderer:
         _add_text(out, text[pos:])
         return out
 
-    def _blocks(self, ids: list[int], headers: dict[int, tuple[int, str]]) -> list[Block]:
-        """Every `<|im_start|>` with its role, first content index and `<|im_end|>` (or the last id)."""
-        blocks, start = [], None
-        for i, t in enumerate(ids + [self.im_end]):  # the sentinel closes a block left open (a generation prompt)
+    def _blocks(self, ids: list[int], headers: dict[int, tuple[int, str]], prompt: bool) -> list[Block]:
+        """Every `<|im_start|>` with its role, first content index and `<|im_end|>`; with a generation
+        `prompt` the open block at the end runs to the last id."""
+        blocks: list[Block] = []
+        start = None
+        for i, t in enumerate(ids + ([self.im_end] if prompt else [])):
             if t == self.im_start:
+                if start is not None:
+                    raise ValueError("the chat template opens a turn inside another (<|im_start|> before "
+                                     "<|im_end|>), so its turns cannot be told apart")
                 start = i
             elif t == self.im_end and start is not None:
                 body, role = headers.get(start, (start + 1, ""))
                 blocks.append(Block(role, start, body, min(i, len(ids) - 1)))
                 start = None
+        if start is not None:
+            raise ValueError("the chat template leaves the last turn without <|im_end|>, so where a reply ends "
+                             "cannot be learned")
         return blocks
 
 
@@ -201,11 +233,12 @@ def _add_text(out: list[str | int], text: str) -> None:
 
 
 def _strings(value: Any):
-    """Every string inside a JSON-like value (dict keys excluded)."""
+    """Every string inside a JSON-like value, dict keys included (tool-call arguments render their keys)."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
-        for v in value.values():
+        for k, v in value.items():
+            yield str(k)
             yield from _strings(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
@@ -213,11 +246,11 @@ def _strings(value: Any):
 
 
 def _map_strings(value: Any, fn) -> Any:
-    """A copy of a JSON-like value with `fn` applied to every string (dict keys kept)."""
+    """A copy of a JSON-like value with `fn` applied to every string, dict keys included."""
     if isinstance(value, str):
         return fn(value)
     if isinstance(value, dict):
-        return {k: _map_strings(v, fn) for k, v in value.items()}
+        return {(fn(k) if isinstance(k, str) else k): _map_strings(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_map_strings(v, fn) for v in value]
     return value

@@ -25,7 +25,7 @@ from qwen_ft.data.chatml import IGNORE_INDEX, Policy
 from qwen_ft.data.conversations import ReadReport, read_conversations
 from qwen_ft.data.stats import DataStats
 from qwen_ft.errors import DataError
-from qwen_ft.files import atomic_dir
+from qwen_ft.files import atomic_dir, clean_stale_temps
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -54,9 +54,9 @@ class TokenizeSpec:
     @classmethod
     def from_config(cls, data: DataConfig, tok) -> TokenizeSpec:
         """Spec from a DataConfig and the tokenizer whose template renders the data."""
-        from qwen_ft.data.template import find_template
+        from qwen_ft.data.render import Renderer
 
-        template = find_template(tok.directory, data.chat_template) if tok.supports_templates else None
+        template = Renderer.of(tok, data.chat_template).template
         return cls(data.max_length, data.overlong, data.label_policy, data.default_system, data.on_error,
                    template.text if template else None, template.source if template else "",
                    json.dumps(data.template_kwargs, sort_keys=True))
@@ -77,11 +77,14 @@ _RENDERERS: dict[tuple[int, TokenizeSpec], Renderer] = {}
 
 
 def file_digest(path: str) -> str:
-    """sha256 of a file's bytes, streamed."""
+    """sha256 of a file's bytes, streamed; of a directory (save_to_disk), of every file in it by name."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
+    p = Path(path)
+    for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+        h.update(str(f.relative_to(p) if p.is_dir() else "").encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -91,10 +94,18 @@ def cache_key(files: Sequence[str], tokenizer_fingerprint: str, spec: TokenizeSp
         "files": [file_digest(f) for f in files],
         "tokenizer": tokenizer_fingerprint,
         "template": TEMPLATE_VERSION,
+        "renderer": _renderer_versions(),
         "format": CACHE_FORMAT,
         "spec": asdict(spec),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _renderer_versions() -> str:
+    """transformers and jinja2 render the templates (tojson, whitespace control): part of the key."""
+    from importlib.metadata import version
+
+    return f"transformers {version('transformers')}, jinja2 {version('jinja2')}"
 
 
 def _write_conversations(files, spec: TokenizeSpec, out: Path) -> ReadReport:
@@ -123,15 +134,16 @@ def tokenize_batch(batch: dict, tok, spec: TokenizeSpec) -> dict:
     from qwen_ft.data.schema import RowError
 
     convs = [json.loads(text) for text in batch["conversation"]]
+    renderer = spec.renderer(tok)
     out: dict[str, list] = {"input_ids": [], "labels": [], "n_supervised": [], "status": [], "error": []}
-    for rendered in spec.renderer(tok).render_many(convs, spec.label_policy):
+    for conv, rendered in zip(convs, renderer.render_many(convs, spec.label_policy), strict=True):
         error = ""
         ids: list[int]
         labels: list[int]
         if isinstance(rendered, RowError):
             ids, labels, status, error = [], [], "error", str(rendered)
         else:
-            ids, labels, status = fit(*rendered, spec.max_length, spec.overlong)
+            ids, labels, status = fit(renderer, conv, rendered, spec.label_policy, spec.max_length, spec.overlong)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["n_supervised"].append(len(labels) - labels.count(IGNORE_INDEX))
@@ -220,6 +232,8 @@ def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: 
     """
     key = cache_key(files, tok.fingerprint, spec)
     final = Path(cache_dir) / key
+    if Path(cache_dir).is_dir():
+        clean_stale_temps(cache_dir)  # left by runs killed while tokenizing
     if not (final / "stats.json").is_file():
         # A complete cache entry or none; another builder's complete entry (shared filesystem) wins.
         with atomic_dir(final, complete=lambda d: (d / "stats.json").is_file()) as work:

@@ -149,8 +149,9 @@ def check_out(out: Path, adapter: Path, manifest: dict, base: str | None, overwr
     quant = manifest.get("quant") or {}
     sources = [adapter, *(Path(p) for p in (base, (manifest.get("base_model") or {}).get("path"),
                                              quant.get("original_base")) if p)]
-    if any(out.resolve() == s.resolve() for s in sources):
-        raise QwenFtError(f"--out {out} is the adapter or a base model this merge reads; choose a new directory")
+    if any(s.resolve().is_relative_to(out.resolve()) for s in sources):
+        raise QwenFtError(f"--out {out} is (or holds) the adapter or a base model this merge reads; choose a new "
+                          "directory")
     holds = [f for f in ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
              if (out / f).is_file()]
     if holds and not overwrite:

@@ -45,13 +45,14 @@ def held_out(run_config: Path | None, eval_data: str | None, limit: int = 8) -> 
 def perplexity(model, tok, conversations: list, max_length: int = 2048) -> float:
     """exp(mean next-token loss over the assistant replies) of `model` on `conversations`."""
     from qwen_ft.data.render import Renderer
+    from qwen_ft.data.schema import RowError
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
     renderer = Renderer.of(tok)
+    rendered = [r for r in renderer.render_many(conversations) if not isinstance(r, RowError)]  # bad rows skipped
     with torch.no_grad():
-        for conv in conversations:
-            ids, labels, _ = renderer.render(conv)
+        for ids, labels, _ in rendered:
             batch = {"input_ids": torch.tensor([ids[:max_length]], device=device),
                      "labels": torch.tensor([labels[:max_length]], device=device)}
             loss, n = causal_lm_loss(model, batch)

@@ -14,6 +14,7 @@ import torch
 
 from qwen_ft import deps
 from qwen_ft.data.render import Renderer
+from qwen_ft.data.schema import RowError
 from qwen_ft.errors import QwenFtError
 from qwen_ft.export.quality import load_conversations, perplexity
 
@@ -79,8 +80,7 @@ def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, cal
     check_group_size(dense, group_size)
     before = perplexity(dense, tok, held, max_length)
     del dense
-    renderer = Renderer.of(tok)
-    samples = [renderer.render(c)[0][:max_length] for c in calib]
+    samples = [r[0][:max_length] for r in Renderer.of(tok).render_many(calib) if not isinstance(r, RowError)]
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     _per_layer_logs_into(Path(out_dir) / "quant_logs")
     model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group_size))

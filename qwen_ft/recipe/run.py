@@ -35,13 +35,14 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
     from qwen_ft.train import loop
 
     cfg = steps.native_checkpoint(cfg, dist)
+    ckpt = steps.resume_checkpoint(cfg, dist)
     precision, attn, family = steps.runtime(cfg, dist)
     ds_config, _zero3_loading = steps.deepspeed(cfg, precision, dist)  # kept alive while the model loads
     tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist)
     unwrapped = steps.model(cfg, family, precision, attn, dist)
     plan = steps.run_plan(cfg, dist, first_epoch, precision, attn)
     backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)
-    state = steps.resume_state(cfg, backend, data, dist)
+    state = steps.resume_state(cfg, backend, data, dist, ckpt)
     trainer = loop.Trainer(cfg, plan, dist, backend, unwrapped, data, tok.endoftext_id,
                            steps.saver(cfg, unwrapped, tok, family, backend, dist),
                            steps.loss_function(cfg, unwrapped, ds_config))
@@ -54,12 +55,17 @@ def fit(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
     from qwen_ft.train.distributed import print0
     from qwen_ft.train.logging import RunLogger
 
-    trainer, state = build_trainer(cfg, dist)
-    c = trainer.cfg.train
-    logger = RunLogger(c.output_dir, trainer.plan.total_steps, state.step, dist.is_main, c.logging_steps)
-    state = loop.run(trainer, state, logger)
-    steps.save_final(trainer, state)
-    logger.close(state.history)
+    lock = steps.lock_output_dir(cfg, dist)
+    try:
+        trainer, state = build_trainer(cfg, dist)
+        c = trainer.cfg.train
+        logger = RunLogger(c.output_dir, trainer.plan.total_steps, state.step, dist.is_main, c.logging_steps)
+        state = loop.run(trainer, state, logger)
+        steps.save_final(trainer, state)
+        logger.close(state.history)
+    finally:
+        if lock is not None:
+            lock.release()
     print0(dist, steps.summary(trainer.cfg, state))
     return trainer, state
 

@@ -12,7 +12,7 @@ from qwen_ft.errors import ConfigError, QwenFtError
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, local_main_first, print0, wrap_ddp
 
-if TYPE_CHECKING:  # the steps import what they build lazily, so that `qwen-ft --help` stays fast
+if TYPE_CHECKING:
     import torch
 
     from qwen_ft.data.packing import BatchPlan
@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # the steps import what they build lazily, so that `qwen-ft -
     from qwen_ft.model.load import Precision
     from qwen_ft.tokenizer.base import ChatTokenizer
     from qwen_ft.train.loop import Trainer
+    from qwen_ft.train.ownership import (
+        OutputLock,  # the steps import what they build lazily, so that `qwen-ft --help` stays fast
+    )
     from qwen_ft.train.plan import RunPlan
     from qwen_ft.train.protocols import Backend, LossFn, Saver
 
@@ -170,15 +173,38 @@ def loss_function(cfg: RunConfig, unwrapped: torch.nn.Module, ds_config: dict[st
     return ChunkedLoss(unwrapped, cfg.train.loss_chunk_tokens)
 
 
-def resume_state(cfg: RunConfig, backend: Backend, data: PreparedData, dist: DistInfo) -> ck.TrainState:
-    """The TrainState: fresh, or restored (weights, optimizer, RNG) from the checkpoint train.resume selects."""
-    from qwen_ft.train.resume import check_same_data, resume_path
+def lock_output_dir(cfg: RunConfig, dist: DistInfo) -> OutputLock | None:
+    """The main process locks train.output_dir for the run (a second run into it is refused)."""
+    from qwen_ft.train.ownership import OutputLock
+
+    return OutputLock(cfg.train.output_dir).acquire() if dist.is_main else None
+
+
+def resume_checkpoint(cfg: RunConfig, dist: DistInfo) -> Path | None:
+    """The verified checkpoint of this same run to resume from; or None, after making sure a fresh run
+    writes over no other run's outputs (train.overwrite_output_dir clears them). Before any work."""
+    from qwen_ft.config.load import config_to_dict
+    from qwen_ft.train.ownership import check_same_run, claim_fresh
+    from qwen_ft.train.resume import resume_path
+
+    ckpt = resume_path(cfg.train.resume, cfg.train.output_dir, say=lambda text: print0(dist, text))
+    if ckpt is not None:
+        check_same_run(ckpt, config_to_dict(cfg))
+    elif dist.is_main:
+        claim_fresh(cfg.train.output_dir, cfg.train.overwrite_output_dir)
+    barrier(dist)
+    return ckpt
+
+
+def resume_state(cfg: RunConfig, backend: Backend, data: PreparedData, dist: DistInfo,
+                 ckpt: Path | None) -> ck.TrainState:
+    """The TrainState: fresh, or restored (weights, optimizer, RNG) from `ckpt`."""
+    from qwen_ft.train.resume import check_same_data
 
     key = Path(data.stats.cache_path).name
-    ckpt = resume_path(cfg.train.resume, cfg.train.output_dir)
     if ckpt is None:
         if cfg.train.resume == "auto":
-            print0(dist, f"resume: no complete checkpoint in {cfg.train.output_dir}/checkpoints; starting fresh")
+            print0(dist, f"resume: no intact checkpoint in {cfg.train.output_dir}/checkpoints; starting fresh")
         return ck.TrainState(data_key=key)
     check_same_data(ck.read_state(ckpt), key, ckpt)
     state = backend.load_state(ckpt, cfg.method)

@@ -22,6 +22,7 @@ from qwen_ft.train.loss import causal_lm_loss
 from qwen_ft.train.plan import RunPlan, rank_batches
 from qwen_ft.train.protocols import Backend, LossFn, Saver, StepLogger
 from qwen_ft.train.schedule import lr_at, set_lr
+from qwen_ft.train.verify import write_manifest
 
 if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
@@ -146,16 +147,24 @@ def save_checkpoint(tr: Trainer, state: ck.TrainState, root: Path, keep: int) ->
     """Atomic checkpoint under root/checkpoint-{step}: every rank writes its part into a temporary
     directory, then the main process renames it into place."""
     final, tmp = root / f"checkpoint-{state.step}", root / f".tmp-checkpoint-{state.step}"
-    if tr.dist.is_main:
+    try:
+        if tr.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(tr.dist)
+        tr.save_fn(tmp)
+        tr.backend.save_state(tmp, state, tr.dist.is_main)
+        barrier(tr.dist)
+        if tr.dist.is_main:
+            write_manifest(tmp)  # sizes and hashes, last: a checkpoint without it never verifies
+            commit_dir(tmp, final)
+            ck.prune(root, keep)
+    except OSError as e:  # a full disk, a lost mount: stop with the last good checkpoint intact
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(tr.dist)
-    tr.save_fn(tmp)
-    tr.backend.save_state(tmp, state, tr.dist.is_main)
-    barrier(tr.dist)
-    if tr.dist.is_main:
-        commit_dir(tmp, final)
-        ck.prune(root, keep)
+        found = ck.list_checkpoints(root)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved before"
+        raise QwenFtError(f"saving {final} failed: {e}; {last}. Free space (or fix the directory), then resume "
+                          "with train.resume: auto") from None
     barrier(tr.dist)
     return final
 
@@ -200,6 +209,22 @@ def after_step_guard(tr: Trainer, state: ck.TrainState, grad_norm: float, root: 
                       "train.learning_rate, set train.max_grad_norm, or check the data")
 
 
+def weights_guard(tr: Trainer, state: ck.TrainState, lr: float, root: Path) -> None:
+    """A step that leaves any trained weight inf or NaN (an overflowing learning rate) stops the run
+    before that state can be saved as the last good one.
+
+    Raises:
+        QwenFtError: with the step, the learning rate and the newest checkpoint.
+    """
+    params = [p for p in tr.unwrapped.parameters() if p.requires_grad and p.numel()]  # ZeRO-3: local parts
+    if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        return
+    found = ck.list_checkpoints(root)
+    where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
+    raise QwenFtError(f"non-finite weights after step {state.step} (learning rate {lr:g}); nothing was saved from "
+                      f"it, {where}. Lower train.learning_rate or set train.max_grad_norm, then resume")
+
+
 def run(tr: Trainer, state: ck.TrainState, logger: StepLogger) -> ck.TrainState:
     """Train until plan.total_steps, checkpointing and evaluating as configured."""
     c, root = tr.cfg.train, Path(tr.cfg.train.output_dir) / "checkpoints"
@@ -216,6 +241,7 @@ def run(tr: Trainer, state: ck.TrainState, logger: StepLogger) -> ck.TrainState:
         grad_norm = tr.backend.step(grad_norm)
         state.step += 1
         after_step_guard(tr, state, grad_norm, root)
+        weights_guard(tr, state, lr, root)
         speed = n_inputs * tr.dist.world / (time.perf_counter() - t0)
         record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed}
         state.history.append(record)

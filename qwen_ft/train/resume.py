@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from qwen_ft.errors import QwenFtError
 from qwen_ft.train import checkpoint as ck
 
 
-def resume_path(resume: str, output_dir: str) -> Path | None:
-    """The checkpoint to resume from, or None to start fresh.
+def resume_path(resume: str, output_dir: str, say: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from, or None to start fresh. `auto` takes the newest checkpoint that
+    verifies (`verify.py`) and says which damaged ones it skipped.
 
     Raises:
-        QwenFtError: train.resume names a directory that is not a complete checkpoint.
+        QwenFtError: train.resume names a directory that is not a complete, intact checkpoint.
     """
+    from qwen_ft.train import verify
+
     if resume == "none":
         return None
     if resume == "auto":
-        found = ck.list_checkpoints(Path(output_dir) / "checkpoints")
-        return found[-1] if found else None
+        for ckpt in reversed(ck.list_checkpoints(Path(output_dir) / "checkpoints")):
+            damaged = verify.problems(ckpt)
+            if not damaged:
+                return ckpt
+            say(f"resume: skipped {ckpt}: {'; '.join(damaged)}")
+        return None
     path = Path(resume)
     if not (path / ck.STATE_FILE).is_file():
         raise QwenFtError(f"train.resume: {resume!r} is not a complete checkpoint (no {ck.STATE_FILE}); "
                           "use auto, none, or a checkpoint-N directory")
+    damaged = verify.problems(path)
+    if damaged:
+        raise QwenFtError(f"train.resume: {resume} is damaged ({'; '.join(damaged)}); resume from an older "
+                          "checkpoint, or use train.resume: auto to take the newest that verifies")
     return path
 
 

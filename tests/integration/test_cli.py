@@ -39,7 +39,8 @@ def test_inspect_marks_learned_tokens(demo_args, capsys):
     cfg = str(REPO / "configs/tiny_cpu_smoke.yaml")
     assert main(["inspect", "--config", cfg, "--index", "0", "--no-color", *demo_args]) == 0
     out = capsys.readouterr().out
-    assert "[[New Delhi.<|im_end|>]]" in out and "[[Tokyo.<|im_end|>]]" in out
+    # Qwen3's template (the demo model's): the final reply renders, and is learned, with its empty thinking
+    assert "[[New Delhi.<|im_end|>]]" in out and "[[<think>\n\n</think>\n\nTokyo.<|im_end|>]]" in out
     assert "<|im_start|>user\nCapital of India?<|im_end|>" in out
     assert main(["inspect", "--config", cfg, "--index", "999", *demo_args]) == 1
     assert "only 84 valid conversation(s)" in capsys.readouterr().err

@@ -67,3 +67,13 @@ def test_estimate_without_a_checkpoint_names_the_fix(tmp_path):
     proc = cli("estimate", str(cfg))
     assert proc.returncode == 1
     assert "model.path=DIR" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_main_called_in_process_hides_nothing(tmp_path):
+    """Hiding unused stacks is for a process the command owns; a caller of main([...]) keeps them."""
+    import sys
+
+    from qwen_ft.cli.main import main
+
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--hidden", "16", "--layers", "1"]) == 0
+    assert all(sys.modules.get(name, "absent") is not None for name in ("bitsandbytes", "gptqmodel", "torchao"))

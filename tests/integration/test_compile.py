@@ -20,7 +20,7 @@ def losses(config: str, *overrides: str) -> tuple[list[float], int]:
 def test_compiled_layers_train_like_eager(run_config):
     import torch
 
-    config = run_config(train={"max_steps": 4}, lora={"dropout": 0.0})
+    config = run_config(train={"max_steps": 4, "overwrite_output_dir": True}, lora={"dropout": 0.0})
     eager, none = losses(config)
     torch._dynamo.reset()
     compiled, layers = losses(config, "model.compile=true")

@@ -5,6 +5,7 @@ remote code, merges over the inputs, chat on directories that hold no model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -92,8 +93,9 @@ def test_merge_never_writes_over_its_inputs_or_another_model(run_config, tiny_mo
     assert cli("train", run_config(train={"max_steps": 1})).returncode == 0
     adapter = tmp_path / "out"
     before = {p.name: p.stat().st_mtime_ns for p in adapter.iterdir()}
-    one_error(cli("merge", str(adapter), "--out", str(adapter)), "is the adapter or a base model this merge reads")
-    one_error(cli("merge", str(adapter), "--out", str(tiny_model_dir)), "is the adapter or a base model")
+    one_error(cli("merge", str(adapter), "--out", str(adapter)), "is (or holds) the adapter or a base model")
+    one_error(cli("merge", str(adapter), "--out", str(tiny_model_dir)), "is (or holds) the adapter or a base model")
+    one_error(cli("merge", str(adapter), "--out", str(tmp_path)), "is (or holds) the adapter or a base model")
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
     one_error(cli("merge", str(adapter), "--out", str(other)), "already holds a model (config.json")
@@ -109,3 +111,15 @@ def test_chat_on_a_missing_or_empty_directory_is_one_line_and_quick(tmp_path):
         proc = cli("chat", str(target), "--prompt", "hi")
         one_error(proc, message)
         assert time.perf_counter() - start < 20  # no hub retries
+
+
+def test_stale_temporary_caches_are_cleaned(tmp_path, qwen3_dir):
+    cache = tmp_path / "c"
+    dead, live = cache / ".abc.tmp-4194301", cache / f".def.tmp-{os.getpid()}"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "data.arrow").write_bytes(b"partial")
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    proc = cli("preprocess", "--tokenizer", str(qwen3_dir), "--data", str(path), f"data.cache_dir={cache}")
+    assert proc.returncode == 0
+    assert not dead.exists() and live.exists()  # a live process's temporary is left alone

@@ -55,10 +55,12 @@ def test_sigkill_then_resume_equals_uninterrupted(run_config, tmp_path):
 
 def test_interrupted_save_is_ignored(run_config, tmp_path):
     from qwen_ft.train.resume import resume_path
+    from qwen_ft.train.verify import write_manifest
 
     ckpts = tmp_path / "out" / "checkpoints"
     (ckpts / "checkpoint-3").mkdir(parents=True)
     (ckpts / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    write_manifest(ckpts / "checkpoint-3")  # complete and intact
     (ckpts / ".tmp-checkpoint-6").mkdir()  # a save that died: never picked
     (ckpts / "checkpoint-9").mkdir()  # no trainer_state.json: incomplete
     assert resume_path("auto", str(tmp_path / "out")) == ckpts / "checkpoint-3"

@@ -210,3 +210,60 @@ def test_tiny_model_ships_the_real_qwen3_template(tiny_model_dir):
     real = json.loads((ASSETS / "chat_templates" / "tokenizer_config.qwen3.json").read_text())["chat_template"]
     assert find_template(tiny_model_dir).text == real
     assert "Qwen v1 ChatML" in Renderer.of(load_tokenizer(bundled_files("qwen")[0].parent)).source
+
+
+def test_truncation_renders_the_cut_conversation_again(template_dirs, hf_tokenizers):
+    from qwen_ft.data.render import fit
+
+    conv, _ = normalise(CASES["history thinking stripped"], None)
+    renderer = Renderer.of(load_tokenizer(template_dirs["qwen3"]))
+    first = served_ids(hf_tokenizers["qwen3"], {**conv, "messages": conv["messages"][:2]})
+    assert len(first) < len(renderer.render(conv)[0])
+    for policy in ("assistant", "last_turn"):
+        ids, labels, status = fit(renderer, conv, renderer.render(conv, policy), policy, len(first), "truncate")
+        # the kept first reply is now the conversation's last: rendered (and learned) with its thinking
+        assert status == "truncated" and ids == first
+        assert learned_text(hf_tokenizers["qwen3"], ids, labels) == ["<think>\neasy\n</think>\n\nLima.<|im_end|>"]
+    assert fit(renderer, conv, renderer.render(conv), "assistant", len(first), "drop")[2] == "dropped"
+    assert fit(renderer, conv, renderer.render(conv), "assistant", len(first) - 1, "truncate")[2] == "dropped"
+
+
+def test_v1_chatml_honours_weight_zero_under_every_policy(v1_tok):
+    conv, _ = normalise({"messages": [U, {**A, "content": "SECRET", "weight": 0}, U, A]}, None)
+    renderer = Renderer.of(v1_tok)
+    for policy in ("assistant", "last_turn", "qwen_reference"):
+        ids, labels, _ = renderer.render(conv, policy)
+        learned = v1_tok.decode([t for t, x in zip(ids, labels, strict=True) if x != IGNORE_INDEX])
+        assert "SECRET" not in learned and "Lima." in learned, policy
+
+
+def test_prompt_replies_are_context_and_fields_are_never_lost(template_dirs, hf_tokenizers):
+    renderer = Renderer.of(load_tokenizer(template_dirs["qwen25"]))
+    few_shot = {"prompt": [U, {"role": "assistant", "content": "Lima."}, {"role": "user", "content": "Chile?"}],
+                "completion": [{"role": "assistant", "content": "Santiago."}]}
+    ids, labels, _ = renderer.render(normalise(few_shot, None)[0])
+    assert learned_text(hf_tokenizers["qwen25"], ids, labels) == ["Santiago.<|im_end|>"]
+    for row, message in (({"messages": [U, A], "system": "Be a pirate."}, "system: not part of the OpenAI"),
+                         ({"messages": [U, {**A, "tool_calls": [{"function": {"name": "f", "argument": {}}}]}]},
+                          r"unknown field\(s\) argument")):
+        with pytest.raises(RowError, match=message):
+            normalise(row, None)
+    calls = json.dumps([{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": 1}}])
+    parallel = {"conversations": [{"from": "human", "value": "both"}, {"from": "function_call", "value": calls},
+                                  {"from": "observation", "value": "ok"}, {"from": "gpt", "value": "done"}]}
+    conv, _ = normalise(parallel, None)
+    assert [c["function"]["name"] for c in conv["messages"][1]["tool_calls"]] == ["a", "b"]
+
+
+def test_custom_template_variables_and_unclosed_turns(template_dirs, hf_tokenizers, tmp_path):
+    eos = tmp_path / "eos.jinja"
+    eos.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{{ eos_token }}\n{% endfor %}")
+    tok = load_tokenizer(template_dirs["qwen25"])
+    conv, _ = normalise({"messages": [U, A]}, None)
+    ids, _, _ = Renderer.of(tok, str(eos)).render(conv)
+    assert ids == list(hf_tokenizers["qwen25"].apply_chat_template(conv["messages"], chat_template=eos.read_text(),
+                                                                   tokenize=True)["input_ids"])
+    open_turn = tmp_path / "open.jinja"
+    open_turn.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}\n{% endfor %}")
+    with pytest.raises(RowError, match="without <|im_end|>|opens a turn inside another"):
+        Renderer.of(tok, str(open_turn)).render(conv)

@@ -53,3 +53,30 @@ def test_csv_bad_json_cell_is_a_row_error_with_its_line(tmp_path):
     report = ReadReport()
     assert list(read_conversations([str(path)], None, "skip", report)) == []
     assert report.skipped == 1 and report.errors[0].startswith(f"{path}:2: a JSON column is malformed")
+
+
+def test_null_fields_of_a_table_are_missing_fields(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": [{"role": "user", "content": "weather?"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"function": {"name": "w", "arguments": {"city": "Lima"}}}]},
+                          {"role": "tool", "content": "19 C"}, {"role": "assistant", "content": "19 °C"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    got = read(tmp_path / "d.parquet")
+    assert got[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Lima"}
+    assert "tool_calls" not in got[0]["messages"][0] and got[1]["learn"] == [True]
+
+
+def test_a_saved_dataset_directory_tokenizes_and_caches(tmp_path, qwen3_dir, qwen3_tok):
+    from datasets import Dataset
+
+    from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
+
+    Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    spec = TokenizeSpec(64, "truncate", "assistant", "", "error")
+    ds, stats = tokenized_dataset([str(tmp_path / "saved")], qwen3_tok, spec, str(tmp_path / "c"))
+    assert stats.conversations == 2 and stats.cache == "built"
+    assert tokenized_dataset([str(tmp_path / "saved")], qwen3_tok, spec, str(tmp_path / "c"))[1].cache == "hit"

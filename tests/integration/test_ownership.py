@@ -1,0 +1,124 @@
+"""Output directories have an owner, resume continues only the same run, checkpoints are verified, a
+failed save loses nothing, and non-finite weights are never saved as the last good state."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qwen_ft.errors import QwenFtError
+from qwen_ft.recipe import steps
+from qwen_ft.recipe.run import fit
+from qwen_ft.train import checkpoint as ck
+from qwen_ft.train.distributed import DistInfo
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+CPU = DistInfo(0, 1, 0, __import__("torch").device("cpu"))
+
+
+def train(config: str, *overrides: str):
+    return fit(steps.checked_config(config, list(overrides)), CPU)
+
+
+def cli_train(config: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", "train", config, *overrides],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def test_a_new_run_never_writes_over_another(run_config, tmp_path):
+    config = run_config(train={"max_steps": 2, "save_steps": 1})
+    train(config)
+    with pytest.raises(QwenFtError, match=r"holds another run's outputs \(run_config.yaml.*checkpoints/\)"):
+        train(config, "train.learning_rate=1e-3")
+    _, state = train(config, "train.learning_rate=1e-3", "train.overwrite_output_dir=true")
+    saved = (tmp_path / "out" / "run_config.yaml").read_text()
+    assert state.step == 2 and "learning_rate: 0.001" in saved
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "out" / "checkpoints")] == ["checkpoint-1"]
+
+
+def test_resume_refuses_a_changed_trajectory_and_allows_more_steps(run_config, tmp_path):
+    config = run_config(train={"max_steps": 2, "save_steps": 1, "resume": "auto"})
+    train(config)
+    with pytest.raises(QwenFtError, match=r"(?s)other settings.*lora.r: 8 -> 4.*train.learning_rate: 0.005 -> 0.001"):
+        train(config, "train.learning_rate=1e-3", "lora.r=4")
+    _, state = train(config, "train.max_steps=3", "train.logging_steps=2")
+    assert state.step == 3
+
+
+def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(run_config, tmp_path):
+    config = run_config(train={"max_steps": 1})
+    out = tmp_path / "out"
+    out.mkdir()
+    import socket
+
+    (out / ".qwen-ft.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    proc = cli_train(config)
+    assert proc.returncode == 1 and f"is in use by another run (pid {os.getpid()}" in proc.stderr
+    (out / ".qwen-ft.lock").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname()}))
+    proc = cli_train(config)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / ".qwen-ft.lock").exists()
+
+
+def test_resume_skips_damaged_checkpoints_and_refuses_a_named_one(run_config, tmp_path):
+    config = run_config(train={"max_steps": 4, "save_steps": 1, "save_total_limit": 3, "resume": "auto"})
+    train(config, "train.max_steps=3")
+    root = tmp_path / "out" / "checkpoints"
+    newest = ck.list_checkpoints(root)[-1]
+    opt = newest / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[:100])  # truncated
+    with pytest.raises(QwenFtError, match="optimizer.safetensors is 100 bytes"):
+        train(config, f"train.resume={newest}")
+    proc = cli_train(config)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resume: skipped {newest}" in proc.stdout + proc.stderr
+    assert "checkpoint-1 at step 1" in proc.stdout  # the newest that verifies
+
+
+def test_a_failed_save_stops_cleanly_and_keeps_the_last_good_checkpoint(run_config, tmp_path, monkeypatch):
+    config = run_config(train={"max_steps": 3, "save_steps": 1})
+    real = ck.save_resume_state
+    calls = []
+
+    def disk_full(out, state, optimizer):
+        calls.append(out)
+        if len(calls) == 2:
+            (out / "optimizer.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(out, state, optimizer)
+
+    monkeypatch.setattr(ck, "save_resume_state", disk_full)
+    with pytest.raises(QwenFtError, match=r"saving .*checkpoint-2 failed: \[Errno 28\] No space left on device"):
+        train(config)
+    root = tmp_path / "out" / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["checkpoint-1"]  # no temporary directory left behind
+
+
+def test_non_finite_weights_stop_the_run_without_saving_them(run_config, tmp_path, monkeypatch):
+    """An optimizer step that overflows a weight (injected: the second step writes inf into one LoRA
+    matrix, with a finite loss and gradient) stops the run; the inf state is never saved."""
+    import torch
+
+    from qwen_ft.train.backends import TorchBackend
+
+    real, count = TorchBackend.step, []
+
+    def overflowing(self, grad_norm):
+        out = real(self, grad_norm)
+        count.append(1)
+        if len(count) == 2:
+            with torch.no_grad():
+                next(p for p in self.unwrapped.parameters() if p.requires_grad).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(TorchBackend, "step", overflowing)
+    config = run_config(train={"max_steps": 4, "save_steps": 1})
+    with pytest.raises(QwenFtError, match=r"non-finite weights after step 2 \(learning rate .*checkpoint-1"):
+        train(config)
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["checkpoint-1"]
