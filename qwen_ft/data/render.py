@@ -157,13 +157,16 @@ def fit(renderer: Renderer, conv: dict[str, Any], rendered: tuple[list[int], lis
     Returns:
         (ids, labels, status) with status "ok", "truncated" or "dropped" (empty lists).
     """
-    ids, labels, _ = rendered
+    ids, labels, blocks = rendered
     if len(ids) <= max_length:
         return ids, labels, "ok"
     if overlong == "drop":
         return [], [], "dropped"
     replies = [i for i, m in enumerate(conv["messages"]) if m["role"] == "assistant"]
-    for k in range(len(replies) - 1, 0, -1):
+    # start near the cut the whole rendering suggests (a cut renders about as long as that prefix)
+    ends = [b.end + 2 for b in blocks if b.role == "assistant"]
+    guess = sum(1 for e in ends if e <= max_length)
+    for k in range(min(guess + 1, len(replies) - 1), 0, -1):
         cut = {**conv, "messages": conv["messages"][:replies[k - 1] + 1], "learn": conv["learn"][:k]}
         try:
             ids, labels, _ = renderer.render(cut, policy)

@@ -27,10 +27,12 @@ class RawRow:
     where: str
     value: Any = None
     error: str | None = None
+    text: str | None = None  # the row's JSON text, when read unparsed (`parse=False`)
 
 
-def iter_jsonl(path: Path) -> Iterator[RawRow]:
-    """Rows of a JSON-lines file; blank lines are ignored."""
+def iter_jsonl(path: Path, parse: bool = True) -> Iterator[RawRow]:
+    """Rows of a JSON-lines file; blank lines are ignored. `parse=False` leaves each line's JSON text
+    undecoded (tokenization decodes it in parallel workers)."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
@@ -43,6 +45,9 @@ def iter_jsonl(path: Path) -> Iterator[RawRow]:
                              "re-encode the file as UTF-8")
                 continue
             if not text.strip():
+                continue
+            if not parse:
+                yield RawRow(where, text=text)
                 continue
             try:
                 yield RawRow(where, value=json.loads(text))
@@ -133,7 +138,7 @@ def _decode_element(decoder: json.JSONDecoder, s: _Stream, path: Path, index: in
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 
 
-def iter_rows(path: str | Path) -> Iterator[RawRow]:
+def iter_rows(path: str | Path, parse: bool = True) -> Iterator[RawRow]:
     """Rows of a conversation file (.jsonl, .json list, .parquet, .arrow, .csv) or of a directory
     written by `datasets.save_to_disk`.
 
@@ -148,7 +153,9 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
         return tables.iter_saved_dataset(p)
     if not p.is_file():
         raise DataError(missing_data_message(str(path)))
-    readers = {".jsonl": iter_jsonl, ".json": iter_json_list, ".parquet": tables.iter_parquet,
+    if p.suffix == ".jsonl":
+        return iter_jsonl(p, parse)
+    readers = {".json": iter_json_list, ".parquet": tables.iter_parquet,
                ".arrow": tables.iter_arrow, ".csv": tables.iter_csv}
     if p.suffix not in readers:
         raise DataError(f"{p}: unsupported extension {p.suffix!r}; use one of {', '.join(SUFFIXES)}, or a "

@@ -99,6 +99,43 @@ def _template_text(path: Path) -> str:
     return text
 
 
+# sha256 of the templates Qwen ships (Qwen1.5-Chat, Qwen2.5-Instruct, Qwen3) and of qwen-ft's Qwen v1
+# ChatML: read and found to use plain data access only, so they render outside Jinja's sandbox, whose
+# attribute checks cost more than half of a render. Any other template is untrusted code and renders
+# in transformers' own sandboxed environment. Both give the same text (tests/integration/test_templates.py
+# compares the vetted ones with apply_chat_template, which renders sandboxed).
+VETTED = {
+    "af9c0233881b083b52ff773580215222b5440ac3d0beeeca99b76329b048f8db",  # Qwen1.5-Chat
+    "55b2f4a26ac9ee719330a61a0c39d9e538b0e9322212f048326318cff4f8674a",  # Qwen2.5-Instruct
+    "87a2728cb8dc9fe424d624542f6060ec05a1d285ebbec578bb078900e33396b5",  # Qwen3
+    "1dd84330c29324fc6ef7a1e2479bb6c6848ae13d270c385ab7f6df369385f814",  # Qwen v1 ChatML (tokenizer/convert.py)
+}
+
+
+def compile_template(text: str):
+    """The compiled template: transformers' sandboxed one, or for a vetted template the same settings
+    (trim_blocks, lstrip_blocks, loop controls, transformers' tojson) without the sandbox."""
+    import hashlib
+
+    if hashlib.sha256(text.encode()).hexdigest() not in VETTED:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(text)
+    import jinja2
+    import jinja2.ext
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(text)
+
+
 @dataclass(frozen=True)
 class Block:
     """One `<|im_start|>` ... `<|im_end|>` span of the ids: [start, end] inclusive, content from `body`."""
@@ -114,7 +151,8 @@ class TemplateRenderer:
 
     def __init__(self, template: ChatTemplate, specials: dict[str, int], encode_offsets, kwargs: dict | None = None):
         """`specials`: special-token text -> id (the control tokens); `encode_offsets(texts)` -> a list of
-        (ids, start offsets) per text, encoding special-token text as ordinary text."""
+        (ids, tokens_before) per text, encoding special-token text as ordinary text; tokens_before(c)
+        counts the tokens that begin before character c."""
         self.template, self.specials, self.encode_offsets = template, specials, encode_offsets
         self.kwargs = dict(kwargs or {})
         alternatives = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) or "(?!)"
@@ -122,6 +160,7 @@ class TemplateRenderer:
         marks = f"{MARK_OPEN}{MARK_CLOSE}"
         self._marked = re.compile(f"{MARK_OPEN}({alternatives}){MARK_CLOSE}|({alternatives})|[{marks}]")
         self.im_start, self.im_end = specials["<|im_start|>"], specials["<|im_end|>"]
+        self._template = None
 
     def text(self, conversation: dict[str, Any], add_generation_prompt: bool = False) -> str:
         """The template's text for {"messages", "tools", "kwargs"}, as apply_chat_template renders it:
@@ -135,9 +174,9 @@ class TemplateRenderer:
                                        add_generation_prompt=add_generation_prompt, **kwargs)
 
     def _compiled(self):
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        return _compile_jinja_template(self.template.text)
+        if self._template is None:
+            self._template = compile_template(self.template.text)
+        return self._template
 
     def encode(self, conversation: dict[str, Any],
                add_generation_prompt: bool = False) -> tuple[list[int], list[Block]]:
@@ -164,16 +203,18 @@ class TemplateRenderer:
         """
         ids: list[int] = []
         headers: dict[int, tuple[int, str]] = {}  # block start index -> (first content index, role)
+        controls: list[int] = []  # positions of the control tokens (all turn marks are among them)
         for seg in segments:
             if isinstance(seg, int):
+                controls.append(len(ids))
                 ids.append(seg)
                 continue
-            piece_ids, offsets = next(encoded)
+            piece_ids, tokens_before = next(encoded)
             if ids and ids[-1] == self.im_start:
                 header = seg.find("\n") + 1 or len(seg)
-                headers[len(ids) - 1] = (len(ids) + sum(1 for o in offsets if o < header), seg[:header].strip())
+                headers[len(ids) - 1] = (len(ids) + tokens_before(header), seg[:header].strip())
             ids += piece_ids
-        return ids, self._blocks(ids, headers, add_generation_prompt)
+        return ids, self._blocks(ids, controls, headers, add_generation_prompt)
 
     def _mark(self, conversation: dict[str, Any]) -> dict[str, Any]:
         """`conversation` with special-token text in its strings wrapped in marks (itself when none)."""
@@ -201,12 +242,15 @@ class TemplateRenderer:
         _add_text(out, text[pos:])
         return out
 
-    def _blocks(self, ids: list[int], headers: dict[int, tuple[int, str]], prompt: bool) -> list[Block]:
+    def _blocks(self, ids: list[int], controls: list[int], headers: dict[int, tuple[int, str]],
+                prompt: bool) -> list[Block]:
         """Every `<|im_start|>` with its role, first content index and `<|im_end|>`; with a generation
-        `prompt` the open block at the end runs to the last id."""
+        `prompt` the open block at the end runs to the last id. Only the control positions are read:
+        text never holds a control token."""
         blocks: list[Block] = []
         start = None
-        for i, t in enumerate(ids + ([self.im_end] if prompt else [])):
+        for i in controls + ([len(ids)] if prompt else []):
+            t = ids[i] if i < len(ids) else self.im_end
             if t == self.im_start:
                 if start is not None:
                     raise ValueError("the chat template opens a turn inside another (<|im_start|> before "

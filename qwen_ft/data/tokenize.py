@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwen_ft.data.chatml import IGNORE_INDEX, Policy
-from qwen_ft.data.conversations import ReadReport, read_conversations
+from qwen_ft.data.conversations import ReadReport
 from qwen_ft.data.stats import DataStats
 from qwen_ft.errors import DataError
 from qwen_ft.files import atomic_dir, clean_stale_temps
@@ -108,19 +108,26 @@ def _renderer_versions() -> str:
     return f"transformers {version('transformers')}, jinja2 {version('jinja2')}"
 
 
-def _write_conversations(files, spec: TokenizeSpec, out: Path) -> ReadReport:
-    """Stage 1: validated conversations -> Arrow stream file, in batches."""
+def _write_rows(files, out: Path) -> ReadReport:
+    """Stage 1: the rows' JSON text -> Arrow stream file, in batches (undecodable rows are counted).
+    Parsing, checking and rendering each row happen in stage 2's parallel workers."""
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-    schema = pa.schema([("conversation", pa.string()), ("source", pa.string())])
+    from qwen_ft.data.sources import iter_rows
+
+    schema = pa.schema([("row", pa.string()), ("source", pa.string())])
     report = ReadReport()
-    cols: dict[str, list] = {"conversation": [], "source": []}
+    cols: dict[str, list] = {"row": [], "source": []}
+    rows = (raw for path in files for raw in iter_rows(path, parse=False))
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        convs = read_conversations(files, spec.default_system, spec.on_error, report)
-        for conv in tqdm(convs, desc="reading", unit=" conv", disable=None, mininterval=1.0):
-            cols["conversation"].append(json.dumps(conv.conv, ensure_ascii=False))
-            cols["source"].append(conv.source)
+        for raw in tqdm(rows, desc="reading", unit=" row", disable=None, mininterval=1.0):
+            report.rows += 1
+            if raw.error is not None:
+                report.add_error(f"{raw.where}: {raw.error}")
+                continue
+            cols["row"].append(raw.text if raw.text is not None else json.dumps(raw.value))  # ASCII: no surrogates
+            cols["source"].append(raw.where)
             if len(cols["source"]) >= WRITE_BATCH:
                 writer.write_table(pa.table(cols, schema=schema))
                 cols = {k: [] for k in cols}
@@ -133,23 +140,41 @@ def tokenize_batch(batch: dict, tok, spec: TokenizeSpec) -> dict:
     from qwen_ft.data.render import fit
     from qwen_ft.data.schema import RowError
 
-    convs = [json.loads(text) for text in batch["conversation"]]
+    parsed = [_parse(text, spec.default_system) for text in batch["row"]]
+    convs = [p[0] for p in parsed if not isinstance(p, RowError)]
     renderer = spec.renderer(tok)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "n_supervised": [], "status": [], "error": []}
-    for conv, rendered in zip(convs, renderer.render_many(convs, spec.label_policy), strict=True):
-        error = ""
+    rendered_iter = iter(renderer.render_many(convs, spec.label_policy))
+    out: dict[str, list] = {"input_ids": [], "labels": [], "n_supervised": [], "status": [], "error": [],
+                            "ignored": []}
+    for p in parsed:
+        error, ignored = "", [] if isinstance(p, RowError) else p[1]
+        rendered = p if isinstance(p, RowError) else next(rendered_iter)
         ids: list[int]
         labels: list[int]
         if isinstance(rendered, RowError):
             ids, labels, status, error = [], [], "error", str(rendered)
         else:
-            ids, labels, status = fit(renderer, conv, rendered, spec.label_policy, spec.max_length, spec.overlong)
+            ids, labels, status = fit(renderer, p[0], rendered, spec.label_policy, spec.max_length, spec.overlong)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["n_supervised"].append(len(labels) - labels.count(IGNORE_INDEX))
         out["status"].append(status)
         out["error"].append(error)
+        out["ignored"].append(ignored)
     return out
+
+
+def _parse(text: str, default_system: str):
+    """(conversation, ignored row fields) of one row's JSON text, or its RowError."""
+    from qwen_ft.data.formats import normalise
+    from qwen_ft.data.schema import RowError
+
+    try:
+        return normalise(json.loads(text), default_system)
+    except json.JSONDecodeError as e:
+        return RowError(f"malformed JSON at column {e.colno}: {e.msg}")
+    except RowError as e:
+        return e
 
 
 def _features():
@@ -157,31 +182,52 @@ def _features():
 
     ints = List(Value("int32"))
     return Features({"input_ids": ints, "labels": ints, "n_supervised": Value("int32"),
-                     "status": Value("string"), "error": Value("string"), "source": Value("string")})
+                     "status": Value("string"), "error": Value("string"), "ignored": List(Value("string")),
+                     "source": Value("string")})
 
 
 def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: int) -> DataStats:
     """Run both stages into `work`; returns the stats."""
     from datasets import Dataset
 
-    report = _write_conversations(files, spec, work / "conversations.arrow")
-    convs = Dataset.from_file(str(work / "conversations.arrow"))
-    if len(convs) == 0:
+    report = _write_rows(files, work / "rows.arrow")
+    rows = Dataset.from_file(str(work / "rows.arrow"))
+    if len(rows) == 0:
+        _refuse_bad_rows(report, spec)
         raise DataError(no_conversations_message(files, report))
-    mapped = convs.map(
+    mapped = rows.map(
         functools.partial(tokenize_batch, tok=tok, spec=spec), batched=True, batch_size=256,
-        num_proc=num_proc if num_proc > 1 and len(convs) > 1024 else None, remove_columns=["conversation"],
+        num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None, remove_columns=["row"],
         features=_features(), cache_file_name=str(work / "data.arrow"), new_fingerprint="tok-" + work.name,
         desc="tokenizing",
     )
     shards = [Path(f["filename"]).name for f in mapped.cache_files]  # one per process with num_proc > 1
     for where, message in _render_errors(mapped.data):
         report.add_error(f"{where}: {message}")
+    _refuse_bad_rows(report, spec)
+    if report.skipped == report.rows:
+        raise DataError(no_conversations_message(files, report))
+    return DataStats(rows_read=report.rows, skipped=report.skipped, skipped_examples=report.shown(),
+                     shards=shards, ignored_fields=_ignored_fields(mapped.data), **_counts(mapped.data))
+
+
+def _refuse_bad_rows(report: ReadReport, spec: TokenizeSpec) -> None:
+    """With data.on_error=error every bad row is listed at once.
+
+    Raises:
+        DataError: when any row was bad.
+    """
     if report.skipped and spec.on_error == "error":
         raise DataError(f"{report.skipped} bad row(s) of {report.rows}:\n{report.error_text()}\n"
                         "Fix them, or set data.on_error=skip to skip and count them.")
-    return DataStats(rows_read=report.rows, skipped=report.skipped, skipped_examples=report.shown(),
-                     shards=shards, ignored_fields=report.ignored_fields, **_counts(mapped.data))
+
+
+def _ignored_fields(mapped) -> dict[str, int]:
+    """Row fields no format reads (ids, metadata) -> rows that had them, counted in Arrow."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(pc.list_flatten(mapped.column("ignored")))
+    return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
 
 
 def no_conversations_message(files: Sequence[str], report: ReadReport) -> str:

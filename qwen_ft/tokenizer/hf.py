@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from qwen_ft.errors import QwenFtError
 from qwen_ft.tokenizer.base import ChatTokenizer
+
+
+def _tokens_before(encoding, char: int) -> int:
+    """Tokens of `encoding` that begin before character `char` (a token straddling it counts)."""
+    if char <= 0:
+        return 0
+    index = encoding.char_to_token(char - 1)  # the token holding the last character before `char`
+    return len(encoding.ids) if index is None else index + 1
 
 
 class HFQwenTokenizer(ChatTokenizer):
@@ -44,9 +54,10 @@ class HFQwenTokenizer(ChatTokenizer):
         """Batch `encode` (parallel in Rust)."""
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
-    def encode_offsets(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
-        """`encode_batch` with each token's start offset (in characters) within its text."""
-        return [(e.ids, [o[0] for o in e.offsets]) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_offsets(self, texts: list[str]) -> list[tuple[list[int], Callable[[int], int]]]:
+        """`encode_batch`, each with a function counting the tokens that begin before a character
+        position (asked once per turn header, so token offsets are never all built in Python)."""
+        return [(e.ids, partial(_tokens_before, e)) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def special_tokens(self) -> dict[str, int]:
         """The control tokens: added tokens marked special (<|im_start|>, <|im_end|>, <|endoftext|>, ...).
