@@ -8,19 +8,27 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import REPO, conv, write_jsonl
+from tests.conftest import conv, write_jsonl
 
 GOOD = conv("hi", "hello")
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`qwen-ft ARGS` in this process (a subprocess would spend seconds importing torch each time), with
+    its exit status and output; an exception that escapes the CLI's error handling fails the test."""
+    import contextlib
+    import io
+
+    from qwen_ft.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def one_error(proc: subprocess.CompletedProcess, message: str) -> None:
