@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from qwen_ft.data.schema import RowError
+from qwen_ft.data.template import strings
 
 SURROGATE = re.compile("[\ud800-\udfff]")
 FORMATS = {"messages": "OpenAI messages", "conversations": "ShareGPT / Qwen v1", "instruction": "Alpaca",
@@ -69,23 +70,11 @@ def normalise(row: Any, default_system: str | None) -> tuple[dict[str, Any], lis
 def _check_text(row: dict) -> None:
     """Refuse text that is not valid Unicode: a lone surrogate (a JSON escape such as \\ud800 without
     its pair) cannot be encoded, written or tokenized."""
-    for text in _all_strings(row):
+    for text in strings(row):
         bad = SURROGATE.search(text)
         if bad:
             raise RowError(f"text holds a lone surrogate U+{ord(bad.group()):04X} (near {text[:40]!r}); fix the "
                            "\\u escape in the file (pairs such as \\ud83d\\ude00 are fine)")
-
-
-def _all_strings(value: Any):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield str(k)
-            yield from _all_strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _all_strings(v)
 
 
 def _openai(row: dict) -> list[dict]:

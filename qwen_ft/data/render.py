@@ -45,15 +45,10 @@ class Renderer:
         Raises:
             RowError: what the template cannot render for this row.
         """
-        if self._templ is None:
-            return self._chatml(conv, policy)
-        try:
-            ids, blocks = self._templ.encode(conv)
-        except ValueError as e:
-            raise RowError(str(e)) from None
-        except Exception as e:  # noqa: BLE001 - a Jinja error (raise_exception, undefined) is this row's problem
-            raise RowError(f"the chat template ({self.source}) cannot render this row: {e}") from None
-        return ids, labels_of(ids, blocks, conv["learn"], policy), blocks
+        (result,) = self.render_many([conv], policy)
+        if isinstance(result, RowError):
+            raise result
+        return result
 
     def render_many(self, convs: list[dict[str, Any]],
                     policy: Policy = "assistant") -> list[tuple[list[int], list[int], list[Block]] | RowError]:
@@ -65,7 +60,7 @@ class Renderer:
         for conv in convs:
             try:
                 segments.append(self._templ.segments(conv))
-            except Exception as e:  # noqa: BLE001 - as in `render`: this row's problem
+            except Exception as e:  # noqa: BLE001 - a Jinja error (raise_exception, undefined) is this row's problem
                 segments.append(RowError(str(e) if isinstance(e, ValueError) else
                                          f"the chat template ({self.source}) cannot render this row: {e}"))
         texts = [s for segs in segments if not isinstance(segs, RowError) for s in segs if isinstance(s, str)]
@@ -85,7 +80,7 @@ class Renderer:
 
     def _caught(self, conv, policy):
         try:
-            return self.render(conv, policy)
+            return self._chatml(conv, policy)
         except RowError as e:
             return e
 

@@ -218,10 +218,10 @@ class TemplateRenderer:
 
     def _mark(self, conversation: dict[str, Any]) -> dict[str, Any]:
         """`conversation` with special-token text in its strings wrapped in marks (itself when none)."""
-        strings = list(_strings(conversation))
-        if any(MARK_OPEN in s or MARK_CLOSE in s for s in strings):
+        texts = list(strings(conversation))
+        if any(MARK_OPEN in s or MARK_CLOSE in s for s in texts):
             raise ValueError("text holds the Unicode noncharacters U+FDD0/U+FDD1; remove them")
-        if not any(self._control.search(s) for s in strings):
+        if not any(self._control.search(s) for s in texts):
             return conversation
         return _map_strings(conversation, lambda s: self._control.sub(f"{MARK_OPEN}\\1{MARK_CLOSE}", s))
 
@@ -276,17 +276,17 @@ def _add_text(out: list[str | int], text: str) -> None:
         out.append(text)
 
 
-def _strings(value: Any):
+def strings(value: Any):
     """Every string inside a JSON-like value, dict keys included (tool-call arguments render their keys)."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for k, v in value.items():
             yield str(k)
-            yield from _strings(v)
+            yield from strings(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _strings(v)
+            yield from strings(v)
 
 
 def _map_strings(value: Any, fn) -> Any:
