@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One command for a GPU run: version probe, tests/gpu, the benchmark cases of the measurement issue
 # (7B LoRA 2048 with the Trainer + peft baseline, 7B LoRA 8192, 7B Q-LoRA bnb and GPTQ at 2048) and
-# profile_step on 7B LoRA 2048. Writes JSON and logs to OUTDIR (at most 8 files) and prints the goals.
+# profile_step on 7B LoRA 2048. Writes JSON and logs to OUTDIR (8 files with the default PARTS; the
+# device tool brings back at most 8) and prints the goals.
 #
 # Usage: bash scripts/gpu_check.sh OUTDIR [WHEELS_DIR]
 #   WHEELS_DIR: the packages a bare GPU machine lacks (it needs only torch, transformers, peft and
 #   accelerate, and no network); scripts/gpu_wheels.sh DIR makes that folder where pip works.
-#   PARTS="probe tests lora qlora profile" (the default) picks stages (lora = lora2048 + lora8192;
-#   compile = 7B LoRA 2048 with model.compile=true, not in the default);
+#   PARTS="probe tests lora qlora profile" (the default) picks stages (lora = lora2048 + lora8192, both
+#   with model.compile=true, 2048 at 2 x 4 beside the baseline at 2 x 4 and at QwenLM's 1 x 8;
+#   eager = qwen-ft uncompiled at 1 x 8, not in the default);
 #   BENCH_STEPS (3): measured optimizer steps per case; WORK: checkpoints and installs (/tmp/qwen-ft-gpu-check);
-#   PROFILE_OVERRIDES: key=value words for the profiled run, e.g. "model.compile=true".
+#   PROFILE_OVERRIDES: key=value words for the profiled run (default "model.compile=true").
 # Budget: about 20 minutes on one H100 (random 7B checkpoints are written under WORK, ~25 GB).
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [WHEELS_DIR]}
@@ -19,7 +21,8 @@ work=${WORK:-/tmp/qwen-ft-gpu-check}
 steps=${BENCH_STEPS:-3}
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out" "$work"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# recompilations of the compiled layers go to each case's log (their tails end OUTDIR/log.txt)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_LOGS=${TORCH_LOGS:-recompiles}
 
 if [ -n "$wheels" ]; then  # wheels + pure-Python packages that have no wheel for this Python
   site="$work/site"
@@ -40,16 +43,24 @@ if has tests; then
   timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu > "$out/gpu-tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu-tests.txt" | tail -20
 fi
-has lora || has lora2048 && bench --methods lora --lengths 2048 --json "$out/bench-7b-lora-2048.json"
-has lora || has lora8192 && bench --methods lora --lengths 8192 --no-baseline --json "$out/bench-7b-lora-8192.json"
-has compile && bench --methods lora --lengths 2048 --no-baseline --json "$out/bench-7b-lora-2048-compiled.json" \
-  model.compile=true
+# 7B LoRA 2048: qwen-ft compiled at 2 sequences x 4 accumulation against Trainer + peft at the same
+# micro-batch, then Trainer + peft at QwenLM's 1 x 8 (both ratios are reported; 8 sequences per step)
+if has lora || has lora2048; then
+  bench --methods lora --lengths 2048 --micro-batch 2 --warmup 2 --json "$out/bench-7b-lora-2048.json" model.compile=true
+  bench --methods lora --lengths 2048 --baseline-only --json "$out/bench-7b-lora-2048-baseline-1x8.json"
+fi
+has lora || has lora8192 && bench --methods lora --lengths 8192 --no-baseline --warmup 2 \
+  --json "$out/bench-7b-lora-8192.json" model.compile=true
+has eager && bench --methods lora --lengths 2048 --no-baseline --json "$out/bench-7b-lora-2048-eager-1x8.json"
 has qlora && bench --methods qlora_bnb,qlora_gptq --lengths 2048 --no-baseline --json "$out/bench-7b-qlora-2048.json"
 if has profile; then
   cfg="$work/bench/cases/7b-lora-2048-qwen-ft/run.yaml"
-  [ -f "$cfg" ] || bench --methods lora --lengths 2048 --no-baseline --steps 1 --json "$work/warm.json" >/dev/null
+  [ -f "$cfg" ] || bench --methods lora --lengths 2048 --micro-batch 2 --no-baseline --steps 1 \
+    --json "$work/warm.json" >/dev/null
   # shellcheck disable=SC2086 - PROFILE_OVERRIDES holds several key=value words
-  timeout 300 python3 scripts/profile_step.py "$cfg" "train.output_dir=$work/profile-run" ${PROFILE_OVERRIDES:-} \
+  timeout 300 python3 scripts/profile_step.py "$cfg" "train.output_dir=$work/profile-run" \
+    ${PROFILE_OVERRIDES:-model.compile=true} \
     --json "$out/profile-7b-lora-2048.json" 2>&1 | grep -v -i warning | tail -25 | tee -a "$out/log.txt"
 fi
+for f in "$work"/bench/cases/*/log.txt; do [ -f "$f" ] && { echo "== $f"; tail -40 "$f"; }; done >> "$out/log.txt"
 python3 -m qwen_ft.bench.goals "$out"/bench-*.json 2>&1 | tee -a "$out/log.txt"

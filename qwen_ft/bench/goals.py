@@ -17,8 +17,10 @@ def load_records(paths: list[str]) -> list[dict]:
     records = []
     for p in paths:
         try:
-            records += json.loads(Path(p).read_text())["results"]
-        except (OSError, ValueError, KeyError) as e:
+            report = json.loads(Path(p).read_text())
+            mb = report.get("micro_batch", 1)  # files written before records carried their layout
+            records += [{"layout": f"{mb}x{8 // mb}", **r} for r in report["results"]]
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
             print(f"skipped {p}: {type(e).__name__}: {e}")
     return records
 

@@ -25,6 +25,7 @@ def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) ->
                        case["adapter_params"])
     out.update(peak_gb=result["peak_gb"], peak_reserved_gb=result.get("peak_reserved_gb"),
                load_peak_gb=result.get("load_peak_gb"), seconds_per_step=seconds,
+               layout=f"{case['micro_batch_size']}x{case['grad_accum']}",
                sequences_per_step=sequences, tokens_per_s=sequences * case["length"] / seconds,
                mfu=mfu(flops, seconds, peak_tflops), step_seconds=measured)
     ref = reference(case["shape"], case["method"], case["length"])
@@ -36,11 +37,16 @@ def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) ->
     return out
 
 
+def _case(r: dict) -> tuple:
+    return r["shape"], r["method"], r["length"]
+
+
 def speedups(records: list[dict]) -> dict[tuple, float]:
-    """qwen-ft tokens/s over the baseline's, per (shape, method, length) where both finished."""
-    by = {(r["impl"], r["shape"], r["method"], r["length"]): r for r in records if not r.get("error")}
-    return {key[1:]: r["tokens_per_s"] / by[("baseline",) + key[1:]]["tokens_per_s"]
-            for key, r in by.items() if key[0] == "qwen-ft" and ("baseline", *key[1:]) in by}
+    """qwen-ft tokens/s over the baseline's, per (shape, method, length, baseline layout) where both
+    finished; a baseline run at several micro-batch layouts (e.g. 2x4 and QwenLM's 1x8) gives one ratio each."""
+    ours = {_case(r): r for r in records if r["impl"] == "qwen-ft" and not r.get("error")}
+    return {(*_case(b), b.get("layout", "1x8")): ours[_case(b)]["tokens_per_s"] / b["tokens_per_s"]
+            for b in records if b["impl"] == "baseline" and not b.get("error") and _case(b) in ours}
 
 
 def _cell(r: dict | None) -> str:
@@ -49,22 +55,25 @@ def _cell(r: dict | None) -> str:
     if r.get("error"):
         return r["error"][:28]
     m = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"
-    return f"{r['peak_gb']:.1f}GiB {r['seconds_per_step']:.2f}s {r['tokens_per_s']:,.0f}tok/s MFU {m}"
+    return (f"{r.get('layout', '1x8')} {r['peak_gb']:.1f}GiB {r['seconds_per_step']:.2f}s "
+            f"{r['tokens_per_s']:,.0f}tok/s MFU {m}")
 
 
 def table(records: list[dict]) -> str:
-    """One line per (shape, method, length): qwen-ft, baseline, speed-up and QwenLM's figures."""
+    """One line per (shape, method, length) and baseline layout: qwen-ft, baseline, speed-up and QwenLM's figures."""
     ratio = speedups(records)
-    keys = list(dict.fromkeys((r["shape"], r["method"], r["length"]) for r in records))
-    find = {(r["impl"], r["shape"], r["method"], r["length"]): r for r in records}
-    lines = [f"{'shape':<5} {'method':<10} {'len':>5} | {'qwen-ft (peak, s/8 seq, tok/s, MFU)':<44} | "
-             f"{'Trainer+peft':<44} | {'x':>5} | QwenLM A100"]
-    for key in keys:
-        ours, base = find.get(("qwen-ft", *key)), find.get(("baseline", *key))
-        ref = (ours or base or {}).get("reference")
-        x = f"{ratio[key]:.2f}" if key in ratio else "-"
-        qwen = f"{ref['peak_gb']}G {ref['seconds_per_step']}s" if ref else "-"
-        lines.append(f"{key[0]:<5} {key[1]:<10} {key[2]:>5} | {_cell(ours):<44} | {_cell(base):<44} | {x:>5} | {qwen}")
+    ours = {_case(r): r for r in records if r["impl"] == "qwen-ft"}
+    lines = [f"{'shape':<5} {'method':<10} {'len':>5} | {'qwen-ft (layout, peak, s/8 seq, tok/s, MFU)':<50} | "
+             f"{'Trainer+peft':<50} | {'x':>5} | QwenLM A100"]
+    for key in dict.fromkeys(_case(r) for r in records):
+        mine = ours.get(key)
+        bases: list[dict | None] = [r for r in records if r["impl"] == "baseline" and _case(r) == key]
+        for base in bases or [None]:
+            ref = (mine or base or {}).get("reference")
+            x = ratio.get((*key, base.get("layout", "1x8"))) if base else None
+            qwen = f"{ref['peak_gb']}G {ref['seconds_per_step']}s" if ref else "-"
+            lines.append(f"{key[0]:<5} {key[1]:<10} {key[2]:>5} | {_cell(mine):<50} | {_cell(base):<50} | "
+                         f"{f'{x:.2f}' if x else '-':>5} | {qwen}")
     return "\n".join(lines)
 
 
@@ -78,16 +87,17 @@ def goal_lines(records: list[dict]) -> list[str]:
         ok = r["peak_gb"] <= g["max_peak_gb"] and (g["min_mfu"] is None or (r["mfu"] or 0) >= g["min_mfu"])
         want = f"<= {g['max_peak_gb']} GiB" + (f", MFU >= {100 * g['min_mfu']:.0f}%" if g["min_mfu"] else "")
         out.append(f"goal {r['shape']} {r['method']} {r['length']}: {want}: {'met' if ok else 'MISSED'}")
-    for key, x in speedups(records).items():
-        if key in SPEEDUP_GOALS:
-            out.append(f"goal {' '.join(map(str, key))}: tokens/s >= {SPEEDUP_GOALS[key]}x Trainer + peft: "
-                       f"{x:.2f}x {'met' if x >= SPEEDUP_GOALS[key] else 'MISSED'}")
+    for key, ratio in speedups(records).items():
+        goal = SPEEDUP_GOALS.get(key[:3])
+        if goal:
+            out.append(f"goal {' '.join(map(str, key[:3]))}: tokens/s >= {goal}x Trainer + peft ({key[3]}): "
+                       f"{ratio:.2f}x {'met' if ratio >= goal else 'MISSED'}")
     return out
 
 
 def write_json(path: Path, meta: dict, records: list[dict]) -> None:
     """Everything measured, with the environment, as JSON."""
-    ratios = [{"shape": k[0], "method": k[1], "length": k[2], "tokens_per_s_ratio": v}
+    ratios = [{"shape": k[0], "method": k[1], "length": k[2], "baseline_layout": k[3], "tokens_per_s_ratio": v}
               for k, v in speedups(records).items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**meta, "results": records, "speedup_vs_baseline": ratios}, indent=1))

@@ -33,6 +33,8 @@ class BenchRequest:
     json_path: str | None = None
     peak_tflops: float | None = None
     overrides: tuple[str, ...] = ()  # config overrides for the qwen-ft runs (the baseline keeps its defaults)
+    micro_batch: int = 1  # sequences per micro-batch, both implementations (8 per optimizer step)
+    ours: bool = True  # run the qwen-ft cases (False: the baseline alone)
 
 
 def check_request(req: BenchRequest) -> None:
@@ -51,6 +53,10 @@ def check_request(req: BenchRequest) -> None:
                           f"(choose {', '.join(METHODS)}), --lengths {list(req.lengths)} (each >= 64)")
     if req.steps < 1 or req.warmup < 0:
         raise QwenFtError(f"--steps {req.steps} must be >= 1 and --warmup {req.warmup} >= 0")
+    if req.micro_batch not in (1, 2, 4, 8):
+        raise QwenFtError(f"--micro-batch {req.micro_batch}: choose 1, 2, 4 or 8 (a step is 8 sequences)")
+    if not (req.ours or req.baseline):
+        raise QwenFtError("nothing to run: --baseline-only with the baseline turned off")
     for m in req.methods:
         if m in NEEDS:
             deps.require(NEEDS[m], f"benchmark method {m}")
@@ -86,15 +92,18 @@ def case_files(work: Path, length: int, n: int, tok) -> dict:
 
 def write_case(work: Path, base: dict) -> tuple[Path, dict]:
     """The case JSON (and its run YAML) under work/cases/NAME/; returns the folder and the full case."""
+    from dataclasses import fields
+
     import yaml
 
-    from qwen_ft.bench.workload import run_sections
+    from qwen_ft.bench.workload import Settings, run_sections
 
     name = f"{base['shape']}-{base['method']}-{base['length']}-{base['impl']}"
     d = work / "cases" / name
     d.mkdir(parents=True, exist_ok=True)
+    settings = Settings(**{f.name: base[f.name] for f in fields(Settings)})  # --micro-batch included
     sections = run_sections(base["method"], base["model_dir"], base["conversations"], base["length"],
-                            base["steps"], d)
+                            base["steps"], d, settings)
     (d / "run.yaml").write_text(yaml.safe_dump(sections, sort_keys=False))
     case = {**base, "config": str(d / "run.yaml"), "work": str(d), "result": str(d / "result.json"),
             "estimate_gb": predicted_gb(d / "run.yaml", base["shape"], base["overrides"])}
@@ -151,12 +160,13 @@ def plan_cases(req: BenchRequest, work: Path) -> list[dict]:
     from qwen_ft.model.shape import Shape, lora_params
     from qwen_ft.tokenizer import load_tokenizer
 
-    methods, s, shape = req.methods, Settings(), Shape.from_config(shape_config(req.shape))
+    s = Settings(micro_batch_size=req.micro_batch, grad_accum=8 // req.micro_batch)
+    methods, shape = req.methods, Shape.from_config(shape_config(req.shape))
     models = {g: base_checkpoint(work, req.shape, g) for g in {m == "qlora_gptq" for m in methods}}
     tok = load_tokenizer(next(iter(models.values())))
     steps = req.warmup + req.steps
     adapters = lora_params(shape, s.lora_r)
-    impls = ["qwen-ft"] + (["baseline"] if req.baseline else [])
+    impls = (["qwen-ft"] if req.ours else []) + (["baseline"] if req.baseline else [])
     ours = list(req.overrides)
     cases = []
     for length in req.lengths:
@@ -203,5 +213,5 @@ def run_benchmark(req: BenchRequest, echo: Callable[[str], None] = print) -> tup
     device = next((r["device"] for r in records if r.get("device")), "unknown")
     write_json(out, {"date": time.strftime("%Y-%m-%d"), "device": device, "peak_tflops": peak,
                      "versions": versions(), "command": " ".join(sys.argv),
-                     "overrides": list(req.overrides)}, records)
+                     "overrides": list(req.overrides), "micro_batch": req.micro_batch}, records)
     return records, out

@@ -74,8 +74,11 @@ def probe_ids(tok) -> torch.Tensor:
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (fp32, on the host) of `ids` run where the model's embeddings are: a GPTQ base sits on the GPU
+    its kernels need, while the merged model is on the host."""
+    device = model.get_input_embeddings().weight.device
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.float()
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto",

@@ -40,6 +40,23 @@ def test_bench_tiny_gptq_qlora(tmp_path, capsys):
     assert r["error"] is None and r["method"] == "qlora_gptq" and r["seconds_per_step"] > 0
 
 
+@pytest.mark.slow
+def test_bench_micro_batch_reaches_both_implementations(tmp_path, capsys):
+    """--micro-batch 2: 2 sequences x 4 accumulation in the qwen-ft run and in the Trainer + peft case;
+    --baseline-only runs the latter alone."""
+    base = ["bench", "--methods", "lora", "--lengths", "80", "--steps", "1", "--micro-batch", "2",
+            "--work-dir", str(tmp_path)]
+    assert main(base + ["--baseline-only"]) == 0, capsys.readouterr().out
+    report = json.loads((tmp_path / "bench-tiny.json").read_text())
+    (r,) = report["results"]
+    assert r["impl"] == "baseline" and r["error"] is None and report["micro_batch"] == 2
+    case = json.loads((tmp_path / "cases/tiny-lora-80-baseline/case.json").read_text())
+    assert (case["micro_batch_size"], case["grad_accum"]) == (2, 4)
+    assert main(base + ["--no-baseline"]) == 0, capsys.readouterr().out
+    log = (tmp_path / "cases/tiny-lora-80-qwen-ft/log.txt").read_text()
+    assert "2 rows x 4 accumulation" in log
+
+
 def test_bench_refuses_bad_requests_before_writing(tmp_path, capsys):
     rc = main(["bench", "--methods", "lora,dora", "--work-dir", str(tmp_path / "w")])
     assert rc == 1 and "choose lora, lora_emb" in capsys.readouterr().err
@@ -47,6 +64,8 @@ def test_bench_refuses_bad_requests_before_writing(tmp_path, capsys):
     assert "--lengths '256,abc': give whole numbers" in capsys.readouterr().err
     assert main(["bench", "--steps", "0", "--work-dir", str(tmp_path / "w")]) == 1
     assert "--steps 0 must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--micro-batch", "3", "--work-dir", str(tmp_path / "w")]) == 1
+    assert "--micro-batch 3: choose 1, 2, 4 or 8" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 
 

@@ -96,15 +96,31 @@ def test_report_records_speedup_and_goals():
     base = record(_case("baseline"), {"step_seconds": [9.0, 6.0], "peak_gb": 30.0, "device": "x"}, SEVEN_B, 989.4)
     assert ours["seconds_per_step"] == 3.0 and ours["tokens_per_s"] == pytest.approx(8 * 2048 / 3)
     assert ours["reference"] == {"peak_gb": 23.8, "seconds_per_step": 5.2} and base["goal"] is None
-    assert speedups([ours, base]) == {("7b", "lora", 2048): pytest.approx(2.0)}
+    assert speedups([ours, base]) == {("7b", "lora", 2048, "1x8"): pytest.approx(2.0)}
     expected_mfu = step_flops(SEVEN_B, "lora", 2048, 8, 8000) / 3.0 / 989.4e12
     assert ours["mfu"] == pytest.approx(expected_mfu)
     assert goal_lines([ours]) == [f"goal 7b lora 2048: <= 19.0 GiB, MFU >= 45%: "
                                   f"{'met' if expected_mfu >= 0.45 else 'MISSED'}"]
-    assert goal_lines([ours, base])[-1] == "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft: 2.00x met"
+    assert goal_lines([ours, base])[-1] == "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft (1x8): 2.00x met"
     oom = record(_case("qwen-ft", "full"), {"error": "out of memory"}, SEVEN_B, None)
     text = table([ours, base, oom])
     assert "2.00" in text and "out of memory" in text and "23.8G 5.2s" in text
+
+
+def test_baselines_at_two_layouts_give_one_ratio_each():
+    """The baseline at 2x4 (as qwen-ft) and at QwenLM's 1x8: each its own line and its own ratio."""
+    ours = record({**_case("qwen-ft"), "micro_batch_size": 2, "grad_accum": 4},
+                  {"step_seconds": [9.0, 2.0], "peak_gb": 18.5, "device": "x"}, SEVEN_B, 989.4)
+    pair = record({**_case("baseline"), "micro_batch_size": 2, "grad_accum": 4},
+                  {"step_seconds": [9.0, 3.0], "peak_gb": 25.0, "device": "x"}, SEVEN_B, 989.4)
+    qwenlm = record(_case("baseline"), {"step_seconds": [9.0, 5.0], "peak_gb": 21.0, "device": "x"}, SEVEN_B, 989.4)
+    assert speedups([ours, pair, qwenlm]) == {("7b", "lora", 2048, "2x4"): pytest.approx(1.5),
+                                              ("7b", "lora", 2048, "1x8"): pytest.approx(2.5)}
+    lines = table([ours, pair, qwenlm]).splitlines()[1:]
+    assert len(lines) == 2 and "1.50" in lines[0] and "2x4 25.0GiB" in lines[0] and "2.50" in lines[1]
+    assert goal_lines([ours, pair, qwenlm])[-2:] == [
+        "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft (2x4): 1.50x MISSED",
+        "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft (1x8): 2.50x met"]
 
 
 def test_estimator_is_checked_only_against_gpu_peaks():
