@@ -19,10 +19,29 @@ from qwen_ft.config.schema import RunConfig
 from qwen_ft.errors import ConfigError
 
 
+def closest(word: str, options: typing.Iterable[str]) -> str | None:
+    """The option `word` most likely meant, or None. An abbreviation made of a snake_case name's
+    initials ('lr' for 'learning_rate') beats spelling similarity."""
+    options = [str(o) for o in options]
+    initials = [o for o in options if "_" in o and "".join(p[:1] for p in o.split("_")) == str(word)]
+    close = initials or difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest option, or ''."""
-    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    close = closest(word, options)
+    return f" (did you mean '{close}'?)" if close else ""
+
+
+def did_you_mean_key(key: str, known: typing.Iterable[str]) -> str:
+    """did_you_mean for a dotted config path, among the keys of its own section first
+    ('train.lr' -> 'train.learning_rate', not the section 'train')."""
+    known = list(known)
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if section and k.rpartition(".")[0] == section}
+    close = closest(leaf, siblings)
+    return f" (did you mean '{siblings[close]}'?)" if close else did_you_mean(key, known)
 
 
 def _type_name(tp: Any) -> str:
@@ -141,7 +160,7 @@ def parse_overrides(items: typing.Sequence[str]) -> tuple[list[tuple[list[str], 
             problems.append(f"override {item!r}: expected key.sub=value")
             continue
         if key not in known and not _inside_mapping(key):
-            problems.append(f"override {item!r}: unknown key '{key}'{did_you_mean(key, known)}")
+            problems.append(f"override {item!r}: unknown key '{key}'{did_you_mean_key(key, known)}")
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else ""

@@ -23,6 +23,13 @@ class Renderer:
         variables = {**special_token_variables(tok.directory), **self.kwargs} if template else {}
         self._templ = None if template is None else \
             TemplateRenderer(template, tok.special_tokens(), tok.encode_offsets, variables)
+        self._tools_templ = self._templ if template is None or template.tool_use is None else \
+            TemplateRenderer(template.tool_use, tok.special_tokens(), tok.encode_offsets, variables)
+
+    def _for(self, conv: dict[str, Any]) -> TemplateRenderer:
+        """The template that renders `conv`: as apply_chat_template, the "tool_use" one when the row has tools."""
+        assert self._templ is not None and self._tools_templ is not None
+        return self._tools_templ if conv.get("tools") is not None else self._templ
 
     @classmethod
     def of(cls, tok, override: str | None = None, kwargs: dict | None = None) -> Renderer:
@@ -59,7 +66,7 @@ class Renderer:
         segments: list[list[str | int] | RowError] = []
         for conv in convs:
             try:
-                segments.append(self._templ.segments(conv))
+                segments.append(self._for(conv).segments(conv))
             except Exception as e:  # noqa: BLE001 - a Jinja error (raise_exception, undefined) is this row's problem
                 segments.append(RowError(str(e) if isinstance(e, ValueError) else
                                          f"the chat template ({self.source}) cannot render this row: {e}"))
@@ -69,9 +76,8 @@ class Renderer:
                 for conv, segs in zip(convs, segments, strict=True)]
 
     def _labelled(self, conv, policy, segments, encoded):
-        assert self._templ is not None
         try:
-            ids, blocks = self._templ.assemble(segments, encoded)
+            ids, blocks = self._for(conv).assemble(segments, encoded)
             return ids, labels_of(ids, blocks, conv["learn"], policy), blocks
         except RowError as e:
             return e
@@ -90,7 +96,7 @@ class Renderer:
             ids, _, _ = self._chatml({**conv, "learn": [False] * len(conv.get("learn", []))}, "assistant")
             framing = Framing.of(self.tok)
             return ids + framing.head("assistant")
-        return self._templ.encode(conv, add_generation_prompt=True)[0]
+        return self._for(conv).encode(conv, add_generation_prompt=True)[0]
 
     def _chatml(self, conv: dict[str, Any], policy: Policy) -> tuple[list[int], list[int], list[Block]]:
         """Qwen v1 ChatML: text roles only; the QwenLM default system prompt when there is none."""

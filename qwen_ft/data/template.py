@@ -40,10 +40,13 @@ MARK_OPEN, MARK_CLOSE = "\ufdd0", "\ufdd1"
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A chat template's Jinja source and where it was found."""
+    """A chat template's Jinja source and where it was found; `tool_use`: the named "tool_use" template
+    of a tokenizer_config.json that lists several, which apply_chat_template renders conversations
+    with tools through."""
 
     text: str
     source: str
+    tool_use: ChatTemplate | None = None
 
 
 def find_template(tokenizer_dir: str | Path, override: str | None = None) -> ChatTemplate | None:
@@ -67,9 +70,13 @@ def find_template(tokenizer_dir: str | Path, override: str | None = None) -> Cha
         raw = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
     except ValueError as e:
         raise QwenFtError(f"{config}: not valid JSON ({e}); restore the checkpoint's tokenizer_config.json") from None
-    if isinstance(raw, list):  # several named templates: servers use "default"
-        raw = next((t.get("template") for t in raw if isinstance(t, dict) and t.get("name") == "default"), None)
-    return ChatTemplate(raw, f"{config} (chat_template)") if isinstance(raw, str) and raw.strip() else None
+    named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)} if isinstance(raw, list) else {}
+    tools = named.get("tool_use")
+    tool_use = ChatTemplate(tools, f"{config} (chat_template 'tool_use')") if isinstance(tools, str) else None
+    raw = named.get("default") if named else raw  # several named templates: "default", and "tool_use" for tools
+    if not (isinstance(raw, str) and raw.strip()):
+        return tool_use and ChatTemplate(tool_use.text, tool_use.source)  # apply_chat_template needs tools then
+    return ChatTemplate(raw, f"{config} (chat_template)", tool_use)
 
 
 def special_token_variables(tokenizer_dir: str | Path) -> dict[str, str]:

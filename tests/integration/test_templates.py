@@ -267,3 +267,23 @@ def test_custom_template_variables_and_unclosed_turns(template_dirs, hf_tokenize
     open_turn.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}\n{% endfor %}")
     with pytest.raises(RowError, match="without <|im_end|>|opens a turn inside another"):
         Renderer.of(tok, str(open_turn)).render(conv)
+
+
+def test_named_templates_render_tools_through_tool_use(template_dirs, hf_tokenizers, tmp_path):
+    """A tokenizer_config.json listing named templates: rows with tools render through "tool_use",
+    others through "default", as apply_chat_template picks them."""
+    config = json.loads((template_dirs["qwen25"] / "tokenizer_config.json").read_text())
+    plain = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    tools = "<|im_start|>system\nTools: {{ tools | map(attribute='function.name') | join(', ') }}<|im_end|>\n" + plain
+    config["chat_template"] = [{"name": "default", "template": plain}, {"name": "tool_use", "template": tools}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer.json").write_bytes((template_dirs["qwen25"] / "tokenizer.json").read_bytes())
+    from transformers import AutoTokenizer
+
+    hf_tok, renderer = AutoTokenizer.from_pretrained(tmp_path), Renderer.of(load_tokenizer(tmp_path))
+    for row in ({"messages": [U, A]}, {"tools": [WEATHER], "messages": [U, A]}):
+        conv, _ = normalise(row, None)
+        ids, labels, _ = renderer.render(conv)
+        assert ids == served_ids(hf_tok, conv)
+        assert ("Tools: get_weather" in hf_tok.decode(ids)) == ("tools" in row)
+        assert learned_text(hf_tok, ids, labels) == ["Lima.<|im_end|>"]

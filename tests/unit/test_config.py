@@ -98,6 +98,14 @@ def test_unknown_override_has_did_you_mean():
         "override 'train.learning_rat=1': unknown key 'train.learning_rat' (did you mean 'train.learning_rate'?)"])
 
 
+def test_did_you_mean_knows_abbreviations_and_stays_in_the_section():
+    """'lr' is learning_rate's initials; a key's own section is searched before the section names."""
+    (prob,) = parse_overrides(["train.lr=1e-4"])[1]
+    assert prob.endswith("(did you mean 'train.learning_rate'?)")
+    assert parse_overrides(["trian.max_steps=3"])[1][0].endswith("(did you mean 'train.max_steps'?)")
+    assert "train.lr: unknown key (did you mean 'learning_rate'?)" in problems_of({**BASE, "train": {"lr": 1}})
+
+
 def test_validation_never_mutates_user_mapping():
     raw = {**BASE, "data": {"train_files": ["d.jsonl"], "packing": True}}
     before = copy.deepcopy(raw)
