@@ -75,10 +75,13 @@ def read_json_object(path: str | Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def copy_into(files: Iterable[str | Path], out: str | Path) -> Path:
-    """Copy `files` into directory `out` (created), keeping their names; returns `out`."""
+def copy_into(files: Iterable[str | Path], out: str | Path, root: str | Path | None = None) -> Path:
+    """Copy `files` into directory `out` (created), keeping their names, or with `root` their paths
+    below it (a tokenizer's additional_chat_templates/); returns `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in files:
-        shutil.copyfile(f, out / Path(f).name)
+        target = out / (Path(f).relative_to(root) if root is not None else Path(f).name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
     return out

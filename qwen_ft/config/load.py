@@ -22,7 +22,7 @@ from qwen_ft.errors import ConfigError
 def closest(word: str, options: typing.Iterable[str]) -> str | None:
     """The option `word` most likely meant, or None. An abbreviation made of a snake_case name's
     initials ('lr' for 'learning_rate') beats spelling similarity."""
-    options = [str(o) for o in options]
+    options = sorted(str(o) for o in options)  # sets: the same suggestion whatever the hash seed
     initials = [o for o in options if "_" in o and "".join(p[:1] for p in o.split("_")) == str(word)]
     close = initials or difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
     return close[0] if close else None

@@ -62,7 +62,11 @@ def find_template(tokenizer_dir: str | Path, override: str | None = None) -> Cha
         return ChatTemplate(_template_text(path), str(path))
     d = Path(tokenizer_dir)
     if (d / "chat_template.jinja").is_file():
-        return ChatTemplate((d / "chat_template.jinja").read_text(encoding="utf-8"), str(d / "chat_template.jinja"))
+        # transformers 5 saves named templates beside it: additional_chat_templates/NAME.jinja
+        extra = d / "additional_chat_templates" / "tool_use.jinja"
+        tool_use = ChatTemplate(extra.read_text(encoding="utf-8"), str(extra)) if extra.is_file() else None
+        return ChatTemplate((d / "chat_template.jinja").read_text(encoding="utf-8"), str(d / "chat_template.jinja"),
+                            tool_use)
     config = d / "tokenizer_config.json"
     if not config.is_file():
         return None

@@ -50,6 +50,7 @@ class TokenizeSpec:
     chat_template: str | None = None  # the template's text; None: Qwen v1 ChatML
     template_source: str = ""
     template_kwargs: str = "{}"  # JSON, keys sorted
+    tool_use_template: str | None = None  # a named "tool_use" template: rows with tools render through it
 
     @classmethod
     def from_config(cls, data: DataConfig, tok) -> TokenizeSpec:
@@ -57,9 +58,10 @@ class TokenizeSpec:
         from qwen_ft.data.render import Renderer
 
         template = Renderer.of(tok, data.chat_template).template
+        tool_use = template.tool_use.text if template and template.tool_use else None
         return cls(data.max_length, data.overlong, data.label_policy, data.default_system, data.on_error,
                    template.text if template else None, template.source if template else "",
-                   json.dumps(data.template_kwargs, sort_keys=True))
+                   json.dumps(data.template_kwargs, sort_keys=True), tool_use)
 
     def renderer(self, tok) -> Renderer:
         """The Renderer this spec describes, built once per process."""
@@ -68,7 +70,9 @@ class TokenizeSpec:
 
         key = (id(tok), self)
         if key not in _RENDERERS:
-            template = ChatTemplate(self.chat_template, self.template_source) if self.chat_template else None
+            tool_use = ChatTemplate(self.tool_use_template, f"{self.template_source} ['tool_use']") \
+                if self.tool_use_template else None
+            template = ChatTemplate(self.chat_template, self.template_source, tool_use) if self.chat_template else None
             _RENDERERS[key] = Renderer(tok, template, json.loads(self.template_kwargs))
         return _RENDERERS[key]
 

@@ -43,7 +43,7 @@ class ChatTokenizer:
         """Copy the vocabulary files into `out` (next to saved weights, so outputs tokenize alike)."""
         from qwen_ft.files import copy_into
 
-        return copy_into(self.files, out)
+        return copy_into(self.files, out, self.directory)
 
     def special_ids(self) -> dict[str, int]:
         """config.json's special ids for a model on this vocabulary: <|endoftext|> begins and pads,

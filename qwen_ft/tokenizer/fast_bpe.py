@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_ft.tokenizer.tiktoken_qwen import PAT_STR  # Qwen's split regex (v1 and Qwen2/3 share it)
+
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
@@ -55,15 +57,27 @@ def _plain_bpe(model: dict) -> bool:
 
 
 def _merges_in_rank_order(vocab: dict[str, int], merges: list) -> bool:
-    """True when each merge's result ranks no earlier than the previous merge's result."""
+    """True when the merges make every token but the 256 bytes exactly once, in id order: then the
+    pair tiktoken merges first (lowest-ranked result) is the merge `tokenizers` applies first."""
+    if len(merges) != len(vocab) - 256:
+        return False
     last = -1
     for merge in merges:
         a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
         rank = vocab.get(a + b)
-        if rank is None or rank < last:
+        if rank is None or rank <= last:
             return False
         last = rank
     return True
+
+
+def _plain_added(added: list[dict]) -> bool:
+    """Added tokens both libraries find alike in text: no stripping or normalising flags, and no
+    non-special token inside another (tiktoken takes the first alternative, `tokenizers` the longest)."""
+    if any(t.get(k) for t in added for k in ("lstrip", "rstrip", "single_word", "normalized")):
+        return False
+    texts = [t["content"] for t in added if not t.get("special")]
+    return all("<" in a and not any(a != b and a in b for b in texts) for a in texts)
 
 
 class FastEncoder:
@@ -99,7 +113,8 @@ class FastEncoder:
             if not starts:
                 sizes = self.lengths[ids]
                 starts.append(np.cumsum(sizes) - sizes)
-            return int(np.searchsorted(starts[0], len(text[:char].encode()), side="left"))
+            # as `tokenizers`' char_to_token(char - 1): up to the token holding that character's first byte
+            return int(np.searchsorted(starts[0], len(text[:char - 1].encode()), side="right"))
         return before
 
 
@@ -127,14 +142,15 @@ def _build(spec: dict, vocab_size: int) -> FastEncoder | None:
     if not _merges_in_rank_order(vocab, model.get("merges") or []):
         return None
     added = spec.get("added_tokens") or []
-    if any(t.get(k) for t in added for k in ("lstrip", "rstrip", "single_word", "normalized")):
+    if regex != PAT_STR or not _plain_added(added):  # only the regex proven alike in both engines
         return None
     byte_of = _byte_decoder()
     try:
         ranks = {bytes(byte_of[ch] for ch in token): i for token, i in vocab.items()}
-    except KeyError:  # a vocabulary entry outside the byte alphabet: not a byte-level vocabulary
+        size = max([vocab_size, *ranks.values(), *(t["id"] for t in added)]) + 1
+        return FastEncoder(ranks, regex, {t["content"]: t["id"] for t in added if not t.get("special")}, size)
+    except (KeyError, ValueError):  # outside the byte alphabet, or a vocabulary tiktoken refuses
         return None
-    return FastEncoder(ranks, regex, {t["content"]: t["id"] for t in added if not t.get("special")}, vocab_size)
 
 
 def is_nfc(text: str) -> bool:

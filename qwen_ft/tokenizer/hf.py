@@ -32,8 +32,9 @@ class HFQwenTokenizer(ChatTokenizer):
         from tokenizers import Tokenizer
 
         path = Path(tokenizer_json)
-        names = ("tokenizer_config.json", "chat_template.jinja")  # the chat template servers render with
-        self.files = tuple(p for p in (path, *(path.with_name(n) for n in names)) if p.is_file())
+        # the chat template servers render with (transformers 5 keeps named ones in a folder beside it)
+        names = ("tokenizer_config.json", "chat_template.jinja", "additional_chat_templates/tool_use.jinja")
+        self.files = tuple(p for p in (path, *(path.parent / n for n in names)) if p.is_file())
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON

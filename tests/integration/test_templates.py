@@ -280,10 +280,29 @@ def test_named_templates_render_tools_through_tool_use(template_dirs, hf_tokeniz
     (tmp_path / "tokenizer.json").write_bytes((template_dirs["qwen25"] / "tokenizer.json").read_bytes())
     from transformers import AutoTokenizer
 
-    hf_tok, renderer = AutoTokenizer.from_pretrained(tmp_path), Renderer.of(load_tokenizer(tmp_path))
+    check_tool_use_choice(tmp_path)
+    # transformers 5's saved layout: chat_template.jinja + additional_chat_templates/tool_use.jinja
+    saved = tmp_path / "saved"
+    AutoTokenizer.from_pretrained(tmp_path).save_pretrained(saved)
+    assert (saved / "additional_chat_templates" / "tool_use.jinja").is_file()
+    check_tool_use_choice(saved)
+    copy = load_tokenizer(saved).save_files(tmp_path / "copy")  # what checkpoints and merges carry
+    assert (copy / "additional_chat_templates" / "tool_use.jinja").read_text() == tools
+
+
+def check_tool_use_choice(tokenizer_dir):
+    """Renderer.of and the training pipeline's TokenizeSpec both pick the template apply_chat_template picks."""
+    from transformers import AutoTokenizer
+
+    from qwen_ft.config.schema import DataConfig
+    from qwen_ft.data.tokenize import TokenizeSpec
+
+    hf_tok, tok = AutoTokenizer.from_pretrained(tokenizer_dir), load_tokenizer(tokenizer_dir)
+    renderers = (Renderer.of(tok), TokenizeSpec.from_config(DataConfig(), tok).renderer(tok))
     for row in ({"messages": [U, A]}, {"tools": [WEATHER], "messages": [U, A]}):
         conv, _ = normalise(row, None)
-        ids, labels, _ = renderer.render(conv)
-        assert ids == served_ids(hf_tok, conv)
-        assert ("Tools: get_weather" in hf_tok.decode(ids)) == ("tools" in row)
-        assert learned_text(hf_tok, ids, labels) == ["Lima.<|im_end|>"]
+        for renderer in renderers:
+            ids, labels, _ = renderer.render(conv)
+            assert ids == served_ids(hf_tok, conv)
+            assert ("Tools: get_weather" in hf_tok.decode(ids)) == ("tools" in row)
+            assert learned_text(hf_tok, ids, labels) == ["Lima.<|im_end|>"]
