@@ -111,7 +111,7 @@ def run_qwen_ft(path: Path, tok_dir: Path, max_len: int, num_proc: int, cache: P
 
     tok = load_tokenizer(tok_dir)
     spec = TokenizeSpec.from_config(DataConfig(max_length=max_len), tok)  # the directory's Qwen3 chat template
-    assert spec.chat_template, "the Qwen3 tokenizer directory should carry its chat template"
+    assert spec.template, "the Qwen3 tokenizer directory should carry its chat template"
     t0 = time.perf_counter()
     ds, stats = tokenized_dataset([str(path)], tok, spec, str(cache), num_proc)
     import pyarrow.compute as pc

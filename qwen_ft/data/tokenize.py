@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from qwen_ft.data.chatml import IGNORE_INDEX, Policy
 from qwen_ft.data.conversations import ReadReport
 from qwen_ft.data.stats import DataStats
+from qwen_ft.data.template import ChatTemplate
 from qwen_ft.errors import DataError
 from qwen_ft.files import atomic_dir, clean_stale_temps
 
@@ -47,33 +48,24 @@ class TokenizeSpec:
     label_policy: Policy
     default_system: str
     on_error: Literal["error", "skip"]
-    chat_template: str | None = None  # the template's text; None: Qwen v1 ChatML
-    template_source: str = ""
+    template: ChatTemplate | None = None  # the template (and its "tool_use" one); None: Qwen v1 ChatML
     template_kwargs: str = "{}"  # JSON, keys sorted
-    tool_use_template: str | None = None  # a named "tool_use" template: rows with tools render through it
 
     @classmethod
     def from_config(cls, data: DataConfig, tok) -> TokenizeSpec:
         """Spec from a DataConfig and the tokenizer whose template renders the data."""
         from qwen_ft.data.render import Renderer
 
-        template = Renderer.of(tok, data.chat_template).template
-        tool_use = template.tool_use.text if template and template.tool_use else None
         return cls(data.max_length, data.overlong, data.label_policy, data.default_system, data.on_error,
-                   template.text if template else None, template.source if template else "",
-                   json.dumps(data.template_kwargs, sort_keys=True), tool_use)
+                   Renderer.of(tok, data.chat_template).template, json.dumps(data.template_kwargs, sort_keys=True))
 
     def renderer(self, tok) -> Renderer:
         """The Renderer this spec describes, built once per process."""
         from qwen_ft.data.render import Renderer
-        from qwen_ft.data.template import ChatTemplate
 
         key = (id(tok), self)
         if key not in _RENDERERS:
-            tool_use = ChatTemplate(self.tool_use_template, f"{self.template_source} ['tool_use']") \
-                if self.tool_use_template else None
-            template = ChatTemplate(self.chat_template, self.template_source, tool_use) if self.chat_template else None
-            _RENDERERS[key] = Renderer(tok, template, json.loads(self.template_kwargs))
+            _RENDERERS[key] = Renderer(tok, self.template, json.loads(self.template_kwargs))
         return _RENDERERS[key]
 
 

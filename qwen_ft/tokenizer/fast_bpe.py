@@ -24,7 +24,8 @@ from qwen_ft.tokenizer.tiktoken_qwen import PAT_STR  # Qwen's split regex (v1 an
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable-character stand-ins for bytes, reversed (the ByteLevel alphabet)."""
+    """GPT-2's printable-character stand-ins for bytes, reversed (the ByteLevel alphabet). Written out
+    rather than taken from transformers, which this module (run in every data worker) does not import."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, extra = bs[:], 0
     for b in range(256):
@@ -134,21 +135,19 @@ def encoder_for(tokenizer_json: Path, vocab_size: int) -> FastEncoder | None:
 
 
 def _build(spec: dict, vocab_size: int) -> FastEncoder | None:
-    model, regex = spec.get("model") or {}, _split_regex(spec)
+    model, added = spec.get("model") or {}, spec.get("added_tokens") or []
     normalizer = (spec.get("normalizer") or {}).get("type", "NFC")
-    if regex is None or normalizer != "NFC" or not _plain_bpe(model):
+    # cheap checks first; Qwen's regex only: it is the one proven alike in onig and fancy-regex
+    if _split_regex(spec) != PAT_STR or normalizer != "NFC" or not _plain_bpe(model) or not _plain_added(added):
         return None
     vocab = model.get("vocab") or {}
     if not _merges_in_rank_order(vocab, model.get("merges") or []):
-        return None
-    added = spec.get("added_tokens") or []
-    if regex != PAT_STR or not _plain_added(added):  # only the regex proven alike in both engines
         return None
     byte_of = _byte_decoder()
     try:
         ranks = {bytes(byte_of[ch] for ch in token): i for token, i in vocab.items()}
         size = max([vocab_size, *ranks.values(), *(t["id"] for t in added)]) + 1
-        return FastEncoder(ranks, regex, {t["content"]: t["id"] for t in added if not t.get("special")}, size)
+        return FastEncoder(ranks, PAT_STR, {t["content"]: t["id"] for t in added if not t.get("special")}, size)
     except (KeyError, ValueError):  # outside the byte alphabet, or a vocabulary tiktoken refuses
         return None
 
