@@ -86,7 +86,7 @@ def one_step(tr, state, cache) -> None:
     """One optimizer step exactly as loop.run takes it (minus logging and checkpoints)."""
     from qwen_ft.train import loop
 
-    loop.train_step(tr, loop.next_group(tr, state, cache))
+    loop.train_step(tr, tr.host_group(loop.next_group(tr, state, cache)))
     grad_norm = tr.backend.clip()
     tr.backend.step(grad_norm)
     state.step += 1

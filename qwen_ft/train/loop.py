@@ -18,6 +18,7 @@ from qwen_ft.files import commit_dir
 from qwen_ft.model.attention import flattens
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, all_reduce_sum, barrier
+from qwen_ft.train.feed import GroupFeed, pinned
 from qwen_ft.train.loss import causal_lm_loss
 from qwen_ft.train.plan import RunPlan, rank_batches
 from qwen_ft.train.protocols import Backend, LossFn, Saver, StepLogger
@@ -50,6 +51,10 @@ class Trainer:
         """Collate one planned micro-batch onto the device (from pinned memory, without waiting)."""
         return to_device(self.host_batch(rows, split), self.plan.device)
 
+    def host_group(self, group: list) -> list[dict[str, torch.Tensor]]:
+        """Collate every micro-batch of one accumulation group on the host."""
+        return [self.host_batch(rows) for rows in group]
+
     def host_batch(self, rows: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:
         """Collate one planned micro-batch on the host."""
         ds = getattr(self.data, split)
@@ -70,24 +75,35 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     """Copy a host batch to `device`; on CUDA through pinned memory, so the copy does not block the host."""
     if device.type != "cuda":
         return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in pinned(batch).items()}
+
+
+def group_at(tr: Trainer, position: tuple[int, int], cache: dict) -> tuple[list, tuple[int, int]]:
+    """The micro-batches of the optimizer step at (epoch, offset), and the position after it.
+
+    `cache` holds the planned epochs still ahead (reading the next epoch's first group early, for
+    the feed, does not re-plan the current one).
+    """
+    epoch, offset = position
+    if epoch not in cache:
+        for old in [e for e in cache if e < epoch]:
+            del cache[old]
+        cache[epoch] = tr.epoch_batches(epoch)
+    batches = cache[epoch]
+    group = batches[offset:offset + tr.cfg.train.grad_accum]
+    offset += len(group)
+    return group, ((epoch + 1, 0) if offset >= len(batches) else (epoch, offset))
 
 
 def next_group(tr: Trainer, state: ck.TrainState, cache: dict) -> list:
     """The micro-batches of the next optimizer step; advances state.epoch/batch_offset."""
-    if cache.get("epoch") != state.epoch:
-        cache.update(epoch=state.epoch, batches=tr.epoch_batches(state.epoch))
-    batches = cache["batches"]
-    group = batches[state.batch_offset:state.batch_offset + tr.cfg.train.grad_accum]
-    state.batch_offset += len(group)
-    if state.batch_offset >= len(batches):
-        state.epoch, state.batch_offset = state.epoch + 1, 0
+    group, (state.epoch, state.batch_offset) = group_at(tr, (state.epoch, state.batch_offset), cache)
     return group
 
 
-def train_step(tr: Trainer, group: list) -> tuple[float, int]:
-    """Forward/backward over one accumulation group (no optimizer step).
+def train_step(tr: Trainer, hosts: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """Forward/backward over one accumulation group of collated host batches (no optimizer step).
 
     The loss is the sum of token losses divided by the number of learned tokens in the whole
     group (over all processes), so every token weighs the same whatever the padding/packing.
@@ -97,7 +113,6 @@ def train_step(tr: Trainer, group: list) -> tuple[float, int]:
     Returns:
         (loss, input tokens) of the group.
     """
-    hosts = [tr.host_batch(rows) for rows in group]
     local = sum(int(b["learned_index"].numel()) for b in hosts)
     n_tokens = max(1.0, all_reduce_sum([float(local)], tr.dist)[0])
     total = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
@@ -227,31 +242,45 @@ def weights_guard(tr: Trainer, state: ck.TrainState, lr: float, root: Path) -> N
 
 def run(tr: Trainer, state: ck.TrainState, logger: StepLogger) -> ck.TrainState:
     """Train until plan.total_steps, checkpointing and evaluating as configured."""
-    c, root = tr.cfg.train, Path(tr.cfg.train.output_dir) / "checkpoints"
     cache: dict = {}
     tr.backend.module.train()
-    while state.step < tr.plan.total_steps:
-        lr = lr_at(state.step, c.learning_rate, tr.plan.total_steps, tr.plan.warmup_steps, c.scheduler)
-        set_lr(tr.optimizer, lr)
-        position = (state.epoch, state.batch_offset)
-        t0 = time.perf_counter()
-        loss, n_inputs = train_step(tr, next_group(tr, state, cache))
-        grad_norm = tr.backend.clip()
-        guard(tr, state, (loss, grad_norm), root, position)
-        grad_norm = tr.backend.step(grad_norm)
-        state.step += 1
-        after_step_guard(tr, state, grad_norm, root)
-        weights_guard(tr, state, lr, root)
-        speed = n_inputs * tr.dist.world / (time.perf_counter() - t0)
-        record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed}
-        state.history.append(record)
-        logger.step(state.step, record)
-        if tr.data.eval is not None and c.eval_steps and state.step % c.eval_steps == 0:
-            state.history.append({"step": state.step, "eval_loss": evaluate(tr)})
-            logger.eval(state.step, state.history[-1]["eval_loss"])
-        if c.save_steps and state.step % c.save_steps == 0 and state.step < tr.plan.total_steps:
-            save_checkpoint(tr, state, root, c.save_total_limit)
+    with GroupFeed(tr.host_batch, tr.plan.device) as feed:
+        while state.step < tr.plan.total_steps:
+            position, t0 = (state.epoch, state.batch_offset), time.perf_counter()
+            hosts = feed.take(next_group(tr, state, cache))
+            if state.step + 1 < tr.plan.total_steps:
+                feed.prepare(group_at(tr, (state.epoch, state.batch_offset), cache)[0])
+            one_step(tr, state, (hosts, position, t0), logger)
     if tr.data.eval is not None and not any(h.get("step") == state.step and "eval_loss" in h for h in state.history):
         state.history.append({"step": state.step, "eval_loss": evaluate(tr)})
         logger.eval(state.step, state.history[-1]["eval_loss"])
     return state
+
+
+def one_step(tr: Trainer, state: ck.TrainState, taken: tuple[list, tuple[int, int], float],
+             logger: StepLogger) -> None:
+    """One optimizer step, with its guards, log, eval and save.
+
+    `taken`: the group's collated host batches, the data position they were taken from (the
+    non-finite guard rewinds to it) and when the step began (speed counts waiting for data).
+    """
+    hosts, position, t0 = taken
+    c, root = tr.cfg.train, Path(tr.cfg.train.output_dir) / "checkpoints"
+    lr = lr_at(state.step, c.learning_rate, tr.plan.total_steps, tr.plan.warmup_steps, c.scheduler)
+    set_lr(tr.optimizer, lr)
+    loss, n_inputs = train_step(tr, hosts)
+    grad_norm = tr.backend.clip()
+    guard(tr, state, (loss, grad_norm), root, position)
+    grad_norm = tr.backend.step(grad_norm)
+    state.step += 1
+    after_step_guard(tr, state, grad_norm, root)
+    weights_guard(tr, state, lr, root)
+    speed = n_inputs * tr.dist.world / (time.perf_counter() - t0)
+    record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed}
+    state.history.append(record)
+    logger.step(state.step, record)
+    if tr.data.eval is not None and c.eval_steps and state.step % c.eval_steps == 0:
+        state.history.append({"step": state.step, "eval_loss": evaluate(tr)})
+        logger.eval(state.step, state.history[-1]["eval_loss"])
+    if c.save_steps and state.step % c.save_steps == 0 and state.step < tr.plan.total_steps:
+        save_checkpoint(tr, state, root, c.save_total_limit)

@@ -16,6 +16,7 @@ from qwen_ft.errors import ConfigError, QwenFtError
 from qwen_ft.recipe import steps
 from qwen_ft.recipe.run import fit
 from qwen_ft.train.distributed import DistInfo
+from qwen_ft.train.feed import GroupFeed
 from qwen_ft.train.schedule import lr_at
 from tests.integration.conftest import write_run_yaml
 
@@ -234,3 +235,16 @@ def test_lora_emb_on_a_bf16_base_trains_fp32_copies(run_config):
     assert any("modules_to_save" in n for n in trained) and set(trained.values()) == {torch.float32}
     frozen = {p.dtype for n, p in params.items() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and all(math.isfinite(h["loss"]) for h in state.history)
+
+
+def test_prefetched_groups_train_exactly_as_groups_collated_in_place(run_config, monkeypatch):
+    """Every step after the first trains on a group the feed collated ahead; the losses equal a run
+    whose groups are all collated in place."""
+    feeds = []
+    monkeypatch.setattr(GroupFeed, "__enter__", lambda self: feeds.append(self) or self)
+    _, ahead = train_in_process(run_config(train={"max_steps": 4}))
+    assert (feeds[0].prepared, feeds[0].used) == (3, 3)
+    monkeypatch.setattr(GroupFeed, "prepare", lambda self, group: None)
+    _, in_place = train_in_process(run_config(train={"max_steps": 4, "overwrite_output_dir": True}))
+    assert feeds[1].used == 0
+    assert [h["loss"] for h in ahead.history] == [h["loss"] for h in in_place.history]
