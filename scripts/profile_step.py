@@ -6,7 +6,8 @@ One warm-up step, then one profiled step (forward, backward, clip, optimizer) th
 `build_trainer` and the loop's own `train_step`. Prints the top kernels (device time on a GPU,
 operator self time on a CPU), the split into GEMM / attention / elementwise / copies+casts /
 other, how busy the device was, and the number of host syncs: on a GPU, the calls that made the
-host wait for the device (CUDA's sync debug mode counts them in a third step); on a CPU, the
+host wait for the device (CUDA's sync debug mode counts them in a third step, with the Python line
+that made each); on a CPU, the
 operators that would sync if their tensors were on a GPU (`.item()`, `int(tensor)`, `nonzero`),
 an upper bound, since some of them run on host tensors by design.
 """
@@ -77,6 +78,8 @@ def print_report(rep: dict) -> None:
     busy = rep["kernel_s"] / rep["wall_s"] if rep["wall_s"] else 0.0
     print(f"profiled step: {rep['wall_s']:.3f} s wall, {rep['kernel_s']:.3f} s in kernels/operators "
           f"({busy:.0%} busy), {rep['host_syncs']} host syncs")
+    for row in rep.get("sync_sites", []):
+        print(f"  sync x{row['count']} at {row['site']}")
     print("split: " + ", ".join(f"{k} {v:.1%}" for k, v in rep["split"].items()))
     for row in rep["top"]:
         print(f"  {row['ms']:9.2f} ms {row['share']:6.1%}  {row['category']:<12} {row['name']}")
@@ -92,8 +95,15 @@ def one_step(tr, state, cache) -> None:
     state.step += 1
 
 
-def count_syncs_gpu(fn) -> int:
-    """Run fn with CUDA's sync debug mode on; every synchronising call warns once, and is counted."""
+def sync_sites(caught: list) -> Counter:
+    """Where each recorded sync warning was raised, as `dir/file.py:line` of the Python frame that
+    called into torch (a compiled graph's frame names the generated code), with counts."""
+    return Counter(f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}" for w in caught
+                   if "synchroniz" in str(w.message))
+
+
+def count_syncs_gpu(fn) -> tuple[int, Counter]:
+    """Run fn with CUDA's sync debug mode on; every synchronising call warns, and is counted by site."""
     import warnings
 
     import torch
@@ -105,7 +115,8 @@ def count_syncs_gpu(fn) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    sites = sync_sites(caught)
+    return sum(sites.values()), sites
 
 
 def profile(config: str, overrides: list[str], trace: str | None) -> dict:
@@ -133,8 +144,10 @@ def profile(config: str, overrides: list[str], trace: str | None) -> dict:
         wall = time.perf_counter() - t0
     if trace:
         prof.export_chrome_trace(trace)
-    syncs = count_syncs_gpu(lambda: one_step(tr, state, cache)) if on_gpu else sync_count(prof)
-    return report(leaf_times(prof, on_gpu), syncs, wall)
+    syncs, sites = count_syncs_gpu(lambda: one_step(tr, state, cache)) if on_gpu else (sync_count(prof), Counter())
+    rep = report(leaf_times(prof, on_gpu), syncs, wall)
+    rep["sync_sites"] = [{"site": k, "count": n} for k, n in sites.most_common(10)]
+    return rep
 
 
 def main(argv: list[str]) -> int:

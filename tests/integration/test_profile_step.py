@@ -35,3 +35,16 @@ def test_profiles_one_step_of_the_real_loop(run_config, tmp_path, capsys):
     assert isinstance(rep["host_syncs"], int) and rep["host_syncs"] >= 1  # at least the loss read once per step
     text = capsys.readouterr().out
     assert "profiled step:" in text and "split: " in text
+
+
+def test_sync_sites_count_only_sync_warnings_by_line():
+    import warnings
+
+    def caught(message, filename, lineno):
+        return warnings.WarningMessage(UserWarning(message), UserWarning, filename, lineno)
+
+    rows = [caught("called a synchronizing CUDA operation", "/x/qwen_ft/train/loop.py", 120),
+            caught("called a synchronizing CUDA operation", "/x/qwen_ft/train/loop.py", 120),
+            caught("called a synchronizing CUDA operation", "/tmp/torchinductor/ab/cabc.py", 7),
+            caught("something else", "/x/qwen_ft/train/loop.py", 3)]
+    assert load_script().sync_sites(rows) == {"qwen_ft/train/loop.py:120": 2, "torchinductor/ab/cabc.py:7": 1}

@@ -1,0 +1,54 @@
+"""scripts/bench_cpu_peers.py: qwen-ft and QwenLM's pad-to-max recipe side by side in one run (TRL too
+where it is installed), each in its own process; the speed-up arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "scripts/bench_cpu_peers.py"
+
+
+def load_script():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its neighbour bench_preprocess
+    try:
+        spec = importlib.util.spec_from_file_location("bench_cpu_peers", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def test_speedups_are_peer_seconds_over_ours():
+    runs = {"qwen-ft": [{"process_s": 10.0, "train_s": 4.0}, {"process_s": 12.0, "train_s": 6.0}],
+            "qwenlm": [{"process_s": 30.0, "train_s": 25.0}, {"process_s": 34.0, "train_s": 27.0}]}
+    out = load_script().summary(runs)
+    assert out["mean"]["qwen-ft"] == {"process_s": 11.0, "train_s": 5.0}
+    assert out["speedup"]["qwenlm"] == pytest.approx(
+        {"loop_vs_loop": 26.0 / 5.0, "process_vs_process": 32.0 / 11.0, "our_process_vs_their_loop": 26.0 / 11.0})
+
+
+@pytest.mark.slow
+def test_side_by_side_runs_each_tool_in_its_own_process(tmp_path):
+    out = tmp_path / "peers.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--n", "4", "--max-length", "128", "--rounds", "1",
+                           "--tools", "qwen-ft,qwenlm", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert set(got["runs"]) == {"qwen-ft", "qwenlm"}
+    for tool, (run,) in got["runs"].items():
+        assert 0 < run["train_s"] < run["process_s"], tool
+    assert got["runs"]["qwen-ft"][0]["code"] == str(REPO / "qwen_ft")
+    assert "qwen-ft vs qwenlm: loop" in done.stdout
+
+
+def test_before_must_be_a_checkout(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--before", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "no qwen_ft package there" in done.stderr
