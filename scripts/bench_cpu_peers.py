@@ -81,8 +81,11 @@ def run_qwen_ft(root: Path, work: Path, max_len: int) -> float:
             seconds.append(time.perf_counter() - t0)
 
     loop.run = timed
-    if main(["--config", str(work / "run.yaml")]) != 0:
-        raise SystemExit("qwen-ft failed")
+    try:
+        if main(["--config", str(work / "run.yaml")]) != 0:
+            raise SystemExit("qwen-ft failed")
+    finally:
+        loop.run = plain
     return seconds[0]
 
 

@@ -224,6 +224,17 @@ def after_step_guard(tr: Trainer, state: ck.TrainState, grad_norm: float, root: 
                       "train.learning_rate, set train.max_grad_norm, or check the data")
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of `tensors` is finite, in a few fused kernels and one read.
+
+    A NaN or inf anywhere makes its tensor's L1 norm non-finite (a sum propagates both, on every
+    device); checking each tensor with isfinite().all() costs two kernel launches per tensor,
+    about 800 per step for 7B LoRA.
+    """
+    norms = torch._foreach_norm(tensors, 1)
+    return bool(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).all())
+
+
 def weights_guard(tr: Trainer, state: ck.TrainState, lr: float, root: Path) -> None:
     """A step that leaves any trained weight inf or NaN (an overflowing learning rate) stops the run
     before that state can be saved as the last good one.
@@ -232,7 +243,7 @@ def weights_guard(tr: Trainer, state: ck.TrainState, lr: float, root: Path) -> N
         QwenFtError: with the step, the learning rate and the newest checkpoint.
     """
     params = [p for p in tr.unwrapped.parameters() if p.requires_grad and p.numel()]  # ZeRO-3: local parts
-    if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+    if not params or all_finite(params):
         return
     found = ck.list_checkpoints(root)
     where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"

@@ -100,9 +100,11 @@ def test_a_failed_save_stops_cleanly_and_keeps_the_last_good_checkpoint(run_conf
     assert [p.name for p in root.iterdir()] == ["checkpoint-1"]  # no temporary directory left behind
 
 
-def test_non_finite_weights_stop_the_run_without_saving_them(run_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spoil", ["inf_everywhere", "one_nan"])
+def test_non_finite_weights_stop_the_run_without_saving_them(run_config, tmp_path, monkeypatch, spoil):
     """An optimizer step that overflows a weight (injected: the second step writes inf into one LoRA
-    matrix, with a finite loss and gradient) stops the run; the inf state is never saved."""
+    matrix, or a NaN into one element of one, with a finite loss and gradient) stops the run; the
+    spoilt state is never saved."""
     import torch
 
     from qwen_ft.train.backends import TorchBackend
@@ -114,7 +116,11 @@ def test_non_finite_weights_stop_the_run_without_saving_them(run_config, tmp_pat
         count.append(1)
         if len(count) == 2:
             with torch.no_grad():
-                next(p for p in self.unwrapped.parameters() if p.requires_grad).fill_(float("inf"))
+                trained = [p for p in self.unwrapped.parameters() if p.requires_grad]
+                if spoil == "one_nan":
+                    trained[-1].view(-1)[1] = float("nan")
+                else:
+                    trained[0].fill_(float("inf"))
         return out
 
     monkeypatch.setattr(TorchBackend, "step", overflowing)

@@ -55,3 +55,4 @@ def test_peeking_the_next_group_equals_taking_it_across_epochs():
     assert taken == peeked
     assert taken[:4] == [[[0], [1]], [[2], [3]], [[4]], [[10], [11]]]  # an epoch's last group may be short
     assert (state.epoch, state.batch_offset) == (2, 2) and set(cache) == {2}
+

@@ -1,0 +1,18 @@
+"""The loop's check that every trained weight is finite after a step (a few fused kernels, one read)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_ft.train import loop
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_one_bad_element_in_any_dtype(bad):
+    tensors = [torch.ones(3, 4), torch.zeros(5, dtype=torch.bfloat16), torch.full((2,), 1e30)]
+    assert loop.all_finite(tensors)
+    for i in range(len(tensors)):
+        spoilt = [t.clone() for t in tensors]
+        spoilt[i].view(-1)[-1] = bad
+        assert not loop.all_finite(spoilt), i
