@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -224,14 +225,14 @@ def after_step_guard(tr: Trainer, state: ck.TrainState, grad_norm: float, root: 
                       "train.learning_rate, set train.max_grad_norm, or check the data")
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every element of `tensors` is finite, in a few fused kernels and one read.
 
     A NaN or inf anywhere makes its tensor's L1 norm non-finite (a sum propagates both, on every
     device); checking each tensor with isfinite().all() costs two kernel launches per tensor,
     about 800 per step for 7B LoRA.
     """
-    norms = torch._foreach_norm(tensors, 1)
+    norms = torch._foreach_norm(list(tensors), 1)
     return bool(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).all())
 
 
