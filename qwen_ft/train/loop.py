@@ -236,6 +236,13 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).all())
 
 
+def trained_parts(model: torch.nn.Module) -> list[torch.Tensor]:
+    """This process's part of every trained weight: the weight itself, or under ZeRO-3 its local
+    partition (`ds_tensor`; the parameter's own data is then an empty placeholder)."""
+    parts = [getattr(p, "ds_tensor", p) for p in model.parameters() if p.requires_grad]
+    return [t for t in parts if t.numel()]
+
+
 def weights_guard(tr: Trainer, state: ck.TrainState, lr: float, root: Path) -> None:
     """A step that leaves any trained weight inf or NaN (an overflowing learning rate) stops the run
     before that state can be saved as the last good one.
@@ -243,8 +250,8 @@ def weights_guard(tr: Trainer, state: ck.TrainState, lr: float, root: Path) -> N
     Raises:
         QwenFtError: with the step, the learning rate and the newest checkpoint.
     """
-    params = [p for p in tr.unwrapped.parameters() if p.requires_grad and p.numel()]  # ZeRO-3: local parts
-    if not params or all_finite(params):
+    parts = trained_parts(tr.unwrapped)
+    if not parts or all_finite(parts):
         return
     found = ck.list_checkpoints(root)
     where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"

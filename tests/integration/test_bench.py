@@ -11,23 +11,26 @@ from qwen_ft.cli.main import main
 
 @pytest.mark.slow
 def test_bench_tiny_lora_against_baseline(tmp_path, capsys):
+    """Both implementations at --micro-batch 2 (2 sequences x 4 accumulation each), through the real code."""
     out = tmp_path / "bench.json"
     rc = main(["bench", "--shape", "tiny", "--methods", "lora", "--lengths", "96", "--steps", "2", "--warmup", "1",
-               "--work-dir", str(tmp_path), "--json", str(out), "--peak-tflops", "1"])
+               "--micro-batch", "2", "--work-dir", str(tmp_path), "--json", str(out), "--peak-tflops", "1"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     report = json.loads(out.read_text())
     results = {r["impl"]: r for r in report["results"]}
-    assert set(results) == {"qwen-ft", "baseline"}
+    assert set(results) == {"qwen-ft", "baseline"} and report["micro_batch"] == 2
     for r in results.values():
         assert r["error"] is None and r["device"] == "cpu"
         assert len(r["step_seconds"]) == 2 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_gb"] > 0
     assert results["qwen-ft"]["estimate_gb"] > 0  # the estimator's prediction stands beside the measured peak
     assert report["speedup_vs_baseline"][0]["tokens_per_s_ratio"] > 0
     assert "torch" in report["versions"] and "tiny  lora" in printed
-    # The qwen-ft case trained through the real loop on exact 96-token rows.
+    # The qwen-ft case trained through the real loop on exact 96-token rows, 2 per micro-batch.
     log = (tmp_path / "cases/tiny-lora-96-qwen-ft/log.txt").read_text()
-    assert "plan: 3 steps" in log and "1 rows x 8 accumulation" in log
+    assert "plan: 3 steps" in log and "2 rows x 4 accumulation" in log
+    case = json.loads((tmp_path / "cases/tiny-lora-96-baseline/case.json").read_text())
+    assert (case["micro_batch_size"], case["grad_accum"]) == (2, 4)
 
 
 @pytest.mark.slow
@@ -41,20 +44,14 @@ def test_bench_tiny_gptq_qlora(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_micro_batch_reaches_both_implementations(tmp_path, capsys):
-    """--micro-batch 2: 2 sequences x 4 accumulation in the qwen-ft run and in the Trainer + peft case;
-    --baseline-only runs the latter alone."""
-    base = ["bench", "--methods", "lora", "--lengths", "80", "--steps", "1", "--micro-batch", "2",
-            "--work-dir", str(tmp_path)]
-    assert main(base + ["--baseline-only"]) == 0, capsys.readouterr().out
+def test_bench_baseline_only_runs_the_trainer_case_alone(tmp_path, capsys):
+    rc = main(["bench", "--methods", "lora", "--lengths", "80", "--steps", "1", "--micro-batch", "2",
+               "--baseline-only", "--work-dir", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().out
     report = json.loads((tmp_path / "bench-tiny.json").read_text())
     (r,) = report["results"]
     assert r["impl"] == "baseline" and r["error"] is None and report["micro_batch"] == 2
-    case = json.loads((tmp_path / "cases/tiny-lora-80-baseline/case.json").read_text())
-    assert (case["micro_batch_size"], case["grad_accum"]) == (2, 4)
-    assert main(base + ["--no-baseline"]) == 0, capsys.readouterr().out
-    log = (tmp_path / "cases/tiny-lora-80-qwen-ft/log.txt").read_text()
-    assert "2 rows x 4 accumulation" in log
+    assert not (tmp_path / "cases/tiny-lora-80-qwen-ft").exists()
 
 
 def test_bench_refuses_bad_requests_before_writing(tmp_path, capsys):
