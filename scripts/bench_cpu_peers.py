@@ -10,7 +10,8 @@ One tiny Qwen3-shaped model with the real 151,936-token vocabulary, N generated 
 a realistic length spread (`bench_preprocess.generate`), LoRA r 8 / alpha 16 / dropout 0 on all
 linear layers, fp32, gradient checkpointing, one epoch. Each tool runs in its own process, the
 tools alternate round by round, and the figures are:
-- process_s: the whole process (imports, load, tokenization, training, saving), timed from outside;
+- process_s: the whole process (imports, load, tokenization, training; qwen-ft also saves its
+  adapter, the peers save nothing), timed from outside;
 - train_s: the training loop alone (qwen-ft's `loop.run`; `Trainer.train()` for the others).
 
 The contenders, as their users run them:

@@ -230,28 +230,51 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 
     A NaN or inf anywhere makes its tensor's L1 norm non-finite (a sum propagates both, on every
     device); checking each tensor with isfinite().all() costs two kernel launches per tensor,
-    about 800 per step for 7B LoRA.
+    about 800 per step for 7B LoRA. The norms are fp32 whatever the weights' dtype: an fp16 norm
+    would overflow to inf for any tensor whose absolute values sum past 65504.
     """
-    norms = torch._foreach_norm(list(tensors), 1)
-    return bool(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).all())
+    if not tensors:
+        return True
+    with torch.no_grad():
+        norms = torch._foreach_norm(list(tensors), 1, dtype=torch.float32)
+        return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+
+
+def zero3_valid_length(full: int, part: int, rank: int) -> int:
+    """How many elements of rank `rank`'s ZeRO-3 partition (`part` long) hold the weight (`full`
+    elements in all): the flattened weight is split in equal parts, the last ones padded."""
+    return max(0, min(part, full - rank * part))
 
 
 def trained_parts(model: torch.nn.Module) -> list[torch.Tensor]:
     """This process's part of every trained weight: the weight itself, or under ZeRO-3 its local
-    partition (`ds_tensor`; the parameter's own data is then an empty placeholder)."""
-    parts = [getattr(p, "ds_tensor", p) for p in model.parameters() if p.requires_grad]
+    partition (`ds_tensor`; the parameter's own data is then an empty placeholder) without the
+    padding, which is uninitialised memory, not a weight."""
+    parts = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        part = getattr(p, "ds_tensor", None)
+        if part is None:
+            parts.append(p)
+            continue
+        group = getattr(p, "ds_process_group", None)
+        rank = torch.distributed.get_rank(group) if torch.distributed.is_initialized() else 0
+        parts.append(part.view(-1)[:zero3_valid_length(getattr(p, "ds_numel", part.numel()), part.numel(), rank)])
     return [t for t in parts if t.numel()]
 
 
 def weights_guard(tr: Trainer, state: ck.TrainState, lr: float, root: Path) -> None:
     """A step that leaves any trained weight inf or NaN (an overflowing learning rate) stops the run
-    before that state can be saved as the last good one.
+    before that state can be saved as the last good one. Every process decides together: under
+    ZeRO-3 each holds a different part of the weights, and one stopping alone would leave the
+    others waiting in the next collective.
 
     Raises:
         QwenFtError: with the step, the learning rate and the newest checkpoint.
     """
-    parts = trained_parts(tr.unwrapped)
-    if not parts or all_finite(parts):
+    bad = 0.0 if all_finite(trained_parts(tr.unwrapped)) else 1.0
+    if all_reduce_sum([bad], tr.dist)[0] == 0:
         return
     found = ck.list_checkpoints(root)
     where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
