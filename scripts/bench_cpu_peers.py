@@ -41,7 +41,6 @@ from bench_preprocess import generate, qwenlm_preprocess
 
 TOOLS = ("qwen-ft", "qwenlm", "trl", "qwen-ft-before")
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-3
 
 
@@ -94,10 +93,12 @@ def _lora_model(model_dir: Path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from qwen_ft.model.families import FAMILIES  # the linear layers qwen-ft adapts by default
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     model.enable_input_require_grads()  # QwenLM's recipe: needed by gradient checkpointing under LoRA
-    cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=TARGETS,
-                     task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                     target_modules=list(FAMILIES["qwen3"].lora_targets), task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
 

@@ -66,7 +66,7 @@ class HFQwenTokenizer(ChatTokenizer):
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Batch `encode` (threaded by tiktoken or in Rust)."""
+        """Batch `encode` (tiktoken where it gives the same ids, else `tokenizers` in Rust)."""
         return [ids for ids, _ in self.encode_offsets(texts)]
 
     def encode_offsets(self, texts: list[str]) -> list[tuple[list[int], Callable[[int], int]]]:

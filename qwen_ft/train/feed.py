@@ -29,8 +29,8 @@ def pinned(batch: HostBatch) -> HostBatch:
 class GroupFeed:
     """Collates the group the loop will need next while the current one trains."""
 
-    def __init__(self, collate_rows: Callable[[list], HostBatch], device: torch.device):
-        self._collate, self._pin = collate_rows, device.type == "cuda"
+    def __init__(self, collate_group: Callable[[list], list[HostBatch]], device: torch.device):
+        self._collate, self._pin = collate_group, device.type == "cuda"
         # The thread must allocate pinned memory on this process's GPU, not on device 0 (DataLoader's
         # pin thread does the same), or every rank of a node would open a context on GPU 0.
         init = (lambda: torch.cuda.set_device(device)) if self._pin else None
@@ -39,7 +39,7 @@ class GroupFeed:
         self.prepared = self.used = 0
 
     def _make(self, group: list) -> list[HostBatch]:
-        batches = [self._collate(rows) for rows in group]
+        batches = self._collate(group)
         return [pinned(b) for b in batches] if self._pin else batches
 
     def prepare(self, group: list) -> None:

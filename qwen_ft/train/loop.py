@@ -286,7 +286,7 @@ def run(tr: Trainer, state: ck.TrainState, logger: StepLogger) -> ck.TrainState:
     """Train until plan.total_steps, checkpointing and evaluating as configured."""
     cache: dict = {}
     tr.backend.module.train()
-    with GroupFeed(tr.host_batch, tr.plan.device) as feed:
+    with GroupFeed(tr.host_group, tr.plan.device) as feed:
         while state.step < tr.plan.total_steps:
             position, t0 = (state.epoch, state.batch_offset), time.perf_counter()
             hosts = feed.take(next_group(tr, state, cache))

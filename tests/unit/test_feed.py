@@ -13,12 +13,12 @@ from qwen_ft.train import loop
 from qwen_ft.train.feed import GroupFeed
 
 
-def collate_rows(rows):
-    return {"input_ids": torch.tensor(rows), "thread": threading.current_thread().name}
+def collate_group(group):
+    return [{"input_ids": torch.tensor(rows), "thread": threading.current_thread().name} for rows in group]
 
 
 def test_prepared_group_is_collated_on_the_feed_thread_and_used():
-    with GroupFeed(collate_rows, torch.device("cpu")) as feed:
+    with GroupFeed(collate_group, torch.device("cpu")) as feed:
         feed.prepare([[1, 2], [3]])
         got = feed.take([[1, 2], [3]])
         assert (feed.prepared, feed.used) == (1, 1)
@@ -27,7 +27,7 @@ def test_prepared_group_is_collated_on_the_feed_thread_and_used():
 
 
 def test_a_different_group_is_collated_on_the_spot():
-    with GroupFeed(collate_rows, torch.device("cpu")) as feed:
+    with GroupFeed(collate_group, torch.device("cpu")) as feed:
         feed.prepare([[1, 2]])
         got = feed.take([[1, 3]])
         assert feed.used == 0
@@ -36,8 +36,8 @@ def test_a_different_group_is_collated_on_the_spot():
 
 
 def test_an_error_in_the_thread_surfaces_in_take():
-    def broken(rows):
-        raise ValueError(f"row {rows[0]} is bad")
+    def broken(group):
+        raise ValueError(f"row {group[0][0]} is bad")
 
     with GroupFeed(broken, torch.device("cpu")) as feed:
         feed.prepare([[7]])
