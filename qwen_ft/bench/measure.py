@@ -22,8 +22,18 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"peak_gb": torch.cuda.max_memory_allocated(device) / GB,
                 "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / GB}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return {"peak_gb": rss * (1 if sys.platform == "darwin" else 1024) / GB}
+    return {"peak_gb": peak_rss_bytes() / GB}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. Linux: VmHWM, which starts afresh at exec; ru_maxrss would
+    carry over the RSS of the process that forked this worker (the benchmark's parent)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss * (1 if sys.platform == "darwin" else 1024)
 
 
 def device_name(device: torch.device) -> str:

@@ -206,7 +206,7 @@ def run_benchmark(req: BenchRequest, echo: Callable[[str], None] = print) -> tup
         peak = peak or device_peak_tflops(result.get("device") or "")
         records.append(record(case, result, shape, peak))
         r = records[-1]
-        what = r["error"] or f"{r['seconds_per_step']:.2f} s/8 seq, peak {r['peak_gb']:.2f} GB"
+        what = r["error"] or f"{r['seconds_per_step']:.2f} s/8 seq, peak {r['peak_gb']:.2f} GiB"
         echo(f"[{i}/{len(cases)}] {case['shape']} {case['method']} {case['length']} {case['impl']}: {what} "
              f"({time.perf_counter() - t0:.0f} s)")
     out = Path(req.json_path or work / f"bench-{req.shape}.json")

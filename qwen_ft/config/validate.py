@@ -91,6 +91,9 @@ def _combinations(cfg: RunConfig) -> list[str]:
     if cfg.model.compile and cfg.method == "qlora":
         problems.append("model.compile: true with method=qlora; the 4-bit kernels are not compiled here, set "
                         "model.compile: false")
+    if cfg.train.loss_kernel == "liger" and cfg.train.loss_chunk_tokens == 0:
+        problems.append("train.loss_kernel: liger with train.loss_chunk_tokens: 0, which turns the fused loss off; "
+                        "set loss_chunk_tokens > 0 or loss_kernel: auto")
     if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
         problems.append(f"dist.deepspeed: {ds!r} is not one of {', '.join(DEEPSPEED_PRESETS)} nor a .json path")
     if cfg.model.trust_remote_code and cfg.model.family in ("qwen2", "qwen3"):
@@ -107,6 +110,9 @@ def zero3_conflicts(cfg: RunConfig) -> list[str]:
     if cfg.method == "qlora" and cfg.quant.backend == "gptq":
         problems.append(f"dist.deepspeed={ds} is ZeRO-3 with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's "
                         "packed weights; use dist.deepspeed=zero2 (or a stage-2 JSON)")
+    if cfg.train.loss_kernel == "liger":
+        problems.append(f"train.loss_kernel: liger with dist.deepspeed={ds}, which is ZeRO-3; its output-layer "
+                        "weights are partitioned outside the forward, set train.loss_kernel: auto or use zero2")
     if cfg.model.compile:
         problems.append(f"model.compile: true with dist.deepspeed={ds}, which is ZeRO-3; it gathers weights in "
                         "hooks that a compiled layer does not run, set model.compile: false or use zero2")
@@ -136,6 +142,8 @@ def required_extras(cfg: RunConfig) -> list[tuple[str, str]]:
     if cfg.method == "qlora":
         extra = "bnb" if cfg.quant.backend == "bnb" else "gptq"
         need.append((extra, f"method=qlora with quant.backend={cfg.quant.backend}"))
+    if cfg.train.loss_kernel == "liger":
+        need.append(("liger", "train.loss_kernel=liger"))
     if cfg.model.attn_implementation == "flash_attention_2":
         need.append(("flash_attn", "model.attn_implementation=flash_attention_2"))
     return need

@@ -170,7 +170,7 @@ def loss_function(cfg: RunConfig, unwrapped: torch.nn.Module, ds_config: dict[st
 
     if cfg.train.loss_chunk_tokens == 0 or zero_stage(ds_config or {}) == 3:
         return causal_lm_loss
-    return ChunkedLoss(unwrapped, cfg.train.loss_chunk_tokens)
+    return ChunkedLoss(unwrapped, cfg.train.loss_chunk_tokens, kernel=cfg.train.loss_kernel)
 
 
 def lock_output_dir(cfg: RunConfig, dist: DistInfo) -> OutputLock | None:

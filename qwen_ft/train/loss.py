@@ -58,20 +58,18 @@ class ChunkedLoss:
     output layer and cross-entropy run over them `chunk` at a time, fused: each chunk's gradient
     with respect to the hidden states (and a trained output layer's weight) is computed in the
     forward pass, so backward recomputes nothing and no chunk's logits outlive its own step
-    (`fused_linear_cross_entropy`; Liger's Triton kernel instead on a GPU where liger-kernel is
-    installed). An output layer that is not a plain bias-free Linear (a LoRA
+    (`fused_linear_cross_entropy`; Liger's Triton kernel instead, `kernel` says when). An
+    output layer that is not a plain bias-free Linear (a LoRA
     adapter on it) runs the same chunks under activation checkpointing instead. Not for ZeRO-3,
     whose output-layer weights are partitioned outside the forward.
     """
 
-    def __init__(self, unwrapped, chunk: int, fused: bool = True):
-        from qwen_ft import deps
-
+    def __init__(self, unwrapped, chunk: int, fused: bool = True, kernel: str = "qwen-ft"):
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         self.head = base.get_output_embeddings()  # peft wrappers (LoRA, modules_to_save) included
         self.chunk = chunk
         self.fused = fused and head_weight(self.head) is not None
-        self.liger = self.fused and torch.cuda.is_available() and deps.usable("liger")  # CUDA tensors only
+        self.liger = _use_liger(kernel, self.fused, next(base.parameters()).device)
         self._hidden: torch.Tensor | None = None
         base.get_decoder().register_forward_hook(self._capture)
 
@@ -109,6 +107,32 @@ class ChunkedLoss:
             end = start + self.chunk
             total = total + checkpoint(self._chunk_loss, hidden[start:end], target[start:end], use_reentrant=False)
         return total, n
+
+
+def _use_liger(kernel: str, fused: bool, device: torch.device) -> bool:
+    """Whether Liger's kernel replaces the fused chunks (train.loss_kernel): `auto` where it runs
+    (CUDA, a plain Linear head, liger-kernel importable), `liger` there or an error.
+
+    Raises:
+        QwenFtError: `liger` where it cannot run; MissingDependency: liger-kernel is not installed.
+    """
+    from qwen_ft import deps
+    from qwen_ft.errors import QwenFtError
+
+    if kernel == "qwen-ft":
+        return False
+    runs = device.type == "cuda" and fused
+    if kernel == "auto":
+        return runs and deps.usable("liger")
+    deps.require("liger", "train.loss_kernel=liger")
+    if not deps.usable("liger"):
+        raise QwenFtError("train.loss_kernel: liger, but liger-kernel's Triton kernels do not import here (a wheel "
+                          "for another torch?); reinstall it: pip install 'qwen-ft[liger]', or set loss_kernel: auto")
+    if not runs:
+        why = "the model is not on a CUDA GPU" if device.type != "cuda" else "the output layer is not a plain Linear"
+        raise QwenFtError(f"train.loss_kernel: liger, but {why} (Liger's kernel runs on CUDA tensors through a "
+                          "bias-free Linear head); set train.loss_kernel: auto")
+    return True
 
 
 def head_weight(head) -> torch.Tensor | None:

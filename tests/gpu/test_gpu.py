@@ -116,6 +116,14 @@ def test_deepspeed_single_process(run_config, tmp_path, stage):
     assert "done: 8 steps" in proc.stdout
 
 
+@pytest.mark.extras("liger_kernel")
+@pytest.mark.parametrize("kernel", ["liger", "qwen-ft"])
+def test_loss_kernel_choice_trains(run_config, kernel):
+    """train.loss_kernel picks the kernel the real loop uses (auto = liger here), and both train."""
+    trainer, _, losses = train(run_config(model={"dtype": "bf16"}, train={"max_steps": 8, "loss_kernel": kernel}))
+    assert trainer.loss_fn.liger == (kernel == "liger") and losses[-1] < losses[0], losses
+
+
 def test_liger_loss_equals_ours():
     """Liger's kernel (used on a GPU when installed) against qwen-ft's fused chunks, bf16 autocast."""
     pytest.importorskip("liger_kernel")

@@ -67,6 +67,22 @@ def test_tied_embeddings_and_both_chunk_paths(fused):
         torch.testing.assert_close(got[2][k], ref[2][k], rtol=1e-5, atol=1e-6)
 
 
+def test_liger_kernel_only_where_it_runs(monkeypatch):
+    """auto falls back to qwen-ft's chunks off CUDA (even with liger-kernel importable); liger there,
+    or without the package, is an error naming the setting."""
+    import qwen_ft.deps as deps
+    from qwen_ft.errors import QwenFtError
+
+    assert not ChunkedLoss(tiny_model("sdpa"), chunk=8, kernel="auto").liger
+    with pytest.raises(QwenFtError, match="train.loss_kernel"):  # MissingDependency is a QwenFtError too
+        ChunkedLoss(tiny_model("sdpa"), chunk=8, kernel="liger")
+    monkeypatch.setattr(deps, "require", lambda name, why: None)
+    monkeypatch.setattr(deps, "usable", lambda name: True)
+    assert not ChunkedLoss(tiny_model("sdpa"), chunk=8, kernel="auto").liger
+    with pytest.raises(QwenFtError, match="not on a CUDA GPU"):
+        ChunkedLoss(tiny_model("sdpa"), chunk=8, kernel="liger")
+
+
 def test_fused_path_is_the_default_and_lora_on_the_head_falls_back():
     from peft import LoraConfig, get_peft_model
 
@@ -83,6 +99,11 @@ def test_fused_path_is_the_default_and_lora_on_the_head_falls_back():
 
 PEAK = """
 import resource, sys, torch
+def peak_mb():  # VmHWM belongs to this process image; ru_maxrss keeps the forking parent's RSS across exec
+    try:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss
 torch.manual_seed(0)
@@ -94,10 +115,10 @@ batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(3
 kinds = {"fused": ChunkedLoss(model, 512), "checkpointed": ChunkedLoss(model, 512, fused=False)}
 loss_fn = kinds.get(sys.argv[1], causal_lm_loss)
 loss_fn(model, {k: v[:, :16] for k, v in batch.items()})[0].backward()  # warm up allocator and kernels
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_mb()
 loss, _ = loss_fn(model, batch)
 loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, loss.item())
+print(peak_mb() - before, loss.item())
 """
 
 

@@ -248,3 +248,12 @@ def test_prefetched_groups_train_exactly_as_groups_collated_in_place(run_config,
     _, in_place = train_in_process(run_config(train={"max_steps": 4, "overwrite_output_dir": True}))
     assert feeds[1].used == 0
     assert [h["loss"] for h in ahead.history] == [h["loss"] for h in in_place.history]
+
+
+def test_built_trainer_is_in_training_mode(run_config):
+    """from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout;
+    profile_step and the benchmark run steps straight from build_trainer, so it must train."""
+    from qwen_ft.recipe.run import build_trainer
+
+    tr, _ = build_trainer(steps.checked_config(run_config(), []), CPU)
+    assert tr.backend.module.training and all(m.training for m in tr.unwrapped.modules())

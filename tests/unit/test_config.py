@@ -147,6 +147,22 @@ def test_environment_reports_missing_paths_and_extras(monkeypatch):
     assert any("pip install 'qwen-ft[qlora]'" in p for p in probs)
 
 
+def test_liger_loss_kernel_is_refused_where_it_cannot_run(monkeypatch):
+    """loss_kernel=liger: refused with the chunked loss off or under ZeRO-3; its extra is required
+    (auto, the default, needs nothing)."""
+    import qwen_ft.deps as deps
+
+    probs = problems_of(BASE, ["train.loss_kernel=liger", "train.loss_chunk_tokens=0", "dist.deepspeed=zero3"])
+    assert any(p.startswith("train.loss_kernel: liger with train.loss_chunk_tokens: 0") for p in probs)
+    assert any(p.startswith("train.loss_kernel: liger with dist.deepspeed=zero3") for p in probs)
+    monkeypatch.setattr(deps, "find_spec", lambda name: None)
+    cfg = config_from_dict(BASE, ["train.loss_kernel=liger"])
+    assert ("liger", "train.loss_kernel=liger") in required_extras(cfg)
+    assert any("pip install 'qwen-ft[liger]'" in p for p in check_environment(cfg))
+    assert config_from_dict(BASE).train.loss_kernel == "auto"
+    assert not [e for e, _ in required_extras(config_from_dict(BASE)) if e == "liger"]
+
+
 SHIPPED = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
