@@ -30,10 +30,13 @@ def peak_rss_bytes() -> int:
     carry over the RSS of the process that forked this worker (the benchmark's parent)."""
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        return rss * (1 if sys.platform == "darwin" else 1024)
+            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        if hwm > 0:
+            return hwm
+    except (OSError, StopIteration, ValueError, IndexError):  # no /proc (macOS), or a kernel without the line
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024)
 
 
 def device_name(device: torch.device) -> str:

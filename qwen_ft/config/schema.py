@@ -146,8 +146,8 @@ class TrainConfig:
     )
     loss_kernel: Literal["auto", "liger", "qwen-ft"] = opt(
         "auto", "fused output layer + cross-entropy: liger (Liger's Triton kernel; CUDA, liger-kernel), qwen-ft "
-        "(loss_chunk_tokens-row chunks, any device) or auto (liger where it runs). H100, 7B LoRA 2048, 2 x 4: "
-        "liger 1.71 s/step at 18.95 GiB, qwen-ft 4% faster (no host syncs) at 19.72 GiB"
+        "(loss_chunk_tokens-row chunks, any device) or auto (liger where it runs: the lower peak; qwen-ft's is a "
+        "little faster, README Performance)"
     )
     logging_steps: int = opt(1, "TensorBoard scalars and the bar's loss every N optimizer steps (mean over them)")
     eval_steps: int = opt(0, "eval every N steps; 0: only at the end (when an eval set exists)")

@@ -170,7 +170,16 @@ def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
     elif ds.endswith(".json") and _json_stage(ds) == 3:
         problems += zero3_conflicts(cfg)
     problems += [deps.missing_message(name, why) for name, why in required_extras(cfg) if not deps.is_available(name)]
+    if cfg.train.loss_kernel == "liger" and not _has_cuda():
+        problems.append("train.loss_kernel: liger, but this machine has no CUDA GPU (Liger's kernel runs on CUDA "
+                        "tensors); set train.loss_kernel: auto")
     return problems
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _writable(path: Path) -> bool:

@@ -47,7 +47,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
                            steps.saver(cfg, unwrapped, tok, family, backend, dist),
                            steps.loss_function(cfg, unwrapped, ds_config))
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout:
-    # whatever runs a step next (the loop, profile_step, the benchmark) must run the training step.
+    # whatever runs a step next (the loop, scripts/profile_step.py) must run the training step.
     backend.module.train()
     return trainer, state
 

@@ -189,7 +189,7 @@ def resume_checkpoint(cfg: RunConfig, dist: DistInfo) -> Path | None:
 
     ckpt = resume_path(cfg.train.resume, cfg.train.output_dir, say=lambda text: print0(dist, text))
     if ckpt is not None:
-        check_same_run(ckpt, config_to_dict(cfg))
+        check_same_run(ckpt, config_to_dict(cfg), config_to_dict(RunConfig()))
     elif dist.is_main:
         claim_fresh(cfg.train.output_dir, cfg.train.overwrite_output_dir)
     barrier(dist)

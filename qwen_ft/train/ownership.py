@@ -26,7 +26,7 @@ SAFE_TO_CHANGE = {
     "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
     "train.save_total_limit", "train.resume", "train.overwrite_output_dir", "data.cache_dir", "data.num_proc",
     "model.attn_implementation", "model.gradient_checkpointing", "model.checkpoint_fraction", "model.compile",
-    "train.loss_chunk_tokens", "train.output_dir",
+    "train.loss_chunk_tokens", "train.loss_kernel", "train.output_dir",
 }
 OUTPUT_FILES = ("run_config.yaml", "manifest.json", "adapter_config.json", "model.safetensors",
                 "model.safetensors.index.json", "train_history.json")
@@ -107,12 +107,16 @@ def claim_fresh(output_dir: str | Path, overwrite: bool) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def config_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`key: saved -> now` for every leaf that differs and is not safe to change on resume."""
+def config_diff(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """`key: saved -> now` for every leaf that differs and is not safe to change on resume.
+
+    `defaults` (the schema's, as a config dict): a key that a checkpoint written by an older
+    qwen-ft lacks counts as its default then, since it did not exist and that is what ran.
+    """
     out = []
-    old, new = _leaves(saved), _leaves(now)
+    old, new, base = _leaves(saved), _leaves(now), _leaves(defaults or {})
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        a, b = old.get(key, base.get(key, "(absent)")), new.get(key, "(absent)")
         if a != b and key not in SAFE_TO_CHANGE:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
@@ -128,7 +132,7 @@ def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_same_run(ckpt: Path, now: dict[str, Any]) -> None:
+def check_same_run(ckpt: Path, now: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """Resume continues only the run that wrote `ckpt`.
 
     Raises:
@@ -141,7 +145,7 @@ def check_same_run(ckpt: Path, now: dict[str, Any]) -> None:
     if not isinstance(saved, dict):
         raise QwenFtError(f"{ckpt} has no readable run_config.yaml, so it cannot be matched to this run; start "
                           "fresh with train.resume: none (and train.overwrite_output_dir: true)")
-    changed = config_diff(saved, now)
+    changed = config_diff(saved, now, defaults)
     if changed:
         raise QwenFtError(f"{ckpt} belongs to a run with other settings; resuming would mix them:\n  "
                           + "\n  ".join(changed) + "\nRestore these settings to resume, or start a new run in "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +79,17 @@ def test_bench_reports_a_failing_case_without_crashing(tmp_path, capsys):
     assert rc == 1 and "tiny  lora" in printed.out
     (r,) = json.loads((tmp_path / "bench-tiny.json").read_text())["results"]
     assert r["error"] and "Traceback" in (tmp_path / "cases/tiny-lora-80-qwen-ft/log.txt").read_text()
+
+
+def test_cpu_peak_is_the_workers_own_not_its_parents():
+    """A benchmark worker's CPU peak must not start at the RSS of the process that spawned it
+    (Linux's ru_maxrss carries it across fork + exec)."""
+    from qwen_ft.bench.measure import peak_rss_bytes
+
+    held = bytearray(1024**3)  # the parent: 1 GiB more resident
+    held[::4096] = b"x" * len(held[::4096])
+    code = "from qwen_ft.bench.measure import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    parent = peak_rss_bytes()
+    del held
+    assert child < parent - 0.5 * 1024**3, (parent, child)

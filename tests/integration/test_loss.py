@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwen_ft.data.collate import collate
-from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss
+from qwen_ft.train.loss import ChunkedLoss, _use_liger, causal_lm_loss
 from tests.integration.test_packing_exact import examples, tiny_model
 
 
@@ -81,6 +81,15 @@ def test_liger_kernel_only_where_it_runs(monkeypatch):
     assert not ChunkedLoss(tiny_model("sdpa"), chunk=8, kernel="auto").liger
     with pytest.raises(QwenFtError, match="not on a CUDA GPU"):
         ChunkedLoss(tiny_model("sdpa"), chunk=8, kernel="liger")
+    cuda = torch.device("cuda")  # the decision alone: no tensor is made on it
+    assert _use_liger("auto", cuda) and _use_liger("liger", cuda) and not _use_liger("qwen-ft", cuda)
+    with pytest.raises(QwenFtError, match="not a plain Linear"):  # a LoRA adapter on the head
+        _use_liger("liger", None)
+    assert not _use_liger("auto", None)
+    monkeypatch.setattr(deps, "usable", lambda name: False)
+    assert not _use_liger("auto", cuda)
+    with pytest.raises(QwenFtError, match="do not import"):
+        _use_liger("liger", cuda)
 
 
 def test_fused_path_is_the_default_and_lora_on_the_head_falls_back():
@@ -102,7 +111,7 @@ import resource, sys, torch
 def peak_mb():  # VmHWM belongs to this process image; ru_maxrss keeps the forking parent's RSS across exec
     try:
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
-    except OSError:
+    except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss

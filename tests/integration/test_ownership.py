@@ -51,6 +51,27 @@ def test_resume_refuses_a_changed_trajectory_and_allows_more_steps(run_config, t
     assert state.step == 3
 
 
+def test_resume_reads_keys_an_older_checkpoint_lacks_as_their_defaults(run_config, tmp_path):
+    """A checkpoint written before a key existed resumes when the key is at its default (what ran),
+    and is refused when the run now sets another value."""
+    import yaml
+
+    from qwen_ft.train.verify import write_manifest
+
+    config = run_config(train={"max_steps": 2, "save_steps": 1, "resume": "auto"})
+    train(config)
+    saved = tmp_path / "out" / "checkpoints" / "checkpoint-1" / "run_config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    for key in ("loss_kernel", "adam_beta2", "weight_decay"):
+        del old["train"][key]
+    saved.write_text(yaml.safe_dump(old))
+    write_manifest(saved.parent)  # the edited checkpoint verifies again
+    with pytest.raises(QwenFtError, match=r"train.weight_decay: 0.1 -> 0.0"):
+        train(config, "train.max_steps=3", "train.weight_decay=0.0")
+    _, state = train(config, "train.max_steps=3")
+    assert state.step == 3
+
+
 def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(run_config, tmp_path):
     config = run_config(train={"max_steps": 1})
     out = tmp_path / "out"

@@ -252,7 +252,7 @@ def test_prefetched_groups_train_exactly_as_groups_collated_in_place(run_config,
 
 def test_built_trainer_is_in_training_mode(run_config):
     """from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout;
-    profile_step and the benchmark run steps straight from build_trainer, so it must train."""
+    scripts/profile_step.py runs steps straight from build_trainer, so it must train."""
     from qwen_ft.recipe.run import build_trainer
 
     tr, _ = build_trainer(steps.checked_config(run_config(), []), CPU)

@@ -159,6 +159,9 @@ def test_liger_loss_kernel_is_refused_where_it_cannot_run(monkeypatch):
     cfg = config_from_dict(BASE, ["train.loss_kernel=liger"])
     assert ("liger", "train.loss_kernel=liger") in required_extras(cfg)
     assert any("pip install 'qwen-ft[liger]'" in p for p in check_environment(cfg))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert any("liger, but this machine has no CUDA GPU" in p for p in check_environment(cfg))
+    assert not any("CUDA" in p for p in check_environment(config_from_dict(BASE)))
     assert config_from_dict(BASE).train.loss_kernel == "auto"
     assert not [e for e, _ in required_extras(config_from_dict(BASE)) if e == "liger"]
 
