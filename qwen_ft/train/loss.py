@@ -68,8 +68,8 @@ class ChunkedLoss:
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         self.head = base.get_output_embeddings()  # peft wrappers (LoRA, modules_to_save) included
         self.chunk = chunk
-        self.fused = fused and head_weight(self.head) is not None
-        weight = head_weight(self.head) if self.fused else None
+        weight = head_weight(self.head) if fused else None
+        self.fused = weight is not None
         self.liger = _use_liger(kernel, weight.device if weight is not None else None)
         self._hidden: torch.Tensor | None = None
         base.get_decoder().register_forward_hook(self._capture)

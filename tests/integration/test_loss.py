@@ -107,12 +107,8 @@ def test_fused_path_is_the_default_and_lora_on_the_head_falls_back():
 
 
 PEAK = """
-import resource, sys, torch
-def peak_mb():  # VmHWM belongs to this process image; ru_maxrss keeps the forking parent's RSS across exec
-    try:
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+import sys, torch
+from qwen_ft.bench.measure import peak_rss_bytes  # this process's own peak, not its parent's
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss
 torch.manual_seed(0)
@@ -124,10 +120,10 @@ batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(3
 kinds = {"fused": ChunkedLoss(model, 512), "checkpointed": ChunkedLoss(model, 512, fused=False)}
 loss_fn = kinds.get(sys.argv[1], causal_lm_loss)
 loss_fn(model, {k: v[:, :16] for k, v in batch.items()})[0].backward()  # warm up allocator and kernels
-before = peak_mb()
+before = peak_rss_bytes() / 2**20
 loss, _ = loss_fn(model, batch)
 loss.backward()
-print(peak_mb() - before, loss.item())
+print(peak_rss_bytes() / 2**20 - before, loss.item())
 """
 
 
