@@ -63,13 +63,13 @@ def run_qwen_ft(root: Path, work: Path, max_len: int) -> float:
     from qwen_ft.cli.train import main
     from qwen_ft.train import loop
 
-    cfg = {"model": {"path": str(root / "model"), "dtype": "fp32", "attn_implementation": "sdpa"},
+    cfg = {"model": {"path": str(root / "model"), "dtype": "fp32", "attn_implementation": "sdpa",
+                     "gradient_checkpointing": True},
            "data": {"train_files": [str(root / "convs.jsonl")], "max_length": max_len, "packing": True,
                     "cache_dir": str(work / "cache")},
            "method": "lora", "lora": LORA,
            "train": {"output_dir": str(work / "out"), "micro_batch_size": 1, "grad_accum": 4, "epochs": 1,
                      "learning_rate": LR}}
-    cfg["model"]["gradient_checkpointing"] = True
     (work / "run.yaml").write_text(yaml.safe_dump(cfg))
     seconds, plain = [], loop.run
 

@@ -28,6 +28,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)}: run scripts/install_extras.sh"))
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts are not a package); the scripts folder is on sys.path
+    while it loads, since a script may import a neighbour (bench_cpu_peers imports bench_preprocess)."""
+    import sys
+
+    folder = str(REPO / "scripts")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(folder)
+
+
 def free_port() -> int:
     """A TCP port free right now (bound to port 0, read, released), for torchrun's --master_port:
     fixed numbers collide when two test runs share a machine."""

@@ -3,32 +3,20 @@ where it is installed), each in its own process; the speed-up arithmetic."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 SCRIPT = REPO / "scripts/bench_cpu_peers.py"
-
-
-def load_script():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its neighbour bench_preprocess
-    try:
-        spec = importlib.util.spec_from_file_location("bench_cpu_peers", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
 
 
 def test_speedups_are_peer_seconds_over_ours():
     runs = {"qwen-ft": [{"process_s": 10.0, "train_s": 4.0}, {"process_s": 12.0, "train_s": 6.0}],
             "qwenlm": [{"process_s": 30.0, "train_s": 25.0}, {"process_s": 34.0, "train_s": 27.0}]}
-    out = load_script().summary(runs)
+    out = load_script("bench_cpu_peers").summary(runs)
     assert out["mean"]["qwen-ft"] == {"process_s": 11.0, "train_s": 5.0}
     assert out["speedup"]["qwenlm"] == pytest.approx(
         {"loop_vs_loop": 26.0 / 5.0, "process_vs_process": 32.0 / 11.0, "our_process_vs_their_loop": 26.0 / 11.0})
@@ -37,7 +25,7 @@ def test_speedups_are_peer_seconds_over_ours():
 @pytest.mark.slow
 def test_qwen_ft_in_process_and_qwenlm_in_its_own_process(tmp_path):
     """qwen-ft's worker times its own training loop; a peer runs in a fresh process, timed from outside."""
-    bench = load_script()
+    bench = load_script("bench_cpu_peers")
     bench.setup(tmp_path, 4)
     (tmp_path / "work").mkdir()
     loop_s = bench.run_qwen_ft(tmp_path, tmp_path / "work", 128)

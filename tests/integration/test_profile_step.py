@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from tests.conftest import REPO
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("profile_step", REPO / "scripts/profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 def test_kernel_names_fall_into_their_categories():
-    ps = load_script()
+    ps = load_script("profile_step")
     assert ps.category("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
     assert ps.category("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>") == "attention"
     assert ps.category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
@@ -28,7 +20,7 @@ def test_kernel_names_fall_into_their_categories():
 
 def test_profiles_one_step_of_the_real_loop(run_config, tmp_path, capsys):
     out = tmp_path / "profile.json"
-    assert load_script().main([run_config(), "--json", str(out)]) == 0
+    assert load_script("profile_step").main([run_config(), "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert rep["wall_s"] > 0 and rep["kernel_s"] > 0 and rep["top"]
     assert abs(sum(rep["split"].values()) - 1) < 1e-3 and rep["split"].get("gemm", 0) > 0
@@ -47,4 +39,5 @@ def test_sync_sites_count_only_sync_warnings_by_line():
             caught("called a synchronizing CUDA operation", "/x/qwen_ft/train/loop.py", 120),
             caught("called a synchronizing CUDA operation", "/tmp/torchinductor/ab/cabc.py", 7),
             caught("something else", "/x/qwen_ft/train/loop.py", 3)]
-    assert load_script().sync_sites(rows) == {"qwen_ft/train/loop.py:120": 2, "torchinductor/ab/cabc.py:7": 1}
+    assert load_script("profile_step").sync_sites(rows) == {"qwen_ft/train/loop.py:120": 2,
+                                                            "torchinductor/ab/cabc.py:7": 1}

@@ -131,4 +131,3 @@ def test_estimator_is_checked_only_against_gpu_peaks():
     assert estimate_lines([gpu]) == ["estimator 7b lora 2048: predicted 20.0 GiB, measured 16.0 GiB "
                                      "(+25%, outside 15%)"]
     assert "needs GPU peaks" in estimate_lines([cpu])[0]
-
