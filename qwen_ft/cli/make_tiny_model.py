@@ -1,11 +1,13 @@
-"""Write a tiny random Qwen2/Qwen3 checkpoint with the real Qwen vocabulary, for demos and tests.
+"""Write a tiny random Qwen checkpoint with the real Qwen vocabulary, for demos and tests.
 
-Run: qwen-ft make-tiny-model runs/tiny-qwen3 [--family qwen3] [--hidden 64] [--layers 2]
+Run: qwen-ft make-tiny-model runs/tiny-qwen3 [--family qwen3|qwen2|qwen3_5|qwen3_5_text] [--hidden 64] [--layers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+
+from qwen_ft.model.tiny import FAMILIES
 
 HELP = "write a tiny random Qwen checkpoint (real vocabulary) for CPU demos and tests"
 
@@ -13,7 +15,8 @@ HELP = "write a tiny random Qwen checkpoint (real vocabulary) for CPU demos and 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """OUT [--family] [--hidden] [--layers] [--seed]."""
     p.add_argument("out", help="output directory")
-    p.add_argument("--family", choices=("qwen2", "qwen3"), default="qwen3", help="architecture")
+    p.add_argument("--family", choices=FAMILIES, default="qwen3",
+                   help="architecture (qwen3_5: the composite Qwen3.5/3.6 layout with a tiny vision tower)")
     p.add_argument("--hidden", type=int, default=64, help="hidden size")
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")

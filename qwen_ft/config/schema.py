@@ -25,7 +25,7 @@ class ModelConfig:
     """The base checkpoint."""
 
     path: str = opt("", "local checkpoint directory (config.json + weights); never a hub id")
-    family: Literal["auto", "qwen", "qwen2", "qwen3"] = opt(
+    family: Literal["auto", "qwen", "qwen2", "qwen3", "qwen3_5", "qwen3_5_text"] = opt(
         "auto", "model family; auto reads model_type from the checkpoint's config.json (never the path)"
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(

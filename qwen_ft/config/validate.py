@@ -96,7 +96,7 @@ def _combinations(cfg: RunConfig) -> list[str]:
                         "set loss_chunk_tokens > 0 or loss_kernel: auto")
     if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
         problems.append(f"dist.deepspeed: {ds!r} is not one of {', '.join(DEEPSPEED_PRESETS)} nor a .json path")
-    if cfg.model.trust_remote_code and cfg.model.family in ("qwen2", "qwen3"):
+    if cfg.model.trust_remote_code and cfg.model.family not in ("auto", "qwen"):
         problems.append(
             f"model.trust_remote_code: true with model.family={cfg.model.family}; transformers supports this family "
             "natively, set trust_remote_code: false"

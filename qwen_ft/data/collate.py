@@ -17,19 +17,26 @@ import torch
 
 from qwen_ft.data.chatml import IGNORE_INDEX
 
+GATHER, SCATTER = "gdn_gather", "gdn_scatter"  # passed down to every layer as kwargs (model/linear_attention.py)
 
-def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: bool = False) -> dict[str, torch.Tensor]:
+
+def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: bool = False,
+            segments: bool = False) -> dict[str, torch.Tensor]:
     """Pad a micro-batch of rows (each a list of examples with input_ids and labels).
 
     With `flat` (varlen attention kernels) every example of every row goes into one padding-free
-    row instead; see `flatten`.
+    row instead; see `flatten`. With `segments` (models with Gated DeltaNet layers) packed batches
+    also carry the indices that keep those layers' conv and state inside each example
+    (`segment_indices`).
 
     Returns:
         packed: input_ids, labels, position_ids; unpacked: input_ids, labels, attention_mask; both:
         learned_index and learned_columns (see `learned_indices`).
     """
     if flat:
-        return flatten([ex for row in rows for ex in row])
+        out = flatten([ex for row in rows for ex in row])
+        lengths = [[len(ex["input_ids"]) for row in rows for ex in row]]
+        return {**out, **segment_indices(lengths, sum(lengths[0]))} if segments else out
     ids, labels, pos = [], [], []
     for row in rows:
         if not packed and len(row) != 1:
@@ -47,6 +54,8 @@ def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: boo
     else:
         out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])
     out.update(learned_indices(out["labels"]))
+    if packed and segments:
+        out.update(segment_indices([[len(ex["input_ids"]) for ex in row] for row in rows], width))
     return out
 
 
@@ -80,3 +89,29 @@ def learned_indices(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     learned = labels[:, 1:] != IGNORE_INDEX
     return {"learned_index": learned.flatten().nonzero().squeeze(1),
             "learned_columns": learned.any(dim=0).nonzero().squeeze(1)}
+
+
+def segment_indices(row_lengths: Sequence[Sequence[int]], width: int) -> dict[str, torch.Tensor]:
+    """Gather/scatter indices for rows of `width` tokens holding segments of the given lengths.
+
+    Every token belongs to one segment: a row's padding (the tail after its examples) is a segment
+    of its own, as in collate's packed rows. `gdn_gather[s, j]` is the flat position (row * width +
+    offset) of token j of segment s, or rows * width (a zero vector) past the segment's end;
+    `gdn_scatter[p]` is where flat position p sits in the [segments * longest] layout.
+    """
+    segments = []  # (flat start, length)
+    for r, lengths in enumerate(row_lengths):
+        tail = width - sum(lengths)
+        for start, n in zip(itertools.accumulate([0, *lengths]), [*lengths, tail], strict=False):
+            if n > 0:
+                segments.append((r * width + start, n))
+    longest = max(n for _, n in segments)
+    steps = torch.arange(longest)
+    starts = torch.tensor([s for s, _ in segments]).unsqueeze(1)
+    lengths = torch.tensor([n for _, n in segments]).unsqueeze(1)
+    sentinel = len(row_lengths) * width
+    gather = torch.where(steps < lengths, starts + steps, sentinel)
+    scatter = torch.empty(sentinel, dtype=torch.long)
+    valid = gather != sentinel
+    scatter[gather[valid]] = torch.arange(gather.numel()).view_as(gather)[valid]
+    return {GATHER: gather, SCATTER: scatter}

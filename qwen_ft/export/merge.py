@@ -166,7 +166,7 @@ def check_out(out: Path, adapter: Path, manifest: dict, base: str | None, overwr
 
 def merge_base(src: Path, manifest: dict, base: str | None):
     """(fp32 dense base model, description, its path) to merge the adapter into."""
-    from transformers import AutoModelForCausalLM
+    from qwen_ft.model.families import model_class
 
     quant = manifest.get("quant") or {}
     chosen = base or quant.get("original_base")
@@ -178,7 +178,7 @@ def merge_base(src: Path, manifest: dict, base: str | None):
     path = Path(chosen) if chosen else resolve_base(src, manifest, None)
     if not (path / "config.json").is_file():
         raise QwenFtError(f"{path}: not a checkpoint directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    model = model_class(path).from_pretrained(path, dtype=torch.float32, local_files_only=True)
     if getattr(model.config, "quantization_config", None) is not None:
         raise QwenFtError(f"{path} is quantized; merging in place into quantized weights is not supported: pass the "
                           "original-precision checkpoint as --base, or omit --base to merge into dequantized weights")

@@ -62,8 +62,7 @@ def load_chat_model(model_dir: str, adapter: str | None = None, allow_pickle_wei
 
     A qwen-ft LoRA output given as MODEL_DIR is loaded on the base recorded in its manifest.
     """
-    from transformers import AutoModelForCausalLM
-
+    from qwen_ft.model.families import model_class
     from qwen_ft.model.fingerprint import recorded_base
     from qwen_ft.tokenizer import load_tokenizer
 
@@ -76,7 +75,7 @@ def load_chat_model(model_dir: str, adapter: str | None = None, allow_pickle_wei
         check_model_dir(base, allow_pickle_weights)
         path, adapter = base, str(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
+    loaded = model_class(path).from_pretrained(path, dtype="auto", local_files_only=True)
     # transformers wraps .to with functools.wraps, whose typeshed type leaves `self` unbound
     model = loaded.to(device).eval()  # type: ignore[arg-type]
     if adapter:

@@ -21,15 +21,30 @@ def lora_config(cfg: RunConfig, family: Family):
         task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
         target_modules=list(lo.target_modules or family.lora_targets), use_rslora=lo.rslora, use_dora=lo.dora,
         modules_to_save=list(family.embedding_modules) if lo.train_embeddings else None,
-        ensure_weight_tying=bool(lo.train_embeddings),
+        ensure_weight_tying=bool(lo.train_embeddings), exclude_modules=frozen_pattern(family),
     )
+
+
+def frozen_pattern(family: Family) -> str | None:
+    """A regex (peft matches it against whole module names) for the family's frozen towers, so no
+    adapter lands there even when a target name also occurs in the vision tower."""
+    if not family.frozen:
+        return None
+    import re
+
+    return "|".join(rf"(.*\.)?{re.escape(prefix)}(\..*)?" for prefix in family.frozen)
+
+
+def is_frozen(name: str, family: Family) -> bool:
+    """A parameter of a tower the family never trains (`Family.frozen`)."""
+    return any(name == p or name.startswith(p + ".") for p in family.frozen)
 
 
 def apply_method(model, cfg: RunConfig, family: Family):
     """Return the model to train: the base itself (full) or a PeftModel (lora)."""
     if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not is_frozen(name, family))  # frozen towers stay out of the optimizer
         return model
     from peft import get_peft_model
 

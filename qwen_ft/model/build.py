@@ -30,6 +30,7 @@ def build_model(cfg: RunConfig, family: Family, precision: Precision, attn: str,
     weights = torch.float32 if cfg.method == "full" else precision.dtype
     model = load_base_model(cfg.model.path, weights, attn, cfg.model.trust_remote_code)
     model.config.use_cache = False  # packed rows are exact only without the KV cache
+    keep_packed_apart(model, family)
     if cfg.model.recomputed_fraction > 0:
         enable_gradient_checkpointing(model, cfg.method != "full", cfg.model.recomputed_fraction)
     model = apply_method(model, cfg, family)
@@ -66,7 +67,23 @@ def _build_qlora(cfg: RunConfig, family: Family, precision: Precision, attn: str
 
     load = load_bnb_base if cfg.quant.backend == "bnb" else load_gptq_base
     model = prepare_for_kbit(load(cfg, precision, attn, device), cfg.model.recomputed_fraction)
+    keep_packed_apart(model, family)
     return apply_method(model, cfg, family)
+
+
+def keep_packed_apart(model, family: Family) -> None:
+    """Family rule for packed rows beyond attention: Gated DeltaNet layers restart at each example.
+
+    Raises:
+        QwenFtError: a "gdn" family whose checkpoint has no GDN layer to restart (nothing would be exact).
+    """
+    if family.packing != "gdn":
+        return
+    from qwen_ft.model.linear_attention import install
+
+    if install(model) == 0:
+        raise QwenFtError(f"{family.name}: no Gated DeltaNet layers found in the loaded model, so packed rows "
+                          "cannot be kept apart; set data.packing: false")
 
 
 def load_trained_weights(model, ckpt: Path, method: str) -> None:

@@ -1,7 +1,23 @@
 """Model families: what qwen-ft knows about each, read from the checkpoint, never from its path.
 
-A family names the LoRA target modules (all linear layers), the modules trained by
-"LoRA (emb)" (input embeddings and output layer), and whether transformers runs it natively.
+One row per family; everything that differs between Qwen generations is a field here, so the rest of
+the code asks the row instead of branching on names:
+
+- `model_types`: the config.json `model_type`s of the family;
+- `auto_class`: the transformers class that loads it whole. A composite vision-language checkpoint
+  (Qwen3.5/3.6) is loaded as itself, so adapters, merged models and full fine-tunes keep its tensor
+  names; `AutoModelForCausalLM` would load its language model alone under other names;
+- `lora_targets`: every linear layer of the language model (LoRA's default);
+- `embedding_modules`: what "LoRA (emb)" trains (input embeddings and output layer);
+- `frozen`: module prefixes never trained (the vision tower): LoRA skips them, full fine-tuning
+  leaves them out of the optimizer, outputs copy them from the base byte for byte;
+- `unloaded`: tensor prefixes on disk that transformers does not load (multi-token prediction),
+  copied from the base into every full-model output;
+- `packing`: how packed rows are kept apart: "positions" (restarting position_ids / varlen
+  attention) or "gdn" (also restart the Gated DeltaNet layers' conv and recurrent state, see
+  `model/linear_attention.py`);
+- `im_start_id`: the id of `<|im_start|>` in the family's vocabulary (a tokenizer of another
+  generation is refused).
 """
 
 from __future__ import annotations
@@ -15,37 +31,68 @@ from qwen_ft.errors import QwenFtError
 
 @dataclass(frozen=True)
 class Family:
-    """Per-family facts used to build adapters."""
+    """Per-family facts (see the module docstring)."""
 
     name: str
     model_types: tuple[str, ...]
     lora_targets: tuple[str, ...]
-    embedding_modules: tuple[str, ...]
+    embedding_modules: tuple[str, ...] = ("embed_tokens", "lm_head")
+    auto_class: str = "AutoModelForCausalLM"
+    frozen: tuple[str, ...] = ()
+    unloaded: tuple[str, ...] = ()
+    packing: str = "positions"
+    im_start_id: int = 151644
+    note: str = ""
+
+    @property
+    def composite(self) -> bool:
+        """A vision-language checkpoint trained text-only."""
+        return bool(self.frozen)
 
 
 QWEN2_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Gated DeltaNet's five projections; its conv1d, A_log and dt_bias are not linear layers (see README)
+GDN_LINEAR = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+
+
+def _hybrid(name: str, model_types: tuple[str, ...], note: str, **layout: tuple[str, ...] | str) -> Family:
+    """A Qwen3.5-generation row: Gated DeltaNet + gated attention layers, the 248k vocabulary."""
+    return Family(name, model_types, QWEN2_LINEAR + GDN_LINEAR, packing="gdn", im_start_id=248045, note=note,
+                  **layout)  # type: ignore[arg-type]
+
+
 FAMILIES = {
-    "qwen2": Family("qwen2", ("qwen2",), QWEN2_LINEAR, ("embed_tokens", "lm_head")),
-    "qwen3": Family("qwen3", ("qwen3",), QWEN2_LINEAR, ("embed_tokens", "lm_head")),
+    "qwen2": Family("qwen2", ("qwen2",), QWEN2_LINEAR, note="Qwen1.5, Qwen2, Qwen2.5"),
+    "qwen3": Family("qwen3", ("qwen3",), QWEN2_LINEAR, note="Qwen3 dense"),
     # Qwen v1 is trained after conversion to the native Qwen2 layout (qwen_ft.model.qwen_v1), so its
     # adapters target the native names.
-    "qwen": Family("qwen", ("qwen",), QWEN2_LINEAR, ("embed_tokens", "lm_head")),
+    "qwen": Family("qwen", ("qwen",), QWEN2_LINEAR, note="Qwen v1 (QWenLMHeadModel)"),
+    "qwen3_5": _hybrid("qwen3_5", ("qwen3_5",), "Qwen3.5 / Qwen3.6 dense, vision-language checkpoint",
+                       auto_class="AutoModelForImageTextToText", frozen=("model.visual",), unloaded=("mtp.",)),
+    "qwen3_5_text": _hybrid("qwen3_5_text", ("qwen3_5_text",), "Qwen3.5 / Qwen3.6 dense, text-only checkpoint"),
 }
 
 
 def checkpoint_model_type(path: str | Path) -> str:
-    """`model_type` from the checkpoint's config.json.
+    """`model_type` from the checkpoint's config.json ("qwen" for a Qwen v1 QWenLMHeadModel).
 
     Raises:
         QwenFtError: no readable config.json.
     """
     cfg_file = Path(path) / "config.json"
     try:
-        return str(json.loads(cfg_file.read_text())["model_type"])
+        config = json.loads(cfg_file.read_text())
+        model_type = str(config["model_type"])
     except FileNotFoundError:
         raise QwenFtError(f"{cfg_file} not found; model.path must be a checkpoint directory") from None
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise QwenFtError(f"{cfg_file}: cannot read model_type ({e})") from None
+    return "qwen" if "QWenLMHeadModel" in (config.get("architectures") or []) else model_type
+
+
+def supported() -> str:
+    """The model types qwen-ft trains, with the models they are, for error messages."""
+    return "; ".join(f"{', '.join(f.model_types)} ({f.note})" for f in FAMILIES.values())
 
 
 def resolve_family(declared: str, path: str | Path) -> Family:
@@ -55,14 +102,20 @@ def resolve_family(declared: str, path: str | Path) -> Family:
         QwenFtError: unknown model_type, or a declared family that contradicts the checkpoint.
     """
     model_type = checkpoint_model_type(path)
-    config = json.loads((Path(path) / "config.json").read_text())
-    if "QWenLMHeadModel" in (config.get("architectures") or []):
-        model_type = "qwen"
     found = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
     if found is None:
-        raise QwenFtError(f"{path}: model_type {model_type!r} is not a Qwen family qwen-ft knows "
-                          f"({', '.join(FAMILIES)})")
+        raise QwenFtError(f"{path}/config.json: model_type {model_type!r} is not a model qwen-ft trains; "
+                          f"supported: {supported()}")
     if declared != "auto" and declared != found.name:
         raise QwenFtError(f"model.family: {declared!r} but {path}/config.json says model_type {model_type!r}; "
                           f"set model.family: {found.name} (or auto)")
     return found
+
+
+def model_class(path: str | Path):
+    """The transformers auto class that loads the checkpoint at `path` whole (see `Family.auto_class`)."""
+    import transformers
+
+    model_type = checkpoint_model_type(path)
+    found = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    return getattr(transformers, found.auto_class if found else "AutoModelForCausalLM")

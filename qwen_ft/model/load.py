@@ -74,10 +74,10 @@ def resolve_attention(name: str, device: torch.device, dtype: str = "bf16") -> s
 
 
 def load_base_model(path: str, weights_dtype: torch.dtype, attn: str, trust_remote_code: bool):
-    """AutoModelForCausalLM from a local directory with the given dtype and attention."""
-    from transformers import AutoModelForCausalLM
+    """The checkpoint in a local directory, whole (its family's class), with the given dtype and attention."""
+    from qwen_ft.model.families import model_class
 
-    return AutoModelForCausalLM.from_pretrained(
+    return model_class(path).from_pretrained(
         path, dtype=weights_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
         local_files_only=True,
     )

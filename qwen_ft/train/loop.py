@@ -64,7 +64,7 @@ class Trainer:
         lookup = {i: {"input_ids": a, "labels": b} for i, a, b in zip(flat, got["input_ids"], got["labels"],
                                                                           strict=True)}
         return collate([[lookup[i] for i in row] for row in rows], self.pad_id, self.cfg.data.packing,
-                       flattens(self.plan.attn))
+                       flattens(self.plan.attn), self.plan.segments)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

@@ -27,6 +27,7 @@ class RunPlan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    segments: bool = False  # packed batches carry per-example indices for Gated DeltaNet layers
 
 
 def rank_batches(batches: list, rank: int, world: int) -> list:
@@ -36,7 +37,7 @@ def rank_batches(batches: list, rank: int, world: int) -> list:
 
 
 def make_run_plan(cfg: RunConfig, device: torch.device, precision: Precision, attn: str, world: int,
-                  n_batches: int) -> RunPlan:
+                  n_batches: int, segments: bool = False) -> RunPlan:
     """Step counts from the number of planned micro-batches of one epoch.
 
     Raises:
@@ -50,4 +51,4 @@ def make_run_plan(cfg: RunConfig, device: torch.device, precision: Precision, at
     steps_per_epoch = math.ceil(per_rank / t.grad_accum)
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
     warmup = math.ceil(t.warmup_ratio * total)
-    return RunPlan(device, precision, attn, world, per_rank, steps_per_epoch, total, warmup)
+    return RunPlan(device, precision, attn, world, per_rank, steps_per_epoch, total, warmup, segments)
