@@ -17,7 +17,8 @@ import torch
 
 from qwen_ft.data.chatml import IGNORE_INDEX
 
-GATHER, SCATTER = "gdn_gather", "gdn_scatter"  # passed down to every layer as kwargs (model/linear_attention.py)
+# passed down to every layer as kwargs (model/linear_attention.py)
+GATHER, SCATTER, GROUPS = "gdn_gather", "gdn_scatter", "gdn_groups"
 
 
 def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: bool = False,
@@ -91,27 +92,46 @@ def learned_indices(labels: torch.Tensor) -> dict[str, torch.Tensor]:
             "learned_columns": learned.any(dim=0).nonzero().squeeze(1)}
 
 
-def segment_indices(row_lengths: Sequence[Sequence[int]], width: int) -> dict[str, torch.Tensor]:
+def segment_indices(row_lengths: Sequence[Sequence[int]], width: int) -> dict:
     """Gather/scatter indices for rows of `width` tokens holding segments of the given lengths.
 
     Every token belongs to one segment: a row's padding (the tail after its examples) is a segment
-    of its own, as in collate's packed rows. `gdn_gather[s, j]` is the flat position (row * width +
-    offset) of token j of segment s, or rows * width (a zero vector) past the segment's end;
-    `gdn_scatter[p]` is where flat position p sits in the [segments * longest] layout.
+    of its own, as in collate's packed rows. Segments are sorted by length and laid out in a few
+    groups, each a [segments, longest] block right-padded with a zero vector (so short conversations
+    are not padded to the longest of the batch). `gdn_gather` lists, block after block, the flat
+    position (row * width + offset) of each laid-out token, or rows * width (the zero vector) for
+    padding; `gdn_groups` is ((segments, longest), ...) per block; `gdn_scatter[p]` is where flat
+    position p sits in the laid-out tokens.
     """
-    segments = []  # (flat start, length)
+    segments = []  # (length, flat start)
     for r, lengths in enumerate(row_lengths):
         tail = width - sum(lengths)
         for start, n in zip(itertools.accumulate([0, *lengths]), [*lengths, tail], strict=False):
             if n > 0:
-                segments.append((r * width + start, n))
-    longest = max(n for _, n in segments)
-    steps = torch.arange(longest)
-    starts = torch.tensor([s for s, _ in segments]).unsqueeze(1)
-    lengths = torch.tensor([n for _, n in segments]).unsqueeze(1)
+                segments.append((n, r * width + start))
+    segments.sort(key=lambda s: -s[0])
     sentinel = len(row_lengths) * width
-    gather = torch.where(steps < lengths, starts + steps, sentinel)
+    gathers, groups = [], []
+    for group in _length_groups(segments):
+        longest = group[0][0]
+        steps = torch.arange(longest)
+        starts = torch.tensor([s for _, s in group]).unsqueeze(1)
+        ends = torch.tensor([n for n, _ in group]).unsqueeze(1)
+        gathers.append(torch.where(steps < ends, starts + steps, sentinel).flatten())
+        groups.append((len(group), longest))
+    gather = torch.cat(gathers)
     scatter = torch.empty(sentinel, dtype=torch.long)
     valid = gather != sentinel
-    scatter[gather[valid]] = torch.arange(gather.numel()).view_as(gather)[valid]
-    return {GATHER: gather, SCATTER: scatter}
+    scatter[gather[valid]] = torch.arange(gather.numel())[valid]
+    return {GATHER: gather, SCATTER: scatter, GROUPS: tuple(groups)}
+
+
+def _length_groups(segments: list[tuple[int, int]], most: int = 4, ratio: float = 0.7) -> list[list]:
+    """Split length-sorted (descending) segments into at most `most` groups, a new one where a
+    segment is shorter than `ratio` of its group's longest (padding kept small, calls few)."""
+    groups: list[list] = [[]]
+    for seg in segments:
+        if groups[-1] and seg[0] < ratio * groups[-1][0][0] and len(groups) < most:
+            groups.append([])
+        groups[-1].append(seg)
+    return groups

@@ -224,10 +224,17 @@ def _checkpoint_dtype(model) -> str:
 def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) -> None:
     """Standalone model: safetensors shards, tokenizer files and chat template (the adapter's, which
     rendered its data), the base's generation config with the end-of-turn ids, manifest."""
+    from qwen_ft.model.families import resolve_family
     from qwen_ft.model.generation import write_generation_config
+    from qwen_ft.model.layout import add_base_tensors, trained_state
+    from qwen_ft.train.checkpoint import BaseLayout
 
     merged.config.use_cache = True  # training switches the cache off; inference wants it
-    merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+    layout = BaseLayout.of(base_path, resolve_family("auto", base_path))
+    state = trained_state(merged.state_dict(), layout.prefixes) if layout else None
+    merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB", state_dict=state)
+    if layout:  # the vision tower and MTP tensors exactly as the base has them
+        add_base_tensors(layout.path, out, layout.prefixes)
     write_generation_config(base_path, tok, out)
     tok.save_files(out)  # with the adapter's chat_template.jinja when it has one
     merged_manifest = {**manifest, "merged_from": {"adapter": str(src.resolve()), "base": str(base_path.resolve())},

@@ -76,8 +76,7 @@ def load_chat_model(model_dir: str, adapter: str | None = None, allow_pickle_wei
         path, adapter = base, str(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = model_class(path).from_pretrained(path, dtype="auto", local_files_only=True)
-    # transformers wraps .to with functools.wraps, whose typeshed type leaves `self` unbound
-    model = loaded.to(device).eval()  # type: ignore[arg-type]
+    model = loaded.to(device).eval()
     if adapter:
         from peft import PeftModel
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,7 +109,15 @@ def load_trained_weights(model, ckpt: Path, method: str) -> None:
         if f.name not in ("optimizer.safetensors", "rng.safetensors"):
             state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    # tensors the class itself skips on load (Qwen3.5's mtp.*, copied into outputs from the base)
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unexpected = [k for k in unexpected if not any(p.search(k) for p in ignored)]
+    tied = {"lm_head.weight"} if _tied(model.config) else set()
     if set(missing) - tied or unexpected:
         raise QwenFtError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
                           f"unexpected {unexpected[:3]})")
+
+
+def _tied(config) -> bool:
+    """Output layer tied to the input embeddings (a composite config says so at its top level)."""
+    return bool(getattr(config, "tie_word_embeddings", False))

@@ -19,14 +19,15 @@ import functools
 
 import torch
 
-from qwen_ft.data.collate import GATHER, SCATTER
+from qwen_ft.data.collate import GATHER, GROUPS, SCATTER
 
 FLATTENING = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # for attention layers only
 
 
 def packed_forward(original, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs):
-    """The layer's own forward, once per packed conversation (batched), when collate gave the indices."""
-    gather, scatter = kwargs.pop(GATHER, None), kwargs.pop(SCATTER, None)
+    """The layer's own forward, once per packed conversation (in a few length-grouped batches), when
+    collate gave the indices; the layer's forward unchanged otherwise."""
+    gather, scatter, groups = (kwargs.pop(k, None) for k in (GATHER, SCATTER, GROUPS))
     if gather is None:
         return original(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     if cache is not None:
@@ -34,8 +35,13 @@ def packed_forward(original, hidden_states: torch.Tensor, cache=None, attention_
     rest = {k: v for k, v in kwargs.items() if k not in FLATTENING}
     rows, width, hidden = hidden_states.shape
     flat = torch.cat([hidden_states.reshape(rows * width, hidden), hidden_states.new_zeros(1, hidden)])
-    out = original(flat[gather], cache=None, attention_mask=None, **rest)  # [segments, longest, hidden]
-    return out.reshape(-1, out.shape[-1])[scatter].view(rows, width, -1)
+    laid_out = flat[gather]
+    outs, at = [], 0
+    for segments, longest in groups:
+        block = laid_out[at:at + segments * longest].view(segments, longest, hidden)
+        outs.append(original(block, cache=None, attention_mask=None, **rest).reshape(segments * longest, -1))
+        at += segments * longest
+    return torch.cat(outs)[scatter].view(rows, width, -1)
 
 
 def is_gdn(module: torch.nn.Module) -> bool:
@@ -49,6 +55,6 @@ def install(model: torch.nn.Module) -> int:
     for module in model.modules():
         if is_gdn(module) and not getattr(module, "_qwen_ft_packed", False):
             module.forward = functools.partial(packed_forward, module.forward)
-            module._qwen_ft_packed = True
+            setattr(module, "_qwen_ft_packed", True)  # noqa: B010 - not an nn.Module attribute mypy knows
             count += 1
     return count

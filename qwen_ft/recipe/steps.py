@@ -224,10 +224,12 @@ def saver(cfg: RunConfig, unwrapped: torch.nn.Module, tok: ChatTokenizer, family
     text = dump_config(cfg)
     override = find_template(tok.directory, cfg.data.chat_template) if cfg.data.chat_template else None
 
+    layout = ck.BaseLayout.of(cfg.model.path, family)
+
     def save(out: Path) -> None:
         state_dict = backend.saved_state_dict(cfg.method)  # every rank: ZeRO-3 gathers
         if dist.is_main:
-            ck.save_model_files(unwrapped, out, state_dict)
+            ck.save_model_files(unwrapped, out, state_dict, layout)
             ck.write_description(out, text, manifest, tok, override.text if override else None)
 
     return save

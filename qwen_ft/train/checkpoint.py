@@ -81,21 +81,44 @@ def write_description(out: Path, cfg_yaml: str, manifest: dict, tok, template_te
         adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_model_files(model, out: Path, state_dict: dict | None = None) -> None:
+def save_model_files(model, out: Path, state_dict: dict | None = None, base: BaseLayout | None = None) -> None:
     """Weights as safetensors: adapter files for a PeftModel, a full checkpoint otherwise.
 
     Training runs without the KV cache; a saved full model is for inference, so its config says
     use_cache: true. `state_dict` replaces the model's own tensors (weights gathered from ZeRO-3).
+    With `base` (a composite checkpoint) a full model writes only what it trains and the base's
+    other tensors are copied into it byte for byte (`model/layout.py`).
     """
+    from qwen_ft.model.layout import add_base_tensors, trained_state
+
     config = getattr(model, "config", None)
     before = getattr(config, "use_cache", None)
-    if config is not None and not hasattr(model, "peft_config"):
+    full = not hasattr(model, "peft_config")
+    if config is not None and full:
         config.use_cache = True
+    if full and base is not None:
+        state_dict = trained_state(state_dict if state_dict is not None else model.state_dict(), base.prefixes)
     try:
         model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     finally:
         if config is not None:
             config.use_cache = before
+    if full and base is not None:
+        add_base_tensors(base.path, out, base.prefixes)
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """The base checkpoint whose untrained tensors (these prefixes) every full-model output copies."""
+
+    path: Path
+    prefixes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, path: str | Path, family) -> BaseLayout | None:
+        """For a family with frozen or unloaded tensors; None for the others (nothing to copy)."""
+        prefixes = (*family.frozen, *family.unloaded)
+        return cls(Path(path), prefixes) if prefixes else None
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -1,0 +1,113 @@
+"""Qwen3.5/3.6 end to end on a tiny composite checkpoint (hybrid GDN language model, tiny vision tower,
+mtp.* tensors; the real 248k vocabulary and template): LoRA on every linear layer of the language
+model only, merged equals base + adapter in stock peft, full fine-tuning trains the language model
+only, and every output keeps the vision and MTP tensors byte for byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qwen_ft.model.layout import tensor_files
+from qwen_ft.recipe import steps
+from qwen_ft.recipe.run import fit
+from qwen_ft.train.distributed import DistInfo
+from tests.integration.conftest import write_run_yaml
+
+pytestmark = pytest.mark.slow
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+KEPT = ("model.visual.", "mtp.")
+
+
+@pytest.fixture(scope="module")
+def composite(tmp_path_factory) -> Path:
+    """bf16 on disk, as released checkpoints are: a full fine-tune trains fp32 copies, so only a copy
+    from the base's own bytes keeps the vision tower identical."""
+    from qwen_ft.model.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("q35") / "base", "qwen3_5", hidden=32, layers=4, dtype="bf16")
+
+
+def raw_tensors(directory: Path, prefixes=KEPT) -> dict[str, tuple[str, list, bytes]]:
+    """name -> (dtype, shape, raw bytes) of the tensors under `prefixes`."""
+    out = {}
+    for name, f in tensor_files(directory).items():
+        if name.startswith(prefixes):
+            with safe_open(str(f), "pt") as fh:
+                t = fh.get_tensor(name)
+            out[name] = (str(t.dtype), list(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
+    return out
+
+
+def train(tmp: Path, model_dir: Path, **sections):
+    cfg = write_run_yaml(tmp / "run.yaml", model_dir, tmp, **sections)
+    return fit(steps.checked_config(cfg, []), CPU)
+
+
+def probe(model) -> torch.Tensor:
+    ids = torch.tensor([[248045, 846, 198, 9707, 248046, 198, 248045, 74455, 198]])
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, composite):
+    tmp = tmp_path_factory.mktemp("q35lora")
+    trainer, state = train(tmp, composite, method="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                           train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "learning_rate": 1e-2,
+                                  "max_steps": 3})
+    return trainer, state, tmp / "out"
+
+
+def test_lora_adapts_every_language_linear_and_no_vision_layer(lora_run):
+    _, state, out = lora_run
+    config = json.loads((out / "adapter_config.json").read_text())
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as fh:
+        names = list(fh.keys())
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                       "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
+    assert all(".language_model." in n for n in names) and not any("visual" in n for n in names)
+    assert config["exclude_modules"]
+    assert state.history[-1]["loss"] < state.history[0]["loss"]
+
+
+def test_merge_equals_stock_peft_and_keeps_vision_and_mtp(lora_run, composite, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from qwen_ft.export.merge import merge_adapter
+
+    _, _, out = lora_run
+    merged_dir = tmp_path / "merged"
+    merge_adapter(str(out), str(merged_dir), dtype="fp32")
+    stock = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32),
+                                      out).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    assert type(merged).__name__ == "Qwen3_5ForConditionalGeneration"
+    assert (probe(merged) - probe(stock)).abs().max().item() <= 1e-4
+    assert raw_tensors(merged_dir) == raw_tensors(composite)
+    assert set(tensor_files(merged_dir)) == set(tensor_files(composite))  # the base's names, all of them
+
+
+def test_full_finetune_trains_language_model_only_and_keeps_vision_and_mtp(tmp_path, composite):
+    from transformers import AutoModelForImageTextToText
+
+    trainer, state = train(tmp_path, composite, method="full",
+                           train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2,
+                                  "learning_rate": 1e-3, "max_steps": 2})
+    trainable = {n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("model.visual.") for n in trainable)
+    assert any(".linear_attn.A_log" in n for n in trainable) and any(".conv1d." in n for n in trainable)
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in optimized for p in trainer.unwrapped.model.visual.parameters())
+    out = Path(trainer.cfg.train.output_dir)
+    assert raw_tensors(out) == raw_tensors(composite)
+    assert set(tensor_files(out)) == set(tensor_files(composite))
+    saved = AutoModelForImageTextToText.from_pretrained(out).eval()
+    trainer.unwrapped.eval()
+    assert torch.equal(probe(saved), probe(trainer.unwrapped))
