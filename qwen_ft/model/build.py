@@ -23,15 +23,16 @@ def build_model(cfg: RunConfig, family: Family, precision: Precision, attn: str,
     Full fine-tuning keeps fp32 master weights (the forward runs under autocast); LoRA keeps the
     frozen base in the run's dtype and peft keeps the adapters in fp32.
     """
-    from qwen_ft.model.attention import model_attn_name
+    from qwen_ft.model.attention import flattens, model_attn_name
 
+    mixed = cfg.data.packing or flattens(attn)  # several conversations in one row reach the layers
     attn = model_attn_name(attn)
     if cfg.method == "qlora":
-        return _build_qlora(cfg, family, precision, attn, device)
+        return _build_qlora(cfg, family, precision, attn, device, mixed)
     weights = torch.float32 if cfg.method == "full" else precision.dtype
     model = load_base_model(cfg.model.path, weights, attn, cfg.model.trust_remote_code)
     model.config.use_cache = False  # packed rows are exact only without the KV cache
-    keep_packed_apart(model, family)
+    keep_packed_apart(model, family, mixed)
     if cfg.model.recomputed_fraction > 0:
         enable_gradient_checkpointing(model, cfg.method != "full", cfg.model.recomputed_fraction)
     model = apply_method(model, cfg, family)
@@ -62,29 +63,35 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
-def _build_qlora(cfg: RunConfig, family: Family, precision: Precision, attn: str, device: torch.device):
+def _build_qlora(cfg: RunConfig, family: Family, precision: Precision, attn: str, device: torch.device,
+                 mixed: bool):
     """Quantized base (placed on `device` while loading) + k-bit preparation + LoRA."""
     from qwen_ft.model.quant import load_bnb_base, load_gptq_base, prepare_for_kbit
 
     load = load_bnb_base if cfg.quant.backend == "bnb" else load_gptq_base
     model = prepare_for_kbit(load(cfg, precision, attn, device), cfg.model.recomputed_fraction)
-    keep_packed_apart(model, family)
+    keep_packed_apart(model, family, mixed)
     return apply_method(model, cfg, family)
 
 
-def keep_packed_apart(model, family: Family) -> None:
+def keep_packed_apart(model, family: Family, mixed: bool) -> None:
     """Family rule for packed rows beyond attention: Gated DeltaNet layers restart at each example.
 
     Raises:
-        QwenFtError: a "gdn" family whose checkpoint has no GDN layer to restart (nothing would be exact).
+        QwenFtError: packing on a model with linear-attention layers that qwen-ft cannot restart at
+            each example (they would leak one conversation into the next).
     """
-    if family.packing != "gdn":
+    if family.packing != "gdn" or not mixed:
         return
     from qwen_ft.model.linear_attention import install
 
-    if install(model) == 0:
-        raise QwenFtError(f"{family.name}: no Gated DeltaNet layers found in the loaded model, so packed rows "
-                          "cannot be kept apart; set data.packing: false")
+    kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
+    expected = sum(kind == "linear_attention" for kind in kinds)
+    found = install(model)
+    if found != expected:
+        raise QwenFtError(f"data.packing: true, but only {found} of the {expected} linear-attention layers of this "
+                          f"{family.name} model are Gated DeltaNet layers qwen-ft can restart at each conversation; "
+                          "packed rows would leak between conversations there. Set data.packing: false")
 
 
 def load_trained_weights(model, ckpt: Path, method: str) -> None:

@@ -12,6 +12,8 @@ from qwen_ft.model.quant import gptq_settings
 
 if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
+    from qwen_ft.model.families import Family
+    from qwen_ft.tokenizer import ChatTokenizer
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -131,3 +133,21 @@ def _qlora_problems(cfg: RunConfig, gptq: dict | None) -> list[str]:
     if cfg.method == "qlora" and q.original_base and not (Path(q.original_base) / "config.json").is_file():
         problems.append(f"quant.original_base: {q.original_base!r} is not a checkpoint directory")
     return problems
+
+
+def check_vocabulary(family: Family, tok: ChatTokenizer, tokenizer_dir: str, model_dir: str) -> None:
+    """The tokenizer must be the family's vocabulary: a Qwen3 tokenizer on a Qwen3.5 model (or the
+    reverse) gives ids that mean other tokens there, and would train garbage without any error.
+
+    Raises:
+        QwenFtError: naming both directories and the fix.
+    """
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.families import FAMILIES
+
+    if tok.im_start_id == family.im_start_id:
+        return
+    owners = sorted({f.note for f in FAMILIES.values() if f.im_start_id == tok.im_start_id}) or ["another model"]
+    raise QwenFtError(f"tokenizer {tokenizer_dir} is the vocabulary of {' / '.join(owners)} (<|im_start|> = "
+                      f"{tok.im_start_id}), but {model_dir} is {family.note} (<|im_start|> = {family.im_start_id}); "
+                      "point tokenizer.path at the checkpoint's own tokenizer files (or leave it unset)")

@@ -38,7 +38,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
     ckpt = steps.resume_checkpoint(cfg, dist)
     precision, attn, family = steps.runtime(cfg, dist)
     ds_config, _zero3_loading = steps.deepspeed(cfg, precision, dist)  # kept alive while the model loads
-    tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist)
+    tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist, family)
     unwrapped = steps.model(cfg, family, precision, attn, dist)
     plan = steps.run_plan(cfg, dist, first_epoch, precision, attn, family)
     backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)

@@ -78,14 +78,17 @@ def runtime(cfg: RunConfig, dist: DistInfo) -> tuple[Precision, str, Family]:
     return precision, resolve_attention(cfg.model.attn_implementation, dist.device, precision.name), family
 
 
-def tokenizer_and_data(cfg: RunConfig, dist: DistInfo) -> tuple[ChatTokenizer, PreparedData, BatchPlan]:
-    """Tokenizer, data and the first epoch's batch plan: local rank 0 of each node builds the cache
-    (once per node, or once in all on a shared filesystem), the other processes wait and then
-    memory-map it."""
+def tokenizer_and_data(cfg: RunConfig, dist: DistInfo, family: Family) -> tuple[ChatTokenizer, PreparedData,
+                                                                                  BatchPlan]:
+    """Tokenizer (of the family's vocabulary), data and the first epoch's batch plan: local rank 0 of
+    each node builds the cache (once per node, or once in all on a shared filesystem), the other
+    processes wait and then memory-map it."""
     from qwen_ft.data.prepare import format_stats, plan_for, prepare_data
+    from qwen_ft.model.checks import check_vocabulary
     from qwen_ft.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer_path)
+    check_vocabulary(family, tok, cfg.tokenizer_path, cfg.model.path)
     with local_main_first(dist):
         data = prepare_data(cfg, tok)
     print0(dist, f"data ({data.stats.cache}: {data.stats.cache_path}), rendered by {template_source(cfg, tok)}")

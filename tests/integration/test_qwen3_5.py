@@ -111,3 +111,54 @@ def test_full_finetune_trains_language_model_only_and_keeps_vision_and_mtp(tmp_p
     saved = AutoModelForImageTextToText.from_pretrained(out).eval()
     trainer.unwrapped.eval()
     assert torch.equal(probe(saved), probe(trainer.unwrapped))
+
+
+def refused(capsys, config: str, *overrides: str) -> str:
+    from qwen_ft.cli.train import main as finetune_main
+
+    assert finetune_main(["--config", config, *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_tokenizer_of_another_generation_is_refused(tmp_path, composite, tiny_model_dir, capsys):
+    cfg = write_run_yaml(tmp_path / "run.yaml", composite, tmp_path, train={"output_dir": str(tmp_path / "o")})
+    err = refused(capsys, cfg, f"tokenizer.path={tiny_model_dir}")  # Qwen3's vocabulary on a Qwen3.5 model
+    assert f"tokenizer {tiny_model_dir} is the vocabulary of " in err and "Qwen3 dense" in err
+    assert "<|im_start|> = 151644" in err and "<|im_start|> = 248045" in err
+    cfg = write_run_yaml(tmp_path / "run2.yaml", tiny_model_dir, tmp_path, train={"output_dir": str(tmp_path / "p")})
+    err = refused(capsys, cfg, f"tokenizer.path={composite}")  # and the reverse
+    assert "is the vocabulary of Qwen3.5 / Qwen3.6" in err and "point tokenizer.path at the checkpoint's own" in err
+
+
+def test_unknown_model_type_is_refused_listing_the_supported(tmp_path, composite, capsys):
+    import shutil
+
+    future = tmp_path / "future"
+    shutil.copytree(composite, future)
+    config = json.loads((future / "config.json").read_text())
+    (future / "config.json").write_text(json.dumps({**config, "model_type": "qwen4_exp"}))
+    cfg = write_run_yaml(tmp_path / "run.yaml", future, tmp_path, train={"output_dir": str(tmp_path / "o")})
+    err = refused(capsys, cfg)
+    assert "model_type 'qwen4_exp' is not a model qwen-ft trains" in err
+    assert "qwen3_5 (Qwen3.5 / Qwen3.6 dense, vision-language checkpoint)" in err and "qwen2 (" in err
+
+
+def test_packing_is_refused_where_a_linear_layer_cannot_be_restarted():
+    """A linear-attention layer qwen-ft does not know (here: one GDN layer replaced by another mixer)
+    cannot be kept inside each conversation, so packing is refused rather than run leaky."""
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.build import keep_packed_apart
+    from qwen_ft.model.families import FAMILIES
+    from tests.integration.test_gdn_packing import tiny_hybrid
+
+    class OtherMixer(torch.nn.Module):
+        def forward(self, hidden_states, **kwargs):
+            return hidden_states
+
+    model = tiny_hybrid()
+    model.model.layers[0].linear_attn = OtherMixer()
+    with pytest.raises(QwenFtError, match="only 2 of the 3 linear-attention layers .* Set data.packing: false"):
+        keep_packed_apart(model, FAMILIES["qwen3_5_text"], True)
+    keep_packed_apart(model, FAMILIES["qwen3_5_text"], False)  # unpacked rows never mix conversations
