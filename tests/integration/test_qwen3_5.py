@@ -162,3 +162,30 @@ def test_packing_is_refused_where_a_linear_layer_cannot_be_restarted():
     with pytest.raises(QwenFtError, match="only 2 of the 3 linear-attention layers .* Set data.packing: false"):
         keep_packed_apart(model, FAMILIES["qwen3_5_text"], True)
     keep_packed_apart(model, FAMILIES["qwen3_5_text"], False)  # unpacked rows never mix conversations
+
+
+@pytest.mark.extras("bitsandbytes")
+def test_qlora_bnb_on_qwen3_5_merges_to_base_plus_adapter(tmp_path, composite):
+    """Q-LoRA on the 4-bit language model (vision tower left unquantized); the merge into the original
+    base equals base + adapter in stock peft and keeps the vision and MTP tensors."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from qwen_ft.export.merge import merge_adapter
+
+    trainer, _ = train(tmp_path, composite, method="qlora", lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                       train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "learning_rate": 1e-2,
+                              "max_steps": 2})
+    kinds = {type(m.weight).__name__ for n, m in trainer.unwrapped.named_modules()
+             if n.endswith("in_proj_qkv.base_layer") or n.endswith("self_attn.q_proj.base_layer")}
+    assert kinds == {"Params4bit"}
+    vision = [type(m).__name__ for n, m in trainer.unwrapped.named_modules() if ".visual." in n and
+              hasattr(m, "weight")]
+    assert vision and "Linear4bit" not in vision
+    merged_dir = tmp_path / "merged"
+    merge_adapter(str(tmp_path / "out"), str(merged_dir), dtype="fp32")
+    stock = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32),
+                                      tmp_path / "out").eval()
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    assert (probe(merged) - probe(stock)).abs().max().item() <= 1e-4
+    assert raw_tensors(merged_dir) == raw_tensors(composite)
