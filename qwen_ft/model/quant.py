@@ -70,7 +70,8 @@ def load_bnb_base(cfg: RunConfig, precision: Precision, attn: str, device: torch
     frozen = list(resolve_family(cfg.model.family, cfg.model.path).frozen)  # matched from the module name's start
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                                 bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
-                                bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=["lm_head", *frozen] if frozen else None)
+                                bnb_4bit_quant_storage=dtype,
+                                llm_int8_skip_modules=["lm_head", *frozen] if frozen else None)
     model = model_class(cfg.model.path).from_pretrained(
         cfg.model.path, quantization_config=config, dtype=dtype, attn_implementation=attn,
         device_map=_device_map(device), local_files_only=True, trust_remote_code=cfg.model.trust_remote_code)
