@@ -5,7 +5,8 @@ its own so BPE never merges across the framing:
 
     ids = [im_start] + enc(role) + enc("\\n") + enc(content) + [im_end] + enc("\\n")
 
-`enc` is ordinary encoding: special-token look-alikes inside content stay text.
+`enc` is ordinary encoding: special-token look-alikes inside content stay text. Content given as
+a list of text parts is one string here, the parts joined with newlines (`as_text`).
 
 Label policies (IGNORE_INDEX = -100 marks tokens that are not learned; a label equals the
 input id where it is learned; the causal shift happens in the loss):
@@ -30,6 +31,12 @@ from typing import Literal, Protocol
 IGNORE_INDEX = -100
 Policy = Literal["assistant", "last_turn", "qwen_reference"]
 POLICIES: tuple[str, ...] = ("assistant", "last_turn", "qwen_reference")
+
+
+def as_text(content: str | list[dict]) -> str:
+    """A message's content as one string: a list of text parts joined with newlines, as servers join
+    them for a template that concatenates content as a string (ChatML, Qwen1.5/2.5/3)."""
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
 
 
 class _Encoder(Protocol):
@@ -125,7 +132,8 @@ def render_chatml(
     """Render a conversation as ChatML (input_ids, labels).
 
     Args:
-        messages: (role, content) pairs or {"role", "content"} dicts, system message included.
+        messages: (role, content) pairs or {"role", "content"} dicts, system message included; content
+            is a string or a list of text parts (`as_text`).
         tok: a tokenizer with `encode` (ordinary text) and `im_start_id`/`im_end_id`.
         policy: label policy (see module docstring).
 
@@ -134,7 +142,7 @@ def render_chatml(
     """
     pairs = [(m["role"], m["content"]) if isinstance(m, dict) else m for m in messages]
     roles = [r for r, _ in pairs]
-    return assemble(roles, [tok.encode(c) for _, c in pairs], Framing.of(tok), policy)
+    return assemble(roles, [tok.encode(as_text(c)) for _, c in pairs], Framing.of(tok), policy)
 
 
 def fit_length(

@@ -7,6 +7,10 @@ A conversation is a dict the chat template reads as a server would:
      "tools": [...] or None, "kwargs": {template variables for this row}, "learn": [one bool per
      assistant message]}
 
+A content is a string or a list of {"type": "text", "text"} parts, kept as given: the renderer decides
+per template whether the parts are joined (`template.takes_parts`). Image, video and audio parts are
+refused (qwen-ft trains text only).
+
 Tool-call arguments given as a JSON string are decoded to an object first, as servers do before
 rendering. Message fields qwen-ft does not know are refused (a typo must not silently drop data);
 unknown top-level row fields (ids, metadata) are left out and counted in the data report.
@@ -18,6 +22,7 @@ import json
 import re
 from typing import Any
 
+from qwen_ft.data.chatml import as_text
 from qwen_ft.data.schema import RowError
 from qwen_ft.data.template import strings
 
@@ -108,24 +113,46 @@ def _message(msg: Any, where: str) -> dict:
     return out
 
 
-def _content(content: Any, where: str, role: str, has_calls: bool) -> str:
-    """A string, or a list of text parts joined with newlines (as servers do); media is refused."""
+def _content(content: Any, where: str, role: str, has_calls: bool) -> str | list[dict]:
+    """A string, or a list of text parts kept as a list: the renderer gives it to a template that loops
+    over content parts (Qwen3.5/3.6 concatenate them) and joins it with newlines for the others, as
+    servers do (`template.takes_parts`). Image, video and audio parts are refused."""
     if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise RowError(f"{where}[{i}]: a {kind or type(part).__name__} part; qwen-ft trains text models, so "
-                               "only {\"type\": \"text\", \"text\": ...} parts are accepted")
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    if content is None and has_calls:
+        content = [_text_part(part, f"{where}[{i}]") for i, part in enumerate(content)]
+    if content in (None, "", []) and has_calls:  # a reply that only calls tools
         return ""
-    if not isinstance(content, str):
+    if not isinstance(content, (str, list)):
         raise RowError(f"{where}: expected a string, got {type(content).__name__} {content!r:.60}")
-    if not content.strip() and not has_calls:
+    if not as_text(content).strip() and not has_calls:
         raise RowError(f"{where}: empty {role} message; remove the message or fill it in")
     return content
+
+
+# Media part types (OpenAI's, and the Qwen-VL/transformers spelling) and the keys a typeless part names them by.
+MEDIA = ("image", "image_url", "video", "video_url", "audio", "audio_url", "input_audio")
+
+
+def _text_part(part: Any, where: str) -> dict:
+    """{"type": "text", "text": ...} from one content part; a media part is refused saying why and how to fix."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    media = kind if kind in MEDIA else next((k for k in MEDIA if isinstance(part, dict) and k in part), None)
+    if media:
+        article = "an" if media[0] in "aeiou" else "a"
+        raise RowError(f"{where}: {article} {media} part{_media_name(part, media)}; qwen-ft trains the language "
+                       "model of vision-language checkpoints (Qwen3.5/3.6) on text only, so images, video and "
+                       "audio cannot be learned from. Remove the media part (or the row), or set "
+                       "data.on_error=skip to skip such rows (they are counted in the data report)")
+    if kind != "text" or not isinstance(part.get("text"), str):
+        raise RowError(f"{where}: a {kind or type(part).__name__} part; qwen-ft trains text models, so "
+                       "only {\"type\": \"text\", \"text\": ...} parts are accepted")
+    return {"type": "text", "text": part["text"]}
+
+
+def _media_name(part: dict, media: str) -> str:
+    """The file or URL a media part points at, as " (cat.png)", so the user can find it; "" for inline data."""
+    ref = part.get(media) or part.get("url") or part.get("path")
+    ref = ref.get("url") if isinstance(ref, dict) else ref
+    return f" ({ref:.80})" if isinstance(ref, str) and ref and not ref.startswith("data:") else ""
 
 
 def _tool_call(call: Any, where: str) -> dict:

