@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from qwen_ft.bench.measure import StepClock
-from qwen_ft.model.families import FAMILIES
+from qwen_ft.model.families import resolve_family
 
 
 def _load(model_dir: str, method: str, bf16: bool):
@@ -38,7 +38,8 @@ def _with_lora(model, method: str, case: dict):
     if method.startswith("qlora"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=case["gradient_checkpointing"])
     config = LoraConfig(r=case["lora_r"], lora_alpha=case["lora_alpha"], lora_dropout=case["lora_dropout"],
-                        target_modules=list(FAMILIES["qwen2"].lora_targets), task_type="CAUSAL_LM",
+                        target_modules=list(resolve_family("auto", case["model_dir"]).lora_targets),
+                        task_type="CAUSAL_LM",
                         modules_to_save=["embed_tokens", "lm_head"] if method == "lora_emb" else None)
     return get_peft_model(model, config)
 

@@ -22,11 +22,12 @@ SHARD_BYTES = 4 * 1024**3
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of a Qwen2 checkpoint, from a meta-device model."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """Name -> shape of every tensor of a checkpoint with this config.json, from a meta-device model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    settings = {k: v for k, v in config.items() if k != "model_type"}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**config))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **settings))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -90,9 +91,10 @@ def gptq_group_size(config: dict) -> int:
 def write_random_checkpoint(shape: str, out: str | Path, dtype: torch.dtype = torch.bfloat16,
                             gptq: bool = False) -> Path:
     """Write config.json, random weights and the bundled Qwen tokenizer files to `out`; returns it."""
-    out = write_tokenizer_files("qwen3", out)  # a Path from here on (`out` may be given as a str)
-    tok = load_tokenizer(out)
-    config = {**shape_config(shape), **tok.special_ids()}
+    config = shape_config(shape)
+    vocabulary = "qwen3_5" if config["model_type"] == "qwen3_5_text" else "qwen3"
+    out = write_tokenizer_files(vocabulary, out)  # a Path from here on (`out` may be given as a str)
+    config.update(load_tokenizer(out).special_ids())
     group = gptq_group_size(config) if gptq else None
     if group:
         config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,

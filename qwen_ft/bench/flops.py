@@ -35,8 +35,20 @@ def step_flops(shape: Shape, method: str, length: int, sequences: int, learned: 
     weights = shape.linear_params()
     body = tokens * ((6 if method == "full" else 4) * weights + 6 * adapter_params)
     head = learned * shape.vocab * shape.hidden * (6 if method in ("full", "lora_emb") else 4)
-    attention = tokens * shape.layers * 6 * length * shape.heads * shape.head_dim
-    return float(body + head + attention)
+    attention = tokens * shape.attention_layers * 6 * length * shape.heads * shape.head_dim
+    return float(body + head + attention + tokens * gdn_flops_per_token(shape))
+
+
+def gdn_flops_per_token(shape: Shape) -> float:
+    """Forward + backward FLOPs per token of the chunked delta rule over every Gated DeltaNet layer
+    (3x the forward): per value head, the state read and update (4 k_dim x v_dim) and the in-chunk
+    attention over 64 tokens (2 x 64 x (k_dim + v_dim)). The projections are in `linear_params`."""
+    from qwen_ft.model.shape import GDN_CHUNK
+
+    g = shape.gdn
+    if g is None:
+        return 0.0
+    return 3.0 * g.layers * g.v_heads * (4 * g.k_dim * g.v_dim + 2 * GDN_CHUNK * (g.k_dim + g.v_dim))
 
 
 def mfu(flops: float, seconds: float, peak_tflops: float | None) -> float | None:

@@ -1,7 +1,10 @@
-"""The shapes of named Qwen models, as native Qwen2 configs (Qwen v1 maps onto Qwen2 exactly).
+"""The shapes of named Qwen models, as native configs: Qwen2 (Qwen v1 maps onto Qwen2 exactly) and the
+Qwen3.5 text model (Gated DeltaNet + gated attention; its vision tower plays no part in text speed).
 
 Sizes from the released config.json files; v1's intermediate_size counts both MLP halves, so the
-native value is half of it. `tiny` is the CPU smoke shape.
+native value is half of it. qwen3.5-9b is transformers' Qwen3_5TextConfig default, documented there
+as the Qwen3.5-9B shape (9.41B parameters with its vision tower). `tiny` and `tiny-qwen3.5` are the
+CPU smoke shapes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ SHAPES: dict[str, dict] = {
     "14b": {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40, "intermediate_size": 13696,
             "vocab_size": 152064},
 }
+# Qwen3.5 text models: every fourth layer gated attention, the rest Gated DeltaNet
+HYBRID: dict[str, dict] = {
+    "tiny-qwen3.5": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "head_dim": 16, "intermediate_size": 128, "linear_num_key_heads": 2,
+                     "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16},
+    "qwen3.5-9b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 16, "num_key_value_heads": 4,
+                   "head_dim": 256, "intermediate_size": 12288, "linear_num_key_heads": 16,
+                   "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128},
+}
+SHAPES.update(HYBRID)
 
 
 def shape_config(name: str) -> dict:
@@ -29,6 +42,14 @@ def shape_config(name: str) -> dict:
     if name not in SHAPES:
         raise QwenFtError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
     s = SHAPES[name]
+    if name in HYBRID:
+        layers = s["num_hidden_layers"]
+        return {"architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", **s, "vocab_size": 248320,
+                "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)],
+                "linear_conv_kernel_dim": 4, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                                    "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+                "tie_word_embeddings": False, "hidden_act": "silu", "use_cache": False, "torch_dtype": "bfloat16"}
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **s,
             "num_key_value_heads": s["num_attention_heads"], "max_position_embeddings": 32768,
             "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",

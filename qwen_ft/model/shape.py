@@ -1,8 +1,36 @@
-"""The sizes of a Qwen decoder that memory and FLOPs depend on, read from config.json."""
+"""The sizes of a Qwen decoder that memory and FLOPs depend on, read from config.json.
+
+Qwen3.5/3.6 are hybrids: `layer_types` mixes Gated DeltaNet layers (`linear_attention`: five
+projections, a depthwise conv, per-head decay and a recurrent state) with gated attention layers
+(`full_attention`: q_proj also yields an output gate, so it is twice as wide). A composite checkpoint
+also holds a vision tower, which sits in memory but is never trained (`frozen_params`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+GDN_CHUNK = 64  # the chunk length of the chunked delta rule (transformers' and fla's)
+
+
+@dataclass(frozen=True)
+class Gdn:
+    """Gated DeltaNet sizes (text config's linear_* keys)."""
+
+    layers: int
+    k_heads: int
+    v_heads: int
+    k_dim: int
+    v_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
+
+    def state_bytes(self) -> int:
+        """One fp32 recurrent state (per sequence and layer): v_heads x k_dim x v_dim."""
+        return self.v_heads * self.k_dim * self.v_dim * 4
 
 
 @dataclass(frozen=True)
@@ -17,45 +45,97 @@ class Shape:
     intermediate: int
     tied: bool
     head_dim: int
-    qwen3: bool  # Qwen3: no q/k/v bias, RMSNorm on q and k per head
+    qwen3: bool  # Qwen3 and later: no q/k/v bias, RMSNorm on q and k per head
+    gdn: Gdn | None = None  # Qwen3.5/3.6: the Gated DeltaNet layers (the others are gated attention)
+    frozen_params: int = 0  # a composite checkpoint's vision tower: held, never trained
 
     @classmethod
     def from_config(cls, c: dict) -> Shape:
-        """Qwen2/3 config.json (v1 configs are mapped first)."""
+        """Qwen2/3/3.5 config.json (v1 configs are mapped first; composite ones read their text_config)."""
         if c.get("model_type") == "qwen":
             from qwen_ft.model.qwen_v1 import native_config
 
             c = native_config(c)
-        heads = c["num_attention_heads"]
-        return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], heads,
-                   c.get("num_key_value_heads", heads), c["intermediate_size"],
-                   bool(c.get("tie_word_embeddings", False)), int(c.get("head_dim") or c["hidden_size"] // heads),
-                   c.get("model_type") == "qwen3")
+        text = {**c["text_config"], "tie_word_embeddings": c.get("tie_word_embeddings")} if "text_config" in c else c
+        heads = text["num_attention_heads"]
+        hybrid = "linear_num_value_heads" in text
+        return cls(text["vocab_size"], text["hidden_size"], text["num_hidden_layers"], heads,
+                   text.get("num_key_value_heads", heads), text["intermediate_size"],
+                   bool(text.get("tie_word_embeddings", False)),
+                   int(text.get("head_dim") or text["hidden_size"] // heads),
+                   c.get("model_type") != "qwen2" or hybrid, _gdn(text) if hybrid else None,
+                   _vision_params(c.get("vision_config")) if "vision_config" in c else 0)
+
+    @property
+    def attention_layers(self) -> int:
+        """Layers with (gated) softmax attention."""
+        return self.layers - (self.gdn.layers if self.gdn else 0)
+
+    def layer_groups(self) -> list[tuple[int, dict[str, tuple[int, int]]]]:
+        """(how many layers, (in, out) of each of their linear layers) per kind of decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        mlp = {"gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
+               "down_proj": (self.intermediate, self.hidden)}
+        gate = 2 if self.gdn else 1  # gated attention: q_proj also yields the output gate
+        attn = {"q_proj": (self.hidden, gate * q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+                "o_proj": (q, self.hidden)}
+        groups = [(self.attention_layers, {**attn, **mlp})]
+        if self.gdn:
+            g = self.gdn
+            groups.append((g.layers, {"in_proj_qkv": (self.hidden, g.conv_dim),
+                                      "in_proj_z": (self.hidden, g.v_heads * g.v_dim),
+                                      "in_proj_b": (self.hidden, g.v_heads), "in_proj_a": (self.hidden, g.v_heads),
+                                      "out_proj": (g.v_heads * g.v_dim, self.hidden), **mlp}))
+        return groups
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder layer."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+        """(in, out) of each linear layer name of the decoder layers."""
+        return {name: io for _, shapes in self.layer_groups() for name, io in shapes.items()}
 
     def linear_params(self) -> int:
         """Parameters in the decoder layers' linear weights (what quantization applies to)."""
-        return self.layers * sum(i * o for i, o in self.linear_shapes().values())
+        return sum(n * sum(i * o for i, o in shapes.values()) for n, shapes in self.layer_groups())
 
     def other_params(self) -> int:
-        """Embeddings, untied head, q/k/v biases (Qwen2) or q/k norms (Qwen3), and layer norms."""
+        """Embeddings, untied head, q/k/v biases (Qwen2) or q/k norms (Qwen3+), layer norms, the GDN
+        layers' conv, decay and gated norm, and a frozen vision tower."""
         attn = 2 * self.head_dim if self.qwen3 else (self.heads + 2 * self.kv_heads) * self.head_dim
-        per_layer = attn + 2 * self.hidden
+        gdn = 0
+        if self.gdn:
+            g = self.gdn
+            gdn = g.layers * (g.conv_dim * g.conv_kernel + 2 * g.v_heads + g.v_dim)
         heads = 1 if self.tied else 2
-        return heads * self.vocab * self.hidden + self.layers * per_layer + self.hidden
+        return (heads * self.vocab * self.hidden + self.attention_layers * attn + self.layers * 2 * self.hidden
+                + gdn + self.hidden + self.frozen_params)
 
     def params(self) -> int:
         """All parameters (tied weights once)."""
         return self.linear_params() + self.other_params()
 
 
+def _gdn(text: dict) -> Gdn:
+    kinds = text.get("layer_types") or ["linear_attention" if (i + 1) % text.get("full_attention_interval", 4)
+                                        else "full_attention" for i in range(text["num_hidden_layers"])]
+    return Gdn(sum(k == "linear_attention" for k in kinds), text["linear_num_key_heads"],
+               text["linear_num_value_heads"], text["linear_key_head_dim"], text["linear_value_head_dim"],
+               text.get("linear_conv_kernel_dim", 4))
+
+
+def _vision_params(v: dict | None) -> int:
+    """Parameters of a Qwen3.5 vision tower from its config: patch and position embeddings, blocks
+    (two LayerNorms, qkv + proj attention and a two-layer MLP, all with biases) and the patch merger."""
+    if not v:
+        return 0
+    h, i, m = v.get("hidden_size", 1152), v.get("intermediate_size", 4304), v.get("spatial_merge_size", 2) ** 2
+    out = v.get("out_hidden_size", 3584)
+    patch = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 16) ** 2 * h + h
+    block = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h)
+    merger = 2 * h + (h * m * h * m + h * m) + (h * m * out + out)
+    return patch + v.get("num_position_embeddings", 2304) * h + v.get("depth", 27) * block + merger
+
+
 def lora_params(shape: Shape, r: int, targets: tuple[str, ...] = ()) -> int:
     """LoRA A and B weights of rank `r` on the `targets` linear layers (empty: all of them)."""
     chosen = set(targets or shape.linear_shapes())
-    return shape.layers * sum(r * (i + o) for name, (i, o) in shape.linear_shapes().items() if name in chosen)
+    return sum(n * sum(r * (i + o) for name, (i, o) in shapes.items() if name in chosen)
+               for n, shapes in shape.layer_groups())

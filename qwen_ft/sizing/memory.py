@@ -41,7 +41,7 @@ class Estimate:
 def trainable_params(cfg: RunConfig, shape: Shape) -> int:
     """Parameters the optimizer updates."""
     if cfg.method == "full":
-        return shape.params()
+        return shape.params() - shape.frozen_params  # a vision tower is held, not trained
     emb = (1 if shape.tied else 2) * shape.vocab * shape.hidden if cfg.lora.train_embeddings else 0
     return lora_params(shape, cfg.lora.r, cfg.lora.target_modules) + emb
 
@@ -64,9 +64,8 @@ def quantized_linear_bytes(cfg: RunConfig, shape: Shape, gptq_group: int) -> flo
         per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quant.double_quant else 4 / 64)
         return shape.linear_params() * per_weight
     code = cfg.quant.bits / 8
-    per_layer = sum(i * o * code + -(-i // gptq_group) * o * (code + 2) + i * 4
-                    for i, o in shape.linear_shapes().values())
-    return shape.layers * per_layer
+    return sum(n * sum(i * o * code + -(-i // gptq_group) * o * (code + 2) + i * 4 for i, o in shapes.values())
+               for n, shapes in shape.layer_groups())
 
 
 # Bytes per logit entry at the loss step's peak (fp32 logits, their softmax/gradient and the 16-bit
@@ -93,10 +92,24 @@ def estimate(cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, o
     recomputed = checkpointed_layers(shape.layers, cfg.model.recomputed_fraction)
     # Recomputed layers keep their input only; the others all their activations.
     e.parts["activations"] = tokens * (recomputed * shape.hidden * 2 + (shape.layers - recomputed) * per_layer)
+    states = gdn_chunk_states(cfg, shape)  # per GDN layer, kept like its other activations
+    if shape.gdn and recomputed < shape.layers:
+        e.parts["GDN states"] = states * shape.gdn.layers * (1 - recomputed / shape.layers)
     e.moments["loss step"] = _loss_step_bytes(cfg, shape, dtype, stage, tokens, t)
-    if recomputed:
-        e.moments["layer replay"] = tokens * per_layer  # one layer's activations while backward replays it
+    if recomputed:  # one layer's activations while backward replays it
+        e.moments["layer replay"] = tokens * per_layer + states
     return e
+
+
+def gdn_chunk_states(cfg: RunConfig, shape: Shape) -> float:
+    """Bytes of one Gated DeltaNet layer's recurrent states kept for backward: the chunked delta rule
+    holds an fp32 state per 64-token chunk of each row (a [v_heads, k_dim, v_dim] matrix each)."""
+    from qwen_ft.model.shape import GDN_CHUNK
+
+    if shape.gdn is None:
+        return 0.0
+    chunks = -(-cfg.data.max_length // GDN_CHUNK)
+    return float(cfg.train.micro_batch_size * chunks * shape.gdn.state_bytes())
 
 
 def _loss_step_bytes(cfg: RunConfig, shape: Shape, dtype: str, stage: int, tokens: int, trained: int) -> float:

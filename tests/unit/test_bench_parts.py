@@ -24,6 +24,26 @@ def test_named_shapes_have_the_released_parameter_counts():
         shape_config("3b")
 
 
+def test_qwen3_5_shape_is_the_9b_text_model_and_counts_gdn_flops():
+    """qwen3.5-9b: transformers' Qwen3.5-9B text shape (9.41B with its vision tower, 8.95B without), 24 GDN
+    layers whose delta-rule FLOPs add to the matmuls and whose cost does not grow with the length."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+
+    from qwen_ft.bench.flops import gdn_flops_per_token
+
+    config = shape_config("qwen3.5-9b")
+    shape = Shape.from_config(config)
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(Qwen3_5TextConfig(**settings))
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    assert round(shape.params() / 1e9, 2) == 8.95 and shape.gdn.layers == 24 and shape.attention_layers == 8
+    per_token = [step_flops(shape, "lora", n, 1, learned=0) / n for n in (1024, 2048)]
+    assert per_token[1] - per_token[0] == pytest.approx(6 * 8 * 16 * 256 * 1024)  # the 8 attention layers only
+    assert gdn_flops_per_token(shape) == 3 * 24 * 32 * (4 * 128 * 128 + 2 * 64 * 256)
+
+
 def test_full_finetuning_flops_follow_the_6n_rule_at_short_lengths():
     tokens = 8 * 16
     flops = step_flops(SEVEN_B, "full", 16, 8, learned=tokens)

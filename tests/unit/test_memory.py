@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,53 @@ def test_estimate_cli_reads_the_gptq_group(tmp_path, capsys):
         line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("weights"))
         weights[group] = float(line.split()[1])
     assert 0 < weights[-1] < weights[128] < weights[-1] + 0.2
+
+
+def test_qwen3_5_composite_counts_are_exact_and_lora_matches_peft():
+    """The hybrid shape (GDN + gated attention) with its vision tower, against stock transformers/peft on the
+    meta device: the Qwen3.5-9B config (9.41B parameters, 0.45B of them the vision tower)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from qwen_ft.model.families import FAMILIES
+
+    raw = json.loads((ASSETS / "qwen3.5-9b" / "config.json").read_text())
+    shape = Shape.from_config(raw)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(ASSETS / "qwen3.5-9b"))
+    assert shape.params() == sum(p.numel() for p in model.parameters()) == 9_407_453_936
+    assert shape.frozen_params == sum(p.numel() for p in model.model.visual.parameters())
+    assert shape.gdn.layers == 24 and shape.attention_layers == 8
+    cfg = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]}, "lora": {"r": 8}})
+    family = FAMILIES["qwen3_5"]
+    with torch.device("meta"):
+        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=list(family.lora_targets),
+                                                      exclude_modules=r"(.*\.)?model\.visual(\..*)?"))
+    expected = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable_params(cfg, shape) == expected
+    full = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]}, "method": "full"})
+    assert trainable_params(full, shape) == shape.params() - shape.frozen_params  # the tower is not trained
+
+
+def test_qwen3_5_estimate_counts_gdn_states_and_248k_logits(capsys):
+    """`qwen-ft estimate` on the Qwen3.5-9B shape: the GDN layers' chunk states grow with the length and
+    the loss step holds 248,320-wide logits."""
+    from qwen_ft.sizing.memory import gdn_chunk_states
+
+    raw = json.loads((ASSETS / "qwen3.5-9b" / "config.json").read_text())
+    shape = Shape.from_config(raw)
+    cfgs = {n: config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"], "max_length": n},
+                                 "lora": {"r": 64}}) for n in (2048, 8192)}
+    states = {n: gdn_chunk_states(c, shape) for n, c in cfgs.items()}
+    assert states[2048] == 32 * 32 * 128 * 128 * 4 and states[8192] == 4 * states[2048]  # 32 chunks of 64
+    short, long = (estimate(cfgs[n], shape, "bf16", 1, 0, False) for n in (2048, 8192))
+    assert short.moments["layer replay"] == 2048 * 34 * 4096 + states[2048] and long.total > short.total
+    half = config_from_dict({"model": {"path": "m", "checkpoint_fraction": 0.5},
+                             "data": {"train_files": ["d"], "max_length": 2048}})
+    assert estimate(half, shape, "bf16", 1, 0, False).parts["GDN states"] == states[2048] * 24 * 0.5
+    assert short.moments["loss step"] >= 1024 * 248_320 * 11
+    config = Path(__file__).resolve().parents[2] / "configs" / "qwen3.5-9b_lora.yaml"
+    assert main(["estimate", str(config), f"model.path={ASSETS / 'qwen3.5-9b'}"]) == 0
+    out = capsys.readouterr().out
+    assert "9.41B parameters" in out and "not yet checked against a GPU" in out
