@@ -189,3 +189,34 @@ def test_qlora_bnb_on_qwen3_5_merges_to_base_plus_adapter(tmp_path, composite):
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     assert (probe(merged) - probe(stock)).abs().max().item() <= 1e-4
     assert raw_tensors(merged_dir) == raw_tensors(composite)
+
+
+def test_chat_on_qwen3_5_answers_as_stock_generate(composite, tmp_path, capsys):
+    """`qwen-ft chat` on the composite model: the Qwen3.5 template's prompt (thinking open) and greedy
+    generate() through the GDN layers' cache, token for token as transformers alone gives them."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from qwen_ft.cli.main import main
+
+    model = AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32)
+    with torch.no_grad():  # a random final norm: otherwise the random model repeats one token forever
+        norm = model.model.language_model.norm.weight
+        norm.copy_(torch.randn(norm.shape, generator=torch.Generator().manual_seed(0)))
+    talkative = tmp_path / "talkative"
+    model.save_pretrained(talkative)
+    for f in composite.iterdir():
+        if not (talkative / f.name).exists():
+            shutil.copyfile(f, talkative / f.name)
+    tok = AutoTokenizer.from_pretrained(talkative)
+    inputs = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    assert tok.decode(inputs["input_ids"][0]).endswith("<|im_start|>assistant\n<think>\n")
+    stop = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    out = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=stop,
+                                pad_token_id=stop[1])
+    expected = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(set(out[0, inputs["input_ids"].shape[1]:].tolist())) > 1  # not one token repeated
+    assert main(["chat", str(talkative), "--prompt", "Hello", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
