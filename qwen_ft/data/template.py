@@ -113,7 +113,7 @@ def _template_text(path: Path) -> str:
     return text
 
 
-# sha256 of the templates Qwen ships (Qwen1.5-Chat, Qwen2.5-Instruct, Qwen3) and of qwen-ft's Qwen v1
+# sha256 of the templates Qwen ships (Qwen1.5-Chat, Qwen2.5-Instruct, Qwen3, Qwen3.5, Qwen3.6) and of qwen-ft's Qwen v1
 # ChatML: read and found to use plain data access only, so they render outside Jinja's sandbox, whose
 # attribute checks cost more than half of a render. Any other template is untrusted code and renders
 # in transformers' own sandboxed environment. Both give the same text (tests/integration/test_templates.py
@@ -122,6 +122,8 @@ VETTED = {
     "af9c0233881b083b52ff773580215222b5440ac3d0beeeca99b76329b048f8db",  # Qwen1.5-Chat
     "55b2f4a26ac9ee719330a61a0c39d9e538b0e9322212f048326318cff4f8674a",  # Qwen2.5-Instruct
     "87a2728cb8dc9fe424d624542f6060ec05a1d285ebbec578bb078900e33396b5",  # Qwen3
+    "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",  # Qwen3.5 (qwen35.jinja)
+    "e84f32a23fdda27689f868aa4a1a5621f41133e51a48d7f3efcbea2839574259",  # Qwen3.6 (qwen36.jinja)
     "1dd84330c29324fc6ef7a1e2479bb6c6848ae13d270c385ab7f6df369385f814",  # Qwen v1 ChatML (tokenizer/convert.py)
 }
 
