@@ -11,13 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen_ft.data.chatml import IGNORE_INDEX
 from qwen_ft.data.collate import collate
 from qwen_ft.model.attention import model_attn_name
 from qwen_ft.model.linear_attention import install
 from qwen_ft.train.loss import causal_lm_loss, model_inputs
-
-VOCAB = 500
+from tests.integration.test_packing_exact import VOCAB, examples
 
 
 def tiny_hybrid(attn: str = "sdpa", slow_decay: bool = True):
@@ -38,16 +36,6 @@ def tiny_hybrid(attn: str = "sdpa", slow_decay: bool = True):
             if type(module).__name__.endswith("GatedDeltaNet"):
                 module.A_log.data.fill_(-6.0)
     return model
-
-
-def examples(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
-        labels = [t if torch.rand(1, generator=g).item() < 0.6 else IGNORE_INDEX for t in ids]
-        out.append({"input_ids": ids, "labels": labels})
-    return out
 
 
 ROWS_1 = [[0, 1, 2]]  # micro-batch 1: three conversations in one row
