@@ -30,6 +30,25 @@ class QuantizeReport:
     ppl_after: float
 
 
+def refuse_unsupported(model_dir: str) -> None:
+    """Qwen3.5/3.6 are refused before anything loads: gptqmodel 7.6 loads a composite checkpoint through
+    its image and video processors (torchvision) and writes it without the `mtp.*` tensors, and on the
+    tiny hybrid model its torch kernel fails on the Gated DeltaNet's narrow in_proj_a/in_proj_b. Nothing
+    qwen-ft has checked would come out; a merged bf16 model is served as is.
+
+    Raises:
+        QwenFtError: naming the family and what to do instead.
+    """
+    from qwen_ft.model.families import resolve_family
+
+    family = resolve_family("auto", model_dir)
+    if family.packing == "gdn":
+        raise QwenFtError(f"{model_dir} is {family.note}: qwen-ft quantize does not re-quantize this family yet "
+                          "(its vision tower and MTP tensors would not be kept, and its Gated DeltaNet layers are "
+                          "not checked with gptqmodel); serve the merged model in bf16, or quantize with the "
+                          "serving stack's own tools")
+
+
 def check_group_size(model, group_size: int) -> None:
     """Every linear layer's input width must be a multiple of the group size.
 
@@ -66,7 +85,12 @@ def _per_layer_logs_into(folder: Path) -> None:
 
 def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, calibration: str,
                    n_calib: int = 128, eval_data: str | None = None, max_length: int = 2048) -> QuantizeReport:
-    """GPTQ-quantize `model_dir` into `out_dir` and measure perplexity before and after."""
+    """GPTQ-quantize `model_dir` into `out_dir` and measure perplexity before and after.
+
+    Raises:
+        QwenFtError: a family this command cannot re-quantize yet, or a group size that does not fit.
+    """
+    refuse_unsupported(model_dir)
     deps.require("gptq", "qwen-ft quantize")
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoModelForCausalLM

@@ -11,10 +11,13 @@ tensors are copied from its own files, one base shard at a time, under an index 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
 INDEX = "model.safetensors.index.json"
+# what a server reads beside the weights to feed the vision tower (copied unchanged into full outputs)
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 
 def tensor_files(directory: str | Path) -> dict[str, Path]:
@@ -44,7 +47,8 @@ def trained_state(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
 
 def add_base_tensors(base: str | Path, out: str | Path, prefixes: tuple[str, ...]) -> int:
     """Copy the base's tensors under `prefixes` into `out` (written without them) and index every
-    shard; returns how many tensors were copied. Each copy keeps the base's dtype and bytes."""
+    shard, and the base's processor files; returns how many tensors were copied. Each copy keeps the
+    base's dtype and bytes."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -53,6 +57,9 @@ def add_base_tensors(base: str | Path, out: str | Path, prefixes: tuple[str, ...
     for name, f in tensor_files(base).items():
         if kept_from_base(name, prefixes):
             by_file[f].append(name)
+    for name in PROCESSOR_FILES:
+        if (Path(base) / name).is_file():
+            shutil.copyfile(Path(base) / name, out / name)
     if not by_file:
         return 0
     own = _own_shards(out)

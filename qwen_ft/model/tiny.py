@@ -39,7 +39,15 @@ def make_tiny_model(out_dir: str | Path, family: str = "qwen3", hidden: int = 64
     model.save_pretrained(out, safe_serialization=True)
     if family == "qwen3_5":
         _write_mtp(out, hidden, DTYPES[dtype], seed)
+        _write_image_processor(out)
     return out
+
+
+def _write_image_processor(out: Path) -> None:
+    """preprocessor_config.json as Qwen3.5 checkpoints ship it (what a server feeds the vision tower with)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2).save_pretrained(out)
 
 
 def _config(family: str, hidden: int, layers: int, vocab: int, special_ids: dict):

@@ -92,6 +92,8 @@ def test_merge_equals_stock_peft_and_keeps_vision_and_mtp(lora_run, composite, t
     assert (probe(merged) - probe(stock)).abs().max().item() <= 1e-4
     assert raw_tensors(merged_dir) == raw_tensors(composite)
     assert set(tensor_files(merged_dir)) == set(tensor_files(composite))  # the base's names, all of them
+    processor = "preprocessor_config.json"
+    assert (merged_dir / processor).read_bytes() == (composite / processor).read_bytes()
 
 
 def test_full_finetune_trains_language_model_only_and_keeps_vision_and_mtp(tmp_path, composite):
@@ -220,3 +222,13 @@ def test_chat_on_qwen3_5_answers_as_stock_generate(composite, tmp_path, capsys):
     assert len(set(out[0, inputs["input_ids"].shape[1]:].tolist())) > 1  # not one token repeated
     assert main(["chat", str(talkative), "--prompt", "Hello", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_quantize_refuses_qwen3_5_before_loading(composite, tmp_path, capsys):
+    from qwen_ft.cli.main import main
+
+    assert main(["quantize", str(composite), "--out", str(tmp_path / "q"), "--calibration",
+                 str(Path(__file__).resolve().parents[2] / "data/example_chatml.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "does not re-quantize this family yet" in err and "Traceback" not in err
+    assert not (tmp_path / "q").exists()
