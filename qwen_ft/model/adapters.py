@@ -41,7 +41,12 @@ def is_frozen(name: str, family: Family) -> bool:
 
 
 def apply_method(model, cfg: RunConfig, family: Family):
-    """Return the model to train: the base itself (full) or a PeftModel (lora)."""
+    """Return the model to train: the base itself (full) or a PeftModel (lora).
+
+    The adapters' initial values follow train.seed from here, whatever loading drew from the
+    generator before (ZeRO-3's zero.Init builds Qwen3.5's layers for real, drawing their A_log init;
+    a plain load builds them on the meta device and draws nothing)."""
+    torch.manual_seed(cfg.train.seed)
     if cfg.method == "full":
         for name, p in model.named_parameters():
             p.requires_grad_(not is_frozen(name, family))  # frozen towers stay out of the optimizer

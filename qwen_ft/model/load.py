@@ -5,6 +5,7 @@ Nothing here reaches a model hub: paths are local directories (`local_files_only
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +78,35 @@ def load_base_model(path: str, weights_dtype: torch.dtype, attn: str, trust_remo
     """The checkpoint in a local directory, whole (its family's class), with the given dtype and attention."""
     from qwen_ft.model.families import model_class
 
-    return model_class(path).from_pretrained(
+    model = model_class(path).from_pretrained(
         path, dtype=weights_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
         local_files_only=True,
     )
+    keep_applied_conversions(model, path)
+    return model
+
+
+def keep_applied_conversions(model, path: str) -> None:
+    """Leave on the model only the weight renamings its load really applied, as a plain load records.
+
+    transformers' ZeRO-3 load records every candidate renaming of the model type (legacy ones too),
+    and save_pretrained reverses them all: a composite Qwen3.5 model, whose names already equal its
+    checkpoint's, was saved as model.language_model.model.language_model.*. A renaming applied when
+    some checkpoint name was not a model name and became one; tensor converters are kept as they are."""
+    from transformers.core_model_loading import WeightRenaming
+
+    from qwen_ft.model.layout import tensor_files
+
+    recorded = getattr(model, "_weight_conversions", None)
+    if not recorded:
+        return
+    ours, on_disk = set(model.state_dict()), set(tensor_files(path))
+
+    def applied(rename) -> bool:
+        pairs = list(zip(rename.source_patterns, rename.target_patterns, strict=False))
+        return any(name not in ours and any(re.sub(s, t, name) in ours for s, t in pairs) for name in on_disk)
+
+    model._weight_conversions = [c for c in recorded if not isinstance(c, WeightRenaming) or applied(c)]
 
 
 def enable_gradient_checkpointing(model, for_adapters: bool, fraction: float = 1.0) -> None:

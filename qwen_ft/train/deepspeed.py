@@ -43,6 +43,32 @@ def initialize(cfg: RunConfig, model, ds_config: dict):
     return engine
 
 
+def _gathered_by_module(deepspeed, model) -> dict:
+    """Every tensor under the model's own state_dict keys, gathered one module at a time (rank 0 keeps
+    host copies). DeepSpeed's consolidated state dict names tensors by walking children itself, and for
+    a composite Qwen3.5 model those names come out doubled (model.language_model.model.language_model...)."""
+    import torch.distributed as dist
+
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    gathered: dict[int, str] = {}  # id(parameter) -> its key in `out`
+    for prefix, module in model.named_modules():
+        # a tied parameter once: its other keys share that one tensor, so save_pretrained sees the tie
+        params = [(n, p) for n, p in module.named_parameters(prefix=prefix, recurse=False) if id(p) not in gathered]
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if keep:
+                out.update({name: p.detach().cpu().clone() for name, p in params})
+            gathered.update({id(p): name for name, p in params})
+    if not keep:
+        return out
+    for key, value in model.state_dict(keep_vars=True).items():  # tied keys and (never partitioned) buffers
+        if key not in out:
+            out[key] = out[gathered[id(value)]] if id(value) in gathered else value.detach().cpu()
+    return out
+
+
 def gathered_state_dict(engine, model, method: str) -> dict | None:
     """Full tensors of what must be saved, on the main process (None when ZeRO keeps whole parameters).
 
@@ -51,9 +77,9 @@ def gathered_state_dict(engine, model, method: str) -> dict | None:
     """
     if zero_stage(engine.config) != 3:
         return None
-    if method == "full":
-        return engine._zero3_consolidated_16bit_state_dict()
     deepspeed = import_deepspeed()
+    if method == "full":
+        return _gathered_by_module(deepspeed, model)
     # state_dict keys, not named_parameters: tied copies (peft's tied lm_head) share one Parameter
     # but must each appear under their own key.
     wanted = {k: p for k, p in model.state_dict(keep_vars=True).items()
