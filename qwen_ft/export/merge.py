@@ -226,8 +226,7 @@ def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) ->
     rendered its data), the base's generation config with the end-of-turn ids, manifest."""
     from qwen_ft.model.families import resolve_family
     from qwen_ft.model.generation import write_generation_config
-    from qwen_ft.model.layout import add_base_tensors, trained_state
-    from qwen_ft.train.checkpoint import BaseLayout
+    from qwen_ft.model.layout import BaseLayout, add_base_tensors, trained_state
 
     merged.config.use_cache = True  # training switches the cache off; inference wants it
     layout = BaseLayout.of(base_path, resolve_family("auto", base_path))

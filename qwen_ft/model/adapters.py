@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qwen_ft.model.families import Family
+from qwen_ft.model.families import Family, under
 
 if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
@@ -35,11 +35,6 @@ def frozen_pattern(family: Family) -> str | None:
     return "|".join(rf"(.*\.)?{re.escape(prefix)}(\..*)?" for prefix in family.frozen)
 
 
-def is_frozen(name: str, family: Family) -> bool:
-    """A parameter of a tower the family never trains (`Family.frozen`)."""
-    return any(name == p or name.startswith(p + ".") for p in family.frozen)
-
-
 def apply_method(model, cfg: RunConfig, family: Family):
     """Return the model to train: the base itself (full) or a PeftModel (lora).
 
@@ -49,7 +44,7 @@ def apply_method(model, cfg: RunConfig, family: Family):
     torch.manual_seed(cfg.train.seed)
     if cfg.method == "full":
         for name, p in model.named_parameters():
-            p.requires_grad_(not is_frozen(name, family))  # frozen towers stay out of the optimizer
+            p.requires_grad_(not under(name, family.frozen))  # frozen towers stay out of the optimizer
         return model
     from peft import get_peft_model
 

@@ -50,11 +50,10 @@ def compile_decoder_layers(model) -> int:
     Raises:
         QwenFtError: the model has no transformers decoder layers to compile.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.load import decoder_layers
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if not layers:
         raise QwenFtError("model.compile: true but this model has no transformers decoder layers to compile "
                           "(checkpoint code loaded with trust_remote_code?); set model.compile: false")
@@ -83,15 +82,17 @@ def keep_packed_apart(model, family: Family, mixed: bool) -> None:
     """
     if family.packing != "gdn" or not mixed:
         return
-    from qwen_ft.model.linear_attention import install
+    from qwen_ft.model.linear_attention import install, is_gdn
 
     kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
     expected = sum(kind == "linear_attention" for kind in kinds)
-    found = install(model)
+    install(model)
+    found = sum(is_gdn(m) and getattr(m, "_qwen_ft_packed", False) for m in model.modules())
     if found != expected:
-        raise QwenFtError(f"data.packing: true, but only {found} of the {expected} linear-attention layers of this "
-                          f"{family.name} model are Gated DeltaNet layers qwen-ft can restart at each conversation; "
-                          "packed rows would leak between conversations there. Set data.packing: false")
+        raise QwenFtError(f"data.packing: true (or a flattening attention kernel), but only {found} of the {expected} "
+                          f"linear-attention layers of this {family.name} model are Gated DeltaNet layers qwen-ft can "
+                          "restart at each conversation; rows holding several conversations would leak between them. "
+                          "Set data.packing: false and model.attn_implementation: sdpa")
 
 
 def load_trained_weights(model, ckpt: Path, method: str) -> None:
@@ -119,12 +120,7 @@ def load_trained_weights(model, ckpt: Path, method: str) -> None:
     # tensors the class itself skips on load (Qwen3.5's mtp.*, copied into outputs from the base)
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     unexpected = [k for k in unexpected if not any(p.search(k) for p in ignored)]
-    tied = {"lm_head.weight"} if _tied(model.config) else set()
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise QwenFtError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
                           f"unexpected {unexpected[:3]})")
-
-
-def _tied(config) -> bool:
-    """Output layer tied to the input embeddings (a composite config says so at its top level)."""
-    return bool(getattr(config, "tie_word_embeddings", False))

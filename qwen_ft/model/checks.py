@@ -48,7 +48,7 @@ def checkpoint_problems(cfg: RunConfig) -> list[str]:
     if cfg.model.trust_remote_code:
         return [_remote_code_problem(cfg)]
     gptq = gptq_settings(cfg.model.path)
-    targets = _target_problems(cfg)
+    targets = _target_problems(cfg) + _hybrid_problems(cfg)
     if cfg.method == "qlora":
         return targets + _qlora_problems(cfg, gptq)
     if gptq is not None:
@@ -88,7 +88,14 @@ def _target_problems(cfg: RunConfig) -> list[str]:
 
     if cfg.method == "full" or not cfg.lora.target_modules:
         return []
-    names = module_names(cfg.model.path)
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.families import resolve_family, under
+
+    try:
+        frozen = resolve_family("auto", cfg.model.path).frozen
+    except QwenFtError:
+        return []  # reported by the family check itself
+    names = {n for n in module_names(cfg.model.path) if not under(n, frozen)}  # a vision tower is never adapted
     if not names:
         return []  # no safetensors to read names from (a v1 directory is converted first)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -99,6 +106,27 @@ def _target_problems(cfg: RunConfig) -> list[str]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"lora.target_modules: {t!r} names no module of {cfg.model.path}{hint}; its layers "
                             f"are named {', '.join(n for n in leaves if not n.isdigit())[:300]}")
+    return problems
+
+
+def _hybrid_problems(cfg: RunConfig) -> list[str]:
+    """Setups not yet proven on the Gated DeltaNet families, refused rather than run unchecked."""
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.families import resolve_family
+
+    try:
+        family = resolve_family("auto", cfg.model.path)
+    except QwenFtError:
+        return []  # reported by the family check itself
+    if family.packing != "gdn":
+        return []
+    problems = []
+    if cfg.method == "qlora" and cfg.quant.backend == "gptq":
+        problems.append(f"quant.backend=gptq with {cfg.model.path}, {family.note}: GPTQ bases of this family are not "
+                        "supported yet; use quant.backend=bnb on the full-precision checkpoint")
+    if cfg.model.compile:
+        problems.append(f"model.compile: true with {family.note}: compiling its layers is not checked yet (packed "
+                        "batches change the Gated DeltaNet layout from batch to batch); set model.compile: false")
     return problems
 
 

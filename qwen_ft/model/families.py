@@ -44,11 +44,6 @@ class Family:
     im_start_id: int = 151644
     note: str = ""
 
-    @property
-    def composite(self) -> bool:
-        """A vision-language checkpoint trained text-only."""
-        return bool(self.frozen)
-
 
 QWEN2_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Gated DeltaNet's five projections; its conv1d, A_log and dt_bias are not linear layers (see README)
@@ -68,9 +63,14 @@ FAMILIES = {
     # adapters target the native names.
     "qwen": Family("qwen", ("qwen",), QWEN2_LINEAR, note="Qwen v1 (QWenLMHeadModel)"),
     "qwen3_5": _hybrid("qwen3_5", ("qwen3_5",), "Qwen3.5 / Qwen3.6 dense, vision-language checkpoint",
-                       auto_class="AutoModelForImageTextToText", frozen=("model.visual",), unloaded=("mtp.",)),
+                       auto_class="AutoModelForImageTextToText", frozen=("model.visual",), unloaded=("mtp",)),
     "qwen3_5_text": _hybrid("qwen3_5_text", ("qwen3_5_text",), "Qwen3.5 / Qwen3.6 dense, text-only checkpoint"),
 }
+
+
+def under(name: str, prefixes: tuple[str, ...]) -> bool:
+    """`name` (a module, parameter or tensor name) is one of the `prefixes` or lies below one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def checkpoint_model_type(path: str | Path) -> str:

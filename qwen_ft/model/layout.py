@@ -13,11 +13,28 @@ from __future__ import annotations
 import json
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+
+from qwen_ft.model.families import under
 
 INDEX = "model.safetensors.index.json"
 # what a server reads beside the weights to feed the vision tower (copied unchanged into full outputs)
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """The base checkpoint whose untrained tensors (these prefixes) every full-model output copies."""
+
+    path: Path
+    prefixes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, path: str | Path, family) -> BaseLayout | None:
+        """For a family with frozen or unloaded tensors; None for the others (nothing to copy)."""
+        prefixes = (*family.frozen, *family.unloaded)
+        return cls(Path(path), prefixes) if prefixes else None
 
 
 def tensor_files(directory: str | Path) -> dict[str, Path]:
@@ -35,14 +52,9 @@ def tensor_files(directory: str | Path) -> dict[str, Path]:
     return found
 
 
-def kept_from_base(name: str, prefixes: tuple[str, ...]) -> bool:
-    """A tensor the output takes from the base unchanged (`Family.frozen` + `Family.unloaded`)."""
-    return any(name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
-
-
 def trained_state(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
     """The tensors an output writes itself: all but those copied from the base."""
-    return {k: v for k, v in state_dict.items() if not kept_from_base(k, prefixes)}
+    return {k: v for k, v in state_dict.items() if not under(k, prefixes)}
 
 
 def add_base_tensors(base: str | Path, out: str | Path, prefixes: tuple[str, ...]) -> int:
@@ -55,7 +67,7 @@ def add_base_tensors(base: str | Path, out: str | Path, prefixes: tuple[str, ...
     out = Path(out)
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, f in tensor_files(base).items():
-        if kept_from_base(name, prefixes):
+        if under(name, prefixes):  # `Family.frozen` + `Family.unloaded`: taken from the base unchanged
             by_file[f].append(name)
     for name in PROCESSOR_FILES:
         if (Path(base) / name).is_file():
@@ -67,7 +79,7 @@ def add_base_tensors(base: str | Path, out: str | Path, prefixes: tuple[str, ...
     for (src, names), dst in zip(sorted(by_file.items()), shards[len(own):], strict=True):
         with safe_open(str(src), "pt") as fh:
             save_file({n: fh.get_tensor(n) for n in sorted(names)}, str(dst), metadata={"format": "pt"})
-    _write_index(out, shards)
+    write_index(out, shards)
     return sum(len(v) for v in by_file.values())
 
 
@@ -78,29 +90,23 @@ def _own_shards(out: Path) -> list[Path]:
     return [out / "model.safetensors"]
 
 
-def _write_index(out: Path, shards: list[Path]) -> None:
+def write_index(out: Path, shards: list[Path]) -> None:
     """Rename the shards to transformers' model-0000i-of-0000N names and write the index of all."""
-    from safetensors import safe_open
-
     n, weight_map, total = len(shards), {}, 0
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
         shard.rename(out / name)
-        with safe_open(str(out / name), "pt") as fh:
-            for key in fh.keys():
-                weight_map[key] = name
-                sl = fh.get_slice(key)
-                total += _nbytes(sl.get_dtype(), sl.get_shape())
+        for key, entry in _header(out / name).items():
+            weight_map[key] = name
+            total += entry["data_offsets"][1] - entry["data_offsets"][0]
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1,
-         "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _nbytes(dtype: str, shape: list[int]) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count * SIZES.get(dtype, 4)
+def _header(path: Path) -> dict:
+    """A safetensors file's tensor entries (dtype, shape, data_offsets), read from its JSON header."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return header

@@ -116,20 +116,27 @@ def enable_gradient_checkpointing(model, for_adapters: bool, fraction: float = 1
     Layers left out keep their activations: each saves one recomputed forward per step, at the
     memory of a full layer's activations (`qwen-ft estimate`).
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     keep = checkpointed_layers(len(layers), fraction)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < keep
     if for_adapters:
         model.enable_input_require_grads()
     model.config.use_cache = False
+
+
+def decoder_layers(model) -> list:
+    """The language model's decoder layers, in order: a composite checkpoint's vision blocks (also
+    transformers checkpointing layers, and first in module order) are never run in text training."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [m for m in base.get_decoder().modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def checkpointed_layers(n_layers: int, fraction: float) -> int:

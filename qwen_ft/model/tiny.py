@@ -82,23 +82,15 @@ def _layer_types(layers: int) -> list[str]:
 def _write_mtp(out: Path, hidden: int, dtype, seed: int) -> None:
     """Multi-token-prediction tensors in their own shard, named as in Qwen3.5 checkpoints (transformers
     skips `mtp.*` on load; outputs must still carry them), and the index that lists every shard."""
-    import json
-
     import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from qwen_ft.model.layout import write_index
 
     g = torch.Generator().manual_seed(seed + 1)
     mtp = {f"mtp.{name}": (torch.randn(shape, generator=g) * 0.02).to(dtype) for name, shape in (
         ("fc.weight", (hidden, 2 * hidden)), ("pre_fc_norm_embedding.weight", (hidden,)),
         ("pre_fc_norm_hidden.weight", (hidden,)), ("norm.weight", (hidden,)),
         ("layers.0.self_attn.q_proj.weight", (hidden, hidden)), ("layers.0.mlp.down_proj.weight", (hidden, hidden)))}
-    main = out / "model.safetensors"
-    with safe_open(str(main), "pt") as fh:
-        names = list(fh.keys())
-    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
-    main.rename(out / first)
-    save_file(mtp, str(out / second), metadata={"format": "pt"})
-    weight_map = {**{n: first for n in names}, **{n: second for n in mtp}}
-    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    save_file(mtp, str(out / "mtp.safetensors"), metadata={"format": "pt"})
+    write_index(out, [out / "model.safetensors", out / "mtp.safetensors"])

@@ -222,12 +222,13 @@ def saver(cfg: RunConfig, unwrapped: torch.nn.Module, tok: ChatTokenizer, family
     run_config.yaml, manifest.json and tokenizer files into a directory."""
     from qwen_ft.data.template import find_template
     from qwen_ft.model.families import checkpoint_model_type
+    from qwen_ft.model.layout import BaseLayout
 
     manifest = ck.build_manifest(cfg, family.name, checkpoint_model_type(cfg.model.path))
     text = dump_config(cfg)
     override = find_template(tok.directory, cfg.data.chat_template) if cfg.data.chat_template else None
 
-    layout = ck.BaseLayout.of(cfg.model.path, family)
+    layout = BaseLayout.of(cfg.model.path, family)
 
     def save(out: Path) -> None:
         state_dict = backend.saved_state_dict(cfg.method)  # every rank: ZeRO-3 gathers

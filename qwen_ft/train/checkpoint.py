@@ -20,6 +20,7 @@ import torch
 
 from qwen_ft import __version__
 from qwen_ft.model.fingerprint import model_fingerprint
+from qwen_ft.model.layout import BaseLayout, add_base_tensors, trained_state
 
 if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
@@ -89,7 +90,6 @@ def save_model_files(model, out: Path, state_dict: dict | None = None, base: Bas
     With `base` (a composite checkpoint) a full model writes only what it trains and the base's
     other tensors are copied into it byte for byte (`model/layout.py`).
     """
-    from qwen_ft.model.layout import add_base_tensors, trained_state
 
     config = getattr(model, "config", None)
     before = getattr(config, "use_cache", None)
@@ -106,19 +106,6 @@ def save_model_files(model, out: Path, state_dict: dict | None = None, base: Bas
     if full and base is not None:
         add_base_tensors(base.path, out, base.prefixes)
 
-
-@dataclass(frozen=True)
-class BaseLayout:
-    """The base checkpoint whose untrained tensors (these prefixes) every full-model output copies."""
-
-    path: Path
-    prefixes: tuple[str, ...]
-
-    @classmethod
-    def of(cls, path: str | Path, family) -> BaseLayout | None:
-        """For a family with frozen or unloaded tensors; None for the others (nothing to copy)."""
-        prefixes = (*family.frozen, *family.unloaded)
-        return cls(Path(path), prefixes) if prefixes else None
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

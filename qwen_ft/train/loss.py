@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from qwen_ft.data.chatml import IGNORE_INDEX
-from qwen_ft.data.collate import learned_indices
+from qwen_ft.data.collate import GATHER, GROUPS, SCATTER, learned_indices
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Forward kwargs of a collated batch (position_ids when packed, attention_mask when padded)."""
     keys = ("input_ids", "position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-            "max_length_k", "gdn_gather", "gdn_scatter", "gdn_groups")
+            "max_length_k", GATHER, SCATTER, GROUPS)
     return {k: batch[k] for k in keys if k in batch}
 
 

@@ -192,7 +192,8 @@ def test_qwen3_5_under_zero3_equals_ddp_and_keeps_the_base_layout(qwen3_5_runs, 
         from qwen_ft.model.layout import tensor_files
 
         def trained(d):
-            return {k: load_file(str(f))[k] for k, f in tensor_files(d).items() if not k.startswith(("model.visual.", "mtp."))}
+            return {k: load_file(str(f))[k] for k, f in tensor_files(d).items()
+                    if not k.startswith(("model.visual.", "mtp."))}
 
         ref, got = trained(ref_dir), trained(got_dir)
         assert raw_tensors(got_dir) == raw_tensors(base)

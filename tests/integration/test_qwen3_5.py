@@ -208,8 +208,8 @@ def test_chat_on_qwen3_5_answers_as_stock_generate(composite, tmp_path, capsys):
         norm.copy_(torch.randn(norm.shape, generator=torch.Generator().manual_seed(0)))
     talkative = tmp_path / "talkative"
     model.save_pretrained(talkative)
-    for f in composite.iterdir():
-        if not (talkative / f.name).exists():
+    for f in composite.iterdir():  # tokenizer and processor files; the weights are the talkative ones
+        if not f.name.startswith(("model", "mtp")) and not (talkative / f.name).exists():
             shutil.copyfile(f, talkative / f.name)
     tok = AutoTokenizer.from_pretrained(talkative)
     inputs = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
@@ -232,3 +232,37 @@ def test_quantize_refuses_qwen3_5_before_loading(composite, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not re-quantize this family yet" in err and "Traceback" not in err
     assert not (tmp_path / "q").exists()
+
+
+def test_a_target_name_of_the_vision_tower_gets_no_adapter(composite, tmp_path, capsys):
+    """`qkv` names only vision-tower layers: the config check refuses it, and even past that check the
+    adapter config's exclude_modules keeps LoRA out of the tower (stock peft without it adapts it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from qwen_ft.config.load import config_from_dict
+    from qwen_ft.model.adapters import lora_config
+    from qwen_ft.model.families import FAMILIES
+
+    cfg = write_run_yaml(tmp_path / "run.yaml", composite, tmp_path, train={"output_dir": str(tmp_path / "o")})
+    err = refused(capsys, cfg, "lora.target_modules=[q_proj,qkv]")
+    assert "'qkv' names no module" in err
+    run = config_from_dict({"model": {"path": str(composite)}, "data": {"train_files": ["d"]},
+                            "lora": {"r": 4, "target_modules": ["q_proj", "qkv"]}})
+
+    def adapted(config):
+        model = AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32)
+        return {n for n, _ in get_peft_model(model, config).named_modules() if n.endswith("lora_A")}
+
+    ours = adapted(lora_config(run, FAMILIES["qwen3_5"]))
+    assert ours and not any(".visual." in n for n in ours)
+    assert any(".visual." in n for n in adapted(LoraConfig(r=4, target_modules=["q_proj", "qkv"])))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.compile=true"], "compiling its layers is not checked yet"),
+    (["method=qlora", "quant.backend=gptq"], "GPTQ bases of this family are not supported yet"),
+])
+def test_setups_not_yet_proven_on_qwen3_5_are_refused(composite, tmp_path, capsys, overrides, message):
+    cfg = write_run_yaml(tmp_path / "run.yaml", composite, tmp_path, train={"output_dir": str(tmp_path / "o")})
+    assert message in refused(capsys, cfg, *overrides)
