@@ -136,7 +136,8 @@ def decoder_layers(model) -> list:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return [m for m in base.get_decoder().modules() if isinstance(m, GradientCheckpointingLayer)]
+    root = base.get_decoder() if hasattr(base, "get_decoder") else base  # code loaded with trust_remote_code
+    return [m for m in root.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def checkpointed_layers(n_layers: int, fraction: float) -> int:
