@@ -43,9 +43,10 @@ def shape_config(name: str) -> dict:
         raise QwenFtError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
     s = SHAPES[name]
     if name in HYBRID:
-        layers = s["num_hidden_layers"]
+        from qwen_ft.model.shape import hybrid_layer_types
+
         return {"architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", **s, "vocab_size": 248320,
-                "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)],
+                "layer_types": hybrid_layer_types(s["num_hidden_layers"]),
                 "linear_conv_kernel_dim": 4, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
                                     "mrope_section": [11, 11, 10], "mrope_interleaved": True},

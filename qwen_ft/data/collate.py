@@ -26,8 +26,8 @@ def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: boo
     """Pad a micro-batch of rows (each a list of examples with input_ids and labels).
 
     With `flat` (varlen attention kernels) every example of every row goes into one padding-free
-    row instead; see `flatten`. With `segments` (models with Gated DeltaNet layers) packed batches
-    also carry the indices that keep those layers' conv and state inside each example
+    row instead; see `flatten`. With `segments` (models with Gated DeltaNet layers) packed and flat
+    batches also carry the indices that keep those layers' conv and state inside each example
     (`segment_indices`).
 
     Returns:

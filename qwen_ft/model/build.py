@@ -82,12 +82,11 @@ def keep_packed_apart(model, family: Family, mixed: bool) -> None:
     """
     if family.packing != "gdn" or not mixed:
         return
-    from qwen_ft.model.linear_attention import install, is_gdn
+    from qwen_ft.model.linear_attention import install
 
     kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
     expected = sum(kind == "linear_attention" for kind in kinds)
-    install(model)
-    found = sum(is_gdn(m) and getattr(m, "_qwen_ft_packed", False) for m in model.modules())
+    found = install(model)
     if found != expected:
         raise QwenFtError(f"data.packing: true (or a flattening attention kernel), but only {found} of the {expected} "
                           f"linear-attention layers of this {family.name} model are Gated DeltaNet layers qwen-ft can "

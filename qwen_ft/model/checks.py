@@ -48,7 +48,8 @@ def checkpoint_problems(cfg: RunConfig) -> list[str]:
     if cfg.model.trust_remote_code:
         return [_remote_code_problem(cfg)]
     gptq = gptq_settings(cfg.model.path)
-    targets = _target_problems(cfg) + _hybrid_problems(cfg)
+    family = _family_or_none(cfg.model.path)  # an unknown type is reported by the family check itself
+    targets = _target_problems(cfg, family) + _hybrid_problems(cfg, family)
     if cfg.method == "qlora":
         return targets + _qlora_problems(cfg, gptq)
     if gptq is not None:
@@ -82,20 +83,26 @@ def module_names(path: str | Path) -> set[str]:
     return names
 
 
-def _target_problems(cfg: RunConfig) -> list[str]:
+def _family_or_none(path: str) -> Family | None:
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.families import resolve_family
+
+    try:
+        return resolve_family("auto", path)
+    except QwenFtError:
+        return None
+
+
+def _target_problems(cfg: RunConfig, family: Family | None) -> list[str]:
     """lora.target_modules must each name modules of this checkpoint (peft matches by name suffix)."""
     import difflib
 
-    if cfg.method == "full" or not cfg.lora.target_modules:
+    if cfg.method == "full" or not cfg.lora.target_modules or family is None:
         return []
-    from qwen_ft.errors import QwenFtError
-    from qwen_ft.model.families import resolve_family, under
+    from qwen_ft.model.families import under
 
-    try:
-        frozen = resolve_family("auto", cfg.model.path).frozen
-    except QwenFtError:
-        return []  # reported by the family check itself
-    names = {n for n in module_names(cfg.model.path) if not under(n, frozen)}  # a vision tower is never adapted
+    # a vision tower is never adapted
+    names = {n for n in module_names(cfg.model.path) if not under(n, family.frozen)}
     if not names:
         return []  # no safetensors to read names from (a v1 directory is converted first)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -109,16 +116,9 @@ def _target_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def _hybrid_problems(cfg: RunConfig) -> list[str]:
+def _hybrid_problems(cfg: RunConfig, family: Family | None) -> list[str]:
     """Setups not yet proven on the Gated DeltaNet families, refused rather than run unchecked."""
-    from qwen_ft.errors import QwenFtError
-    from qwen_ft.model.families import resolve_family
-
-    try:
-        family = resolve_family("auto", cfg.model.path)
-    except QwenFtError:
-        return []  # reported by the family check itself
-    if family.packing != "gdn":
+    if family is None or family.packing != "gdn":
         return []
     problems = []
     if cfg.method == "qlora" and cfg.quant.backend == "gptq":

@@ -102,7 +102,7 @@ def resolve_family(declared: str, path: str | Path) -> Family:
         QwenFtError: unknown model_type, or a declared family that contradicts the checkpoint.
     """
     model_type = checkpoint_model_type(path)
-    found = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    found = _by_type(model_type)
     if found is None:
         raise QwenFtError(f"{path}/config.json: model_type {model_type!r} is not a model qwen-ft trains; "
                           f"supported: {supported()}")
@@ -116,6 +116,9 @@ def model_class(path: str | Path):
     """The transformers auto class that loads the checkpoint at `path` whole (see `Family.auto_class`)."""
     import transformers
 
-    model_type = checkpoint_model_type(path)
-    found = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    found = _by_type(checkpoint_model_type(path))
     return getattr(transformers, found.auto_class if found else "AutoModelForCausalLM")
+
+
+def _by_type(model_type: str) -> Family | None:
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)

@@ -50,11 +50,14 @@ def is_gdn(module: torch.nn.Module) -> bool:
 
 
 def install(model: torch.nn.Module) -> int:
-    """Make every GDN layer of `model` honour collate's segment indices; returns how many (idempotent)."""
+    """Make every GDN layer of `model` honour collate's segment indices (idempotent); returns how many
+    GDN layers do, those wrapped before included."""
     count = 0
     for module in model.modules():
-        if is_gdn(module) and not getattr(module, "_qwen_ft_packed", False):
+        if not is_gdn(module):
+            continue
+        if not getattr(module, "_qwen_ft_packed", False):
             module.forward = functools.partial(packed_forward, module.forward)
             setattr(module, "_qwen_ft_packed", True)  # noqa: B010 - not an nn.Module attribute mypy knows
-            count += 1
+        count += 1
     return count

@@ -113,9 +113,15 @@ class Shape:
         return self.linear_params() + self.other_params()
 
 
+def hybrid_layer_types(layers: int, interval: int = 4) -> list[str]:
+    """Qwen3.5's layer pattern (transformers' default for a config without layer_types): every
+    `interval`-th layer gated attention, the others Gated DeltaNet."""
+    return ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
+
+
 def _gdn(text: dict) -> Gdn:
-    kinds = text.get("layer_types") or ["linear_attention" if (i + 1) % text.get("full_attention_interval", 4)
-                                        else "full_attention" for i in range(text["num_hidden_layers"])]
+    kinds = text.get("layer_types") or hybrid_layer_types(text["num_hidden_layers"],
+                                                          text.get("full_attention_interval", 4))
     return Gdn(sum(k == "linear_attention" for k in kinds), text["linear_num_key_heads"],
                text["linear_num_value_heads"], text["linear_key_head_dim"], text["linear_value_head_dim"],
                text.get("linear_conv_kernel_dim", 4))

@@ -74,7 +74,9 @@ def _config(family: str, hidden: int, layers: int, vocab: int, special_ids: dict
 
 def _layer_types(layers: int) -> list[str]:
     """Qwen3.5's pattern: every fourth layer full attention, the rest Gated DeltaNet (at least one full)."""
-    kinds = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
+    from qwen_ft.model.shape import hybrid_layer_types
+
+    kinds = hybrid_layer_types(layers)
     kinds[-1] = "full_attention" if "full_attention" not in kinds else kinds[-1]
     return kinds
 

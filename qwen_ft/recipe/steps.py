@@ -227,7 +227,6 @@ def saver(cfg: RunConfig, unwrapped: torch.nn.Module, tok: ChatTokenizer, family
     manifest = ck.build_manifest(cfg, family.name, checkpoint_model_type(cfg.model.path))
     text = dump_config(cfg)
     override = find_template(tok.directory, cfg.data.chat_template) if cfg.data.chat_template else None
-
     layout = BaseLayout.of(cfg.model.path, family)
 
     def save(out: Path) -> None:
