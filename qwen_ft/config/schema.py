@@ -25,7 +25,8 @@ class ModelConfig:
     """The base checkpoint."""
 
     path: str = opt("", "local checkpoint directory (config.json + weights); never a hub id")
-    family: Literal["auto", "qwen", "qwen2", "qwen3", "qwen3_5", "qwen3_5_text"] = opt(
+    family: Literal["auto", "qwen", "qwen2", "qwen3", "qwen3_5", "qwen3_5_text", "qwen2_moe", "qwen3_moe",
+                    "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"] = opt(
         "auto", "model family; auto reads model_type from the checkpoint's config.json (never the path)"
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
@@ -104,8 +105,15 @@ class LoraConfig:
 
     r: int = opt(8, "LoRA rank")
     alpha: int = opt(16, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
-    dropout: float = opt(0.05, "dropout on the LoRA input")
-    target_modules: tuple[str, ...] = opt((), "module names to adapt; empty: all linear layers of the family")
+    dropout: float | None = opt(
+        None, "dropout on the LoRA input; default 0.05, or 0 when the routed experts of a mixture of experts are "
+              "adapted (peft's target_parameters adapters cannot apply dropout; a value > 0 is refused there)"
+    )
+    target_modules: tuple[str, ...] = opt(
+        (), "module names to adapt, and on a mixture of experts the parameters mlp.experts.gate_up_proj, "
+            "mlp.experts.down_proj (routed experts) and mlp.gate.weight (router); empty: every linear layer of the "
+            "family and every routed expert"
+    )
     rslora: bool = opt(False, "rank-stabilised scaling")
     dora: bool = opt(False, "weight-decomposed LoRA")
     train_embeddings: bool = opt(False, "also train input embeddings and output layer (Qwen's 'LoRA (emb)')")
@@ -148,6 +156,11 @@ class TrainConfig:
         "auto", "fused output layer + cross-entropy: liger (Liger's Triton kernel; CUDA, liger-kernel), qwen-ft "
         "(loss_chunk_tokens-row chunks, any device) or auto (liger where it runs: the lower peak; qwen-ft's is a "
         "little faster, README Performance)"
+    )
+    router_aux_loss_coef: float | None = opt(
+        None, "mixture of experts: weight of the router's load-balancing loss (transformers' "
+              "load_balancing_loss_func over real tokens, logged as aux_loss); default: the checkpoint's "
+              "router_aux_loss_coef; 0 switches it off"
     )
     logging_steps: int = opt(1, "TensorBoard scalars and the bar's loss every N optimizer steps (mean over them)")
     eval_steps: int = opt(0, "eval every N steps; 0: only at the end (when an eval set exists)")

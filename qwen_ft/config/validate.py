@@ -39,7 +39,9 @@ def _ranges(cfg: RunConfig) -> list[str]:
         (t.save_total_limit >= 1, f"train.save_total_limit: {t.save_total_limit} must be >= 1"),
         (lo.r >= 1, f"lora.r: {lo.r} must be >= 1"),
         (lo.alpha > 0, f"lora.alpha: {lo.alpha} must be > 0"),
-        (0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)"),
+        (lo.dropout is None or 0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)"),
+        (t.router_aux_loss_coef is None or t.router_aux_loss_coef >= 0,
+         f"train.router_aux_loss_coef: {t.router_aux_loss_coef} must be >= 0 (0 switches it off)"),
     ]
     return [msg for ok, msg in checks if not ok] + _finite(cfg)
 
@@ -52,7 +54,7 @@ def _finite(cfg: RunConfig) -> list[str]:
     values = {"train.learning_rate": cfg.train.learning_rate, "train.epochs": cfg.train.epochs,
               "train.warmup_ratio": cfg.train.warmup_ratio, "train.weight_decay": cfg.train.weight_decay,
               "train.adam_beta2": cfg.train.adam_beta2, "train.max_grad_norm": cfg.train.max_grad_norm,
-              "lora.dropout": cfg.lora.dropout,
+              "lora.dropout": cfg.lora.dropout or 0.0, "train.router_aux_loss_coef": cfg.train.router_aux_loss_coef or 0.0,
               "data.eval_fraction": cfg.data.eval_fraction, "model.checkpoint_fraction": cfg.model.checkpoint_fraction}
     problems = [f"{key}: {value} is not a finite number; give a finite value" for key, value in values.items()
                 if not math.isfinite(value)]

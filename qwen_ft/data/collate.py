@@ -31,7 +31,7 @@ def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: boo
     (`segment_indices`).
 
     Returns:
-        packed: input_ids, labels, position_ids; unpacked: input_ids, labels, attention_mask; both:
+        packed: input_ids, labels, position_ids, token_mask; unpacked: input_ids, labels, attention_mask; both:
         learned_index and learned_columns (see `learned_indices`).
     """
     if flat:
@@ -52,6 +52,8 @@ def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: boo
     }
     if packed:
         out["position_ids"] = torch.tensor([r + list(range(width - len(r))) for r in pos])
+        # which tokens are real (not tail padding): not a model input, for the router loss of an MoE
+        out["token_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])
     else:
         out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])
     out.update(learned_indices(out["labels"]))

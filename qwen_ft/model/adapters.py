@@ -12,17 +12,34 @@ if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
 
 
+DEFAULT_DROPOUT = 0.05
+
+
 def lora_config(cfg: RunConfig, family: Family):
-    """peft LoraConfig from the run config and the family registry."""
+    """peft LoraConfig from the run config and the family registry: module targets, and on a mixture of
+    experts the fused experts as parameter targets (model/experts.py)."""
     from peft import LoraConfig
 
+    from qwen_ft.model.experts import split_targets
+
     lo = cfg.lora
+    modules, parameters = split_targets(lo.target_modules, family)
     return LoraConfig(
-        task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-        target_modules=list(lo.target_modules or family.lora_targets), use_rslora=lo.rslora, use_dora=lo.dora,
-        modules_to_save=list(family.embedding_modules) if lo.train_embeddings else None,
+        task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lora_dropout(cfg, family),
+        target_modules=modules or None, target_parameters=parameters or None, use_rslora=lo.rslora,
+        use_dora=lo.dora, modules_to_save=list(family.embedding_modules) if lo.train_embeddings else None,
         ensure_weight_tying=bool(lo.train_embeddings), exclude_modules=frozen_pattern(family),
     )
+
+
+def lora_dropout(cfg: RunConfig, family: Family) -> float:
+    """lora.dropout, or its default: 0.05, and 0 where parameters are adapted (peft's ParamWrapper
+    takes no dropout; an explicit value > 0 there is refused by model/checks.py)."""
+    from qwen_ft.model.experts import split_targets
+
+    if cfg.lora.dropout is not None:
+        return cfg.lora.dropout
+    return 0.0 if split_targets(cfg.lora.target_modules, family)[1] else DEFAULT_DROPOUT
 
 
 def frozen_pattern(family: Family) -> str | None:
@@ -51,6 +68,10 @@ def apply_method(model, cfg: RunConfig, family: Family):
     with gptq_dispatch_only_for_gptq(model):
         model = get_peft_model(model, lora_config(cfg, family))
     trainable_in_fp32(model)
+    if family.moe:
+        from qwen_ft.model.experts import install
+
+        install(model)  # adapted experts run through the grouped matmuls, not per-expert weights
     return model
 
 

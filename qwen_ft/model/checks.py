@@ -94,26 +94,62 @@ def _family_or_none(path: str) -> Family | None:
 
 
 def _target_problems(cfg: RunConfig, family: Family | None) -> list[str]:
-    """lora.target_modules must each name modules of this checkpoint (peft matches by name suffix)."""
-    import difflib
-
-    if cfg.method == "full" or not cfg.lora.target_modules or family is None:
+    """lora.target_modules must each name modules (peft matches by name suffix) or, on a mixture of
+    experts, parameters of this checkpoint; parameter targets take no LoRA dropout."""
+    if cfg.method == "full" or family is None:
         return []
+    from qwen_ft.model.experts import split_targets
+
+    problems = []
+    if cfg.lora.dropout and split_targets(cfg.lora.target_modules, family)[1]:
+        problems.append(f"lora.dropout: {cfg.lora.dropout} with the routed experts (or router) adapted: peft's "
+                        "target_parameters adapters (ParamWrapper) cannot apply dropout, since the adapter is added "
+                        "to the weight, not to the layer's output; set lora.dropout: 0 (or leave it unset), or leave "
+                        "the experts out of lora.target_modules")
+    if not cfg.lora.target_modules:
+        return problems
+    modules, parameters = _loaded_names(cfg.model.path, family)
+    if not modules:
+        return problems  # no safetensors to read names from (a v1 directory is converted first)
+    return problems + [p for t in cfg.lora.target_modules for p in [_unmatched(t, cfg.model.path, modules,
+                                                                              parameters)] if p]
+
+
+def _loaded_names(path: str, family: Family) -> tuple[set[str], set[str]]:
+    """(module names, parameter-target names) of the checkpoint as transformers loads it (a vision tower
+    left out: it is never adapted)."""
+    from qwen_ft.model.experts import fused_names
     from qwen_ft.model.families import under
 
-    # a vision tower is never adapted
-    names = {n for n in module_names(cfg.model.path) if not under(n, family.frozen)}
-    if not names:
-        return []  # no safetensors to read names from (a v1 directory is converted first)
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    problems = []
-    for t in cfg.lora.target_modules:
-        if not any(n == t or n.endswith("." + t) for n in names):
-            close = difflib.get_close_matches(t, leaves, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"lora.target_modules: {t!r} names no module of {cfg.model.path}{hint}; its layers "
-                            f"are named {', '.join(n for n in leaves if not n.isdigit())[:300]}")
-    return problems
+    names = {n for n in module_names(path) if not under(n, family.frozen)}
+    return fused_names(names) if family.moe else (names, set())
+
+
+def _unmatched(target: str, path: str, modules: set[str], parameters: set[str]) -> str | None:
+    """The problem with one target entry, or None when it names something."""
+    import difflib
+
+    from qwen_ft.model.experts import is_parameter_target
+
+    pool = parameters if is_parameter_target(target) else modules
+    if any(n == target or n.endswith("." + target) for n in pool):
+        return None
+    if is_parameter_target(target):
+        if not parameters:
+            return (f"lora.target_modules: {target!r} names a parameter, but {path} is not a mixture of experts; "
+                    "name its linear layers instead")
+        import re
+
+        listed = sorted({re.sub(r"^.*layers\.\d+\.", "", n) for n in parameters})  # once, not per layer
+        return (f"lora.target_modules: {target!r} names no expert parameter of {path}; its parameter targets are "
+                f"{', '.join(listed)}")
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
+    close = difflib.get_close_matches(target, leaves, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if any(n.endswith(f".{target}.weight") for n in parameters):  # the router: no linear layer in transformers 5
+        hint = f" (the router is a parameter here: name it mlp.{target}.weight)"
+    return (f"lora.target_modules: {target!r} names no module of {path}{hint}; its layers are named "
+            f"{', '.join(n for n in leaves if not n.isdigit())[:300]}")
 
 
 def _hybrid_problems(cfg: RunConfig, family: Family | None) -> list[str]:

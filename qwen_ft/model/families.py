@@ -17,7 +17,11 @@ the code asks the row instead of branching on names:
   attention) or "gdn" (also restart the Gated DeltaNet layers' conv and recurrent state, see
   `model/linear_attention.py`);
 - `im_start_id`: the id of `<|im_start|>` in the family's vocabulary (a tokenizer of another
-  generation is refused).
+  generation is refused);
+- `experts`: for a mixture of experts, the routed experts' fused 3-D parameters, named as peft's
+  `target_parameters` matches them (transformers 5 fuses the experts, which are then not `nn.Linear`,
+  so `target_modules` never reaches them); empty for dense families. The router (`ROUTER`) and the
+  shared expert's gate are trained only when listed.
 """
 
 from __future__ import annotations
@@ -42,18 +46,34 @@ class Family:
     unloaded: tuple[str, ...] = ()
     packing: str = "positions"
     im_start_id: int = 151644
+    experts: tuple[str, ...] = ()
     note: str = ""
+
+    @property
+    def moe(self) -> bool:
+        """A mixture of experts (routed experts, a router and its load-balancing loss)."""
+        return bool(self.experts)
 
 
 QWEN2_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Gated DeltaNet's five projections; its conv1d, A_log and dt_bias are not linear layers (see README)
 GDN_LINEAR = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+# Qwen3-Next's Gated DeltaNet keeps q, k, v and z in one projection, b and a in another
+NEXT_GDN_LINEAR = ("in_proj_qkvz", "in_proj_ba", "out_proj")
+# transformers 5's fused routed experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I]; the shared
+# expert (gate_proj/up_proj/down_proj) is a plain MLP and is reached by the linear targets
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+ROUTER = "mlp.gate.weight"  # the router's [E, H] weight: a parameter target too (trained only if listed)
 
 
-def _hybrid(name: str, model_types: tuple[str, ...], note: str, **layout: tuple[str, ...] | str) -> Family:
+def _hybrid(name: str, model_types: tuple[str, ...], note: str, **layout) -> Family:
     """A Qwen3.5-generation row: Gated DeltaNet + gated attention layers, the 248k vocabulary."""
     return Family(name, model_types, QWEN2_LINEAR + GDN_LINEAR, packing="gdn", im_start_id=248045, note=note,
-                  **layout)  # type: ignore[arg-type]
+                  **layout)
+
+
+# a composite Qwen3.5 checkpoint: the vision tower is never trained, mtp.* is not loaded
+COMPOSITE = {"auto_class": "AutoModelForImageTextToText", "frozen": ("model.visual",), "unloaded": ("mtp",)}
 
 
 FAMILIES = {
@@ -62,9 +82,19 @@ FAMILIES = {
     # Qwen v1 is trained after conversion to the native Qwen2 layout (qwen_ft.model.qwen_v1), so its
     # adapters target the native names.
     "qwen": Family("qwen", ("qwen",), QWEN2_LINEAR, note="Qwen v1 (QWenLMHeadModel)"),
-    "qwen3_5": _hybrid("qwen3_5", ("qwen3_5",), "Qwen3.5 / Qwen3.6 dense, vision-language checkpoint",
-                       auto_class="AutoModelForImageTextToText", frozen=("model.visual",), unloaded=("mtp",)),
+    "qwen3_5": _hybrid("qwen3_5", ("qwen3_5",), "Qwen3.5 / Qwen3.6 dense, vision-language checkpoint", **COMPOSITE),
     "qwen3_5_text": _hybrid("qwen3_5_text", ("qwen3_5_text",), "Qwen3.5 / Qwen3.6 dense, text-only checkpoint"),
+    # mixtures of experts: the linear targets reach attention (or GDN) and the shared expert
+    "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), QWEN2_LINEAR, experts=EXPERTS,
+                        note="Qwen1.5-MoE, Qwen2-MoE"),
+    "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), QWEN2_LINEAR, experts=EXPERTS,
+                        note="Qwen3-MoE (30B-A3B, 235B-A22B, Coder-30B-A3B)"),
+    "qwen3_next": Family("qwen3_next", ("qwen3_next",), QWEN2_LINEAR + NEXT_GDN_LINEAR, packing="gdn",
+                         experts=EXPERTS, unloaded=("mtp",), note="Qwen3-Next (80B-A3B)"),
+    "qwen3_5_moe": _hybrid("qwen3_5_moe", ("qwen3_5_moe",), "Qwen3.5 / Qwen3.6 MoE, vision-language checkpoint",
+                           experts=EXPERTS, **COMPOSITE),
+    "qwen3_5_moe_text": _hybrid("qwen3_5_moe_text", ("qwen3_5_moe_text",),
+                                "Qwen3.5 / Qwen3.6 MoE, text-only checkpoint", experts=EXPERTS),
 }
 
 

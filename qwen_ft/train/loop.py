@@ -23,6 +23,7 @@ from qwen_ft.train.feed import GroupFeed, pinned
 from qwen_ft.train.loss import causal_lm_loss
 from qwen_ft.train.plan import RunPlan, rank_batches
 from qwen_ft.train.protocols import Backend, LossFn, Saver, StepLogger
+from qwen_ft.train.router import RouterLoss
 from qwen_ft.train.schedule import lr_at, set_lr
 from qwen_ft.train.verify import write_manifest
 
@@ -43,6 +44,7 @@ class Trainer:
     pad_id: int
     save_fn: Saver  # run on every rank: weights (gathered under ZeRO-3) + description
     loss_fn: LossFn = causal_lm_loss  # ChunkedLoss or this
+    router: RouterLoss | None = None  # a mixture of experts' load-balancing loss, when it is trained
 
     def epoch_batches(self, epoch: int) -> list:
         """This rank's micro-batches of `epoch` (a fresh, seeded plan per epoch)."""
@@ -103,30 +105,47 @@ def next_group(tr: Trainer, state: ck.TrainState, cache: dict) -> list:
     return group
 
 
-def train_step(tr: Trainer, hosts: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+def train_step(tr: Trainer, hosts: list[dict[str, torch.Tensor]]) -> tuple[float, int, dict[str, float]]:
     """Forward/backward over one accumulation group of collated host batches (no optimizer step).
 
     The loss is the sum of token losses divided by the number of learned tokens in the whole
     group (over all processes), so every token weighs the same whatever the padding/packing.
     Token counts come from the host batches and the loss is summed on the device, so the host
-    waits for the device once per group (reading the loss), not at every micro-batch.
+    waits for the device once per group (reading the loss), not at every micro-batch. A mixture
+    of experts adds its router's load-balancing loss, weighted by each micro-batch's learned tokens
+    (one micro-batch: transformers' mean loss + coef * aux exactly).
 
     Returns:
-        (loss, input tokens) of the group.
+        (language-model loss, input tokens, {"aux_loss": mean router loss} or {}) of the group.
     """
     local = sum(int(b["learned_index"].numel()) for b in hosts)
     n_tokens = max(1.0, all_reduce_sum([float(local)], tr.dist)[0])
     total = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
+    aux_total = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
     with tr.backend.lora_inputs_uncast():  # once per group: it walks every module
         for i, host in enumerate(hosts):
             batch = to_device(host, tr.plan.device)
             with tr.backend.accumulating(i == len(hosts) - 1):
-                with tr.backend.autocast():
-                    loss_sum, _ = tr.loss_fn(tr.backend.module, batch)
+                with tr.backend.autocast(), router_capture(tr):
+                    loss_sum, n = tr.loss_fn(tr.backend.module, batch)
+                objective = loss_sum
+                if tr.router is not None:
+                    aux = tr.router.loss(batch).float()
+                    objective = loss_sum + tr.router.coef * aux * n
+                    aux_total += aux.detach() * n
                 # DDP and DeepSpeed average gradients over processes; the token count is already global.
-                tr.backend.backward(loss_sum * tr.dist.world / n_tokens)
+                tr.backend.backward(objective * tr.dist.world / n_tokens)
             total += loss_sum.detach()
-    return all_reduce_sum([total.item()], tr.dist)[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in hosts)
+    sums = all_reduce_sum([total.item(), aux_total.item()], tr.dist)
+    extra = {"aux_loss": sums[1] / n_tokens} if tr.router is not None else {}
+    return sums[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in hosts), extra
+
+
+def router_capture(tr: Trainer):
+    """Around the training forward: the router logits it makes (a mixture of experts), else nothing."""
+    from contextlib import nullcontext
+
+    return tr.router.capturing() if tr.router is not None else nullcontext()
 
 
 def eval_share(batches: list, rank: int, world: int) -> list[tuple[list, bool]]:
@@ -310,7 +329,7 @@ def one_step(tr: Trainer, state: ck.TrainState, taken: tuple[list, tuple[int, in
     c, root = tr.cfg.train, Path(tr.cfg.train.output_dir) / "checkpoints"
     lr = lr_at(state.step, c.learning_rate, tr.plan.total_steps, tr.plan.warmup_steps, c.scheduler)
     set_lr(tr.optimizer, lr)
-    loss, n_inputs = train_step(tr, hosts)
+    loss, n_inputs, extra = train_step(tr, hosts)
     grad_norm = tr.backend.clip()
     guard(tr, state, (loss, grad_norm), root, position)
     grad_norm = tr.backend.step(grad_norm)
@@ -318,7 +337,7 @@ def one_step(tr: Trainer, state: ck.TrainState, taken: tuple[list, tuple[int, in
     after_step_guard(tr, state, grad_norm, root)
     weights_guard(tr, state, lr, root)
     speed = n_inputs * tr.dist.world / (time.perf_counter() - t0)
-    record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed}
+    record = {"step": state.step, "loss": loss, **extra, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed}
     state.history.append(record)
     logger.step(state.step, record)
     if tr.data.eval is not None and c.eval_steps and state.step % c.eval_steps == 0:

@@ -1,0 +1,184 @@
+"""Mixture-of-experts layers: which LoRA targets are expert parameters, and LoRA on the fused experts
+run through transformers' grouped matmuls.
+
+transformers 5 fuses a layer's routed experts into two 3-D parameters, `gate_up_proj` [E, 2I, H]
+and `down_proj` [E, H, I]. They are not `nn.Linear`, so peft's `target_modules` never reaches them;
+its `target_parameters` wraps them (`ParamWrapper`: one rank-r adapter per expert). Stock peft then
+runs each forward with the weight W + B·A materialised for every expert, routed or not. qwen-ft keeps
+peft's modules and their saved layout (the adapter loads in stock peft) but runs the wrapped experts
+itself: the base product through transformers' own grouped path (`torch.nn.functional.grouped_mm`
+where it runs, else transformers' grouped fallback), plus the low-rank term x·Aᵀ·Bᵀ on each routed
+token only, through the same grouped matmuls. Mathematically the same function, without a Python
+loop over experts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from qwen_ft.model.families import Family
+
+
+def is_parameter_target(name: str) -> bool:
+    """A LoRA target that names a parameter (peft `target_parameters`), not a module: the fused
+    experts (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) or a router weight (`mlp.gate.weight`)."""
+    return "experts." in name or name.endswith(".weight")
+
+
+def split_targets(entries: tuple[str, ...], family: Family) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) of `lora.target_modules`, or of the family's defaults
+    (every linear layer, and every routed expert of an MoE) when it is empty."""
+    chosen = entries or family.lora_targets + family.experts
+    return [t for t in chosen if not is_parameter_target(t)], [t for t in chosen if is_parameter_target(t)]
+
+
+def fused_names(names: set[str]) -> tuple[set[str], set[str]]:
+    """(module names, parameter-target names) of a mixture of experts as transformers 5 loads it, from
+    the module names on disk: the per-expert linears (`mlp.experts.3.gate_proj`) are fused into
+    `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`, and the router `mlp.gate` is no linear layer
+    but a `mlp.gate.weight` parameter."""
+    import re
+
+    modules, parameters = set(), set()
+    for name in names:
+        expert = re.match(r"(.*\.experts)\.\d+\.(gate|up|down)_proj$", name)
+        if expert:
+            parameters.add(f"{expert[1]}.{'down_proj' if expert[2] == 'down' else 'gate_up_proj'}")
+        elif name.endswith("mlp.gate"):
+            parameters.add(name + ".weight")
+        else:
+            modules.add(name)
+    return modules, parameters
+
+
+def expert_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The fused-experts modules of `model` (below any peft wrappers)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Experts") and hasattr(m, "gate_up_proj")]
+
+
+def implementation(model: torch.nn.Module) -> str:
+    """How transformers runs the experts of `model` here: grouped_mm (torch's grouped kernel, or
+    transformers' grouped fallback where torch has none for this device and dtype), batched_mm or eager."""
+    experts = expert_modules(model)
+    if not experts:
+        return "none"
+    name = experts[0].config._experts_implementation
+    if name != "grouped_mm":
+        return name
+    w = experts[0].gate_up_proj
+    kernel = _grouped_kernel_runs(w.device, w.dtype)
+    return "grouped_mm (torch kernel)" if kernel else "grouped_mm (transformers' grouped fallback)"
+
+
+def _grouped_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    from transformers.integrations.moe import _can_use_grouped_mm
+
+    x = torch.zeros(2, 8, device=device, dtype=dtype)
+    w = torch.zeros(1, 8, 8, device=device, dtype=dtype)
+    return bool(_can_use_grouped_mm(x, w, torch.tensor([2], device=device, dtype=torch.int32)))
+
+
+def install(model: torch.nn.Module) -> int:
+    """Run every LoRA-wrapped experts module of `model` through `lora_experts_forward` (idempotent);
+    returns how many are."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, ParamWrapper) or isinstance(_parent_wrapper(model, module), ParamWrapper):
+            continue
+        base = module.get_base_layer()
+        if not (type(base).__name__.endswith("Experts") and base.config._experts_implementation == "grouped_mm"):
+            continue
+        if not getattr(module, "_qwen_ft_grouped", False):
+            module.forward = functools.partial(lora_experts_forward, module, module.forward)
+            setattr(module, "_qwen_ft_grouped", True)  # noqa: B010 - not an attribute mypy knows
+        count += 1
+    return count
+
+
+def _parent_wrapper(model: torch.nn.Module, module: torch.nn.Module):
+    """The module whose `base_layer` is `module` (nested ParamWrappers), or None."""
+    return next((m for m in model.modules() if getattr(m, "base_layer", None) is module), None)
+
+
+def lora_factors(outer) -> tuple[torch.nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] | None:
+    """(base experts module, {parameter: (Aᵀ [E, in, r], Bᵀ [E, r, out], scaling)}) of a ParamWrapper
+    chain with one active, unmerged adapter; None when peft's own path must run (merged, disabled,
+    several adapters)."""
+    factors, layer = {}, outer
+    while hasattr(layer, "parameter_name"):
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if layer.merged or layer.disable_adapters or len(active) != 1 or not layer._did_swap_in_out_features:
+            return None
+        a, b = layer.lora_A[active[0]].weight, layer.lora_B[active[0]].weight
+        e = layer.num_experts
+        # [E, in, r] and [E, r, out], each a transposed view of contiguous per-expert matrices, the
+        # layout grouped_mm takes (B's expert axis is its last one in peft's layout: copied, it is small)
+        a_t = a.reshape(e, -1, a.shape[-1]).transpose(1, 2)
+        b_t = b.reshape(b.shape[0], -1, e).permute(2, 0, 1).contiguous().transpose(1, 2)
+        factors[layer.parameter_name] = (a_t, b_t, layer.scaling[active[0]])
+        layer = layer.base_layer
+    return layer, factors
+
+
+def lora_experts_forward(outer, peft_forward, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' grouped experts forward with each projection's LoRA term added on the routed
+    tokens (see the module docstring); peft's own forward where this cannot apply."""
+    found = lora_factors(outer)
+    if found is None or getattr(found[0], "_is_expert_parallel", False) or found[0].has_bias:
+        return peft_forward(hidden_states, top_k_index, top_k_weights)
+    experts, factors = found
+    k = top_k_index.size(-1)
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    offsets = _offsets(expert_ids, experts.num_experts)
+    x = hidden_states[perm // k]
+    up = _projection(x, experts.gate_up_proj, factors.get("gate_up_proj"), offsets)
+    down = _projection(experts._apply_gate(up), experts.down_proj, factors.get("down_proj"), offsets)
+    weighted = down * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    restored = torch.empty_like(weighted).index_copy_(0, perm, weighted)  # back to (token, k) order
+    return restored.view(-1, k, weighted.size(-1)).sum(dim=1).to(hidden_states.dtype)
+
+
+def _offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cumulative token counts per expert (int32), as transformers' grouped path makes them (histc:
+    no host sync; float on CPU, int on CUDA, for determinism)."""
+    ids = sorted_ids.float() if sorted_ids.device.type in ("cpu", "mps") else sorted_ids.int()
+    counts = torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
+    return torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+
+def _projection(x: torch.Tensor, weight: torch.Tensor, lora, offsets: torch.Tensor) -> torch.Tensor:
+    """x·Wₑᵀ per expert group, plus scaling·(x·Aₑᵀ)·Bₑᵀ when the parameter is adapted."""
+    from transformers.integrations.moe import _grouped_linear, _grouped_mm
+
+    out = _grouped_linear(x, weight, offsets)
+    if lora is None:
+        return out
+    a_t, b_t, scaling = lora
+    grouped = _grouped_mm if _aligned(a_t.shape[-1], weight) else _grouped_fallback
+    low = grouped(x, a_t.to(weight.dtype), offs=offsets)
+    return out + grouped(low, b_t.to(weight.dtype), offs=offsets) * scaling
+
+
+def _aligned(rank: int, weight: torch.Tensor) -> bool:
+    """CUDA's grouped kernel needs 16-byte aligned rows: a rank of 8 in bf16 is, 4 is not (then
+    transformers' grouped fallback runs the low-rank products)."""
+    return weight.device.type != "cuda" or (rank * weight.element_size()) % 16 == 0
+
+
+def _grouped_fallback(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch.ops.transformers.grouped_mm_fallback(x.to(weight.dtype), weight, offs=offs)
+
+
+def z3_leaf_classes(model: torch.nn.Module) -> list[type]:
+    """The sparse-MoE block classes of `model`: DeepSpeed ZeRO-3 must fetch each block's parameters
+    whole (`set_z3_leaf_modules`), since ranks that route to different experts would otherwise ask
+    for different parameters and wait on each other forever."""
+    return sorted({type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")},
+                  key=lambda c: c.__name__)
