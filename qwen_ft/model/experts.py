@@ -31,8 +31,10 @@ def is_parameter_target(name: str) -> bool:
 
 def split_targets(entries: tuple[str, ...], family: Family) -> tuple[list[str], list[str]]:
     """(target_modules, target_parameters) of `lora.target_modules`, or of the family's defaults
-    (every linear layer, and every routed expert of an MoE) when it is empty."""
-    chosen = entries or family.lora_targets + family.experts
+    (every linear layer, and every routed expert of an MoE) when it is empty; the family's
+    `linears_by_weight` go by their weight (see families.py)."""
+    chosen = [f"{t}.weight" if t in family.linears_by_weight else t
+              for t in entries or family.lora_targets + family.experts]
     return [t for t in chosen if not is_parameter_target(t)], [t for t in chosen if is_parameter_target(t)]
 
 

@@ -21,7 +21,11 @@ the code asks the row instead of branching on names:
 - `experts`: for a mixture of experts, the routed experts' fused 3-D parameters, named as peft's
   `target_parameters` matches them (transformers 5 fuses the experts, which are then not `nn.Linear`,
   so `target_modules` never reaches them); empty for dense families. The router (`ROUTER`) and the
-  shared expert's gate are trained only when listed.
+  shared expert's gate are trained only when listed;
+- `linears_by_weight`: linear layers adapted through their weight parameter (`gate_proj.weight`) rather
+  than by module name: for Qwen3-MoE and Qwen3-Next, peft's transformers-4 compatibility rule turns the
+  module targets gate_proj/up_proj/down_proj into the fused experts (at double rank), so the shared
+  expert (and any dense MLP layer) would silently lose its adapter, in training and in stock peft alike.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Family:
     packing: str = "positions"
     im_start_id: int = 151644
     experts: tuple[str, ...] = ()
+    linears_by_weight: tuple[str, ...] = ()
     note: str = ""
 
     @property
@@ -64,6 +69,7 @@ NEXT_GDN_LINEAR = ("in_proj_qkvz", "in_proj_ba", "out_proj")
 # expert (gate_proj/up_proj/down_proj) is a plain MLP and is reached by the linear targets
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 ROUTER = "mlp.gate.weight"  # the router's [E, H] weight: a parameter target too (trained only if listed)
+MLP_LINEAR = ("gate_proj", "up_proj", "down_proj")
 
 
 def _hybrid(name: str, model_types: tuple[str, ...], note: str, **layout) -> Family:
@@ -87,10 +93,11 @@ FAMILIES = {
     # mixtures of experts: the linear targets reach attention (or GDN) and the shared expert
     "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), QWEN2_LINEAR, experts=EXPERTS,
                         note="Qwen1.5-MoE, Qwen2-MoE"),
-    "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), QWEN2_LINEAR, experts=EXPERTS,
+    "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), QWEN2_LINEAR, experts=EXPERTS, linears_by_weight=MLP_LINEAR,
                         note="Qwen3-MoE (30B-A3B, 235B-A22B, Coder-30B-A3B)"),
     "qwen3_next": Family("qwen3_next", ("qwen3_next",), QWEN2_LINEAR + NEXT_GDN_LINEAR, packing="gdn",
-                         experts=EXPERTS, unloaded=("mtp",), note="Qwen3-Next (80B-A3B)"),
+                         experts=EXPERTS, linears_by_weight=MLP_LINEAR, unloaded=("mtp",),
+                         note="Qwen3-Next (80B-A3B)"),
     "qwen3_5_moe": _hybrid("qwen3_5_moe", ("qwen3_5_moe",), "Qwen3.5 / Qwen3.6 MoE, vision-language checkpoint",
                            experts=EXPERTS, **COMPOSITE),
     "qwen3_5_moe_text": _hybrid("qwen3_5_moe_text", ("qwen3_5_moe_text",),

@@ -150,8 +150,9 @@ def experts_line(cfg: RunConfig, family: Family, unwrapped: torch.nn.Module) -> 
     if not any("experts." in t for t in adapted):
         return text + ("; the routed experts are NOT adapted (lora.target_modules leaves them out: add "
                        f"{', '.join(family.experts)} to train them)")
-    router = "" if any(t.endswith("gate.weight") for t in adapted) else " (the router is not: add mlp.gate.weight)"
-    return text + f"; LoRA on {', '.join(adapted)}{router}"
+    router = "" if any(t.endswith("mlp.gate.weight") for t in adapted) else \
+        " (the router is not: add mlp.gate.weight)"
+    return text + f"; LoRA on {', '.join(t for t in adapted if 'experts.' in t)}{router}"
 
 
 def router_loss(cfg: RunConfig, unwrapped: torch.nn.Module, family: Family, dist: DistInfo):

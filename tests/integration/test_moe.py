@@ -1,0 +1,217 @@
+"""Mixtures of experts end to end on tiny checkpoints of every MoE family (4 routed experts, top-2, a
+shared expert where the family has one; the real vocabularies): LoRA reaches every routed expert
+through peft's target_parameters, the adapter loads in stock peft with the same logits, the merge
+equals stock peft's base + adapter and writes the base's own per-expert layout, the router loss is
+transformers' own, and packed equals unpacked with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qwen_ft.model.families import model_class
+from qwen_ft.model.layout import tensor_files
+from qwen_ft.recipe import steps
+from qwen_ft.recipe.run import fit
+from qwen_ft.train.distributed import DistInfo
+from tests.integration.conftest import write_run_yaml
+
+pytestmark = pytest.mark.slow
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+FAMILIES = ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text")
+LAYERS = 2  # the hybrid families: one Gated DeltaNet layer, one full-attention layer
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    from qwen_ft.model.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("moe")
+    return {f: make_tiny_model(root / f, f, hidden=32, layers=LAYERS) for f in FAMILIES}
+
+
+def train(tmp: Path, model_dir: Path, **sections):
+    cfg = write_run_yaml(tmp / "run.yaml", model_dir, tmp, **sections)
+    return fit(steps.checked_config(cfg, []), CPU)
+
+
+def probe(model) -> torch.Tensor:
+    ids = torch.tensor([[151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]])
+    if model.config.get_text_config().vocab_size > 200_000:  # the Qwen3.5 vocabulary
+        ids = torch.tensor([[248045, 846, 198, 9707, 248046, 198, 248045, 74455, 198]])
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def shapes(directory: Path) -> dict[str, tuple]:
+    out = {}
+    for name, f in tensor_files(directory).items():
+        with safe_open(str(f), "pt") as fh:
+            out[name] = tuple(fh.get_slice(name).get_shape())
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, bases) -> dict:
+    runs = {}
+    for family, base in bases.items():
+        tmp = tmp_path_factory.mktemp(f"lora_{family}")
+        trainer, state = train(tmp, base, method="lora", lora={"r": 4, "alpha": 8},
+                               train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 1,
+                                      "learning_rate": 1e-2, "max_steps": 2})
+        runs[family] = (trainer, state, tmp / "out")
+    return runs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_trains_every_routed_expert_and_logs_aux_loss(lora_runs, family):
+    trainer, state, out = lora_runs[family]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.0  # the default where parameters are adapted
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(config["target_parameters"])
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as fh:
+        names = sorted(fh.keys())
+    experts = [n for n in names if ".mlp.experts." in n]
+    print(f"{family}: {len(names)} adapter tensors, experts: {experts}")
+    # both fused parameters of every MoE layer: A [rank * experts, in] and B [out, rank * experts], with
+    # rank 4, or 8 where stock peft gives the fused gate and up projections rank 4 each (its Qwen3-MoE rule)
+    assert len(experts) == LAYERS * 2 * 2
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as fh:
+        ranks = sorted({fh.get_slice(n).get_shape()[0 if "lora_A" in n else 1] for n in experts})
+    assert ranks in ([4 * 4], [4 * 4, 8 * 4])
+    assert not any(".mlp.gate." in n for n in names)  # the router only when asked
+    if family != "qwen3_moe":  # the shared expert is an ordinary MLP
+        assert any(".shared_expert.down_proj.lora_A" in n for n in names)
+    assert all("aux_loss" in h and 0.5 < h["aux_loss"] < 5 for h in state.history if "loss" in h)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_in_stock_peft_and_merge_equal_and_keep_the_base_layout(lora_runs, bases, family, tmp_path):
+    from peft import PeftModel
+
+    from qwen_ft.export.merge import merge_adapter
+
+    trainer, _, out = lora_runs[family]
+    base = bases[family]
+    stock = PeftModel.from_pretrained(model_class(base).from_pretrained(base, dtype=torch.float32), out).eval()
+    trainer.unwrapped.eval()
+    reference = probe(stock)
+    assert (probe(trainer.unwrapped) - reference).abs().max().item() <= 1e-5  # qwen-ft's grouped path
+    with stock.disable_adapter():
+        assert (probe(stock) - reference).abs().max().item() > 1e-4  # the adapter does something
+    merge_adapter(str(out), str(tmp_path / "merged"), dtype="fp32")
+    merged = model_class(base).from_pretrained(tmp_path / "merged").eval()
+    diff = (probe(merged) - reference).abs().max().item()
+    print(f"{family}: merged vs stock peft base + adapter {diff:.3g}")
+    assert diff <= 1e-4
+    assert shapes(tmp_path / "merged") == shapes(base)  # per-expert names and shapes, mtp/vision included
+    assert any(".mlp.experts.3.gate_proj.weight" in n for n in shapes(base))
+
+
+def batches(tok, n: int = 3):
+    """The same conversations collated unpacked (padded rows) and packed (one row)."""
+    from qwen_ft.data.collate import collate
+
+    examples = []
+    for i in range(n):
+        ids = tok.encode(f"conversation {i}: " + "word " * (5 + 4 * i))
+        examples.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    return collate([[e] for e in examples], 0, packed=False), collate([examples], 0, packed=True, segments=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next"])
+def test_router_loss_is_transformers_own_and_packed_equals_unpacked(bases, family):
+    from qwen_ft.model.build import keep_packed_apart
+    from qwen_ft.model.families import resolve_family
+    from qwen_ft.tokenizer import load_tokenizer
+    from qwen_ft.train.loss import causal_lm_loss
+    from qwen_ft.train.router import RouterLoss
+
+    base = bases[family]
+    model = model_class(base).from_pretrained(base, dtype=torch.float32)
+    keep_packed_apart(model, resolve_family("auto", base), True)
+    router = RouterLoss(model, 0.01)
+    unpacked, packed = batches(load_tokenizer(base))
+    own = model(input_ids=unpacked["input_ids"], attention_mask=unpacked["attention_mask"],
+                output_router_logits=True, use_cache=False).aux_loss
+    results = []
+    for batch in (unpacked, packed):
+        model.zero_grad()
+        with router.capturing():
+            loss_sum, n = causal_lm_loss(model, batch)
+        aux = router.loss(batch)
+        (loss_sum + router.coef * aux * n).backward()
+        results.append((loss_sum.item(), aux.item(), [p.grad.clone() for p in model.parameters()
+                                                       if p.grad is not None]))
+    print(f"{family}: aux unpacked {results[0][1]:.6f} packed {results[1][1]:.6f} transformers {own.item():.6f}")
+    assert abs(results[0][1] - own.item()) <= 1e-6
+    assert abs(results[1][1] - results[0][1]) <= 1e-5
+    assert abs(results[1][0] - results[0][0]) <= 1e-4 * abs(results[0][0])
+    assert len(results[0][2]) == len(results[1][2])
+    for a, b in zip(results[0][2], results[1][2], strict=True):
+        assert (a - b).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
+
+
+def test_router_loss_gradient_reaches_the_router(bases):
+    """The aux term is trained: with the language-model loss off, the router still gets a gradient."""
+    from qwen_ft.tokenizer import load_tokenizer
+    from qwen_ft.train.loss import causal_lm_loss
+    from qwen_ft.train.router import RouterLoss
+
+    base = bases["qwen3_moe"]
+    model = model_class(base).from_pretrained(base, dtype=torch.float32)
+    router = RouterLoss(model, 0.01)
+    unpacked, _ = batches(load_tokenizer(base))
+    with router.capturing():
+        causal_lm_loss(model, unpacked)
+    router.loss(unpacked).backward()
+    gate = model.model.layers[0].mlp.gate.weight
+    assert gate.grad is not None and gate.grad.abs().max().item() > 0
+
+
+def test_full_finetune_saves_the_base_layout(tmp_path, bases):
+    base = bases["qwen3_moe"]
+    trainer, state = train(tmp_path, base, method="full",
+                           train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 1,
+                                  "router_aux_loss_coef": 0.0})
+    out = Path(trainer.cfg.train.output_dir)
+    assert shapes(out) == shapes(base)
+    assert "aux_loss" not in state.history[-1]  # switched off
+    saved = model_class(out).from_pretrained(out).eval()
+    trainer.unwrapped.eval()
+    assert torch.equal(probe(saved), probe(trainer.unwrapped))
+
+
+def problems(base: Path, *overrides: str) -> list[str]:
+    from qwen_ft.config.load import config_from_dict
+    from qwen_ft.model.checks import checkpoint_problems
+
+    return checkpoint_problems(config_from_dict({}, [f"model.path={base}", "data.train_files=[x.jsonl]",
+                                                     *overrides]))
+
+
+def test_bad_expert_targets_are_refused_naming_the_fix(bases, tiny_model_dir):
+    base = bases["qwen3_moe"]
+    (err,) = problems(base, "lora.target_modules=[q_proj,experts.gate_up]")
+    assert "'experts.gate_up' names no expert parameter" in err
+    assert "mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate.weight" in err
+    (err,) = problems(base, "lora.target_modules=[q_proj,mlp.experts.down_proj]", "lora.dropout=0.1")
+    assert "lora.dropout: 0.1" in err and "target_parameters" in err and "set lora.dropout: 0" in err
+    (err,) = problems(base, "lora.target_modules=[gate]")
+    assert "name it mlp.gate.weight" in err
+    (err,) = problems(tiny_model_dir, "lora.target_modules=[mlp.experts.down_proj]")
+    assert "is not a mixture of experts" in err
+    assert problems(base, "lora.target_modules=[q_proj,mlp.gate.weight]") == []
+    assert problems(base, "lora.target_modules=[q_proj]") == []  # experts left out: allowed, and said
+
+
+def test_experts_left_out_are_said_once(tmp_path, bases, capsys):
+    train(tmp_path, bases["qwen3_moe"], method="lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+          train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 1})
+    out = capsys.readouterr().out
+    assert out.count("the routed experts are NOT adapted") == 1
+    assert "experts: run through grouped_mm" in out
