@@ -37,9 +37,14 @@ def _with_lora(model, method: str, case: dict):
 
     if method.startswith("qlora"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=case["gradient_checkpointing"])
-    config = LoraConfig(r=case["lora_r"], lora_alpha=case["lora_alpha"], lora_dropout=case["lora_dropout"],
-                        target_modules=list(resolve_family("auto", case["model_dir"]).lora_targets),
-                        task_type="CAUSAL_LM",
+    from qwen_ft.model.experts import split_targets
+
+    # the same layers as qwen-ft's defaults: on a mixture of experts the routed experts through peft's
+    # target_parameters (which take no dropout)
+    modules, parameters = split_targets((), resolve_family("auto", case["model_dir"]))
+    config = LoraConfig(r=case["lora_r"], lora_alpha=case["lora_alpha"],
+                        lora_dropout=0.0 if parameters else case["lora_dropout"], target_modules=modules,
+                        target_parameters=parameters or None, task_type="CAUSAL_LM",
                         modules_to_save=["embed_tokens", "lm_head"] if method == "lora_emb" else None)
     return get_peft_model(model, config)
 

@@ -29,10 +29,11 @@ def device_peak_tflops(device_name: str) -> float | None:
 def step_flops(shape: Shape, method: str, length: int, sequences: int, learned: int, adapter_params: int = 0) -> float:
     """Model FLOPs of one optimizer step over `sequences` rows of `length` tokens, `learned` of them labelled.
 
-    `adapter_params`: LoRA weights (trained: 6 FLOPs per weight and token).
+    `adapter_params`: LoRA weights (trained: 6 FLOPs per weight and token). A mixture of experts
+    counts the linear weights a token passes through (its top-k routed experts), not all it holds.
     """
     tokens = sequences * length
-    weights = shape.linear_params()
+    weights = shape.active_linear_params()
     body = tokens * ((6 if method == "full" else 4) * weights + 6 * adapter_params)
     head = learned * shape.vocab * shape.hidden * (6 if method in ("full", "lora_emb") else 4)
     attention = tokens * shape.attention_layers * 6 * length * shape.heads * shape.head_dim

@@ -105,7 +105,10 @@ def run_sections(method: str, model_dir: str, data_file: str, length: int, steps
                   "learning_rate": s.learning_rate_for(method)},
     }
     if method != "full":
-        sections["lora"] = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout,
+        from qwen_ft.model.families import resolve_family
+
+        moe = resolve_family("auto", model_dir).moe  # adapted experts take no dropout (peft's ParamWrapper)
+        sections["lora"] = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0 if moe else s.lora_dropout,
                             "train_embeddings": method == "lora_emb"}
     if method.startswith("qlora"):
         sections["quant"] = {"backend": method.split("_")[1]}

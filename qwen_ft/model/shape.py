@@ -4,6 +4,10 @@ Qwen3.5/3.6 are hybrids: `layer_types` mixes Gated DeltaNet layers (`linear_atte
 projections, a depthwise conv, per-head decay and a recurrent state) with gated attention layers
 (`full_attention`: q_proj also yields an output gate, so it is twice as wide). A composite checkpoint
 also holds a vision tower, which sits in memory but is never trained (`frozen_params`).
+
+A mixture of experts (`moe`) holds every routed expert in memory, while each token passes through its
+top-k only: `params()` counts all of them (weights, optimizer state), `active_linear_params()` the
+routed ones a token uses (FLOPs, activations).
 """
 
 from __future__ import annotations
@@ -34,6 +38,26 @@ class Gdn:
 
 
 @dataclass(frozen=True)
+class Moe:
+    """Mixture-of-experts sizes (text config's num_experts, num_experts_per_tok, moe_/shared_expert_
+    intermediate_size); `layers` is how many decoder layers are sparse."""
+
+    layers: int
+    experts: int
+    top_k: int
+    intermediate: int
+    shared: int = 0  # the shared expert's intermediate size (0: none, Qwen3-MoE)
+
+    def expert_params(self, hidden: int) -> int:
+        """Routed experts' weights in all sparse layers: gate, up and down per expert."""
+        return self.layers * self.experts * 3 * hidden * self.intermediate
+
+    def idle_params(self, hidden: int) -> int:
+        """Routed experts' weights a token does not pass through (experts - top_k per layer)."""
+        return self.layers * (self.experts - self.top_k) * 3 * hidden * self.intermediate
+
+
+@dataclass(frozen=True)
 class Shape:
     """The sizes that memory depends on (from config.json)."""
 
@@ -48,6 +72,7 @@ class Shape:
     qwen3: bool  # Qwen3 and later: no q/k/v bias, RMSNorm on q and k per head
     gdn: Gdn | None = None  # Qwen3.5/3.6: the Gated DeltaNet layers (the others are gated attention)
     frozen_params: int = 0  # a composite checkpoint's vision tower: held, never trained
+    moe: Moe | None = None  # a mixture of experts: its routed experts (the shared expert is an MLP here)
 
     @classmethod
     def from_config(cls, c: dict) -> Shape:
@@ -63,8 +88,8 @@ class Shape:
                    text.get("num_key_value_heads", heads), text["intermediate_size"],
                    bool(text.get("tie_word_embeddings", False)),
                    int(text.get("head_dim") or text["hidden_size"] // heads),
-                   c.get("model_type") != "qwen2" or hybrid, _gdn(text) if hybrid else None,
-                   _vision_params(c.get("vision_config")) if "vision_config" in c else 0)
+                   c.get("model_type") not in ("qwen2", "qwen2_moe") or hybrid, _gdn(text) if hybrid else None,
+                   _vision_params(c.get("vision_config")) if "vision_config" in c else 0, _moe(text))
 
     @property
     def attention_layers(self) -> int:
@@ -79,6 +104,13 @@ class Shape:
         gate = 2 if self.gdn else 1  # gated attention: q_proj also yields the output gate
         attn = {"q_proj": (self.hidden, gate * q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
                 "o_proj": (q, self.hidden)}
+        if self.moe:  # sparse layers: the shared expert is the MLP (none in Qwen3-MoE)
+            m = self.moe
+            shared = {k: (i if i != self.intermediate else m.shared, o if o != self.intermediate else m.shared)
+                      for k, (i, o) in mlp.items()} if m.shared else {}
+            if not self.gdn and m.layers < self.layers:  # Qwen2/3-MoE's dense layers (mlp_only_layers)
+                return [(self.layers - m.layers, {**attn, **mlp}), (m.layers, {**attn, **shared})]
+            mlp = shared
         groups = [(self.attention_layers, {**attn, **mlp})]
         if self.gdn:
             g = self.gdn
@@ -93,8 +125,14 @@ class Shape:
         return {name: io for _, shapes in self.layer_groups() for name, io in shapes.items()}
 
     def linear_params(self) -> int:
-        """Parameters in the decoder layers' linear weights (what quantization applies to)."""
-        return sum(n * sum(i * o for i, o in shapes.values()) for n, shapes in self.layer_groups())
+        """Parameters in the decoder layers' linear weights, routed experts included (what quantization
+        applies to)."""
+        experts = self.moe.expert_params(self.hidden) if self.moe else 0
+        return sum(n * sum(i * o for i, o in shapes.values()) for n, shapes in self.layer_groups()) + experts
+
+    def active_linear_params(self) -> int:
+        """The linear weights one token passes through: a mixture of experts' top-k routed experts only."""
+        return self.linear_params() - (self.moe.idle_params(self.hidden) if self.moe else 0)
 
     def other_params(self) -> int:
         """Embeddings, untied head, q/k/v biases (Qwen2) or q/k norms (Qwen3+), layer norms, the GDN
@@ -105,8 +143,9 @@ class Shape:
             g = self.gdn
             gdn = g.layers * (g.conv_dim * g.conv_kernel + 2 * g.v_heads + g.v_dim)
         heads = 1 if self.tied else 2
+        routers = self.moe.layers * (self.moe.experts + (1 if self.moe.shared else 0)) * self.hidden if self.moe else 0
         return (heads * self.vocab * self.hidden + self.attention_layers * attn + self.layers * 2 * self.hidden
-                + gdn + self.hidden + self.frozen_params)
+                + gdn + self.hidden + self.frozen_params + routers)
 
     def params(self) -> int:
         """All parameters (tied weights once)."""
@@ -127,6 +166,18 @@ def _gdn(text: dict) -> Gdn:
                text.get("linear_conv_kernel_dim", 4))
 
 
+def _moe(text: dict) -> Moe | None:
+    """The routed experts of a mixture-of-experts text config (None for a dense one); a layer is sparse
+    unless listed in mlp_only_layers or off the decoder_sparse_step grid, as transformers builds it."""
+    experts = int(text.get("num_experts") or 0)
+    if not experts:
+        return None
+    step, dense = int(text.get("decoder_sparse_step", 1) or 1), set(text.get("mlp_only_layers") or [])
+    sparse = sum(i not in dense and (i + 1) % step == 0 for i in range(text["num_hidden_layers"]))
+    return Moe(sparse, experts, int(text["num_experts_per_tok"]), int(text["moe_intermediate_size"]),
+               int(text.get("shared_expert_intermediate_size") or 0))
+
+
 def _vision_params(v: dict | None) -> int:
     """Parameters of a Qwen3.5 vision tower from its config: patch and position embeddings, blocks
     (two LayerNorms, qkv + proj attention and a two-layer MLP, all with biases) and the patch merger."""
@@ -141,7 +192,13 @@ def _vision_params(v: dict | None) -> int:
 
 
 def lora_params(shape: Shape, r: int, targets: tuple[str, ...] = ()) -> int:
-    """LoRA A and B weights of rank `r` on the `targets` linear layers (empty: all of them)."""
+    """LoRA A and B weights of rank `r` on the `targets` linear layers (empty: all of them, and every
+    routed expert of a mixture of experts: one rank-r adapter per expert and fused projection)."""
     chosen = set(targets or shape.linear_shapes())
-    return sum(n * sum(r * (i + o) for name, (i, o) in shapes.items() if name in chosen)
-               for n, shapes in shape.layer_groups())
+    linear = sum(n * sum(r * (i + o) for name, (i, o) in shapes.items() if name in chosen)
+                 for n, shapes in shape.layer_groups())
+    m = shape.moe
+    if m is None or (targets and not any("experts." in t for t in targets)):
+        return linear
+    h, i = shape.hidden, m.intermediate
+    return linear + m.layers * m.experts * r * ((h + 2 * i) + (i + h))

@@ -92,6 +92,9 @@ def estimate(cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, o
     recomputed = checkpointed_layers(shape.layers, cfg.model.recomputed_fraction)
     # Recomputed layers keep their input only; the others all their activations.
     e.parts["activations"] = tokens * (recomputed * shape.hidden * 2 + (shape.layers - recomputed) * per_layer)
+    if shape.moe and recomputed < shape.layers:  # the routed copies of each token: top-k active experts
+        e.parts["expert activations"] = tokens * expert_activation_bytes(shape) * (shape.layers - recomputed) * \
+            shape.moe.layers / shape.layers
     states = gdn_chunk_states(cfg, shape)  # per GDN layer, kept like its other activations
     if shape.gdn and recomputed < shape.layers:
         e.parts["GDN states"] = states * shape.gdn.layers * (1 - recomputed / shape.layers)
@@ -99,6 +102,13 @@ def estimate(cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, o
     if recomputed:  # one layer's activations while backward replays it
         e.moments["layer replay"] = tokens * per_layer + states
     return e
+
+
+def expert_activation_bytes(shape: Shape) -> int:
+    """16-bit bytes per token per sparse layer kept for backward by the routed experts: each of the
+    top-k copies holds its input, gate/up output, activation and down output (H + 2I + I + H)."""
+    m = shape.moe
+    return 0 if m is None else m.top_k * 2 * (2 * shape.hidden + 3 * m.intermediate)
 
 
 def gdn_chunk_states(cfg: RunConfig, shape: Shape) -> float:

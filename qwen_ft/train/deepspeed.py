@@ -39,8 +39,21 @@ def initialize(cfg: RunConfig, model, ds_config: dict):
     from qwen_ft.train.schedule import build_optimizer
 
     optimizer = build_optimizer(model, cfg, cpu_offload=offloads_optimizer(ds_config))
+    if zero_stage(ds_config) == 3:
+        moe_blocks_whole(deepspeed, model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return engine
+
+
+def moe_blocks_whole(deepspeed, model) -> None:
+    """ZeRO-3 fetches each sparse-MoE block's parameters whole (DeepSpeed's leaf modules): ranks that
+    route their tokens to different experts then ask for the same parameters, instead of each waiting
+    on a gather the other never joins."""
+    from qwen_ft.model.experts import z3_leaf_classes
+
+    classes = z3_leaf_classes(model)
+    if classes:
+        deepspeed.utils.set_z3_leaf_modules(model, classes)
 
 
 def _gathered_by_module(deepspeed, model) -> dict:

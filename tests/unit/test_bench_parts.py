@@ -151,3 +151,35 @@ def test_estimator_is_checked_only_against_gpu_peaks():
     assert estimate_lines([gpu]) == ["estimator 7b lora 2048: predicted 20.0 GiB, measured 16.0 GiB "
                                      "(+25%, outside 15%)"]
     assert "needs GPU peaks" in estimate_lines([cpu])[0]
+
+
+def test_qwen3_moe_shape_counts_every_expert_and_flops_the_active_ones():
+    """qwen3-30b-a3b: Qwen3-30B-A3B's config (30.53B parameters, 3.35B of them per token); its FLOPs
+    follow the active weights, and an LoRA adapter on every expert matches stock peft's count."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from qwen_ft.model.shape import lora_params
+
+    config = shape_config("qwen3-30b-a3b")
+    shape = Shape.from_config(config)
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**settings))
+    assert shape.params() == sum(p.numel() for p in model.parameters()) == 30_532_122_624
+    active = shape.params() - shape.moe.idle_params(shape.hidden)
+    assert active == 3_353_032_704
+    tokens = 8 * 16
+    flops = step_flops(shape, "full", 16, 8, learned=tokens)
+    attention = tokens * 48 * 6 * 16 * 32 * 128
+    assert flops == pytest.approx(6 * (shape.active_linear_params() + shape.vocab * shape.hidden) * tokens + attention)
+    assert shape.active_linear_params() < shape.linear_params() / 8
+    tiny = Shape.from_config(shape_config("tiny-qwen3-moe"))
+    with torch.device("meta"):
+        small = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**{k: v for k, v in shape_config("tiny-qwen3-moe").items()
+                                                                   if k not in ("model_type", "architectures")}))
+        adapted = get_peft_model(small, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                   target_parameters=["mlp.experts.gate_up_proj",
+                                                                      "mlp.experts.down_proj"]))
+    assert lora_params(tiny, 8) == sum(p.numel() for p in adapted.parameters() if p.requires_grad)

@@ -178,3 +178,23 @@ def test_qwen3_5_estimate_counts_gdn_states_and_248k_logits(capsys):
     assert main(["estimate", str(config), f"model.path={ASSETS / 'qwen3.5-9b'}"]) == 0
     out = capsys.readouterr().out
     assert "9.41B parameters" in out and "not yet checked against a GPU" in out
+
+
+def test_moe_estimate_holds_every_expert_and_activates_top_k():
+    """Qwen3-30B-A3B: weights and optimizer state count all 128 experts; the experts' activations count
+    the 8 each token is routed to."""
+    from qwen_ft.bench.shapes import shape_config
+    from qwen_ft.sizing.memory import expert_activation_bytes
+
+    shape = Shape.from_config(shape_config("qwen3-30b-a3b"))
+    full = config_from_dict({"model": {"path": "m", "gradient_checkpointing": False}, "method": "full",
+                             "dist": {"deepspeed": "zero3"},
+                             "data": {"train_files": ["d"], "max_length": 1024}})
+    e = estimate(full, shape, "bf16", 8, 3, False)
+    assert e.parts["weights"] == shape.params() * 2 / 8  # every expert, sharded over 8 GPUs
+    assert e.parts["optimizer"] == shape.params() * 12 / 8
+    assert expert_activation_bytes(shape) == 8 * 2 * (2 * 2048 + 3 * 768)
+    assert e.parts["expert activations"] == 1024 * expert_activation_bytes(shape) * 48
+    dense = estimate(full, Shape.from_config({**shape_config("qwen3-30b-a3b"), "num_experts": 0}), "bf16", 8, 3,
+                     False)
+    assert "expert activations" not in dense.parts
