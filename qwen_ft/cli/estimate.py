@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 CHECKED = "within 15% of the peaks measured on an H100"
-UNCHECKED = "hybrid Qwen3.5 shapes not yet checked against a GPU's peak"
+UNCHECKED = "hybrid Qwen3.5 and mixture-of-experts shapes not yet checked against a GPU's peak"
 HELP = "predict peak GPU memory (weights, optimizer, gradients, activations, logits) for a config"
 
 
@@ -39,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<14} {value / GB:8.2f} GiB  (at different moments: only the larger counts)")
     ok = fits(e, args.gpu_memory)
     print(f"  {'total':<14} {e.total / GB:8.2f} GiB per GPU: {'fits' if ok else 'does NOT fit'} a "
-          f"{args.gpu_memory:g} GiB GPU (first-order estimate; {CHECKED if r.shape.gdn is None else UNCHECKED})")
+          f"{args.gpu_memory:g} GiB GPU (first-order estimate; {CHECKED if r.shape.gdn is None and r.shape.moe is None else UNCHECKED})")
     return 0 if ok else 1

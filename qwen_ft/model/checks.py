@@ -49,7 +49,7 @@ def checkpoint_problems(cfg: RunConfig) -> list[str]:
         return [_remote_code_problem(cfg)]
     gptq = gptq_settings(cfg.model.path)
     family = _family_or_none(cfg.model.path)  # an unknown type is reported by the family check itself
-    targets = _target_problems(cfg, family) + _hybrid_problems(cfg, family)
+    targets = _target_problems(cfg, family) + _hybrid_problems(cfg, family) + _moe_quant_problems(cfg, family)
     if cfg.method == "qlora":
         return targets + _qlora_problems(cfg, gptq)
     if gptq is not None:
@@ -164,6 +164,32 @@ def _hybrid_problems(cfg: RunConfig, family: Family | None) -> list[str]:
         problems.append(f"model.compile: true with {family.note}: compiling its layers is not checked yet (packed "
                         "batches change the Gated DeltaNet layout from batch to batch); set model.compile: false")
     return problems
+
+
+def _moe_quant_problems(cfg: RunConfig, family: Family | None) -> list[str]:
+    """Q-LoRA on a mixture of experts is refused until its routed experts can be quantized: bitsandbytes
+    quantizes nn.Linear only, and transformers 5 fuses the experts into 3-D parameters, so they would stay
+    in 16-bit; GPTQ MoE bases load their per-expert quantized linears unfused, which is not checked yet."""
+    if family is None or not family.moe or cfg.method != "qlora":
+        return []
+    if cfg.quant.backend == "gptq":
+        return [f"quant.backend=gptq with {cfg.model.path}, {family.note}: GPTQ mixture-of-experts bases are not "
+                "supported yet (their per-expert quantized linears are not the fused experts qwen-ft adapts); use "
+                "method=lora on the original-precision checkpoint"]
+    import json
+
+    from qwen_ft.model.shape import Shape
+
+    shape = Shape.from_config(json.loads((Path(cfg.model.path) / "config.json").read_text()))
+    experts = shape.moe.expert_params(shape.hidden) if shape.moe else 0
+    gib, nf4 = 2**30, 0.5 + 1 / 64 + 4 / (64 * 256)  # bytes per weight: NF4 codes + double-quantized scales
+    kept = (experts * 2 + (shape.linear_params() - experts) * nf4 + shape.other_params() * 2) / gib
+    packed = (shape.linear_params() * nf4 + shape.other_params() * 2) / gib
+    return [f"method=qlora with {cfg.model.path}, {family.note}: bitsandbytes quantizes nn.Linear layers only, and "
+            f"transformers fuses the routed experts ({100 * experts / shape.params():.0f}% of the weights) into 3-D "
+            f"parameters, so they would stay in 16-bit: about {kept:.1f} GiB of weights instead of {packed:.1f} GiB "
+            "with 4-bit experts. qwen-ft does not quantize fused experts yet; use method=lora (with "
+            "dist.deepspeed=zero3 to spread the weights over several GPUs)"]
 
 
 def _remote_code_problem(cfg: RunConfig) -> str:
