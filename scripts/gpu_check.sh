@@ -10,7 +10,8 @@
 #   PARTS="probe tests lora qlora profile" (the default) picks stages (lora = lora2048 + lora8192, both
 #   with model.compile=true, 2048 at 2 x 4 beside the baseline at 2 x 4 and at QwenLM's 1 x 8;
 #   eager = qwen-ft uncompiled at 1 x 8, not in the default; qwen35 = Qwen3.5-9B LoRA at 2048 beside the
-#   baseline and at 8192, uncompiled, not in the default: bring flash-linear-attention in WHEELS_DIR);
+#   baseline and at 8192, uncompiled, not in the default: bring flash-linear-attention in WHEELS_DIR;
+#   moe = Qwen3-30B-A3B's layers (12 of 48) LoRA bf16 at 2048 beside the baseline, not in the default);
 #   BENCH_STEPS (3): measured optimizer steps per case; WORK: checkpoints and installs (/tmp/qwen-ft-gpu-check);
 #   PROFILE_OVERRIDES: key=value words for the profiled run (default "model.compile=true").
 # Budget: about 20 minutes on one H100 (random 7B checkpoints are written under WORK, ~25 GB).
@@ -57,6 +58,8 @@ if has qwen35; then  # the hybrid shape: packed rows exact through the GDN layer
   bench --shape qwen3.5-9b --methods lora --lengths 2048 --micro-batch 2 --json "$out/bench-qwen3.5-9b-lora-2048.json"
   bench --shape qwen3.5-9b --methods lora --lengths 8192 --no-baseline --json "$out/bench-qwen3.5-9b-lora-8192.json"
 fi
+has moe && bench --shape qwen3-30b-a3b-12l --methods lora --lengths 2048 \
+  --json "$out/bench-qwen3-30b-a3b-12l-lora-2048.json"
 has qlora && bench --methods qlora_bnb,qlora_gptq --lengths 2048 --no-baseline --json "$out/bench-7b-qlora-2048.json"
 if has profile; then
   cfg="$work/bench/cases/7b-lora-2048-qwen-ft/run.yaml"

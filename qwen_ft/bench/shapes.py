@@ -40,6 +40,9 @@ MOE: dict[str, dict] = {
                       "head_dim": 128, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
                       "num_experts_per_tok": 8},
 }
+# the same layers, 12 of the 48 (7.9B parameters): the GPU check's Qwen3-30B-A3B-shaped case, whose random
+# checkpoint fits a 64 GiB disk beside the others
+MOE["qwen3-30b-a3b-12l"] = {**MOE["qwen3-30b-a3b"], "num_hidden_layers": 12}
 SHAPES.update(MOE)
 
 

@@ -105,11 +105,11 @@ def run_sections(method: str, model_dir: str, data_file: str, length: int, steps
                   "learning_rate": s.learning_rate_for(method)},
     }
     if method != "full":
-        from qwen_ft.model.families import resolve_family
+        from qwen_ft.model.adapters import DEFAULT_DROPOUT
 
-        moe = resolve_family("auto", model_dir).moe  # adapted experts take no dropout (peft's ParamWrapper)
-        sections["lora"] = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0 if moe else s.lora_dropout,
-                            "train_embeddings": method == "lora_emb"}
+        sections["lora"] = {"r": s.lora_r, "alpha": s.lora_alpha, "train_embeddings": method == "lora_emb"}
+        if s.lora_dropout != DEFAULT_DROPOUT:  # the default is qwen-ft's own: 0 on adapted experts, as the baseline's
+            sections["lora"]["dropout"] = s.lora_dropout
     if method.startswith("qlora"):
         sections["quant"] = {"backend": method.split("_")[1]}
     return sections

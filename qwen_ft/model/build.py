@@ -33,6 +33,10 @@ def build_model(cfg: RunConfig, family: Family, precision: Precision, attn: str,
     model = load_base_model(cfg.model.path, weights, attn, cfg.model.trust_remote_code)
     model.config.use_cache = False  # packed rows are exact only without the KV cache
     keep_packed_apart(model, family, mixed)
+    if family.moe:
+        from qwen_ft.model.experts import never_a_loop
+
+        never_a_loop(model)
     if cfg.model.recomputed_fraction > 0:
         enable_gradient_checkpointing(model, cfg.method != "full", cfg.model.recomputed_fraction)
     model = apply_method(model, cfg, family)

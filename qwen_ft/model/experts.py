@@ -15,7 +15,7 @@ loop over experts.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -57,7 +57,7 @@ def fused_names(names: set[str]) -> tuple[set[str], set[str]]:
     return modules, parameters
 
 
-def expert_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+def expert_modules(model: torch.nn.Module) -> list[Any]:
     """The fused-experts modules of `model` (below any peft wrappers)."""
     return [m for m in model.modules() if type(m).__name__.endswith("Experts") and hasattr(m, "gate_up_proj")]
 
@@ -68,12 +68,20 @@ def implementation(model: torch.nn.Module) -> str:
     experts = expert_modules(model)
     if not experts:
         return "none"
-    name = experts[0].config._experts_implementation
+    name = str(experts[0].config._experts_implementation)
     if name != "grouped_mm":
         return name
     w = experts[0].gate_up_proj
     kernel = _grouped_kernel_runs(w.device, w.dtype)
     return "grouped_mm (torch kernel)" if kernel else "grouped_mm (transformers' grouped fallback)"
+
+
+def never_a_loop(model: Any) -> None:
+    """Where transformers fell back to its eager experts (a Python loop over experts, when grouped_mm
+    cannot dispatch here), use its batched path instead."""
+    experts = expert_modules(model)
+    if experts and experts[0].config._experts_implementation == "eager":
+        model.set_experts_implementation("batched_mm")
 
 
 def _grouped_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -93,11 +101,11 @@ def install(model: torch.nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, ParamWrapper) or isinstance(_parent_wrapper(model, module), ParamWrapper):
             continue
-        base = module.get_base_layer()
+        base: Any = module.get_base_layer()
         if not (type(base).__name__.endswith("Experts") and base.config._experts_implementation == "grouped_mm"):
             continue
         if not getattr(module, "_qwen_ft_grouped", False):
-            module.forward = functools.partial(lora_experts_forward, module, module.forward)
+            setattr(module, "forward", functools.partial(lora_experts_forward, module, module.forward))  # noqa: B010
             setattr(module, "_qwen_ft_grouped", True)  # noqa: B010 - not an attribute mypy knows
         count += 1
     return count
@@ -135,7 +143,8 @@ def lora_experts_forward(outer, peft_forward, hidden_states: torch.Tensor, top_k
     found = lora_factors(outer)
     if found is None or getattr(found[0], "_is_expert_parallel", False) or found[0].has_bias:
         return peft_forward(hidden_states, top_k_index, top_k_weights)
-    experts, factors = found
+    experts: Any = found[0]
+    factors = found[1]
     k = top_k_index.size(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     offsets = _offsets(expert_ids, experts.num_experts)

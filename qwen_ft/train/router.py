@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ import torch
 class RouterLoss:
     """Captures router logits around a forward and turns them into the load-balancing loss."""
 
-    def __init__(self, model: torch.nn.Module, coef: float):
+    def __init__(self, model: Any, coef: float):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         text = base.config.get_text_config()
         self.coef, self.num_experts, self.top_k = coef, text.num_experts, text.num_experts_per_tok
@@ -59,7 +60,7 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return batch.get("attention_mask", batch.get("token_mask"))
 
 
-def router_coef(cfg_coef: float | None, model: torch.nn.Module) -> float:
+def router_coef(cfg_coef: float | None, model: Any) -> float:
     """train.router_aux_loss_coef, or the checkpoint's router_aux_loss_coef."""
     if cfg_coef is not None:
         return cfg_coef

@@ -219,7 +219,7 @@ def test_moe_under_zero3_with_different_routing_per_rank_finishes_and_equals_zer
     for stage in ("zero2", str(tmp_path / "zero3_tight.json")):
         out = tmp_path / Path(stage).stem
         try:
-            torchrun(config, out, f"dist.deepspeed={stage}", "train.save_steps=0")
+            torchrun(config, out, f"dist.deepspeed={stage}", "train.save_steps=0", "train.max_steps=2")
         except subprocess.TimeoutExpired:
             pytest.fail(f"{stage}: MoE training hung")
         histories[stage] = json.loads((out / "train_history.json").read_text())
