@@ -36,9 +36,9 @@ MOE: dict[str, dict] = {
     "tiny-qwen3-moe": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                        "head_dim": 16, "intermediate_size": 128, "moe_intermediate_size": 32, "num_experts": 8,
                        "num_experts_per_tok": 2},
-    "qwen3-30b-a3b": {"hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
-                      "head_dim": 128, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
-                      "num_experts_per_tok": 8},
+    "qwen3-30b-a3b": {"hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+                      "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+                      "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8},
 }
 # the same layers, 12 of the 48 (7.9B parameters): the GPU check's Qwen3-30B-A3B-shaped case, whose random
 # checkpoint fits a 64 GiB disk beside the others

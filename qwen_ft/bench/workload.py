@@ -107,9 +107,10 @@ def run_sections(method: str, model_dir: str, data_file: str, length: int, steps
     if method != "full":
         from qwen_ft.model.adapters import DEFAULT_DROPOUT
 
-        sections["lora"] = {"r": s.lora_r, "alpha": s.lora_alpha, "train_embeddings": method == "lora_emb"}
+        lora: dict[str, object] = {"r": s.lora_r, "alpha": s.lora_alpha, "train_embeddings": method == "lora_emb"}
         if s.lora_dropout != DEFAULT_DROPOUT:  # the default is qwen-ft's own: 0 on adapted experts, as the baseline's
-            sections["lora"]["dropout"] = s.lora_dropout
+            lora["dropout"] = s.lora_dropout
+        sections["lora"] = lora
     if method.startswith("qlora"):
         sections["quant"] = {"backend": method.split("_")[1]}
     return sections

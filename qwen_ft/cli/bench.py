@@ -21,7 +21,9 @@ HELP = "benchmark speed and memory at a real Qwen shape (and against Trainer + p
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """--shape, --methods, --lengths, --steps, --warmup, --no-baseline/--baseline-only, --micro-batch,
     --work-dir, --json, --peak-tflops, key=value overrides."""
-    p.add_argument("--shape", default="tiny", help="tiny, 1.8b, 7b, 14b, tiny-qwen3.5, qwen3.5-9b, tiny-qwen3-moe, qwen3-30b-a3b or qwen3-30b-a3b-12l")
+    from qwen_ft.bench.shapes import SHAPES  # names only: no heavy imports
+
+    p.add_argument("--shape", default="tiny", help="one of: " + ", ".join(SHAPES))
     p.add_argument("--methods", default="lora,lora_emb,qlora_bnb,qlora_gptq",
                    help="comma list of lora, lora_emb, qlora_bnb, qlora_gptq, full")
     p.add_argument("--lengths", default="256,2048", help="comma list of sequence lengths")

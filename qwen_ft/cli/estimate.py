@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in e.moments.items():
         print(f"  {name:<14} {value / GB:8.2f} GiB  (at different moments: only the larger counts)")
     ok = fits(e, args.gpu_memory)
+    checked = UNCHECKED if r.shape.gdn or r.shape.moe else CHECKED
     print(f"  {'total':<14} {e.total / GB:8.2f} GiB per GPU: {'fits' if ok else 'does NOT fit'} a "
-          f"{args.gpu_memory:g} GiB GPU (first-order estimate; {CHECKED if r.shape.gdn is None and r.shape.moe is None else UNCHECKED})")
+          f"{args.gpu_memory:g} GiB GPU (first-order estimate; {checked})")
     return 0 if ok else 1

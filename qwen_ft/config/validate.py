@@ -54,7 +54,8 @@ def _finite(cfg: RunConfig) -> list[str]:
     values = {"train.learning_rate": cfg.train.learning_rate, "train.epochs": cfg.train.epochs,
               "train.warmup_ratio": cfg.train.warmup_ratio, "train.weight_decay": cfg.train.weight_decay,
               "train.adam_beta2": cfg.train.adam_beta2, "train.max_grad_norm": cfg.train.max_grad_norm,
-              "lora.dropout": cfg.lora.dropout or 0.0, "train.router_aux_loss_coef": cfg.train.router_aux_loss_coef or 0.0,
+              "lora.dropout": cfg.lora.dropout or 0.0,
+              "train.router_aux_loss_coef": cfg.train.router_aux_loss_coef or 0.0,
               "data.eval_fraction": cfg.data.eval_fraction, "model.checkpoint_fraction": cfg.model.checkpoint_fraction}
     problems = [f"{key}: {value} is not a finite number; give a finite value" for key, value in values.items()
                 if not math.isfinite(value)]

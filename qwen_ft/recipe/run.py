@@ -45,7 +45,8 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
     state = steps.resume_state(cfg, backend, data, dist, ckpt)
     trainer = loop.Trainer(cfg, plan, dist, backend, unwrapped, data, tok.endoftext_id,
                            steps.saver(cfg, unwrapped, tok, family, backend, dist),
-                           steps.loss_function(cfg, unwrapped, ds_config), steps.router_loss(cfg, unwrapped, family, dist))
+                           steps.loss_function(cfg, unwrapped, ds_config),
+                           steps.router_loss(cfg, unwrapped, family, dist))
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout:
     # whatever runs a step next (the loop, scripts/profile_step.py) must run the training step.
     backend.module.train()

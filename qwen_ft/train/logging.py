@@ -57,7 +57,8 @@ class RunLogger:
 
 
 def window_mean(window: list[dict[str, float]]) -> dict[str, float]:
-    """Loss (and a router's aux loss) and speed averaged over the logging window; lr and gradient norm as of its last step."""
+    """Loss (and an MoE router's aux loss) and speed averaged over the logging window; lr and gradient
+    norm as of its last step."""
     last = dict(window[-1])
     for key in ("loss", "aux_loss", "tokens_per_s"):
         if key in last:

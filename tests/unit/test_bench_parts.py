@@ -176,9 +176,10 @@ def test_qwen3_moe_shape_counts_every_expert_and_flops_the_active_ones():
     assert flops == pytest.approx(6 * (shape.active_linear_params() + shape.vocab * shape.hidden) * tokens + attention)
     assert shape.active_linear_params() < shape.linear_params() / 8
     tiny = Shape.from_config(shape_config("tiny-qwen3-moe"))
+    tiny_settings = {k: v for k, v in shape_config("tiny-qwen3-moe").items()
+                     if k not in ("model_type", "architectures")}
     with torch.device("meta"):
-        small = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**{k: v for k, v in shape_config("tiny-qwen3-moe").items()
-                                                                   if k not in ("model_type", "architectures")}))
+        small = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**tiny_settings))
         adapted = get_peft_model(small, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                    target_parameters=["mlp.experts.gate_up_proj",
                                                                       "mlp.experts.down_proj"]))
