@@ -111,8 +111,8 @@ def _target_problems(cfg: RunConfig, family: Family | None) -> list[str]:
     modules, parameters = _loaded_names(cfg.model.path, family)
     if not modules:
         return problems  # no safetensors to read names from (a v1 directory is converted first)
-    return problems + [p for t in cfg.lora.target_modules for p in [_unmatched(t, cfg.model.path, modules,
-                                                                              parameters)] if p]
+    found = (_unmatched(t, cfg.model.path, modules, parameters) for t in cfg.lora.target_modules)
+    return problems + [p for p in found if p]
 
 
 def _loaded_names(path: str, family: Family) -> tuple[set[str], set[str]]:
@@ -178,11 +178,11 @@ def _moe_quant_problems(cfg: RunConfig, family: Family | None) -> list[str]:
                 "method=lora on the original-precision checkpoint"]
     import json
 
-    from qwen_ft.model.shape import Shape
+    from qwen_ft.model.shape import Shape, nf4_bytes_per_weight
 
     shape = Shape.from_config(json.loads((Path(cfg.model.path) / "config.json").read_text()))
     experts = shape.moe.expert_params(shape.hidden) if shape.moe else 0
-    gib, nf4 = 2**30, 0.5 + 1 / 64 + 4 / (64 * 256)  # bytes per weight: NF4 codes + double-quantized scales
+    gib, nf4 = 2**30, nf4_bytes_per_weight(cfg.quant.double_quant)
     kept = (experts * 2 + (shape.linear_params() - experts) * nf4 + shape.other_params() * 2) / gib
     packed = (shape.linear_params() * nf4 + shape.other_params() * 2) / gib
     return [f"method=qlora with {cfg.model.path}, {family.note}: bitsandbytes quantizes nn.Linear layers only, and "

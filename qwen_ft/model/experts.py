@@ -97,9 +97,11 @@ def install(model: torch.nn.Module) -> int:
     returns how many are."""
     from peft.tuners.lora.layer import ParamWrapper
 
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    nested = {id(m.base_layer) for m in wrappers}  # inner wrappers of a chain (peft nests one per parameter)
     count = 0
-    for module in model.modules():
-        if not isinstance(module, ParamWrapper) or isinstance(_parent_wrapper(model, module), ParamWrapper):
+    for module in wrappers:
+        if id(module) in nested:
             continue
         base: Any = module.get_base_layer()
         if not (type(base).__name__.endswith("Experts") and base.config._experts_implementation == "grouped_mm"):
@@ -109,11 +111,6 @@ def install(model: torch.nn.Module) -> int:
             setattr(module, "_qwen_ft_grouped", True)  # noqa: B010 - not an attribute mypy knows
         count += 1
     return count
-
-
-def _parent_wrapper(model: torch.nn.Module, module: torch.nn.Module):
-    """The module whose `base_layer` is `module` (nested ParamWrappers), or None."""
-    return next((m for m in model.modules() if getattr(m, "base_layer", None) is module), None)
 
 
 def lora_factors(outer) -> tuple[torch.nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] | None:
@@ -188,8 +185,9 @@ def _grouped_fallback(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor)
 
 
 def z3_leaf_classes(model: torch.nn.Module) -> list[type]:
-    """The sparse-MoE block classes of `model`: DeepSpeed ZeRO-3 must fetch each block's parameters
-    whole (`set_z3_leaf_modules`), since ranks that route to different experts would otherwise ask
-    for different parameters and wait on each other forever."""
+    """The sparse-MoE block classes of `model`, for DeepSpeed's `set_z3_leaf_modules` (its answer to
+    ranks that route to different experts fetching different parameters). transformers 5's fused
+    experts are one parameter per projection, so routing cannot split the gathers even without it
+    (tests/integration/test_deepspeed.py passed both ways); it is kept as DeepSpeed recommends."""
     return sorted({type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")},
                   key=lambda c: c.__name__)

@@ -99,15 +99,13 @@ class Shape:
     def layer_groups(self) -> list[tuple[int, dict[str, tuple[int, int]]]]:
         """(how many layers, (in, out) of each of their linear layers) per kind of decoder layer."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        mlp = {"gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
-               "down_proj": (self.intermediate, self.hidden)}
+        mlp = _mlp(self.hidden, self.intermediate)
         gate = 2 if self.gdn else 1  # gated attention: q_proj also yields the output gate
         attn = {"q_proj": (self.hidden, gate * q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
                 "o_proj": (q, self.hidden)}
         if self.moe:  # sparse layers: the shared expert is the MLP (none in Qwen3-MoE)
             m = self.moe
-            shared = {k: (i if i != self.intermediate else m.shared, o if o != self.intermediate else m.shared)
-                      for k, (i, o) in mlp.items()} if m.shared else {}
+            shared = _mlp(self.hidden, m.shared) if m.shared else {}
             if not self.gdn and m.layers < self.layers:  # Qwen2/3-MoE's dense layers (mlp_only_layers)
                 return [(self.layers - m.layers, {**attn, **mlp}), (m.layers, {**attn, **shared})]
             mlp = shared
@@ -150,6 +148,17 @@ class Shape:
     def params(self) -> int:
         """All parameters (tied weights once)."""
         return self.linear_params() + self.other_params()
+
+
+def _mlp(hidden: int, size: int) -> dict[str, tuple[int, int]]:
+    """(in, out) of a gated MLP's three linear layers."""
+    return {"gate_proj": (hidden, size), "up_proj": (hidden, size), "down_proj": (size, hidden)}
+
+
+def nf4_bytes_per_weight(double_quant: bool) -> float:
+    """bitsandbytes 4-bit storage per weight: the code plus an fp32 absmax per 64 weights, or with double
+    quantization an 8-bit absmax per 64 and an fp32 scale per 256 of those."""
+    return 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
 
 
 def hybrid_layer_types(layers: int, interval: int = 4) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qwen_ft.model.load import checkpointed_layers
-from qwen_ft.model.shape import Shape, lora_params
+from qwen_ft.model.shape import Shape, lora_params, nf4_bytes_per_weight
 
 if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
@@ -61,8 +61,7 @@ def quantized_linear_bytes(cfg: RunConfig, shape: Shape, gptq_group: int) -> flo
     GPTQ: packed codes, packed zeros and fp16 scales per group of each output column, int32 g_idx
     per input row."""
     if cfg.quant.backend == "bnb":
-        per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quant.double_quant else 4 / 64)
-        return shape.linear_params() * per_weight
+        return shape.linear_params() * nf4_bytes_per_weight(cfg.quant.double_quant)
     code = cfg.quant.bits / 8
     return sum(n * sum(i * o * code + -(-i // gptq_group) * o * (code + 2) + i * 4 for i, o in shapes.values())
                for n, shapes in shape.layer_groups())

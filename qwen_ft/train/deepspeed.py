@@ -46,9 +46,8 @@ def initialize(cfg: RunConfig, model, ds_config: dict):
 
 
 def moe_blocks_whole(deepspeed, model) -> None:
-    """ZeRO-3 fetches each sparse-MoE block's parameters whole (DeepSpeed's leaf modules): ranks that
-    route their tokens to different experts then ask for the same parameters, instead of each waiting
-    on a gather the other never joins."""
+    """ZeRO-3 fetches each sparse-MoE block's parameters whole (DeepSpeed's leaf modules, as it
+    recommends for mixtures of experts; see `z3_leaf_classes`)."""
     from qwen_ft.model.experts import z3_leaf_classes
 
     classes = z3_leaf_classes(model)
