@@ -122,6 +122,12 @@ def zero3_conflicts(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def is_zero3(cfg: RunConfig) -> bool:
+    """dist.deepspeed is a ZeRO-3 preset or a readable JSON with stage 3."""
+    ds = cfg.dist.deepspeed
+    return ds in ("zero3", "zero3_offload") or (ds.endswith(".json") and Path(ds).is_file() and _json_stage(ds) == 3)
+
+
 def _json_stage(path: str) -> int:
     """ZeRO stage of a user DeepSpeed JSON (0 when unreadable: deepspeed_config reports that later)."""
     import json

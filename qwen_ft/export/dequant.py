@@ -7,6 +7,8 @@ base function after dequantization.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from qwen_ft import deps
@@ -29,11 +31,14 @@ def load_gptq_model(path: str, dtype: torch.dtype = torch.float32):
     deps.require("gptq", "merging into a GPTQ base")
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    from qwen_ft.model.quant import gptq_settings
+    from qwen_ft.model.quant import every_weight_loaded, gptq_settings
 
     bits = int((gptq_settings(path) or {}).get("bits", 4))
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=bits, backend="torch"),
-                                                dtype=dtype, device_map={"": "cpu"}, local_files_only=True)
+    config = GPTQConfig(bits=bits, backend="torch")
+    loaded: Any = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=dtype,
+                                                       device_map={"": "cpu"}, local_files_only=True,
+                                                       output_loading_info=True)
+    return every_weight_loaded(path, *loaded)
 
 
 def dequantize_to_dense(path: str, dtype: torch.dtype = torch.float32):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from qwen_ft.errors import QwenFtError
-from qwen_ft.model.load import DTYPES
+from qwen_ft.model.load import DTYPES, resolve_dtype
 
 # Max |logit diff| allowed, relative to max(1, max |reference logit|).
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
@@ -189,12 +189,9 @@ def _quantized_comparison(src: Path, manifest: dict, merged, merged_logits, ids,
     """For Q-LoRA: (max |logit diff| merged vs adapter-on-quantized-base, perplexities); (None, None) otherwise."""
     if not manifest.get("quant"):
         return None, None
-    from peft import PeftModel
-
     from qwen_ft.export.quality import held_out, perplexity
 
-    base = quantized_base(src, manifest)
-    on_quantized = PeftModel.from_pretrained(base, src).eval()
+    on_quantized = adapter_on_quantized_base(src, manifest)
     diff = (_logits(on_quantized, ids) - merged_logits).abs().max().item()
     convs, where = held_out(src / "run_config.yaml", eval_data)
     ppl = {"merged": perplexity(merged, tok, convs), "adapter on quantized base": perplexity(on_quantized, tok, convs),
@@ -203,15 +200,32 @@ def _quantized_comparison(src: Path, manifest: dict, merged, merged_logits, ids,
 
 
 def quantized_base(src: Path, manifest: dict):
-    """The quantized base the adapter was trained on, loaded as in training (CPU, fp32 compute)."""
-    from qwen_ft.config.load import load_config
-    from qwen_ft.model.load import resolve_dtype
+    """The quantized base the adapter was trained on, loaded as in training (CPU, fp32 compute); a
+    mixture of experts' fused experts are quantized only once peft wraps them (adapter_on_quantized_base)."""
     from qwen_ft.model.quant import load_bnb_base, load_gptq_base
 
-    cfg = load_config(src / "run_config.yaml", [f"model.path={manifest['base_model']['path']}"])
-    cpu = torch.device("cpu")
+    cfg = _trained_config(src, manifest)
     load = load_bnb_base if cfg.quant.backend == "bnb" else load_gptq_base
-    return load(cfg, resolve_dtype("fp32", cpu), "sdpa", cpu).eval()
+    return load(cfg, _CPU_FP32, "sdpa", torch.device("cpu")).eval()
+
+
+def adapter_on_quantized_base(src: Path, manifest: dict):
+    """The adapter in `src` on the quantized base, as it was trained (4-bit experts included)."""
+    from peft import PeftModel
+
+    from qwen_ft.model.quant import quantize_experts
+
+    model = PeftModel.from_pretrained(quantized_base(src, manifest), src)
+    return quantize_experts(model, _trained_config(src, manifest), _CPU_FP32).eval()
+
+
+def _trained_config(src: Path, manifest: dict):
+    from qwen_ft.config.load import load_config
+
+    return load_config(src / "run_config.yaml", [f"model.path={manifest['base_model']['path']}"])
+
+
+_CPU_FP32 = resolve_dtype("fp32", torch.device("cpu"))
 
 
 def _checkpoint_dtype(model) -> str:

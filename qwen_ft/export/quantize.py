@@ -83,6 +83,20 @@ def _per_layer_logs_into(folder: Path) -> None:
         loop_processor._PROJECT_LOG_DIR = folder
 
 
+def _quantized(out_dir: str):
+    """The quantized checkpoint, loaded to measure it: through transformers (what merge and Q-LoRA load),
+    or for a mixture of experts, whose per-expert quantized linears transformers 5.24 cannot load into
+    its fused experts (model/quant.every_weight_loaded), through gptqmodel's own loader."""
+    from qwen_ft.export.dequant import load_gptq_model
+    from qwen_ft.model.families import resolve_family
+
+    if not resolve_family("auto", out_dir).moe:
+        return load_gptq_model(out_dir)
+    from gptqmodel import GPTQModel
+
+    return GPTQModel.load(out_dir, device="cpu", backend="torch").model
+
+
 def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, calibration: str,
                    n_calib: int = 128, eval_data: str | None = None, max_length: int = 2048) -> QuantizeReport:
     """GPTQ-quantize `model_dir` into `out_dir` and measure perplexity before and after.
@@ -95,7 +109,6 @@ def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, cal
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoModelForCausalLM
 
-    from qwen_ft.export.dequant import load_gptq_model
     from qwen_ft.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -111,5 +124,5 @@ def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, cal
     model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples], batch_size=1)
     model.save(out_dir)
     tok.save_files(out_dir)  # the vocabulary files qwen-ft reads, whatever gptqmodel wrote
-    after = perplexity(load_gptq_model(out_dir).eval(), tok, held, max_length)
+    after = perplexity(_quantized(out_dir).eval(), tok, held, max_length)
     return QuantizeReport(Path(out_dir), len(samples), len(held), before, after)

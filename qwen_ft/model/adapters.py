@@ -120,11 +120,13 @@ def lora_input_casting_off(model):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts (tied weights once; quantized layers by their logical size)."""
+    """(trainable, total) parameter counts (tied weights once; quantized weights by their logical size)."""
+    from qwen_ft.model.experts_4bit import logical_numel
+
     seen: set[int] = set()
     trainable = total = 0
     for module in model.modules():
-        packed = _packed_weight(module)
+        packed = _gptq_weight(module)
         if packed is not None and id(packed) not in seen:  # peft's wrapper exposes its base's qweight too
             seen.add(id(packed))
             total += module.in_features * module.out_features
@@ -132,21 +134,15 @@ def count_parameters(model) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps only a shard locally
+        n = getattr(p, "ds_numel", None) or logical_numel(p)  # ZeRO-3 keeps only a shard locally
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
 
 
-def _packed_weight(module):
-    """The packed weight of a quantized linear layer (bnb 4-bit parameter or GPTQ buffer), else None.
-
-    bnb packs several 4-bit values per stored element and GPTQ keeps `qweight` as a buffer, so their
-    numel says nothing about the layer's size.
-    """
+def _gptq_weight(module):
+    """The packed weight of a GPTQ linear layer, else None: GPTQ keeps `qweight` as a buffer, whose numel
+    says nothing about the layer's size (bnb's 4-bit parameters know their logical shape)."""
     if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
         return None
-    weight = getattr(module, "weight", None)
-    if weight is not None and type(weight).__name__ == "Params4bit":
-        return weight
     return getattr(module, "qweight", None)

@@ -69,12 +69,12 @@ def compile_decoder_layers(model) -> int:
 def _build_qlora(cfg: RunConfig, family: Family, precision: Precision, attn: str, device: torch.device,
                  mixed: bool):
     """Quantized base (placed on `device` while loading) + k-bit preparation + LoRA."""
-    from qwen_ft.model.quant import load_bnb_base, load_gptq_base, prepare_for_kbit
+    from qwen_ft.model.quant import load_bnb_base, load_gptq_base, prepare_for_kbit, quantize_experts
 
     load = load_bnb_base if cfg.quant.backend == "bnb" else load_gptq_base
     model = prepare_for_kbit(load(cfg, precision, attn, device), cfg.model.recomputed_fraction)
     keep_packed_apart(model, family, mixed)
-    return apply_method(model, cfg, family)
+    return quantize_experts(apply_method(model, cfg, family), cfg, precision)
 
 
 def keep_packed_apart(model, family: Family, mixed: bool) -> None:

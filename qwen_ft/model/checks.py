@@ -167,29 +167,21 @@ def _hybrid_problems(cfg: RunConfig, family: Family | None) -> list[str]:
 
 
 def _moe_quant_problems(cfg: RunConfig, family: Family | None) -> list[str]:
-    """Q-LoRA on a mixture of experts is refused until its routed experts can be quantized: bitsandbytes
-    quantizes nn.Linear only, and transformers 5 fuses the experts into 3-D parameters, so they would stay
-    in 16-bit; GPTQ MoE bases load their per-expert quantized linears unfused, which is not checked yet."""
+    """GPTQ mixture-of-experts bases are refused: they load their per-expert quantized linears unfused,
+    which is not checked yet. bitsandbytes bases get 4-bit experts (model/experts_4bit.py), quantized
+    after loading, which ZeRO-3 would already have partitioned."""
+    from qwen_ft.config.validate import is_zero3
+
     if family is None or not family.moe or cfg.method != "qlora":
         return []
-    if cfg.quant.backend == "gptq":
-        return [f"quant.backend=gptq with {cfg.model.path}, {family.note}: GPTQ mixture-of-experts bases are not "
-                "supported yet (their per-expert quantized linears are not the fused experts qwen-ft adapts); use "
-                "method=lora on the original-precision checkpoint"]
-    import json
-
-    from qwen_ft.model.shape import Shape, nf4_bytes_per_weight
-
-    shape = Shape.from_config(json.loads((Path(cfg.model.path) / "config.json").read_text()))
-    experts = shape.moe.expert_params(shape.hidden) if shape.moe else 0
-    gib, nf4 = 2**30, nf4_bytes_per_weight(cfg.quant.double_quant)
-    kept = (experts * 2 + (shape.linear_params() - experts) * nf4 + shape.other_params() * 2) / gib
-    packed = (shape.linear_params() * nf4 + shape.other_params() * 2) / gib
-    return [f"method=qlora with {cfg.model.path}, {family.note}: bitsandbytes quantizes nn.Linear layers only, and "
-            f"transformers fuses the routed experts ({100 * experts / shape.params():.0f}% of the weights) into 3-D "
-            f"parameters, so they would stay in 16-bit: about {kept:.1f} GiB of weights instead of {packed:.1f} GiB "
-            "with 4-bit experts. qwen-ft does not quantize fused experts yet; use method=lora (with "
-            "dist.deepspeed=zero3 to spread the weights over several GPUs)"]
+    if cfg.quant.backend == "bnb":
+        return [] if not is_zero3(cfg) else [
+            f"method=qlora with dist.deepspeed={cfg.dist.deepspeed} (ZeRO-3) on {family.note}: ZeRO-3 partitions "
+            "the fused experts while loading, before qwen-ft can quantize them to 4 bits; use dist.deepspeed=zero2 "
+            "(each GPU holds the 4-bit model) or method=lora with ZeRO-3"]
+    return [f"quant.backend=gptq with {cfg.model.path}, {family.note}: GPTQ mixture-of-experts bases are not "
+            "supported yet (their per-expert quantized linears are not the fused experts qwen-ft adapts); use "
+            "quant.backend=bnb or method=lora on the original-precision checkpoint"]
 
 
 def _remote_code_problem(cfg: RunConfig) -> str:

@@ -71,9 +71,12 @@ def implementation(model: torch.nn.Module) -> str:
     name = str(experts[0].config._experts_implementation)
     if name != "grouped_mm":
         return name
+    from qwen_ft.model.experts_4bit import compute_dtype, is_4bit
+
     w = experts[0].gate_up_proj
-    kernel = _grouped_kernel_runs(w.device, w.dtype)
-    return "grouped_mm (torch kernel)" if kernel else "grouped_mm (transformers' grouped fallback)"
+    kernel = _grouped_kernel_runs(w.device, compute_dtype(w))
+    name = "grouped_mm (torch kernel)" if kernel else "grouped_mm (transformers' grouped fallback)"
+    return name + (", 4-bit experts dequantized per layer" if is_4bit(w) else "")
 
 
 def never_a_loop(model: Any) -> None:
@@ -82,6 +85,14 @@ def never_a_loop(model: Any) -> None:
     experts = expert_modules(model)
     if experts and experts[0].config._experts_implementation == "eager":
         model.set_experts_implementation("batched_mm")
+
+
+def runs_grouped(experts: Any) -> bool:
+    """Whether qwen-ft's grouped forward runs this experts module: where transformers' does, and always
+    for 4-bit experts (which no transformers path can read)."""
+    from qwen_ft.model.experts_4bit import is_4bit
+
+    return experts.config._experts_implementation == "grouped_mm" or is_4bit(experts.gate_up_proj)
 
 
 def _grouped_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -104,7 +115,7 @@ def install(model: torch.nn.Module) -> int:
         if id(module) in nested:
             continue
         base: Any = module.get_base_layer()
-        if not (type(base).__name__.endswith("Experts") and base.config._experts_implementation == "grouped_mm"):
+        if not (type(base).__name__.endswith("Experts") and runs_grouped(base)):
             continue
         if not getattr(module, "_qwen_ft_grouped", False):
             setattr(module, "forward", functools.partial(lora_experts_forward, module, module.forward))  # noqa: B010
@@ -115,13 +126,16 @@ def install(model: torch.nn.Module) -> int:
 
 def lora_factors(outer) -> tuple[torch.nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] | None:
     """(base experts module, {parameter: (Aᵀ [E, in, r], Bᵀ [E, r, out], scaling)}) of a ParamWrapper
-    chain with one active, unmerged adapter; None when peft's own path must run (merged, disabled,
-    several adapters)."""
+    chain with one active, unmerged adapter (no factors while adapters are disabled: the base alone);
+    None when peft's own path must run (merged, several adapters)."""
     factors, layer = {}, outer
     while hasattr(layer, "parameter_name"):
         active = [a for a in layer.active_adapters if a in layer.lora_A]
-        if layer.merged or layer.disable_adapters or len(active) != 1 or not layer._did_swap_in_out_features:
+        if layer.merged or len(active) != 1 or not layer._did_swap_in_out_features:
             return None
+        if layer.disable_adapters:
+            layer = layer.base_layer
+            continue
         a, b = layer.lora_A[active[0]].weight, layer.lora_B[active[0]].weight
         e = layer.num_experts
         # [E, in, r] and [E, r, out], each a transposed view of contiguous per-expert matrices, the
@@ -139,6 +153,7 @@ def lora_experts_forward(outer, peft_forward, hidden_states: torch.Tensor, top_k
     tokens (see the module docstring); peft's own forward where this cannot apply."""
     found = lora_factors(outer)
     if found is None or getattr(found[0], "_is_expert_parallel", False) or found[0].has_bias:
+        _peft_can_run(outer)
         return peft_forward(hidden_states, top_k_index, top_k_weights)
     experts: Any = found[0]
     factors = found[1]
@@ -153,6 +168,16 @@ def lora_experts_forward(outer, peft_forward, hidden_states: torch.Tensor, top_k
     return restored.view(-1, k, weighted.size(-1)).sum(dim=1).to(hidden_states.dtype)
 
 
+def _peft_can_run(outer) -> None:
+    """peft's own forward reads the 16-bit expert weights, which 4-bit experts no longer have."""
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.experts_4bit import is_4bit
+
+    if is_4bit(outer.get_base_layer().gate_up_proj):
+        raise QwenFtError("4-bit experts run only through qwen-ft's grouped forward, with one active, unmerged "
+                          "adapter; merge into the original-precision base instead (qwen-ft merge)")
+
+
 def _offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Cumulative token counts per expert (int32), as transformers' grouped path makes them (histc:
     no host sync; float on CPU, int on CUDA, for determinism)."""
@@ -163,21 +188,24 @@ def _offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def _projection(x: torch.Tensor, weight: torch.Tensor, lora, offsets: torch.Tensor) -> torch.Tensor:
     """x·Wₑᵀ per expert group, plus scaling·(x·Aₑᵀ)·Bₑᵀ when the parameter is adapted."""
-    from transformers.integrations.moe import _grouped_linear, _grouped_mm
+    from transformers.integrations.moe import _grouped_mm
 
-    out = _grouped_linear(x, weight, offsets)
+    from qwen_ft.model.experts_4bit import compute_dtype, grouped_linear
+
+    out = grouped_linear(x, weight, offsets)
     if lora is None:
         return out
     a_t, b_t, scaling = lora
-    grouped = _grouped_mm if _aligned(a_t.shape[-1], weight) else _grouped_fallback
-    low = grouped(x, a_t.to(weight.dtype), offs=offsets)
-    return out + grouped(low, b_t.to(weight.dtype), offs=offsets) * scaling
+    dtype = compute_dtype(weight)
+    grouped = _grouped_mm if _aligned(a_t.shape[-1], weight.device, dtype) else _grouped_fallback
+    low = grouped(x, a_t.to(dtype), offs=offsets)
+    return out + grouped(low, b_t.to(dtype), offs=offsets) * scaling
 
 
-def _aligned(rank: int, weight: torch.Tensor) -> bool:
+def _aligned(rank: int, device: torch.device, dtype: torch.dtype) -> bool:
     """CUDA's grouped kernel needs 16-byte aligned rows: a rank of 8 in bf16 is, 4 is not (then
     transformers' grouped fallback runs the low-rank products)."""
-    return weight.device.type != "cuda" or (rank * weight.element_size()) % 16 == 0
+    return device.type != "cuda" or (rank * dtype.itemsize) % 16 == 0
 
 
 def _grouped_fallback(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -79,6 +79,19 @@ def load_bnb_base(cfg: RunConfig, precision: Precision, attn: str, device: torch
     return model
 
 
+def quantize_experts(model, cfg: RunConfig, precision: Precision):
+    """On a bitsandbytes base, the fused routed experts of a mixture of experts in 4-bit too, after peft
+    has wrapped them (model/experts_4bit.py); `model` unchanged otherwise."""
+    from qwen_ft.model import experts, experts_4bit
+
+    if cfg.quant.backend != "bnb" or not experts.expert_modules(model):
+        return model
+    experts.never_a_loop(model)
+    experts_4bit.quantize(model, cfg.quant, compute_dtype(cfg, precision))
+    experts.install(model)  # 4-bit experts run only through qwen-ft's grouped forward
+    return model
+
+
 def load_gptq_base(cfg: RunConfig, precision: Precision, attn: str, device: torch.device):
     """Load an existing GPTQ checkpoint through transformers + gptqmodel with a kernel that can train.
 
@@ -94,10 +107,33 @@ def load_gptq_base(cfg: RunConfig, precision: Precision, attn: str, device: torc
                           "(config.json) or quantize_config.json; use quant.backend=bnb for a full-precision base")
     # Inference kernels such as exllama cannot back-propagate; the torch kernel can.
     config = GPTQConfig(bits=int(settings.get("bits", cfg.quant.bits)), backend="torch", use_exllama=False)
-    return AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=config,
-                                                dtype=compute_dtype(cfg, precision), attn_implementation=attn,
-                                                device_map=_device_map(device), local_files_only=True,
-                                                trust_remote_code=cfg.model.trust_remote_code)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=config,
+                                                       dtype=compute_dtype(cfg, precision), attn_implementation=attn,
+                                                       device_map=_device_map(device), local_files_only=True,
+                                                       trust_remote_code=cfg.model.trust_remote_code,
+                                                       output_loading_info=True)
+    return every_weight_loaded(cfg.model.path, *loaded)
+
+
+def every_weight_loaded(path: str | Path, model, info: dict):
+    """`model`, once transformers has filled every weight from the checkpoint at `path`.
+
+    transformers 5.24 loads a GPTQ mixture of experts' per-expert quantized linears into nothing: its
+    fused experts stay at their random initialisation (reported MISSING, the quantized tensors UNEXPECTED)
+    and the model runs. Such a model is refused instead of being trained or measured.
+
+    Raises:
+        QwenFtError: naming what was left uninitialised.
+    """
+    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    if missing:
+        raise QwenFtError(f"{path}: transformers left {len(missing)} weights of {type(model).__name__} at their "
+                          f"random initialisation ({', '.join(missing[:3])}, ...): the checkpoint's tensors "
+                          f"({', '.join(sorted(info.get('unexpected_keys') or ())[:2])}, ...) do not fit them. "
+                          "GPTQ mixture-of-experts checkpoints are not loadable through transformers yet; "
+                          "use the original-precision checkpoint")
+    return model
 
 
 def prepare_for_kbit(model, checkpoint_fraction: float):

@@ -224,3 +224,156 @@ def test_parameter_count_is_the_logical_size(bases, run_config, backend):
     dense = steps.checked_config(run_config(lora={"r": 4}), [f"model.path={bases['dense']}"])
     precision, attn, family = steps.runtime(dense, CPU)
     assert (trainable, total) == count_parameters(steps.model(dense, family, precision, attn, CPU))
+
+
+@pytest.fixture(scope="module")
+def moe_qlora(tmp_path_factory):
+    """Q-LoRA (bnb) on a tiny Qwen3-MoE: 4 routed experts, top-2."""
+    from qwen_ft.model.tiny import make_tiny_model
+
+    tmp = tmp_path_factory.mktemp("moe-qlora")
+    base = make_tiny_model(tmp / "base", "qwen3_moe", hidden=64, layers=2)
+    cfg = tmp / "run.yaml"
+    write_run_yaml(cfg, base, tmp, method="qlora", quant={"backend": "bnb"}, lora={"r": 4, "alpha": 8},
+                   train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 1,
+                          "learning_rate": 2e-2, "max_steps": 4})
+    trainer, state = fit(steps.checked_config(str(cfg), []), CPU)
+    return base, trainer, state, tmp / "out"
+
+
+def test_moe_qlora_has_4bit_routed_experts_and_trains(moe_qlora, capsys):
+    _, trainer, state, out = moe_qlora
+    params = dict(trainer.unwrapped.named_parameters())
+    four_bit = {k.replace(".base_layer", "") for k, p in params.items() if type(p).__name__ == "Params4bit"}
+    experts = {f"base_model.model.model.layers.{i}.mlp.experts.{p}" for i in range(2)
+               for p in ("gate_up_proj", "down_proj")}
+    print("4-bit tensors:", *sorted(four_bit), sep="\n  ")
+    assert experts <= four_bit  # the fused routed experts, beside every attention projection
+    assert {f"base_model.model.model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"} <= four_bit
+    assert not any("mlp.gate." in k or "embed" in k for k in four_bit)  # the router and embeddings stay
+    packed = params["base_model.model.model.layers.0.mlp.experts.base_layer.base_layer.gate_up_proj"]
+    assert tuple(packed.quant_state.shape) == (4, 2 * 32, 64)  # [E, 2I, H], 4 bits a weight:
+    assert packed.numel() * packed.element_size() == 4 * 2 * 32 * 64 // 2
+    losses = [h["loss"] for h in state.history if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    assert any("experts.lora_B" in k and p.abs().sum() > 0 for k, p in params.items())
+
+
+def test_moe_qlora_equals_stock_peft_on_the_dequantized_experts(moe_qlora):
+    """qwen-ft's 4-bit experts (dequantized in the grouped forward and again in the backward) against
+    stock peft + transformers with the experts' dequantized values as plain weights: logits and the
+    gradient of every adapter tensor; the frozen 4-bit experts are bit-identical to a fresh quantization."""
+    import bitsandbytes.functional as bnbf
+    from peft import PeftModel
+
+    from qwen_ft.export.merge import adapter_on_quantized_base, quantized_base
+
+    _, trainer, _, out = moe_qlora
+    manifest = json.loads((out / "manifest.json").read_text())
+    ours = trainer.unwrapped.eval()
+    fresh = dict(adapter_on_quantized_base(out, manifest).named_parameters())
+    reference = quantized_base(out, manifest)
+    for name, p in ours.named_parameters():
+        if type(p).__name__ == "Params4bit" and ".experts." in name:
+            assert same_bits(p, fresh[name]), name
+            plain = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+            reference.get_parameter(plain).data = bnbf.dequantize_4bit(p.data, p.quant_state).float()
+    reference = PeftModel.from_pretrained(reference, out, is_trainable=True).eval()
+    diff = (logits(ours) - logits(reference)).abs().max().item()
+    print(f"max |logit diff| {diff:.3g}")
+    assert diff < 1e-5
+    labels = PROBE.clone()
+    grads = []
+    for model in (ours, reference):
+        model.zero_grad()
+        model(input_ids=PROBE, labels=labels, use_cache=False).loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if "experts" in k and "lora_" in k})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    print("max |grad diff|", max((g - grads[1][k]).abs().max().item() for k, g in grads[0].items()),
+          "of max |grad|", max(g.abs().max().item() for g in grads[0].values()))
+    for key, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][key], atol=1e-6, rtol=1e-4), key
+
+
+def test_moe_qlora_merges_into_the_base_layout(moe_qlora, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qwen_ft.model.layout import tensor_files
+
+    base, _, _, out = moe_qlora
+    assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    assert "merged into original-precision base" in capsys.readouterr().out
+    assert tensor_files(tmp_path / "merged").keys() == tensor_files(base).keys()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).eval()
+    assert (logits(merged) - logits(stock)).abs().max().item() < 1e-4
+
+
+def test_composite_moe_qlora_packs_the_experts_not_the_vision_tower_and_merges(tmp_path, capsys):
+    """Qwen3.5/3.6-MoE (configs/qwen3.5-35b-a3b_qlora.yaml): the language model's experts in 4-bit, the
+    frozen vision tower untouched, and the merge writes every base tensor (vision and MTP included)."""
+    from qwen_ft.model.layout import tensor_files
+    from qwen_ft.model.tiny import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", "qwen3_5_moe", hidden=32, layers=2)
+    cfg = write_run_yaml(tmp_path / "run.yaml", base, tmp_path, method="qlora", quant={"backend": "bnb"},
+                         lora={"r": 4, "alpha": 8}, train={"output_dir": str(tmp_path / "out"), "max_steps": 2,
+                                                         "micro_batch_size": 2, "learning_rate": 2e-2})
+    trainer, _ = fit(steps.checked_config(str(cfg), []), CPU)
+    kinds = {k: type(p).__name__ for k, p in trainer.unwrapped.named_parameters()}
+    packed = sorted(k for k, kind in kinds.items() if kind == "Params4bit" and ".experts." in k)
+    assert [k.rsplit(".", 1)[1] for k in packed] == ["down_proj", "gate_up_proj"] * 2, packed  # 2 layers
+    assert not any(kind == "Params4bit" for k, kind in kinds.items() if ".visual." in k)
+    assert main(["merge", str(tmp_path / "out"), "--out", str(tmp_path / "merged")]) == 0
+    assert "merged into original-precision base" in capsys.readouterr().out
+    assert tensor_files(tmp_path / "merged").keys() == tensor_files(base).keys()
+
+
+def test_moe_requantize_measures_the_real_experts_and_transformers_loads_are_refused(tmp_path):
+    """gptqmodel writes a mixture of experts' routed experts as per-expert quantized linears; transformers
+    5.24 loads those into nothing (its fused experts stay random), so `quantize` measures the result
+    through gptqmodel's loader, checked here against a plain transformers model holding the dequantized
+    per-expert weights, and every transformers GPTQ load of it is refused. In a fresh process: gptqmodel
+    patches transformers' MoE classes for every later load in the process that runs it."""
+    import multiprocessing
+
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.export.dequant import load_gptq_model
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        report, diff, error = pool.apply(_requantize_moe, (str(tmp_path),))
+    with pytest.raises(QwenFtError) as refused:  # here, where gptqmodel has not patched Qwen3-MoE
+        load_gptq_model(str(tmp_path / "q"))
+    print(f"ppl before {report.ppl_before:.6g}, after {report.ppl_after:.6g}; gptqmodel-loaded vs dequantized "
+          f"per-expert weights: max |logit diff| {diff:.3g}; their relative error to the base's {error:.3g}")
+    assert error < 0.2  # 4-bit rounding of the base's own experts (random weights would be ~1.4)
+    assert abs(report.ppl_after / report.ppl_before - 1) < 0.05, report
+    assert diff < 1e-2  # gptqmodel's loader computes in bf16
+    assert ("left 2 weights of Qwen3MoeForCausalLM at their random initialisation "
+            "(model.layers.0.mlp.experts.down_proj") in str(refused.value)
+
+
+def _requantize_moe(tmp: str):
+    from transformers import AutoModelForCausalLM
+
+    from qwen_ft.export.dequant import dense_weight
+    from qwen_ft.export.quantize import _quantized, quantize_model
+    from qwen_ft.model.tiny import make_tiny_model
+    from tests.conftest import REPO
+
+    base = make_tiny_model(Path(tmp) / "base", "qwen3_moe", hidden=64, layers=1)
+    dense = AutoModelForCausalLM.from_pretrained(base).eval()  # before gptqmodel patches the class
+    report = quantize_model(str(base), f"{tmp}/q", 4, 32, str(REPO / "data/example_chatml.jsonl"), n_calib=8)
+    measured = _quantized(f"{tmp}/q").eval()
+    experts, layer = dense.model.layers[0].mlp.experts, measured.model.layers[0]
+    original = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+    with torch.no_grad():
+        for e, mlp in enumerate(layer.mlp.experts):
+            experts.gate_up_proj[e] = torch.cat([dense_weight(mlp.gate_proj), dense_weight(mlp.up_proj)])
+            experts.down_proj[e] = dense_weight(mlp.down_proj)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(dense.model.layers[0].self_attn, name).weight.copy_(dense_weight(getattr(layer.self_attn, name)))
+    error = max(((q - w).norm() / w.norm()).item() for q, w in zip((experts.gate_up_proj, experts.down_proj),
+                                                                      original, strict=True))
+    return report, (logits(measured) - logits(dense)).abs().max().item(), error
