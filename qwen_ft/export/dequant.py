@@ -27,18 +27,23 @@ def dense_weight(module) -> torch.Tensor:
 
 
 def load_gptq_model(path: str, dtype: torch.dtype = torch.float32):
-    """Load a GPTQ checkpoint through transformers with the torch kernel (CPU-capable)."""
+    """Load a GPTQ checkpoint through transformers with the torch kernel (CPU-capable); a mixture of
+    experts' routed experts, which transformers cannot load from their per-expert quantized linears, hold
+    those dequantized (model/gptq_experts.py)."""
     deps.require("gptq", "merging into a GPTQ base")
     from transformers import AutoModelForCausalLM, GPTQConfig
 
+    from qwen_ft.model.gptq_experts import fill_dequantized
     from qwen_ft.model.quant import every_weight_loaded, gptq_settings
 
-    bits = int((gptq_settings(path) or {}).get("bits", 4))
-    config = GPTQConfig(bits=bits, backend="torch")
+    settings = gptq_settings(path) or {}
+    config = GPTQConfig(bits=int(settings.get("bits", 4)), backend="torch")
     loaded: Any = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=dtype,
                                                        device_map={"": "cpu"}, local_files_only=True,
                                                        output_loading_info=True)
-    return every_weight_loaded(path, *loaded)
+    model = every_weight_loaded(path, *loaded)
+    fill_dequantized(model, path, settings)
+    return model
 
 
 def dequantize_to_dense(path: str, dtype: torch.dtype = torch.float32):

@@ -201,7 +201,8 @@ def _quantized_comparison(src: Path, manifest: dict, merged, merged_logits, ids,
 
 def quantized_base(src: Path, manifest: dict):
     """The quantized base the adapter was trained on, loaded as in training (CPU, fp32 compute); a
-    mixture of experts' fused experts are quantized only once peft wraps them (adapter_on_quantized_base)."""
+    mixture of experts' fused experts are quantized (bnb) or replaced by the GPTQ checkpoint's per-expert
+    linears only once peft wraps them (adapter_on_quantized_base): not a model to run on its own."""
     from qwen_ft.model.quant import load_bnb_base, load_gptq_base
 
     cfg = _trained_config(src, manifest)

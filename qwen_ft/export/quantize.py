@@ -84,17 +84,11 @@ def _per_layer_logs_into(folder: Path) -> None:
 
 
 def _quantized(out_dir: str):
-    """The quantized checkpoint, loaded to measure it: through transformers (what merge and Q-LoRA load),
-    or for a mixture of experts, whose per-expert quantized linears transformers 5.24 cannot load into
-    its fused experts (model/quant.every_weight_loaded), through gptqmodel's own loader."""
+    """The quantized checkpoint, loaded to measure it as merge and Q-LoRA load it (a mixture of experts'
+    per-expert quantized linears dequantized into its fused experts)."""
     from qwen_ft.export.dequant import load_gptq_model
-    from qwen_ft.model.families import resolve_family
 
-    if not resolve_family("auto", out_dir).moe:
-        return load_gptq_model(out_dir)
-    from gptqmodel import GPTQModel
-
-    return GPTQModel.load(out_dir, device="cpu", backend="torch").model
+    return load_gptq_model(out_dir)
 
 
 def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, calibration: str,

@@ -122,14 +122,15 @@ def lora_input_casting_off(model):
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts (tied weights once; quantized weights by their logical size)."""
     from qwen_ft.model.experts_4bit import logical_numel
+    from qwen_ft.model.gptq_experts import is_gptq
 
     seen: set[int] = set()
     trainable = total = 0
     for module in model.modules():
-        packed = _gptq_weight(module)
+        packed = _gptq_weight(module) if not is_gptq(module) else module.qweight0
         if packed is not None and id(packed) not in seen:  # peft's wrapper exposes its base's qweight too
             seen.add(id(packed))
-            total += module.in_features * module.out_features
+            total += _logical_size(module)
     for p in model.parameters():
         if id(p) in seen:
             continue
@@ -146,3 +147,10 @@ def _gptq_weight(module):
     if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
         return None
     return getattr(module, "qweight", None)
+
+
+def _logical_size(module) -> int:
+    """Weights a GPTQ linear layer (or a GPTQ base's stacked experts) holds packed in buffers."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features * module.out_features
+    return module.shape.numel()  # model/gptq_experts.GPTQPacked

@@ -167,9 +167,9 @@ def _hybrid_problems(cfg: RunConfig, family: Family | None) -> list[str]:
 
 
 def _moe_quant_problems(cfg: RunConfig, family: Family | None) -> list[str]:
-    """GPTQ mixture-of-experts bases are refused: they load their per-expert quantized linears unfused,
-    which is not checked yet. bitsandbytes bases get 4-bit experts (model/experts_4bit.py), quantized
-    after loading, which ZeRO-3 would already have partitioned."""
+    """Q-LoRA on a mixture of experts quantizes the routed experts too. bitsandbytes packs them after
+    loading (model/experts_4bit.py), which ZeRO-3 would already have partitioned; a GPTQ base must hold
+    them as per-expert quantized linears (model/gptq_experts.py), checked from the tensor names."""
     from qwen_ft.config.validate import is_zero3
 
     if family is None or not family.moe or cfg.method != "qlora":
@@ -179,9 +179,35 @@ def _moe_quant_problems(cfg: RunConfig, family: Family | None) -> list[str]:
             f"method=qlora with dist.deepspeed={cfg.dist.deepspeed} (ZeRO-3) on {family.note}: ZeRO-3 partitions "
             "the fused experts while loading, before qwen-ft can quantize them to 4 bits; use dist.deepspeed=zero2 "
             "(each GPU holds the 4-bit model) or method=lora with ZeRO-3"]
-    return [f"quant.backend=gptq with {cfg.model.path}, {family.note}: GPTQ mixture-of-experts bases are not "
-            "supported yet (their per-expert quantized linears are not the fused experts qwen-ft adapts); use "
-            "quant.backend=bnb or method=lora on the original-precision checkpoint"]
+    return _gptq_experts_problems(cfg.model.path)
+
+
+def _gptq_experts_problems(path: str) -> list[str]:
+    import json
+    import re
+
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.gptq_experts import bits_of, layout_problem
+    from qwen_ft.model.layout import tensor_files
+
+    settings = gptq_settings(path)
+    if settings is None:
+        return []  # reported by the Q-LoRA checks
+    try:
+        bits_of(settings)
+    except QwenFtError as e:
+        return [str(e)]
+    files = tensor_files(path)
+    # every routed-experts module on disk, whether per expert (experts.3.gate_proj.*) or fused (experts.gate_up_proj)
+    prefixes = sorted({m[1] for m in (re.match(r"(.*\.mlp\.experts)\.", n) for n in files) if m})
+    config = json.loads((Path(path) / "config.json").read_text())
+    config = config.get("text_config") or config
+    # Qwen's checkpoints say num_experts; transformers 5.25 writes num_local_experts
+    experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+    if prefixes and not experts:
+        return [f"model.path {path}/config.json: a mixture of experts without num_experts (or num_local_experts)"]
+    problem = layout_problem(files, prefixes, experts, f"model.path {path}")
+    return [problem] if problem else []
 
 
 def _remote_code_problem(cfg: RunConfig) -> str:

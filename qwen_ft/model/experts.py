@@ -71,12 +71,12 @@ def implementation(model: torch.nn.Module) -> str:
     name = str(experts[0].config._experts_implementation)
     if name != "grouped_mm":
         return name
-    from qwen_ft.model.experts_4bit import compute_dtype, is_4bit
+    from qwen_ft.model.experts_4bit import compute_dtype, describe
 
     w = experts[0].gate_up_proj
     kernel = _grouped_kernel_runs(w.device, compute_dtype(w))
     name = "grouped_mm (torch kernel)" if kernel else "grouped_mm (transformers' grouped fallback)"
-    return name + (", 4-bit experts dequantized per layer" if is_4bit(w) else "")
+    return name + (f", {describe(w)}" if describe(w) else "")
 
 
 def never_a_loop(model: Any) -> None:
@@ -89,10 +89,10 @@ def never_a_loop(model: Any) -> None:
 
 def runs_grouped(experts: Any) -> bool:
     """Whether qwen-ft's grouped forward runs this experts module: where transformers' does, and always
-    for 4-bit experts (which no transformers path can read)."""
-    from qwen_ft.model.experts_4bit import is_4bit
+    for quantized experts (which no transformers path can read)."""
+    from qwen_ft.model.experts_4bit import is_quantized
 
-    return experts.config._experts_implementation == "grouped_mm" or is_4bit(experts.gate_up_proj)
+    return experts.config._experts_implementation == "grouped_mm" or is_quantized(experts.gate_up_proj)
 
 
 def _grouped_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -169,12 +169,12 @@ def lora_experts_forward(outer, peft_forward, hidden_states: torch.Tensor, top_k
 
 
 def _peft_can_run(outer) -> None:
-    """peft's own forward reads the 16-bit expert weights, which 4-bit experts no longer have."""
+    """peft's own forward reads the 16-bit expert weights, which quantized experts no longer have."""
     from qwen_ft.errors import QwenFtError
-    from qwen_ft.model.experts_4bit import is_4bit
+    from qwen_ft.model.experts_4bit import is_quantized
 
-    if is_4bit(outer.get_base_layer().gate_up_proj):
-        raise QwenFtError("4-bit experts run only through qwen-ft's grouped forward, with one active, unmerged "
+    if is_quantized(outer.get_base_layer().gate_up_proj):
+        raise QwenFtError("quantized experts run only through qwen-ft's grouped forward, with one active, unmerged "
                           "adapter; merge into the original-precision base instead (qwen-ft merge)")
 
 

@@ -25,13 +25,32 @@ if TYPE_CHECKING:
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
-def is_4bit(weight: torch.Tensor) -> bool:
+def is_4bit(weight: Any) -> bool:
     return type(weight).__name__ == "Params4bit"
 
 
+def is_quantized(weight: Any) -> bool:
+    """Experts kept packed (bitsandbytes 4-bit, or a GPTQ base's, model/gptq_experts.py): only qwen-ft's
+    grouped forward can run them."""
+    from qwen_ft.model.gptq_experts import is_gptq
+
+    return is_4bit(weight) or is_gptq(weight)
+
+
+def describe(weight: Any) -> str:
+    """How the experts are stored, for the run's log ("" for plain weights)."""
+    from qwen_ft.model.gptq_experts import is_gptq
+
+    if is_gptq(weight):
+        return f"{weight.bits}-bit GPTQ experts dequantized per layer"
+    return "4-bit experts dequantized per layer" if is_4bit(weight) else ""
+
+
 def compute_dtype(weight: Any) -> torch.dtype:
-    """The dtype a (possibly 4-bit) expert weight is used in."""
-    return weight.quant_state.dtype if is_4bit(weight) else weight.dtype
+    """The dtype a (possibly quantized) expert weight is used in."""
+    if is_4bit(weight):
+        return weight.quant_state.dtype
+    return getattr(weight, "compute_dtype", None) or weight.dtype
 
 
 def logical_numel(weight: Any) -> int:
@@ -64,10 +83,10 @@ def quantize(model: torch.nn.Module, quant: QuantConfig, dtype: torch.dtype) -> 
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """transformers' grouped x·Wₑᵀ, the weight dequantized first when it is 4-bit."""
+    """transformers' grouped x·Wₑᵀ, the weight dequantized first when it is quantized."""
     from transformers.integrations.moe import _grouped_linear
 
-    if not is_4bit(weight):
+    if not is_quantized(weight):
         return _grouped_linear(x, weight, offsets)
     return _Dequantized.apply(x, weight, offsets)
 
@@ -94,6 +113,8 @@ class _Dequantized(torch.autograd.Function):
 
 
 def _dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
+    if not is_4bit(weight):
+        return weight.dequantize(dtype)  # GPTQ experts
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)

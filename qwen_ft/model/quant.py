@@ -80,15 +80,21 @@ def load_bnb_base(cfg: RunConfig, precision: Precision, attn: str, device: torch
 
 
 def quantize_experts(model, cfg: RunConfig, precision: Precision):
-    """On a bitsandbytes base, the fused routed experts of a mixture of experts in 4-bit too, after peft
-    has wrapped them (model/experts_4bit.py); `model` unchanged otherwise."""
-    from qwen_ft.model import experts, experts_4bit
+    """The fused routed experts of a mixture of experts quantized too, after peft has wrapped them (peft
+    sizes its per-expert adapters from their 3-D shape): on a bitsandbytes base packed to 4 bits
+    (model/experts_4bit.py), on a GPTQ base replaced by the checkpoint's per-expert quantized linears
+    (model/gptq_experts.py). `model` unchanged otherwise."""
+    from qwen_ft.model import experts, experts_4bit, gptq_experts
 
-    if cfg.quant.backend != "bnb" or not experts.expert_modules(model):
+    if not experts.expert_modules(model):
         return model
     experts.never_a_loop(model)
-    experts_4bit.quantize(model, cfg.quant, compute_dtype(cfg, precision))
-    experts.install(model)  # 4-bit experts run only through qwen-ft's grouped forward
+    dtype = compute_dtype(cfg, precision)
+    if cfg.quant.backend == "bnb":
+        experts_4bit.quantize(model, cfg.quant, dtype)
+    else:
+        gptq_experts.attach(model, cfg.model.path, gptq_settings(cfg.model.path) or {}, dtype)
+    experts.install(model)  # quantized experts run only through qwen-ft's grouped forward
     return model
 
 
@@ -116,22 +122,34 @@ def load_gptq_base(cfg: RunConfig, precision: Precision, attn: str, device: torc
 
 
 def every_weight_loaded(path: str | Path, model, info: dict):
-    """`model`, once transformers has filled every weight from the checkpoint at `path`.
+    """`model`, once transformers has filled every weight from the checkpoint at `path` but the fused
+    routed experts of a GPTQ mixture of experts.
 
-    transformers 5.24 loads a GPTQ mixture of experts' per-expert quantized linears into nothing: its
-    fused experts stay at their random initialisation (reported MISSING, the quantized tensors UNEXPECTED)
-    and the model runs. Such a model is refused instead of being trained or measured.
+    transformers 5 loads a GPTQ MoE's per-expert quantized linears into nothing: its fused experts stay
+    at their random initialisation (reported MISSING, the quantized tensors UNEXPECTED) and the model
+    runs. Those are filled by qwen-ft from the per-expert tensors (model/gptq_experts.py), once the
+    checkpoint is checked to hold them; any other weight left uninitialised is refused.
 
     Raises:
-        QwenFtError: naming what was left uninitialised.
+        QwenFtError: naming what was left uninitialised, or experts not quantized per expert.
     """
-    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
+    from qwen_ft.model.gptq_experts import PARTS, layout_problem
+    from qwen_ft.model.layout import tensor_files
+
+    text = model.config.get_text_config()
+    tied = {"lm_head.weight"} if text.tie_word_embeddings else set()
     missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    fused = [m for m in missing if m.rsplit(".", 2)[-2:] in [["experts", p] for p in PARTS]]
+    if fused:
+        problem = layout_problem(tensor_files(path), sorted({m.rsplit(".", 1)[0] for m in fused}),
+                                 int(text.num_experts), str(path))
+        if problem:
+            raise QwenFtError(problem)
+    missing = [m for m in missing if m not in fused]
     if missing:
         raise QwenFtError(f"{path}: transformers left {len(missing)} weights of {type(model).__name__} at their "
                           f"random initialisation ({', '.join(missing[:3])}, ...): the checkpoint's tensors "
-                          f"({', '.join(sorted(info.get('unexpected_keys') or ())[:2])}, ...) do not fit them. "
-                          "GPTQ mixture-of-experts checkpoints are not loadable through transformers yet; "
+                          f"({', '.join(sorted(info.get('unexpected_keys') or ())[:2])}, ...) do not fit them; "
                           "use the original-precision checkpoint")
     return model
 

@@ -221,9 +221,10 @@ def test_experts_left_out_are_said_once(tmp_path, bases, capsys):
     assert "experts: run through grouped_mm" in out
 
 
-def test_gptq_moe_is_refused_and_bnb_moe_is_not(bases, tmp_path):
-    """bitsandbytes Q-LoRA quantizes the fused experts (tests/integration/test_qlora.py); GPTQ MoE bases
-    are not supported yet."""
+def test_gptq_moe_without_per_expert_quantized_experts_is_refused_and_bnb_moe_is_not(bases, tmp_path):
+    """bitsandbytes Q-LoRA quantizes the fused experts (tests/integration/test_qlora.py); a GPTQ MoE base
+    must hold every expert as GPTQ-quantized linears (tests/integration/test_gptq_moe.py), and one whose
+    experts are plain weights is refused naming what it holds."""
     import shutil
 
     assert problems(bases["qwen3_moe"], "method=qlora", "quant.backend=bnb") == []
@@ -235,7 +236,10 @@ def test_gptq_moe_is_refused_and_bnb_moe_is_not(bases, tmp_path):
     (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq",
                                                                                     "bits": 4}}))
     errs = problems(gptq, "method=qlora", "quant.backend=gptq")
-    assert any("GPTQ mixture-of-experts bases are not supported yet" in e for e in errs)
+    (err,) = [e for e in errs if "experts" in e]
+    assert "the routed experts of model.layers.0.mlp.experts are not quantized per expert" in err, err
+    assert "(model.layers.0.mlp.experts.0.gate_proj.qweight is absent; found " in err
+    assert "model.layers.0.mlp.experts.0.down_proj.weight" in err
 
 
 @pytest.mark.parametrize("rows", [[[0, 1, 2]], [[0, 1, 2], [3, 4]]], ids=["mb1", "mb2"])
