@@ -7,8 +7,6 @@ base function after dequantization.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from qwen_ft import deps
@@ -31,17 +29,11 @@ def load_gptq_model(path: str, dtype: torch.dtype = torch.float32):
     experts' routed experts, which transformers cannot load from their per-expert quantized linears, hold
     those dequantized (model/gptq_experts.py)."""
     deps.require("gptq", "merging into a GPTQ base")
-    from transformers import AutoModelForCausalLM, GPTQConfig
-
     from qwen_ft.model.gptq_experts import fill_dequantized
-    from qwen_ft.model.quant import every_weight_loaded, gptq_settings
+    from qwen_ft.model.quant import from_gptq_checkpoint, gptq_settings
 
     settings = gptq_settings(path) or {}
-    config = GPTQConfig(bits=int(settings.get("bits", 4)), backend="torch")
-    loaded: Any = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=dtype,
-                                                       device_map={"": "cpu"}, local_files_only=True,
-                                                       output_loading_info=True)
-    model = every_weight_loaded(path, *loaded)
+    model = from_gptq_checkpoint(path, int(settings.get("bits", 4)), dtype, {"": "cpu"})
     fill_dequantized(model, path, settings)
     return model
 

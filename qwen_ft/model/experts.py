@@ -121,7 +121,18 @@ def install(model: torch.nn.Module) -> int:
             setattr(module, "forward", functools.partial(lora_experts_forward, module, module.forward))  # noqa: B010
             setattr(module, "_qwen_ft_grouped", True)  # noqa: B010 - not an attribute mypy knows
         count += 1
+    _unadapted_quantized(model, {id(m.get_base_layer()) for m in wrappers})
     return count
+
+
+def _unadapted_quantized(model: torch.nn.Module, adapted: set[int]) -> None:
+    """Quantized experts that no adapter wraps (left out of lora.target_modules) run through the grouped
+    forward too: transformers' own reads a 16-bit tensor they no longer have."""
+    from qwen_ft.model.experts_4bit import is_quantized
+
+    for experts in expert_modules(model):
+        if id(experts) not in adapted and is_quantized(experts.gate_up_proj):
+            setattr(experts, "forward", functools.partial(grouped_experts_forward, experts, {}))  # noqa: B010
 
 
 def lora_factors(outer) -> tuple[torch.nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] | None:
@@ -155,8 +166,13 @@ def lora_experts_forward(outer, peft_forward, hidden_states: torch.Tensor, top_k
     if found is None or getattr(found[0], "_is_expert_parallel", False) or found[0].has_bias:
         _peft_can_run(outer)
         return peft_forward(hidden_states, top_k_index, top_k_weights)
-    experts: Any = found[0]
-    factors = found[1]
+    return grouped_experts_forward(found[0], found[1], hidden_states, top_k_index, top_k_weights)
+
+
+def grouped_experts_forward(experts: Any, factors: dict, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The routed tokens through each expert's projections (grouped), with the LoRA `factors` of
+    `lora_factors` added where given, weighted and summed back per token."""
     k = top_k_index.size(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     offsets = _offsets(expert_ids, experts.num_experts)

@@ -93,13 +93,32 @@ def bits_of(settings: dict) -> int:
         QwenFtError: another bit width, word size or checkpoint format, named.
     """
     bits = int(settings.get("bits", 4))
-    form = str(settings.get("checkpoint_format") or settings.get("format") or "gptq").lower()
+    form = _format(settings)
     pack = str(settings.get("pack_dtype", "int32")).lower()
     if bits not in V1_OFFSET or form not in ("gptq", "gptq_v2") or pack != "int32":
         raise QwenFtError(f"GPTQ mixture of experts with bits={bits}, format={form!r}, pack_dtype={pack!r}: qwen-ft "
                           "reads 2/4/8-bit GPTQ (v1 or v2) experts packed in int32 words; re-quantize with "
                           "`qwen-ft quantize` or use quant.backend=bnb on the original-precision checkpoint")
     return bits
+
+
+def _format(settings: dict) -> str:
+    """The checkpoint's GPTQ format, read as gptqmodel reads it (`format` first)."""
+    return str(settings.get("format") or settings.get("checkpoint_format") or "gptq").lower()
+
+
+def _check_rows(name: str, part: dict[str, torch.Tensor], bits: int) -> None:
+    """Refuse experts packed at another bit width than the checkpoint's (gptqmodel's per-module `dynamic`
+    overrides): their codes would be unpacked wrongly.
+
+    Raises:
+        QwenFtError: naming the linear and both widths.
+    """
+    rows, width = part["qweight"].shape[1], part["g_idx"].shape[1]
+    if rows != -(-width * bits // 32):
+        raise QwenFtError(f"{name}: {rows} packed rows for {width} inputs is not {bits}-bit GPTQ, the checkpoint's "
+                          "bits (a per-module `dynamic` override?); qwen-ft reads experts at the checkpoint's width "
+                          "only: use quant.backend=bnb on the original-precision checkpoint")
 
 
 def disk_prefix(module_name: str) -> str:
@@ -133,7 +152,7 @@ def stacked(path: str | Path, prefix: str, num_experts: int, settings: dict, dty
 
     files = files or tensor_files(path)
     bits = bits_of(settings)
-    v1 = str(settings.get("checkpoint_format") or settings.get("format") or "gptq").lower() == "gptq"
+    v1 = _format(settings) == "gptq"
     handles: dict[Path, Any] = {}
 
     def read(name: str) -> torch.Tensor:
@@ -146,6 +165,7 @@ def stacked(path: str | Path, prefix: str, num_experts: int, settings: dict, dty
         parts = []
         for linear in linears:
             part = {k: torch.stack([read(f"{prefix}.{i}.{linear}.{k}") for i in range(num_experts)]) for k in TENSORS}
+            _check_rows(f"{prefix}.*.{linear}", part, bits)
             if v1:  # int32 words wrap on overflow, as gptqmodel's in-place add does
                 part["qzeros"] = part["qzeros"] + torch.tensor(V1_OFFSET[bits], dtype=torch.int32)
             parts.append(part)
@@ -178,26 +198,29 @@ def fill_dequantized(model: torch.nn.Module, path: str | Path, settings: dict) -
     Raises:
         QwenFtError: the checkpoint's experts are not quantized per expert.
     """
-    found = _per_module(model, path, settings, torch.float32)
+    filled = 0
     with torch.no_grad():
-        for _, module, packed in found:
+        for _, module, packed in _per_module(model, path, settings, torch.float32):
             for projection, weights in packed.items():
                 target = getattr(module, projection)
                 target.copy_(weights.dequantize(target.dtype))
-    return len(found)
+            filled += 1
+    return filled
 
 
 def _per_module(model: torch.nn.Module, path: str | Path, settings: dict, dtype: torch.dtype):
-    """[(checkpoint name, experts module, {projection: GPTQPacked})] for every experts module of `model`."""
+    """(checkpoint name, experts module, {projection: GPTQPacked}) for every experts module of `model`,
+    one layer read at a time (the caller places each before the next is read)."""
     from qwen_ft.model.experts import expert_modules
     from qwen_ft.model.layout import tensor_files
 
     owners = {id(m) for m in expert_modules(model)}
     named = [(disk_prefix(n), m) for n, m in model.named_modules() if id(m) in owners]
     if not named:
-        return []
+        return
     files = tensor_files(path)
     problem = layout_problem(files, [p for p, _ in named], int(named[0][1].num_experts), str(path))
     if problem:
         raise QwenFtError(problem)
-    return [(p, m, stacked(path, p, m.num_experts, settings, dtype, files)) for p, m in named]
+    for p, m in named:
+        yield p, m, stacked(path, p, m.num_experts, settings, dtype, files)

@@ -105,20 +105,36 @@ def load_gptq_base(cfg: RunConfig, precision: Precision, attn: str, device: torc
         QwenFtError: model.path holds no GPTQ quantization settings.
     """
     deps.require("gptq", "method=qlora with quant.backend=gptq")
-    from transformers import AutoModelForCausalLM, GPTQConfig
-
     settings = gptq_settings(cfg.model.path)
     if settings is None:
         raise QwenFtError(f"quant.backend=gptq but {cfg.model.path} has no GPTQ quantization_config "
                           "(config.json) or quantize_config.json; use quant.backend=bnb for a full-precision base")
-    # Inference kernels such as exllama cannot back-propagate; the torch kernel can.
-    config = GPTQConfig(bits=int(settings.get("bits", cfg.quant.bits)), backend="torch", use_exllama=False)
-    loaded: Any = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=config,
-                                                       dtype=compute_dtype(cfg, precision), attn_implementation=attn,
-                                                       device_map=_device_map(device), local_files_only=True,
-                                                       trust_remote_code=cfg.model.trust_remote_code,
-                                                       output_loading_info=True)
-    return every_weight_loaded(cfg.model.path, *loaded)
+    return from_gptq_checkpoint(cfg.model.path, int(settings.get("bits", cfg.quant.bits)),
+                                compute_dtype(cfg, precision), _device_map(device), attn_implementation=attn,
+                                trust_remote_code=cfg.model.trust_remote_code)
+
+
+def from_gptq_checkpoint(path: str | Path, bits: int, dtype: torch.dtype, device_map: dict | None, **kwargs):
+    """transformers' load of the GPTQ checkpoint at `path` with the torch kernel (the one that can
+    back-propagate, and runs on CPU; exllama cannot), checked by `every_weight_loaded`.
+
+    Only the linear layers the checkpoint holds quantized (a `qweight` on disk) become GPTQ layers:
+    transformers would otherwise convert every linear layer of the blocks, and leave the ones gptqmodel
+    kept in full precision (Qwen2-MoE's one-output `shared_expert_gate`) uninitialised.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GPTQConfig
+
+    from qwen_ft.model.layout import tensor_files
+
+    quantized = [[n.removesuffix(".qweight") for n in sorted(tensor_files(path)) if n.endswith(".qweight")]]
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=kwargs.get("trust_remote_code"))
+    if isinstance(getattr(config, "quantization_config", None), dict):  # what transformers loads by
+        config.quantization_config["modules_in_block_to_quantize"] = quantized
+    gptq = GPTQConfig(bits=bits, backend="torch", use_exllama=False, modules_in_block_to_quantize=quantized)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(path, config=config, quantization_config=gptq, dtype=dtype,
+                                                       device_map=device_map, local_files_only=True,
+                                                       output_loading_info=True, **kwargs)
+    return every_weight_loaded(path, *loaded)
 
 
 def every_weight_loaded(path: str | Path, model, info: dict):

@@ -178,7 +178,7 @@ def _gdn(text: dict) -> Gdn:
 def _moe(text: dict) -> Moe | None:
     """The routed experts of a mixture-of-experts text config (None for a dense one); a layer is sparse
     unless listed in mlp_only_layers or off the decoder_sparse_step grid, as transformers builds it."""
-    experts = int(text.get("num_experts") or 0)
+    experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)  # the latter: transformers 5.25
     if not experts:
         return None
     step, dense = int(text.get("decoder_sparse_step", 1) or 1), set(text.get("mlp_only_layers") or [])

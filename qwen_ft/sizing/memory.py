@@ -63,8 +63,15 @@ def quantized_linear_bytes(cfg: RunConfig, shape: Shape, gptq_group: int) -> flo
     if cfg.quant.backend == "bnb":
         return shape.linear_params() * nf4_bytes_per_weight(cfg.quant.double_quant)
     code = cfg.quant.bits / 8
-    return sum(n * sum(i * o * code + -(-i // gptq_group) * o * (code + 2) + i * 4 for i, o in shapes.values())
-               for n, shapes in shape.layer_groups())
+
+    def packed(i: int, o: int) -> float:
+        return i * o * code + -(-i // gptq_group) * o * (code + 2) + i * 4
+
+    dense = sum(n * sum(packed(i, o) for i, o in shapes.values()) for n, shapes in shape.layer_groups())
+    m = shape.moe  # routed experts: per-expert quantized linears (gate, up: H -> I; down: I -> H)
+    return dense + (m.layers * m.experts * (2 * packed(shape.hidden, m.intermediate) + packed(m.intermediate,
+                                                                                            shape.hidden))
+                    if m else 0)
 
 
 # Bytes per logit entry at the loss step's peak (fp32 logits, their softmax/gradient and the 16-bit

@@ -91,7 +91,9 @@ def wrap_ddp(model, info: DistInfo):
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.local_rank] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # No buffer changes while training (a quantized base's packed weights, RoPE tables), and DDP would
+    # otherwise broadcast every buffer from rank 0 at each forward: a GPTQ base's whole weights.
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -35,29 +35,38 @@ PROBE = torch.tensor([[151644, 872, 198, 13048, 151645, 198, 151644, 77091, 198]
 
 
 def _make_and_read_back(root: str) -> dict:
-    """In a fresh process: a tiny Qwen3-MoE, its GPTQ quantization (perplexity before and after, measured as
-    merge and Q-LoRA load it), and the largest difference between qwen-ft's stacked dequantization of every
-    expert and gptqmodel's own per-expert modules (`dequantize_weight`, its loader's kernel weights)."""
-    from gptqmodel import GPTQModel
-
-    from qwen_ft.export.dequant import dense_weight
+    """In a fresh process: a tiny Qwen3-MoE (4-bit) and Qwen2-MoE (8-bit; its shared expert is quantized, its
+    one-output shared_expert_gate is not), their GPTQ quantizations (perplexity before and after), and for
+    each the largest difference between qwen-ft's stacked dequantization of every expert and gptqmodel's
+    own per-expert modules (`dequantize_weight`, the weights its loader's kernel applies)."""
     from qwen_ft.export.quantize import quantize_model
-    from qwen_ft.model.gptq_experts import stacked
-    from qwen_ft.model.quant import gptq_settings
     from qwen_ft.model.tiny import make_tiny_model
     from tests.conftest import REPO
 
-    base = make_tiny_model(Path(root) / "base", "qwen3_moe", hidden=64, layers=1)
-    gptq = f"{root}/gptq"
-    report = quantize_model(str(base), gptq, 4, 32, str(REPO / "data/example_chatml.jsonl"), n_calib=8)
+    made = {}
+    for family, bits in (("qwen3_moe", 4), ("qwen2_moe", 8)):
+        base = make_tiny_model(Path(root) / family, family, hidden=64, layers=1)
+        gptq = f"{root}/{family}-gptq"
+        report = quantize_model(str(base), gptq, bits, 32, str(REPO / "data/example_chatml.jsonl"), n_calib=8)
+        made[family] = {"base": str(base), "gptq": gptq, "ppl": (report.ppl_before, report.ppl_after),
+                        "dequant_diff": _against_gptqmodel(gptq)}
+    return {**made["qwen3_moe"], "qwen2_moe": made["qwen2_moe"]}
+
+
+def _against_gptqmodel(gptq: str) -> dict[str, float]:
+    from gptqmodel import GPTQModel
+
+    from qwen_ft.export.dequant import dense_weight
+    from qwen_ft.model.gptq_experts import stacked
+    from qwen_ft.model.quant import gptq_settings
+
     ours = stacked(gptq, "model.layers.0.mlp.experts", 4, gptq_settings(gptq) or {}, torch.float32)
     theirs = GPTQModel.load(gptq, device="cpu", backend="torch", dtype=torch.float16)  # the scales as stored
     theirs = theirs.model.model.layers[0].mlp.experts
     reference = {"gate_up_proj": torch.stack([torch.cat([dense_weight(e.gate_proj), dense_weight(e.up_proj)])
                                               for e in theirs]),
                  "down_proj": torch.stack([dense_weight(e.down_proj) for e in theirs])}
-    diffs = {k: (ours[k].dequantize(torch.float32) - reference[k].float()).abs().max().item() for k in ours}
-    return {"base": str(base), "gptq": gptq, "ppl": (report.ppl_before, report.ppl_after), "dequant_diff": diffs}
+    return {k: (ours[k].dequantize(torch.float32) - reference[k].float()).abs().max().item() for k in ours}
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +92,36 @@ def logits(model) -> torch.Tensor:
 
 
 def test_stacked_experts_dequantize_as_gptqmodels_loader_and_requantize_is_measured(made):
-    print("qwen-ft vs gptqmodel dequantized experts, max |diff|:", made["dequant_diff"], "ppl before/after",
-          made["ppl"])
-    assert made["dequant_diff"] == {"gate_up_proj": 0.0, "down_proj": 0.0}
-    before, after = made["ppl"]
-    assert abs(after / before - 1) < 0.05  # measured on the real experts (random ones would be far off)
+    for name, found in (("qwen3_moe 4-bit", made), ("qwen2_moe 8-bit", made["qwen2_moe"])):
+        print(name, "qwen-ft vs gptqmodel dequantized experts, max |diff|:", found["dequant_diff"],
+              "ppl before/after", found["ppl"])
+        assert found["dequant_diff"] == {"gate_up_proj": 0.0, "down_proj": 0.0}
+        before, after = found["ppl"]
+        assert abs(after / before - 1) < 0.05
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_dequantized_experts_are_the_bases_own_in_transformers_layout(made, family):
+    """The fused experts dequantized from the per-expert GPTQ linears are the base's experts up to 4-bit
+    rounding (gate before up, as transformers fuses them: swapped or random experts would be off by ~1.4),
+    and a linear gptqmodel left in full precision is loaded as it is."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen_ft.export.dequant import dequantize_to_dense
+
+    found = made if family == "qwen3_moe" else made["qwen2_moe"]
+    base, gptq = found["base"], found["gptq"]
+    ours, theirs = dequantize_to_dense(gptq).model.layers[0].mlp, AutoModelForCausalLM.from_pretrained(base)
+    theirs = theirs.model.layers[0].mlp
+    for name in ("gate_up_proj", "down_proj"):
+        q, w = getattr(ours.experts, name), getattr(theirs.experts, name)
+        error = ((q - w).norm() / w.norm()).item()
+        print(family, name, f"relative error {error:.3g}")
+        assert error < 0.2, (name, error)
+    if family == "qwen2_moe":  # kept in full precision by gptqmodel, loaded as stored
+        with safe_open(str(Path(gptq) / "model.safetensors"), "pt") as stored:
+            gate = stored.get_tensor("model.layers.0.mlp.shared_expert_gate.weight")
+        assert torch.equal(ours.shared_expert_gate.weight, gate.float())
 
 
 def test_gptq_moe_qlora_trains_lora_on_the_quantized_experts(trained, capsys):
@@ -103,6 +137,18 @@ def test_gptq_moe_qlora_trains_lora_on_the_quantized_experts(trained, capsys):
     assert len(adapters) == 4 and all(params[k].requires_grad for k in adapters), adapters
     losses = [h["loss"] for h in state.history if "loss" in h]
     assert losses[-1] < losses[0], losses
+
+
+def test_gptq_moe_trains_with_the_experts_left_out_of_the_adapter(made, tmp_path, capsys):
+    """Experts no adapter wraps still run (packed, through the grouped forward); Qwen2-MoE's 8-bit base."""
+    base = made["qwen2_moe"]["gptq"]
+    cfg = write_run_yaml(tmp_path / "run.yaml", base, tmp_path, method="qlora", quant={"backend": "gptq", "bits": 8},
+                         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                         train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 2})
+    trainer, state = fit(steps.checked_config(cfg, []), CPU)
+    assert "the routed experts are NOT adapted" in capsys.readouterr().out
+    assert sum(type(m).__name__ == "GPTQPacked" for m in trainer.unwrapped.modules()) == 2
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state.history if "loss" in h)
 
 
 def test_gptq_moe_adapter_equals_stock_peft_on_the_dequantized_base(trained, made):

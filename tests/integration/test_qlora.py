@@ -328,3 +328,16 @@ def test_composite_moe_qlora_packs_the_experts_not_the_vision_tower_and_merges(t
     assert main(["merge", str(tmp_path / "out"), "--out", str(tmp_path / "merged")]) == 0
     assert "merged into original-precision base" in capsys.readouterr().out
     assert tensor_files(tmp_path / "merged").keys() == tensor_files(base).keys()
+
+
+def test_moe_qlora_with_the_experts_left_out_of_the_adapter_runs_them_4bit(moe_qlora, tmp_path, capsys):
+    """4-bit experts no adapter wraps run through the grouped forward (transformers' own cannot read them)."""
+    base = moe_qlora[0]
+    cfg = write_run_yaml(tmp_path / "run.yaml", base, tmp_path, method="qlora", quant={"backend": "bnb"},
+                         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+                         train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 2})
+    trainer, state = fit(steps.checked_config(cfg, []), CPU)
+    assert "the routed experts are NOT adapted" in capsys.readouterr().out
+    kinds = [type(p).__name__ for k, p in trainer.unwrapped.named_parameters() if ".experts." in k]
+    assert kinds == ["Params4bit"] * 4, kinds
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state.history if "loss" in h)

@@ -198,3 +198,26 @@ def test_moe_estimate_holds_every_expert_and_activates_top_k():
     dense = estimate(full, Shape.from_config({**shape_config("qwen3-30b-a3b"), "num_experts": 0}), "bf16", 8, 3,
                      False)
     assert "expert activations" not in dense.parts
+
+
+def test_gptq_moe_weights_count_every_expert_packed():
+    """Qwen3-30B-A3B-GPTQ-Int4: the 48 x 128 per-expert quantized linears are weights too (group 128), and
+    a config written with transformers 5.25's num_local_experts is the same mixture of experts."""
+    from dataclasses import replace
+
+    from qwen_ft.bench.shapes import shape_config
+    from qwen_ft.sizing.memory import quantized_linear_bytes
+
+    config = shape_config("qwen3-30b-a3b")
+    shape = Shape.from_config(config)
+    local = {k: v for k, v in config.items() if k != "num_experts"} | {"num_local_experts": config["num_experts"]}
+    assert Shape.from_config(local) == shape
+    gptq = run_cfg(method="qlora", quant={"backend": "gptq"})
+    assert shape.moe is not None
+    no_experts = replace(shape, moe=replace(shape.moe, experts=0))
+    up = 2048 * 768 / 2 + 16 * 768 * 2.5 + 2048 * 4  # gate or up: codes, zeros+scales per group, g_idx
+    down = 768 * 2048 / 2 + 6 * 2048 * 2.5 + 768 * 4
+    experts = quantized_linear_bytes(gptq, shape, 128) - quantized_linear_bytes(gptq, no_experts, 128)
+    assert experts == 48 * 128 * (2 * up + down)
+    print(f"experts {experts / 2**30:.1f} GiB packed")
+    assert 14 * 2**30 < experts < 16 * 2**30
