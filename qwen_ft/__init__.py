@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from qwen_ft.version import __version__
+
 __all__ = ["finetune", "load_config", "merge", "estimate", "chat", "__version__"]
 
 

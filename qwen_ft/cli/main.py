@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen_ft import __version__
 from qwen_ft.cli.args import HelpFormatter, parse_with_overrides
 from qwen_ft.errors import QwenFtError
 from qwen_ft.quiet import quiet_third_party
+from qwen_ft.version import __version__
 
 COMMANDS = ("train", "merge", "chat", "quantize", "convert", "estimate", "bench", "validate", "preprocess", "inspect",
             "make_tiny_model")

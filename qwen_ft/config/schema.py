@@ -155,7 +155,7 @@ class TrainConfig:
     loss_kernel: Literal["auto", "liger", "qwen-ft"] = opt(
         "auto", "fused output layer + cross-entropy: liger (Liger's Triton kernel; CUDA, liger-kernel), qwen-ft "
         "(loss_chunk_tokens-row chunks, any device) or auto (liger where it runs: the lower peak; qwen-ft's is a "
-        "little faster, README Performance)"
+        "little faster, benchmarks/README.md)"
     )
     router_aux_loss_coef: float | None = opt(
         None, "mixture of experts: weight of the router's load-balancing loss (transformers' "

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from qwen_ft.data.schema import Conversation, RowError, parse_row
+from qwen_ft.data.formats import parse_row
+from qwen_ft.data.schema import Conversation, RowError
 from qwen_ft.data.sources import iter_rows
 from qwen_ft.errors import DataError
 

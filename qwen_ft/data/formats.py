@@ -23,7 +23,7 @@ import re
 from typing import Any
 
 from qwen_ft.data.chatml import as_text
-from qwen_ft.data.schema import RowError
+from qwen_ft.data.schema import Conversation, RowError
 from qwen_ft.data.template import strings
 
 SURROGATE = re.compile("[\ud800-\udfff]")
@@ -294,3 +294,18 @@ def _learned(msg: dict, _index: int) -> bool:
 def _for_template(msg: dict) -> dict:
     """The message as the template sees it (qwen-ft's own switches removed)."""
     return {k: v for k, v in msg.items() if k not in ("weight", "loss")}
+
+
+def parse_row(row: Any, source: str, default_system: str | None) -> Conversation:
+    """Validate one raw row and normalise it.
+
+    Args:
+        row: the decoded JSON value of one row.
+        source: where it came from, e.g. "data/train.jsonl:17" (kept for reports).
+        default_system: system prompt to insert when the row has none ("" or None: the template's own).
+
+    Raises:
+        RowError: naming the field (e.g. messages[2].role) and the fix.
+    """
+    conv, ignored = normalise(row, default_system)
+    return Conversation(conv, source, tuple(ignored))

@@ -1,4 +1,5 @@
-"""A validated conversation and the row error that names what is wrong with one row.
+"""A row as read from a file, the validated conversation it becomes, and the row error that names what
+is wrong with one row.
 
 The accepted row formats and how each is normalised are in `formats.py`. Every problem is
 reported as `file:line: field: what is wrong; how to fix`.
@@ -8,6 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One decoded row, or the reason it could not be decoded."""
+
+    where: str
+    value: Any = None
+    error: str | None = None
+    text: str | None = None  # the row's JSON text, when read unparsed (`parse=False`)
 
 
 class RowError(ValueError):
@@ -25,20 +36,3 @@ class Conversation:
     @property
     def messages(self) -> list[dict[str, Any]]:
         return self.conv["messages"]
-
-
-def parse_row(row: Any, source: str, default_system: str | None) -> Conversation:
-    """Validate one raw row and normalise it.
-
-    Args:
-        row: the decoded JSON value of one row.
-        source: where it came from, e.g. "data/train.jsonl:17" (kept for reports).
-        default_system: system prompt to insert when the row has none ("" or None: the template's own).
-
-    Raises:
-        RowError: naming the field (e.g. messages[2].role) and the fix.
-    """
-    from qwen_ft.data.formats import normalise
-
-    conv, ignored = normalise(row, default_system)
-    return Conversation(conv, source, tuple(ignored))

@@ -10,24 +10,14 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwen_ft.data.schema import RawRow
 from qwen_ft.errors import DataError
 
 CHUNK = 1 << 20
 MAX_ELEMENT = 256 << 20  # a single .json element larger than this is treated as malformed
-
-
-@dataclass(frozen=True)
-class RawRow:
-    """One decoded row, or the reason it could not be decoded."""
-
-    where: str
-    value: Any = None
-    error: str | None = None
-    text: str | None = None  # the row's JSON text, when read unparsed (`parse=False`)
 
 
 def iter_jsonl(path: Path, parse: bool = True) -> Iterator[RawRow]:

@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from qwen_ft.data.sources import RawRow
+from qwen_ft.data.schema import RawRow
 from qwen_ft.errors import DataError
 
 BATCH = 1000

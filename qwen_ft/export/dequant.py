@@ -29,12 +29,13 @@ def load_gptq_model(path: str, dtype: torch.dtype = torch.float32):
     experts' routed experts, which transformers cannot load from their per-expert quantized linears, hold
     those dequantized (model/gptq_experts.py)."""
     deps.require("gptq", "merging into a GPTQ base")
+    from qwen_ft.model.experts import expert_modules
     from qwen_ft.model.gptq_experts import fill_dequantized
     from qwen_ft.model.quant import from_gptq_checkpoint, gptq_settings
 
     settings = gptq_settings(path) or {}
     model = from_gptq_checkpoint(path, int(settings.get("bits", 4)), dtype, {"": "cpu"})
-    fill_dequantized(model, path, settings)
+    fill_dequantized(model, expert_modules(model), path, settings)
     return model
 
 

@@ -31,35 +31,76 @@ class QuantizeReport:
 
 
 def refuse_unsupported(model_dir: str) -> None:
-    """Qwen3.5/3.6 are refused before anything loads: gptqmodel 7.6 loads a composite checkpoint through
-    its image and video processors (torchvision) and writes it without the `mtp.*` tensors, and on the
-    tiny hybrid model its torch kernel fails on the Gated DeltaNet's narrow in_proj_a/in_proj_b. Nothing
-    qwen-ft has checked would come out; a merged bf16 model is served as is.
+    """Refused before anything loads, naming why and what to do instead (`Family.no_requantize`).
 
     Raises:
-        QwenFtError: naming the family and what to do instead.
+        QwenFtError: for such a family.
     """
     from qwen_ft.model.families import resolve_family
 
     family = resolve_family("auto", model_dir)
-    if family.packing == "gdn":
-        raise QwenFtError(f"{model_dir} is {family.note}: qwen-ft quantize does not re-quantize this family yet "
-                          "(its vision tower and MTP tensors would not be kept, and its Gated DeltaNet layers are "
-                          "not checked with gptqmodel); serve the merged model in bf16, or quantize with the "
-                          "serving stack's own tools")
+    if family.no_requantize:
+        raise QwenFtError(f"{model_dir} is {family.note}: qwen-ft quantize cannot GPTQ-quantize it ("
+                          f"{family.no_requantize}); serve the merged model in bf16, quantize it with the serving "
+                          "stack's own tools, or quantize a text-only checkpoint of it")
+
+
+def _without_processor(model_dir: str):
+    """gptqmodel 7.6 loads a vision-language checkpoint's image and video processors (which need
+    torchvision) only to save them beside the quantized model; qwen-ft calibrates on text and copies
+    the processor files itself (model/layout.py), so the load is switched off for that model type."""
+    from contextlib import contextmanager
+
+    from gptqmodel.models.auto import MODEL_MAP
+
+    from qwen_ft.model.families import checkpoint_model_type
+
+    @contextmanager
+    def switched_off():
+        found = MODEL_MAP.get(checkpoint_model_type(model_dir))
+        before = getattr(found, "require_load_processor", False)
+        if found is not None:
+            found.require_load_processor = False
+        try:
+            yield
+        finally:
+            if found is not None:
+                found.require_load_processor = before
+
+    return switched_off()
+
+
+def _in_base_layout(model_dir: str, out_dir: str) -> None:
+    """The vision tower and MTP tensors of a composite checkpoint (Qwen3.5/3.6) byte for byte as the base
+    has them (gptqmodel writes them cast to its dtype), and the base's processor files."""
+    from qwen_ft.model.families import resolve_family
+    from qwen_ft.model.layout import BaseLayout, add_base_tensors, drop_tensors
+
+    layout = BaseLayout.of(model_dir, resolve_family("auto", model_dir))
+    if layout:
+        drop_tensors(out_dir, layout.prefixes)
+        add_base_tensors(layout.path, out_dir, layout.prefixes)
 
 
 def check_group_size(model, group_size: int) -> None:
-    """Every linear layer's input width must be a multiple of the group size.
+    """Every linear layer of the language model's decoder layers (what gptqmodel quantizes: not the output
+    layer, nor a vision tower) must have an input width that is a multiple of the group size.
 
     Raises:
         QwenFtError: naming the first layer that does not fit and the sizes that would.
     """
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head") and module.in_features % group_size:
-            fits = [g for g in (32, 64, 128) if module.in_features % g == 0]
-            raise QwenFtError(f"--group-size {group_size} does not divide the {module.in_features} input features of "
-                              f"{name}; use --group-size {fits[-1] if fits else -1}")
+    from qwen_ft.model.load import decoder_layers
+
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, module in layer.named_modules(prefix=f"decoder layer {i}"):
+            if isinstance(module, torch.nn.Linear) and module.in_features % group_size:
+                _refuse_group(name, module.in_features, group_size)
+
+
+def _refuse_group(name: str, width: int, group_size: int) -> None:
+    fits = [g for g in (32, 64, 128) if width % g == 0]
+    raise QwenFtError(f"--group-size {group_size} does not divide the {width} input features of {name}; use "
+                      f"--group-size {fits[-1] if fits else -1}")
 
 
 def split(files: list[str], n_calib: int, n_eval: int, eval_data: str | None) -> tuple[list, list]:
@@ -96,27 +137,29 @@ def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, cal
     """GPTQ-quantize `model_dir` into `out_dir` and measure perplexity before and after.
 
     Raises:
-        QwenFtError: a family this command cannot re-quantize yet, or a group size that does not fit.
+        QwenFtError: a family this command cannot quantize, or a group size that does not fit.
     """
     refuse_unsupported(model_dir)
     deps.require("gptq", "qwen-ft quantize")
     from gptqmodel import GPTQModel, QuantizeConfig
-    from transformers import AutoModelForCausalLM
 
+    from qwen_ft.model.families import model_class
     from qwen_ft.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     calib, held = split([calibration], n_calib, 8, eval_data)
-    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    dense = model_class(model_dir).from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     check_group_size(dense, group_size)
     before = perplexity(dense, tok, held, max_length)
     del dense
     samples = [r[0][:max_length] for r in Renderer.of(tok).render_many(calib) if not isinstance(r, RowError)]
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     _per_layer_logs_into(Path(out_dir) / "quant_logs")
-    model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group_size))
+    with _without_processor(model_dir):
+        model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group_size))
     model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples], batch_size=1)
     model.save(out_dir)
+    _in_base_layout(model_dir, out_dir)
     tok.save_files(out_dir)  # the vocabulary files qwen-ft reads, whatever gptqmodel wrote
     after = perplexity(_quantized(out_dir).eval(), tok, held, max_length)
     return QuantizeReport(Path(out_dir), len(samples), len(held), before, after)

@@ -58,14 +58,12 @@ def logical_numel(weight: Any) -> int:
     return weight.quant_state.shape.numel() if is_4bit(weight) and weight.quant_state else weight.numel()
 
 
-def quantize(model: torch.nn.Module, quant: QuantConfig, dtype: torch.dtype) -> list[str]:
-    """Quantize every fused routed-experts parameter of `model` in place, on its device; returns the
-    names quantized (peft's `base_layer` hops left out)."""
+def quantize(model: torch.nn.Module, experts: list, quant: QuantConfig, dtype: torch.dtype) -> list[str]:
+    """Quantize the fused routed-experts parameters of the `experts` modules of `model` in place, on their
+    device; returns the names quantized (peft's `base_layer` hops left out)."""
     import bitsandbytes as bnb
 
-    from qwen_ft.model.experts import expert_modules
-
-    owners = {id(m) for m in expert_modules(model)}
+    owners = {id(m) for m in experts}
     done = []
     for name, module in model.named_modules():
         if id(module) not in owners:

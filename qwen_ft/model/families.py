@@ -22,6 +22,7 @@ the code asks the row instead of branching on names:
   `target_parameters` matches them (transformers 5 fuses the experts, which are then not `nn.Linear`,
   so `target_modules` never reaches them); empty for dense families. The router (`ROUTER`) and the
   shared expert's gate are trained only when listed;
+- `no_requantize`: why `qwen-ft quantize` cannot GPTQ-quantize the family ("" where it can);
 - `linears_by_weight`: linear layers adapted through their weight parameter (`gate_proj.weight`) rather
   than by module name: for Qwen3-MoE and Qwen3-Next, peft's transformers-4 compatibility rule turns the
   module targets gate_proj/up_proj/down_proj into the fused experts (at double rank), so the shared
@@ -52,6 +53,7 @@ class Family:
     im_start_id: int = 151644
     experts: tuple[str, ...] = ()
     linears_by_weight: tuple[str, ...] = ()
+    no_requantize: str = ""
     note: str = ""
 
     @property
@@ -61,7 +63,7 @@ class Family:
 
 
 QWEN2_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Gated DeltaNet's five projections; its conv1d, A_log and dt_bias are not linear layers (see README)
+# Gated DeltaNet's five projections; its conv1d, A_log and dt_bias are not linear layers (see docs/models.md)
 GDN_LINEAR = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 # Qwen3-Next's Gated DeltaNet keeps q, k, v and z in one projection, b and a in another
 NEXT_GDN_LINEAR = ("in_proj_qkvz", "in_proj_ba", "out_proj")
@@ -78,6 +80,10 @@ def _hybrid(name: str, model_types: tuple[str, ...], note: str, **layout) -> Fam
                   **layout)
 
 
+# gptqmodel 7.6 calibrates Qwen3.5-MoE's vision-language checkpoint as Qwen3-VL: chat messages through its
+# image and video processor (torchvision), not token ids
+VL_CALIBRATION = ("gptqmodel 7.6 calibrates this vision-language MoE checkpoint only through its image and video "
+                  "processor (torchvision), not with token ids")
 # a composite Qwen3.5 checkpoint: the vision tower is never trained, mtp.* is not loaded
 COMPOSITE = {"auto_class": "AutoModelForImageTextToText", "frozen": ("model.visual",), "unloaded": ("mtp",)}
 
@@ -99,7 +105,7 @@ FAMILIES = {
                          experts=EXPERTS, linears_by_weight=MLP_LINEAR, unloaded=("mtp",),
                          note="Qwen3-Next (80B-A3B)"),
     "qwen3_5_moe": _hybrid("qwen3_5_moe", ("qwen3_5_moe",), "Qwen3.5 / Qwen3.6 MoE, vision-language checkpoint",
-                           experts=EXPERTS, **COMPOSITE),
+                           experts=EXPERTS, no_requantize=VL_CALIBRATION, **COMPOSITE),
     "qwen3_5_moe_text": _hybrid("qwen3_5_moe_text", ("qwen3_5_moe_text",),
                                 "Qwen3.5 / Qwen3.6 MoE, text-only checkpoint", experts=EXPERTS),
 }

@@ -173,15 +173,16 @@ def stacked(path: str | Path, prefix: str, num_experts: int, settings: dict, dty
     return fused
 
 
-def attach(model: torch.nn.Module, path: str | Path, settings: dict, dtype: torch.dtype) -> list[str]:
-    """Replace every fused routed-experts parameter of `model` (after peft has wrapped them) by the GPTQ
-    checkpoint's per-expert quantized linears, on the parameter's device; returns the names replaced.
+def attach(model: torch.nn.Module, experts: list, path: str | Path, settings: dict, dtype: torch.dtype) -> list[str]:
+    """Replace the fused routed-experts parameters of the `experts` modules of `model` (after peft has
+    wrapped them) by the GPTQ checkpoint's per-expert quantized linears, on the parameter's device;
+    returns the names replaced.
 
     Raises:
         QwenFtError: the checkpoint's experts are not quantized per expert.
     """
     done = []
-    for prefix, module, packed in _per_module(model, path, settings, dtype):
+    for prefix, module, packed in _per_module(model, experts, path, settings, dtype):
         for projection, weights in packed.items():
             device = getattr(module, projection).device
             delattr(module, projection)
@@ -190,17 +191,17 @@ def attach(model: torch.nn.Module, path: str | Path, settings: dict, dtype: torc
     return done
 
 
-def fill_dequantized(model: torch.nn.Module, path: str | Path, settings: dict) -> int:
-    """Fill the fused experts of a transformers load of the GPTQ checkpoint at `path` (left at their random
-    initialisation) with the per-expert weights dequantized, in the parameters' dtype; returns how many
-    experts modules were filled.
+def fill_dequantized(model: torch.nn.Module, experts: list, path: str | Path, settings: dict) -> int:
+    """Fill the fused experts (the `experts` modules) of a transformers load of the GPTQ checkpoint at
+    `path` (left at their random initialisation) with the per-expert weights dequantized, in the
+    parameters' dtype; returns how many experts modules were filled.
 
     Raises:
         QwenFtError: the checkpoint's experts are not quantized per expert.
     """
     filled = 0
     with torch.no_grad():
-        for _, module, packed in _per_module(model, path, settings, torch.float32):
+        for _, module, packed in _per_module(model, experts, path, settings, torch.float32):
             for projection, weights in packed.items():
                 target = getattr(module, projection)
                 target.copy_(weights.dequantize(target.dtype))
@@ -208,13 +209,12 @@ def fill_dequantized(model: torch.nn.Module, path: str | Path, settings: dict) -
     return filled
 
 
-def _per_module(model: torch.nn.Module, path: str | Path, settings: dict, dtype: torch.dtype):
+def _per_module(model: torch.nn.Module, experts: list, path: str | Path, settings: dict, dtype: torch.dtype):
     """(checkpoint name, experts module, {projection: GPTQPacked}) for every experts module of `model`,
     one layer read at a time (the caller places each before the next is read)."""
-    from qwen_ft.model.experts import expert_modules
     from qwen_ft.model.layout import tensor_files
 
-    owners = {id(m) for m in expert_modules(model)}
+    owners = {id(m) for m in experts}
     named = [(disk_prefix(n), m) for n, m in model.named_modules() if id(m) in owners]
     if not named:
         return

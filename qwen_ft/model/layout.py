@@ -83,6 +83,29 @@ def add_base_tensors(base: str | Path, out: str | Path, prefixes: tuple[str, ...
     return sum(len(v) for v in by_file.values())
 
 
+def drop_tensors(out: str | Path, prefixes: tuple[str, ...]) -> int:
+    """Remove the tensors under `prefixes` from the safetensors shards in `out` (each shard holding some
+    rewritten, one at a time), so that `add_base_tensors` can put the base's own in; returns how many."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, f in tensor_files(out).items():
+        by_file[f].append(name)
+    dropped = 0
+    for f, names in sorted(by_file.items()):
+        kept = [n for n in names if not under(n, prefixes)]
+        if len(kept) == len(names):
+            continue
+        with safe_open(str(f), "pt") as fh:
+            state, metadata = {n: fh.get_tensor(n) for n in kept}, fh.metadata()
+        tmp = f.with_suffix(".tmp")
+        save_file(state, str(tmp), metadata=metadata)
+        tmp.replace(f)
+        dropped += len(names) - len(kept)
+    return dropped
+
+
 def _own_shards(out: Path) -> list[Path]:
     if (out / INDEX).is_file():
         files = json.loads((out / INDEX).read_text())["weight_map"].values()

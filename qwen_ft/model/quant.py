@@ -86,14 +86,15 @@ def quantize_experts(model, cfg: RunConfig, precision: Precision):
     (model/gptq_experts.py). `model` unchanged otherwise."""
     from qwen_ft.model import experts, experts_4bit, gptq_experts
 
-    if not experts.expert_modules(model):
+    found = experts.expert_modules(model)
+    if not found:
         return model
     experts.never_a_loop(model)
     dtype = compute_dtype(cfg, precision)
     if cfg.quant.backend == "bnb":
-        experts_4bit.quantize(model, cfg.quant, dtype)
+        experts_4bit.quantize(model, found, cfg.quant, dtype)
     else:
-        gptq_experts.attach(model, cfg.model.path, gptq_settings(cfg.model.path) or {}, dtype)
+        gptq_experts.attach(model, found, cfg.model.path, gptq_settings(cfg.model.path) or {}, dtype)
     experts.install(model)  # quantized experts run only through qwen-ft's grouped forward
     return model
 
@@ -122,8 +123,9 @@ def from_gptq_checkpoint(path: str | Path, bits: int, dtype: torch.dtype, device
     transformers would otherwise convert every linear layer of the blocks, and leave the ones gptqmodel
     kept in full precision (Qwen2-MoE's one-output `shared_expert_gate`) uninitialised.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoConfig, GPTQConfig
 
+    from qwen_ft.model.families import model_class
     from qwen_ft.model.layout import tensor_files
 
     quantized = [[n.removesuffix(".qweight") for n in sorted(tensor_files(path)) if n.endswith(".qweight")]]
@@ -131,9 +133,10 @@ def from_gptq_checkpoint(path: str | Path, bits: int, dtype: torch.dtype, device
     if isinstance(getattr(config, "quantization_config", None), dict):  # what transformers loads by
         config.quantization_config["modules_in_block_to_quantize"] = quantized
     gptq = GPTQConfig(bits=bits, backend="torch", use_exllama=False, modules_in_block_to_quantize=quantized)
-    loaded: Any = AutoModelForCausalLM.from_pretrained(path, config=config, quantization_config=gptq, dtype=dtype,
-                                                       device_map=device_map, local_files_only=True,
-                                                       output_loading_info=True, **kwargs)
+    # a composite checkpoint (Qwen3.5) loads whole, as itself: its tensor names are the module names
+    loaded: Any = model_class(path).from_pretrained(path, config=config, quantization_config=gptq, dtype=dtype,
+                                                    device_map=device_map, local_files_only=True,
+                                                    output_loading_info=True, **kwargs)
     return every_weight_loaded(path, *loaded)
 
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qwen_ft import __version__
 from qwen_ft.model.fingerprint import model_fingerprint
 from qwen_ft.model.layout import BaseLayout, add_base_tensors, trained_state
+from qwen_ft.version import __version__
 
 if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig

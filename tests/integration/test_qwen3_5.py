@@ -6,6 +6,7 @@ only, and every output keeps the vision and MTP tensors byte for byte."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -224,14 +225,49 @@ def test_chat_on_qwen3_5_answers_as_stock_generate(composite, tmp_path, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
-def test_quantize_refuses_qwen3_5_before_loading(composite, tmp_path, capsys):
-    from qwen_ft.cli.main import main
+@pytest.mark.extras("gptqmodel")
+def test_quantize_keeps_the_vision_tower_and_mtp_byte_for_byte_and_loads_quantized(composite, tmp_path):
+    """`qwen-ft quantize` of the composite checkpoint: the language model's linear layers GPTQ-quantized
+    (Gated DeltaNet's one-output-per-head in_proj_a/in_proj_b left as gptqmodel leaves them), the vision
+    tower, MTP tensors and processor files exactly the base's, and transformers loads it whole. In a
+    fresh process: gptqmodel may patch transformers' classes where it loads a model."""
+    import subprocess
+    import sys
 
-    assert main(["quantize", str(composite), "--out", str(tmp_path / "q"), "--calibration",
+    from qwen_ft.export.dequant import load_gptq_model
+
+    out = tmp_path / "q"
+    data = Path(__file__).resolve().parents[2] / "data/example_chatml.jsonl"
+    call = (f"from qwen_ft.cli.main import main; raise SystemExit(main(['quantize', {str(composite)!r}, '--out', "
+            f"{str(out)!r}, '--calibration', {str(data)!r}, '--group-size', '32', '--samples', '8']))")
+    done = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    print(done.stdout)
+    assert "perplexity on" in done.stdout and "after 4-bit GPTQ" in done.stdout
+    assert raw_tensors(out) == raw_tensors(composite)  # vision tower and MTP, byte for byte
+    assert (out / "preprocessor_config.json").read_bytes() == (composite / "preprocessor_config.json").read_bytes()
+    model = load_gptq_model(str(out))
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["model.language_model.layers.0.linear_attn.in_proj_qkv"] == "TorchLinear"
+    assert kinds["model.language_model.layers.3.self_attn.q_proj"] == "TorchLinear"
+    assert kinds["model.language_model.layers.0.linear_attn.in_proj_a"] == "Linear"
+    assert not any(k.startswith("model.visual.") and v == "TorchLinear" for k, v in kinds.items())
+    ids = torch.tensor([[248045, 872, 198, 13048, 248046]])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_quantize_refuses_the_qwen3_5_moe_composite_before_loading(tmp_path, capsys):
+    from qwen_ft.cli.main import main
+    from qwen_ft.model.tiny import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "moe", "qwen3_5_moe", hidden=32, layers=2)
+    assert main(["quantize", str(base), "--out", str(tmp_path / "q"), "--calibration",
                  str(Path(__file__).resolve().parents[2] / "data/example_chatml.jsonl")]) == 1
     err = capsys.readouterr().err
-    assert "does not re-quantize this family yet" in err and "Traceback" not in err
-    assert not (tmp_path / "q").exists()
+    assert "qwen-ft quantize cannot GPTQ-quantize it (gptqmodel 7.6 calibrates this vision-language MoE" in err
+    assert "Traceback" not in err and not (tmp_path / "q").exists()
 
 
 def test_a_target_name_of_the_vision_tower_gets_no_adapter(composite, tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 
 from qwen_ft.cli.main import main
 from qwen_ft.data.conversations import ReadReport, read_conversations
-from qwen_ft.data.schema import RowError, parse_row
+from qwen_ft.data.formats import parse_row
+from qwen_ft.data.schema import RowError
 from qwen_ft.errors import DataError
 from tests.conftest import ASSETS, conv, write_jsonl
 
