@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from qwen_ft.sizing.memory import RunEstimate
 
 
-
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """The validated RunConfig of a YAML file with `key.sub=value` overrides.
 
@@ -41,8 +40,14 @@ def finetune(config: str | Path | RunConfig, overrides: Sequence[str] = ()) -> R
     return run(config, tuple(overrides))
 
 
-def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "auto",
-          eval_data: str | None = None, overwrite: bool = False) -> MergeReport:
+def merge(
+    adapter: str | Path,
+    out: str | Path,
+    base: str | Path | None = None,
+    dtype: str = "auto",
+    eval_data: str | None = None,
+    overwrite: bool = False,
+) -> MergeReport:
     """Merge a LoRA/Q-LoRA output into its base (recorded in its manifest unless `base` is given),
     self-checked against base + adapter."""
     from qwen_ft.export.merge import merge_adapter
@@ -50,8 +55,9 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, 
     return merge_adapter(str(adapter), str(out), str(base) if base else None, dtype, eval_data, overwrite)
 
 
-def estimate(config: str | Path | RunConfig, overrides: Sequence[str] = (), gpus: int = 1,
-             dtype: str = "bf16") -> RunEstimate:
+def estimate(
+    config: str | Path | RunConfig, overrides: Sequence[str] = (), gpus: int = 1, dtype: str = "bf16"
+) -> RunEstimate:
     """Predicted peak memory per GPU; `dtype` is what model.dtype=auto becomes."""
     from qwen_ft.config.load import config_from_dict, config_to_dict
     from qwen_ft.sizing.memory import estimate_run
@@ -63,9 +69,17 @@ def estimate(config: str | Path | RunConfig, overrides: Sequence[str] = (), gpus
     return estimate_run(cfg, gpus, dtype)
 
 
-def chat(model: str | Path, prompt: str, adapter: str | Path | None = None, system: str | None = None,
-         history: Sequence[tuple[str, str]] = (), emit: Callable[[str], None] | None = None,
-         max_new_tokens: int = 256, temperature: float = 0.0, template_kwargs: dict | None = None) -> str:
+def chat(
+    model: str | Path,
+    prompt: str,
+    adapter: str | Path | None = None,
+    system: str | None = None,
+    history: Sequence[tuple[str, str]] = (),
+    emit: Callable[[str], None] | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    template_kwargs: dict | None = None,
+) -> str:
     """One reply from a model directory (a merged model, a full fine-tune or a LoRA output), to
     `prompt` after the (user, assistant) pairs in `history`, rendered by the model's chat template
     (`system` None: the template's own default); `emit` receives the text as it streams."""
@@ -75,5 +89,12 @@ def chat(model: str | Path, prompt: str, adapter: str | Path | None = None, syst
     messages = [{"role": "system", "content": system}] if system is not None else []
     for user, assistant in history:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return reply(loaded, tok, [*messages, {"role": "user", "content": prompt}], emit or (lambda _text: None),
-                 max_new_tokens=max_new_tokens, temperature=temperature, template_kwargs=template_kwargs)
+    return reply(
+        loaded,
+        tok,
+        [*messages, {"role": "user", "content": prompt}],
+        emit or (lambda _text: None),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        template_kwargs=template_kwargs,
+    )

@@ -80,8 +80,13 @@ def require(name: str, why: str) -> None:
 # transformers' quantizer table, bitsandbytes for peft's helpers, gptqmodel for peft's LoRA dispatch.
 # Each prints banners or warnings (and gptqmodel rewrites PYTORCH_ALLOC_CONF) although a run that
 # does not use the stack never needs it. qwen-ft never uses torchao.
-PROBED_BY_LIBRARIES = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum"), "deepspeed": ("deepspeed",),
-                       "flash_attn": ("flash_attn",), "torchao": ("torchao",)}
+PROBED_BY_LIBRARIES = {
+    "bnb": ("bitsandbytes",),
+    "gptq": ("gptqmodel", "optimum"),
+    "deepspeed": ("deepspeed",),
+    "flash_attn": ("flash_attn",),
+    "torchao": ("torchao",),
+}
 
 
 def hide_unused(used: set[str]) -> list[str]:

@@ -15,8 +15,20 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
-QUIET_LOGGERS = ("torch.utils._pytree", "torchao", "bitsandbytes", "DeepSpeed", "deepspeed", "gptqmodel",
-                 "logbar", "accelerate", "datasets", "peft", "kernels", "huggingface_hub")
+QUIET_LOGGERS = (
+    "torch.utils._pytree",
+    "torchao",
+    "bitsandbytes",
+    "DeepSpeed",
+    "deepspeed",
+    "gptqmodel",
+    "logbar",
+    "accelerate",
+    "datasets",
+    "peft",
+    "kernels",
+    "huggingface_hub",
+)
 
 
 def quiet_third_party(verbose: bool = False) -> None:

@@ -63,13 +63,29 @@ def run_qwen_ft(root: Path, work: Path, max_len: int) -> float:
     from qwen_ft.cli.train import main
     from qwen_ft.train import loop
 
-    cfg = {"model": {"path": str(root / "model"), "dtype": "fp32", "attn_implementation": "sdpa",
-                     "gradient_checkpointing": True},
-           "data": {"train_files": [str(root / "convs.jsonl")], "max_length": max_len, "packing": True,
-                    "cache_dir": str(work / "cache")},
-           "method": "lora", "lora": LORA,
-           "train": {"output_dir": str(work / "out"), "micro_batch_size": 1, "grad_accum": 4, "epochs": 1,
-                     "learning_rate": LR}}
+    cfg = {
+        "model": {
+            "path": str(root / "model"),
+            "dtype": "fp32",
+            "attn_implementation": "sdpa",
+            "gradient_checkpointing": True,
+        },
+        "data": {
+            "train_files": [str(root / "convs.jsonl")],
+            "max_length": max_len,
+            "packing": True,
+            "cache_dir": str(work / "cache"),
+        },
+        "method": "lora",
+        "lora": LORA,
+        "train": {
+            "output_dir": str(work / "out"),
+            "micro_batch_size": 1,
+            "grad_accum": 4,
+            "epochs": 1,
+            "learning_rate": LR,
+        },
+    }
     (work / "run.yaml").write_text(yaml.safe_dump(cfg))
     seconds, plain = [], loop.run
 
@@ -97,15 +113,31 @@ def _lora_model(model_dir: Path):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     model.enable_input_require_grads()  # QwenLM's recipe: needed by gradient checkpointing under LoRA
-    cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                     target_modules=list(FAMILIES["qwen3"].lora_targets), task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=list(FAMILIES["qwen3"].lora_targets),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg)
 
 
 def _common_args(work: Path, accum: int) -> dict:
-    return {"output_dir": str(work / "out"), "per_device_train_batch_size": 1, "gradient_accumulation_steps": accum,
-            "num_train_epochs": 1, "learning_rate": LR, "gradient_checkpointing": True, "use_cpu": True,
-            "bf16": False, "report_to": "none", "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True}
+    return {
+        "output_dir": str(work / "out"),
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": accum,
+        "num_train_epochs": 1,
+        "learning_rate": LR,
+        "gradient_checkpointing": True,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+    }
 
 
 def run_qwenlm(root: Path, work: Path, max_len: int) -> float:
@@ -114,8 +146,9 @@ def run_qwenlm(root: Path, work: Path, max_len: int) -> float:
     from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(root / "model/tokenizer.json"), pad_token="<|endoftext|>")
-    sources = [[{"from": m["role"], "value": m["content"]} for m in c if m["role"] != "system"]
-               for c in conversations(root)]
+    sources = [
+        [{"from": m["role"], "value": m["content"]} for m in c if m["role"] != "system"] for c in conversations(root)
+    ]
     ids, labels, mask = qwenlm_preprocess(sources, tok, max_len)
 
     class Supervised(torch.utils.data.Dataset):
@@ -125,9 +158,13 @@ def run_qwenlm(root: Path, work: Path, max_len: int) -> float:
         def __getitem__(self, i):
             return {"input_ids": ids[i].long(), "labels": labels[i].long(), "attention_mask": mask[i]}
 
-    trainer = Trainer(model=_lora_model(root / "model"), args=TrainingArguments(**_common_args(work, 8),
-                      weight_decay=0.1, adam_beta2=0.95, warmup_steps=0.01, lr_scheduler_type="cosine"),
-                      train_dataset=Supervised())
+    trainer = Trainer(
+        model=_lora_model(root / "model"),
+        args=TrainingArguments(
+            **_common_args(work, 8), weight_decay=0.1, adam_beta2=0.95, warmup_steps=0.01, lr_scheduler_type="cosine"
+        ),
+        train_dataset=Supervised(),
+    )
     t0 = time.perf_counter()
     trainer.train()
     return time.perf_counter() - t0
@@ -158,8 +195,18 @@ def one_process(tool: str, root: Path, max_len: int, before: str | None) -> dict
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(before), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(dir=root) as work:
         result = Path(work) / "result.json"
-        cmd = [sys.executable, __file__, "--worker", tool, "--root", str(root), "--max-length", str(max_len),
-               "--result", str(result)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            tool,
+            "--root",
+            str(root),
+            "--max-length",
+            str(max_len),
+            "--result",
+            str(result),
+        ]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         process_s = time.perf_counter() - t0
@@ -184,9 +231,11 @@ def summary(runs: dict[str, list[dict]]) -> dict:
     ours = mean["qwen-ft"]
     ratios = {}
     for peer in (t for t in mean if t != "qwen-ft"):  # qwen-ft-before too: its ratios are the change
-        ratios[peer] = {"loop_vs_loop": mean[peer]["train_s"] / ours["train_s"],
-                        "process_vs_process": mean[peer]["process_s"] / ours["process_s"],
-                        "our_process_vs_their_loop": mean[peer]["train_s"] / ours["process_s"]}
+        ratios[peer] = {
+            "loop_vs_loop": mean[peer]["train_s"] / ours["train_s"],
+            "process_vs_process": mean[peer]["process_s"] / ours["process_s"],
+            "our_process_vs_their_loop": mean[peer]["train_s"] / ours["process_s"],
+        }
     return {"mean": mean, "speedup": ratios}
 
 
@@ -218,14 +267,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         setup(Path(tmp), args.n)
         for r in range(args.rounds):
-            for tool in tools[r % len(tools):] + tools[:r % len(tools)]:  # rotate the order each round
+            for tool in tools[r % len(tools) :] + tools[: r % len(tools)]:  # rotate the order each round
                 runs[tool].append(one_process(tool, Path(tmp), args.max_length, args.before))
-                print(f"round {r + 1} {tool:8s} process {runs[tool][-1]['process_s']:7.2f} s, "
-                      f"training loop {runs[tool][-1]['train_s']:7.2f} s", flush=True)
+                print(
+                    f"round {r + 1} {tool:8s} process {runs[tool][-1]['process_s']:7.2f} s, "
+                    f"training loop {runs[tool][-1]['train_s']:7.2f} s",
+                    flush=True,
+                )
     out = {"n": args.n, "max_length": args.max_length, "runs": runs, **summary(runs)}
     for peer, r in out["speedup"].items():
-        print(f"qwen-ft vs {peer}: loop {r['loop_vs_loop']:.2f}x, process {r['process_vs_process']:.2f}x, "
-              f"qwen-ft's whole process vs {peer}'s loop {r['our_process_vs_their_loop']:.2f}x")
+        print(
+            f"qwen-ft vs {peer}: loop {r['loop_vs_loop']:.2f}x, process {r['process_vs_process']:.2f}x, "
+            f"qwen-ft's whole process vs {peer}'s loop {r['our_process_vs_their_loop']:.2f}x"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
 

@@ -20,9 +20,15 @@ def layer(hidden: int):
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
     heads = max(2, hidden // 128)
-    cfg = Qwen3_5TextConfig(hidden_size=hidden, linear_key_head_dim=64, linear_value_head_dim=64,
-                            linear_num_key_heads=heads, linear_num_value_heads=2 * heads, num_hidden_layers=1,
-                            layer_types=["linear_attention"])
+    cfg = Qwen3_5TextConfig(
+        hidden_size=hidden,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        linear_num_key_heads=heads,
+        linear_num_value_heads=2 * heads,
+        num_hidden_layers=1,
+        layer_types=["linear_attention"],
+    )
     return Qwen3_5GatedDeltaNet(cfg, 0)
 
 
@@ -60,8 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(args.rows, args.width, args.hidden, requires_grad=True)
     stock = gdn.forward  # transformers' own forward, before qwen-ft wraps it
     install(gdn)
-    modes = {"transformers_fallback": lambda h: stock(h),
-             "qwen_ft_exact": lambda h: gdn(hidden_states=h, **indices)}
+    modes = {"transformers_fallback": lambda h: stock(h), "qwen_ft_exact": lambda h: gdn(hidden_states=h, **indices)}
     for fn in modes.values():  # warm-up
         timed(fn, x)
     times: dict[str, list[float]] = {k: [] for k in modes}
@@ -69,9 +74,17 @@ def main(argv: list[str] | None = None) -> dict:
         for name, fn in modes.items():
             times[name].append(timed(fn, x))
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"shape": {"rows": args.rows, "width": args.width, "hidden": args.hidden,
-                        "conversations": sum(len(r) for r in rows), "threads": torch.get_num_threads()},
-              "median_s": med, "fallback_over_qwen_ft": med["transformers_fallback"] / med["qwen_ft_exact"]}
+    result = {
+        "shape": {
+            "rows": args.rows,
+            "width": args.width,
+            "hidden": args.hidden,
+            "conversations": sum(len(r) for r in rows),
+            "threads": torch.get_num_threads(),
+        },
+        "median_s": med,
+        "fallback_over_qwen_ft": med["transformers_fallback"] / med["qwen_ft_exact"],
+    }
     print(json.dumps(result))
     return result
 

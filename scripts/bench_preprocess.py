@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = ("the model data train token answer question value system user layer memory fast slow compute "
-         "graph python function return loss gradient batch sequence number result because which would").split()
+WORDS = (
+    "the model data train token answer question value system user layer memory fast slow compute "
+    "graph python function return loss gradient batch sequence number result because which would"
+).split()
 ZH = list("我们的数据模型训练问题回答一个是在有这中大来上国个到说时要就出会可也你对生能而子那得于着下自之年过发后作里")
 
 
@@ -69,14 +71,15 @@ def qwenlm_preprocess(sources, tokenizer, max_len, system_message="You are a hel
         target += [im_start] + [ignore] * (len(system) - 3) + [im_end] + nl_tokens
         for sentence in source:
             role = roles[sentence["from"]]
-            _input_id = tokenizer(role).input_ids + nl_tokens + tokenizer(sentence["value"]).input_ids \
-                + [im_end] + nl_tokens
+            _input_id = (
+                tokenizer(role).input_ids + nl_tokens + tokenizer(sentence["value"]).input_ids + [im_end] + nl_tokens
+            )
             input_id += _input_id
             if role == "<|im_start|>user":
                 _target = [im_start] + [ignore] * (len(_input_id) - 3) + [im_end] + nl_tokens
             else:
                 n_role = len(tokenizer(role).input_ids)
-                _target = [im_start] + [ignore] * n_role + _input_id[n_role + 1:-2] + [im_end] + nl_tokens
+                _target = [im_start] + [ignore] * n_role + _input_id[n_role + 1 : -2] + [im_end] + nl_tokens
             target += _target
         input_id += [tokenizer.pad_token_id] * (max_len - len(input_id))
         target += [ignore] * (max_len - len(target))
@@ -93,13 +96,19 @@ def run_reference(path: Path, tok_dir: Path, max_len: int) -> dict:
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), pad_token="<|endoftext|>")
     t0 = time.perf_counter()
     raw = [json.loads(line) for line in open(path, encoding="utf-8")]  # QwenLM: json.load of the whole file
-    sources = [[{"from": m["role"], "value": m["content"]} for m in r["messages"] if m["role"] != "system"]
-               for r in raw]
+    sources = [
+        [{"from": m["role"], "value": m["content"]} for m in r["messages"] if m["role"] != "system"] for r in raw
+    ]
     ids, labels, mask = qwenlm_preprocess(sources, tokenizer, max_len)
     dt = time.perf_counter() - t0
     real = int(mask.sum())
-    return {"seconds": dt, "conversations": len(sources), "real_tokens": real,
-            "computed_tokens": ids.numel(), "padding_efficiency": real / ids.numel()}
+    return {
+        "seconds": dt,
+        "conversations": len(sources),
+        "real_tokens": real,
+        "computed_tokens": ids.numel(),
+        "padding_efficiency": real / ids.numel(),
+    }
 
 
 def run_qwen_ft(path: Path, tok_dir: Path, max_len: int, num_proc: int, cache: Path) -> dict:
@@ -122,9 +131,16 @@ def run_qwen_ft(path: Path, tok_dir: Path, max_len: int, num_proc: int, cache: P
     dt = time.perf_counter() - t0
     t1 = time.perf_counter()
     tokenized_dataset([str(path)], tok, spec, str(cache), num_proc)
-    return {"seconds": dt, "cache_hit_seconds": time.perf_counter() - t1, "conversations": stats.conversations,
-            "truncated": stats.truncated, "dropped": stats.dropped, "real_tokens": stats.tokens,
-            "packed_rows": plan.rows, "padding_efficiency": plan.efficiency}
+    return {
+        "seconds": dt,
+        "cache_hit_seconds": time.perf_counter() - t1,
+        "conversations": stats.conversations,
+        "truncated": stats.truncated,
+        "dropped": stats.dropped,
+        "real_tokens": stats.tokens,
+        "packed_rows": plan.rows,
+        "padding_efficiency": plan.efficiency,
+    }
 
 
 def main() -> None:
@@ -143,14 +159,18 @@ def main() -> None:
         generate(path, args.n)
         print(f"generated {args.n:,} conversations ({path.stat().st_size / 1e6:.0f} MB)")
         ours = run_qwen_ft(path, tok_dir, args.max_length, args.num_proc, Path(tmp) / "cache")
-        print(f"qwen-ft   : {ours['seconds']:.1f} s, {ours['conversations'] / ours['seconds']:,.0f} conv/s, "
-              f"{ours['real_tokens'] / ours['seconds']:,.0f} tok/s, padding eff {ours['padding_efficiency']:.1%}, "
-              f"cache hit {ours['cache_hit_seconds']:.1f} s")
+        print(
+            f"qwen-ft   : {ours['seconds']:.1f} s, {ours['conversations'] / ours['seconds']:,.0f} conv/s, "
+            f"{ours['real_tokens'] / ours['seconds']:,.0f} tok/s, padding eff {ours['padding_efficiency']:.1%}, "
+            f"cache hit {ours['cache_hit_seconds']:.1f} s"
+        )
         if args.no_reference:
             return
         ref = run_reference(path, tok_dir, args.max_length)
-        print(f"reference : {ref['seconds']:.1f} s, {ref['conversations'] / ref['seconds']:,.0f} conv/s, "
-              f"{ref['real_tokens'] / ref['seconds']:,.0f} tok/s, padding eff {ref['padding_efficiency']:.1%}")
+        print(
+            f"reference : {ref['seconds']:.1f} s, {ref['conversations'] / ref['seconds']:,.0f} conv/s, "
+            f"{ref['real_tokens'] / ref['seconds']:,.0f} tok/s, padding eff {ref['padding_efficiency']:.1%}"
+        )
         print(f"speed-up  : {ref['seconds'] / ours['seconds']:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps({"qwen_ft": ours, "reference": ref, "n": args.n}, indent=1))

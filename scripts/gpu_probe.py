@@ -43,11 +43,25 @@ def attention_kernels() -> dict:
 def main() -> None:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "attention": attention_kernels()}
-    for mod in ("transformers", "peft", "accelerate", "datasets", "bitsandbytes", "gptqmodel", "deepspeed",
-                "flash_attn", "liger_kernel", "triton"):
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "attention": attention_kernels(),
+    }
+    for mod in (
+        "transformers",
+        "peft",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+        "gptqmodel",
+        "deepspeed",
+        "flash_attn",
+        "liger_kernel",
+        "triton",
+    ):
         info[mod] = _version(mod)
     text = json.dumps(info, indent=1)
     print(text)

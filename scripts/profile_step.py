@@ -23,16 +23,64 @@ from pathlib import Path
 # Order matters: the first category whose pattern is in the (lower-cased) kernel name wins.
 CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
-    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
-              "aten::baddbmm", "matmul", "wgmma", "sm90_", "splitk")),
+    (
+        "gemm",
+        (
+            "gemm",
+            "cutlass",
+            "nvjet",
+            "xmma",
+            "cublas",
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::baddbmm",
+            "matmul",
+            "wgmma",
+            "sm90_",
+            "splitk",
+        ),
+    ),
     ("copies/casts", ("copy", "memcpy", "memset", "cast", "to_copy", "convert", "fill", "cat", "index")),
-    ("elementwise", ("elementwise", "vectorized", "reduce", "unrolled", "softmax", "dropout", "aten::mul",
-                     "aten::add", "aten::silu", "aten::pow", "aten::rsqrt", "aten::mean", "aten::sum", "norm",
-                     "aten::neg", "aten::div", "aten::exp", "aten::log", "aten::sqrt", "nll", "bernoulli", "where",
-                     "foreach", "sigmoid")),
+    (
+        "elementwise",
+        (
+            "elementwise",
+            "vectorized",
+            "reduce",
+            "unrolled",
+            "softmax",
+            "dropout",
+            "aten::mul",
+            "aten::add",
+            "aten::silu",
+            "aten::pow",
+            "aten::rsqrt",
+            "aten::mean",
+            "aten::sum",
+            "norm",
+            "aten::neg",
+            "aten::div",
+            "aten::exp",
+            "aten::log",
+            "aten::sqrt",
+            "nll",
+            "bernoulli",
+            "where",
+            "foreach",
+            "sigmoid",
+        ),
+    ),
 )
-SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item", "cudaStreamSynchronize",
-            "cudaDeviceSynchronize", "cudaMemcpy DtoH", "Memcpy DtoH")
+SYNC_OPS = (
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::item",
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaMemcpy DtoH",
+    "Memcpy DtoH",
+)
 
 
 def category(name: str) -> str:
@@ -58,8 +106,11 @@ def leaf_times(prof, on_gpu: bool) -> Counter:
 
 def sync_count(prof) -> int:
     """Calls that block the host on the device (counted the same on CPU and GPU)."""
-    return sum(ev.count for ev in prof.key_averages() if any(s in ev.key for s in SYNC_OPS)
-               and ev.key != "aten::nonzero_static")
+    return sum(
+        ev.count
+        for ev in prof.key_averages()
+        if any(s in ev.key for s in SYNC_OPS) and ev.key != "aten::nonzero_static"
+    )
 
 
 def report(times: Counter, syncs: int, wall: float, top: int = 15) -> dict:
@@ -68,16 +119,24 @@ def report(times: Counter, syncs: int, wall: float, top: int = 15) -> dict:
     split = Counter()
     for name, t in times.items():
         split[category(name)] += t
-    return {"wall_s": wall, "kernel_s": total / 1e6, "host_syncs": syncs,
-            "split": {k: round(v / total, 4) for k, v in split.most_common()},
-            "top": [{"name": n[:120], "ms": round(t / 1e3, 2), "share": round(t / total, 4), "category": category(n)}
-                    for n, t in times.most_common(top)]}
+    return {
+        "wall_s": wall,
+        "kernel_s": total / 1e6,
+        "host_syncs": syncs,
+        "split": {k: round(v / total, 4) for k, v in split.most_common()},
+        "top": [
+            {"name": n[:120], "ms": round(t / 1e3, 2), "share": round(t / total, 4), "category": category(n)}
+            for n, t in times.most_common(top)
+        ],
+    }
 
 
 def print_report(rep: dict) -> None:
     busy = rep["kernel_s"] / rep["wall_s"] if rep["wall_s"] else 0.0
-    print(f"profiled step: {rep['wall_s']:.3f} s wall, {rep['kernel_s']:.3f} s in kernels/operators "
-          f"({busy:.0%} busy), {rep['host_syncs']} host syncs")
+    print(
+        f"profiled step: {rep['wall_s']:.3f} s wall, {rep['kernel_s']:.3f} s in kernels/operators "
+        f"({busy:.0%} busy), {rep['host_syncs']} host syncs"
+    )
     for row in rep.get("sync_sites", []):
         print(f"  sync x{row['count']} at {row['site']}")
     print("split: " + ", ".join(f"{k} {v:.1%}" for k, v in rep["split"].items()))
@@ -98,8 +157,9 @@ def one_step(tr, state, cache) -> None:
 def sync_sites(caught: list) -> Counter:
     """Where each recorded sync warning was raised, as `dir/file.py:line` of the Python frame that
     called into torch (a compiled graph's frame names the generated code), with counts."""
-    return Counter(f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}" for w in caught
-                   if "synchroniz" in str(w.message))
+    return Counter(
+        f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    )
 
 
 def count_syncs_gpu(fn) -> tuple[int, Counter]:

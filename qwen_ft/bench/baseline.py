@@ -22,9 +22,9 @@ def _load(model_dir: str, method: str, bf16: bool):
     if method == "full":
         kwargs["dtype"] = torch.float32  # fp32 master weights under bf16 autocast (Trainer's bf16=True)
     elif method == "qlora_bnb":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     elif method == "qlora_gptq":
         kwargs["quantization_config"] = GPTQConfig(bits=4, backend="torch", use_exllama=False)
     if torch.cuda.is_available() and method.startswith("qlora"):
@@ -42,10 +42,15 @@ def _with_lora(model, method: str, case: dict):
     # the same layers as qwen-ft's defaults: on a mixture of experts the routed experts through peft's
     # target_parameters (which take no dropout)
     modules, parameters = split_targets((), resolve_family("auto", case["model_dir"]))
-    config = LoraConfig(r=case["lora_r"], lora_alpha=case["lora_alpha"],
-                        lora_dropout=0.0 if parameters else case["lora_dropout"], target_modules=modules,
-                        target_parameters=parameters or None, task_type="CAUSAL_LM",
-                        modules_to_save=["embed_tokens", "lm_head"] if method == "lora_emb" else None)
+    config = LoraConfig(
+        r=case["lora_r"],
+        lora_alpha=case["lora_alpha"],
+        lora_dropout=0.0 if parameters else case["lora_dropout"],
+        target_modules=modules,
+        target_parameters=parameters or None,
+        task_type="CAUSAL_LM",
+        modules_to_save=["embed_tokens", "lm_head"] if method == "lora_emb" else None,
+    )
     return get_peft_model(model, config)
 
 
@@ -68,12 +73,20 @@ def run_baseline(case: dict, device: torch.device) -> StepClock:
         def on_step_end(self, args, state, control, **kwargs):
             clock.tick()
 
-    args = TrainingArguments(output_dir=case["work"] + "/baseline",
-                             per_device_train_batch_size=case["micro_batch_size"],
-                             gradient_accumulation_steps=case["grad_accum"], max_steps=case["steps"],
-                             learning_rate=case["learning_rate"], bf16=bf16, use_cpu=device.type == "cpu",
-                             gradient_checkpointing=case["gradient_checkpointing"], report_to="none",
-                             save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=case["work"] + "/baseline",
+        per_device_train_batch_size=case["micro_batch_size"],
+        gradient_accumulation_steps=case["grad_accum"],
+        max_steps=case["steps"],
+        learning_rate=case["learning_rate"],
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        gradient_checkpointing=case["gradient_checkpointing"],
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
     rows = Dataset.from_json(case["rows"])
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock()]).train()
     return clock

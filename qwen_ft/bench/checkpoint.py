@@ -42,11 +42,15 @@ def _dense(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Gen
 def _gptq(shape: tuple[int, ...], group: int, gen: torch.Generator, device) -> dict[str, torch.Tensor]:
     """Packed 4-bit tensors of one linear layer (weight shape (out, in))."""
     out_f, in_f = shape
-    ints = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), generator=gen, device=device, dtype=torch.int64)
+    ints = torch.randint(-(2**31), 2**31 - 1, (in_f // 8, out_f), generator=gen, device=device, dtype=torch.int64)
     zeros = torch.full((in_f // group, out_f // 8), 0x77777777, dtype=torch.int64)  # zero point 8 (stored - 1)
     scales = torch.full((in_f // group, out_f), 0.02 / 8, dtype=torch.float16)
-    return {"qweight": ints.to(torch.int32).cpu(), "qzeros": zeros.to(torch.int32), "scales": scales,
-            "g_idx": (torch.arange(in_f, dtype=torch.int32) // group)}
+    return {
+        "qweight": ints.to(torch.int32).cpu(),
+        "qzeros": zeros.to(torch.int32),
+        "scales": scales,
+        "g_idx": (torch.arange(in_f, dtype=torch.int32) // group),
+    }
 
 
 def _tensors(config: dict, dtype: torch.dtype, gptq_group: int | None, device):
@@ -88,8 +92,9 @@ def gptq_group_size(config: dict) -> int:
     return 128 if config["hidden_size"] % 128 == 0 and config["intermediate_size"] % 128 == 0 else 32
 
 
-def write_random_checkpoint(shape: str, out: str | Path, dtype: torch.dtype = torch.bfloat16,
-                            gptq: bool = False) -> Path:
+def write_random_checkpoint(
+    shape: str, out: str | Path, dtype: torch.dtype = torch.bfloat16, gptq: bool = False
+) -> Path:
     """Write config.json, random weights and the bundled Qwen tokenizer files to `out`; returns it."""
     config = shape_config(shape)
     vocabulary = "qwen3_5" if config["model_type"] == "qwen3_5_text" else "qwen3"
@@ -97,8 +102,15 @@ def write_random_checkpoint(shape: str, out: str | Path, dtype: torch.dtype = to
     config.update(load_tokenizer(out).special_ids())
     group = gptq_group_size(config) if gptq else None
     if group:
-        config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
-                                         "sym": True, "checkpoint_format": "gptq", "pack_dtype": "int32"}
+        config["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": group,
+            "desc_act": False,
+            "sym": True,
+            "checkpoint_format": "gptq",
+            "pack_dtype": "int32",
+        }
         config["torch_dtype"] = "float16"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _write_shards(_tensors(config, dtype, group, device), out)

@@ -13,9 +13,20 @@ from __future__ import annotations
 from qwen_ft.model.shape import Shape
 
 # Dense bf16 tensor-core peaks (TFLOPS) from the vendors' data sheets; the first matching name wins.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H20", 148.0), ("A100", 312.0),
-               ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2),
-               ("RTX 3090", 71.0), ("V100", 125.0))
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("H20", 148.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),
+)
 
 
 def device_peak_tflops(device_name: str) -> float | None:

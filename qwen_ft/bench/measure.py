@@ -20,8 +20,10 @@ def synchronize(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak since the process started: allocated and reserved by PyTorch on a GPU; resident set on a CPU."""
     if device.type == "cuda":
-        return {"peak_gb": torch.cuda.max_memory_allocated(device) / GB,
-                "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / GB}
+        return {
+            "peak_gb": torch.cuda.max_memory_allocated(device) / GB,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / GB,
+        }
     return {"peak_gb": peak_rss_bytes() / GB}
 
 

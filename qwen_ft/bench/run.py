@@ -49,8 +49,10 @@ def check_request(req: BenchRequest) -> None:
 
     bad = [m for m in req.methods if m not in METHODS]
     if req.shape not in SHAPES or bad or not req.lengths or min(req.lengths) < 64:
-        raise QwenFtError(f"--shape {req.shape} (choose {', '.join(SHAPES)}), --methods {','.join(req.methods)} "
-                          f"(choose {', '.join(METHODS)}), --lengths {list(req.lengths)} (each >= 64)")
+        raise QwenFtError(
+            f"--shape {req.shape} (choose {', '.join(SHAPES)}), --methods {','.join(req.methods)} "
+            f"(choose {', '.join(METHODS)}), --lengths {list(req.lengths)} (each >= 64)"
+        )
     if req.steps < 1 or req.warmup < 0:
         raise QwenFtError(f"--steps {req.steps} must be >= 1 and --warmup {req.warmup} >= 0")
     if req.micro_batch not in (1, 2, 4, 8):
@@ -102,11 +104,17 @@ def write_case(work: Path, base: dict) -> tuple[Path, dict]:
     d = work / "cases" / name
     d.mkdir(parents=True, exist_ok=True)
     settings = Settings(**{f.name: base[f.name] for f in fields(Settings)})  # --micro-batch included
-    sections = run_sections(base["method"], base["model_dir"], base["conversations"], base["length"],
-                            base["steps"], d, settings)
+    sections = run_sections(
+        base["method"], base["model_dir"], base["conversations"], base["length"], base["steps"], d, settings
+    )
     (d / "run.yaml").write_text(yaml.safe_dump(sections, sort_keys=False))
-    case = {**base, "config": str(d / "run.yaml"), "work": str(d), "result": str(d / "result.json"),
-            "estimate_gb": predicted_gb(d / "run.yaml", base["shape"], base["overrides"])}
+    case = {
+        **base,
+        "config": str(d / "run.yaml"),
+        "work": str(d),
+        "result": str(d / "result.json"),
+        "estimate_gb": predicted_gb(d / "run.yaml", base["shape"], base["overrides"]),
+    }
     (d / "case.json").write_text(json.dumps(case, indent=1))
     return d, case
 
@@ -131,8 +139,12 @@ def run_case(d: Path) -> dict:
     result.unlink(missing_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with (d / "log.txt").open("w") as log:
-        proc = subprocess.run([sys.executable, "-m", "qwen_ft.bench.worker", str(d / "case.json")],
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "qwen_ft.bench.worker", str(d / "case.json")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     if result.is_file():
         return json.loads(result.read_text())
     return {"error": f"worker exited {proc.returncode} (see {d / 'log.txt'})"}
@@ -173,14 +185,24 @@ def plan_cases(req: BenchRequest, work: Path) -> list[dict]:
         files = case_files(work, length, steps * s.micro_batch_size * s.grad_accum, tok)
         for method in methods:
             for impl in impls:
-                cases.append({
-                    **asdict(s), "impl": impl, "shape": req.shape, "method": method, "length": length,
-                    "steps": steps, "warmup": req.warmup, "overrides": ours if impl == "qwen-ft" else [],
-                    "model_dir": str(models[method == "qlora_gptq"]),
-                    "conversations": str(files["conversations"]), "rows": str(files["rows"]),
-                    "learned_per_step": files["learned"] * s.micro_batch_size * s.grad_accum,
-                    "adapter_params": 0 if method == "full" else adapters,
-                    "learning_rate": s.learning_rate_for(method)})
+                cases.append(
+                    {
+                        **asdict(s),
+                        "impl": impl,
+                        "shape": req.shape,
+                        "method": method,
+                        "length": length,
+                        "steps": steps,
+                        "warmup": req.warmup,
+                        "overrides": ours if impl == "qwen-ft" else [],
+                        "model_dir": str(models[method == "qlora_gptq"]),
+                        "conversations": str(files["conversations"]),
+                        "rows": str(files["rows"]),
+                        "learned_per_step": files["learned"] * s.micro_batch_size * s.grad_accum,
+                        "adapter_params": 0 if method == "full" else adapters,
+                        "learning_rate": s.learning_rate_for(method),
+                    }
+                )
     return cases
 
 
@@ -207,11 +229,23 @@ def run_benchmark(req: BenchRequest, echo: Callable[[str], None] = print) -> tup
         records.append(record(case, result, shape, peak))
         r = records[-1]
         what = r["error"] or f"{r['seconds_per_step']:.2f} s/8 seq, peak {r['peak_gb']:.2f} GiB"
-        echo(f"[{i}/{len(cases)}] {case['shape']} {case['method']} {case['length']} {case['impl']}: {what} "
-             f"({time.perf_counter() - t0:.0f} s)")
+        echo(
+            f"[{i}/{len(cases)}] {case['shape']} {case['method']} {case['length']} {case['impl']}: {what} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
     out = Path(req.json_path or work / f"bench-{req.shape}.json")
     device = next((r["device"] for r in records if r.get("device")), "unknown")
-    write_json(out, {"date": time.strftime("%Y-%m-%d"), "device": device, "peak_tflops": peak,
-                     "versions": versions(), "command": " ".join(sys.argv),
-                     "overrides": list(req.overrides), "micro_batch": req.micro_batch}, records)
+    write_json(
+        out,
+        {
+            "date": time.strftime("%Y-%m-%d"),
+            "device": device,
+            "peak_tflops": peak,
+            "versions": versions(),
+            "command": " ".join(sys.argv),
+            "overrides": list(req.overrides),
+            "micro_batch": req.micro_batch,
+        },
+        records,
+    )
     return records, out

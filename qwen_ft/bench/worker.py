@@ -59,8 +59,12 @@ def measure(case: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - reported in the table; the traceback goes to the case log
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}"[:200], "device": device_name(dist.device)}
-    return {"step_seconds": clock.durations(), "device": device_name(dist.device), **clock.load_peak,
-            **peak_memory(dist.device)}
+    return {
+        "step_seconds": clock.durations(),
+        "device": device_name(dist.device),
+        **clock.load_peak,
+        **peak_memory(dist.device),
+    }
 
 
 def main(argv: list[str]) -> int:

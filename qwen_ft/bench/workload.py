@@ -39,8 +39,9 @@ class Settings:
 def _single_token_words(tok) -> list[str]:
     words = [w for w in WORDS if len(tok.encode(w)) == 1]
     if len(words) < 2:
-        raise QwenFtError("the tokenizer encodes common English words as several tokens; the benchmark needs a "
-                          "Qwen vocabulary")
+        raise QwenFtError(
+            "the tokenizer encodes common English words as several tokens; the benchmark needs a Qwen vocabulary"
+        )
     return words
 
 
@@ -51,15 +52,26 @@ def conversation(tok, length: int, seed: int) -> list[dict]:
         QwenFtError: `length` is too short for the ChatML framing, or the rendering is not exact.
     """
     words, rng = _single_token_words(tok), random.Random(seed)
-    overhead = len(_ids(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ""},
-                              {"role": "assistant", "content": ""}])[0])
+    overhead = len(
+        _ids(
+            tok,
+            [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": ""},
+                {"role": "assistant", "content": ""},
+            ],
+        )[0]
+    )
     free = length - overhead
     if free < 2:
         raise QwenFtError(f"sequence length {length} leaves no room for content ({overhead} framing tokens)")
     user = "".join(rng.choice(words) for _ in range(free // 2)).lstrip()
     reply = "".join(rng.choice(words) for _ in range(free - free // 2)).lstrip()
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
-                {"role": "assistant", "content": reply}]
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": reply},
+    ]
     got = len(_ids(tok, messages)[0])
     if got != length:
         raise QwenFtError(f"benchmark conversation renders to {got} tokens, not {length}")
@@ -87,8 +99,9 @@ def write_workload(tok, length: int, n: int, out_dir: Path) -> tuple[Path, Path]
     return convs, rows
 
 
-def run_sections(method: str, model_dir: str, data_file: str, length: int, steps: int, work: Path,
-                 s: Settings = Settings()) -> dict:
+def run_sections(
+    method: str, model_dir: str, data_file: str, length: int, steps: int, work: Path, s: Settings = Settings()
+) -> dict:
     """The qwen-ft run config (as YAML sections) of one benchmark case.
 
     Raises:
@@ -100,9 +113,14 @@ def run_sections(method: str, model_dir: str, data_file: str, length: int, steps
         "model": {"path": model_dir, "gradient_checkpointing": s.gradient_checkpointing},
         "data": {"train_files": [data_file], "max_length": length, "cache_dir": str(work / "cache")},
         "method": "full" if method == "full" else ("qlora" if method.startswith("qlora") else "lora"),
-        "train": {"output_dir": str(work / "out"), "micro_batch_size": s.micro_batch_size,
-                  "grad_accum": s.grad_accum, "max_steps": steps, "warmup_ratio": 0.0,
-                  "learning_rate": s.learning_rate_for(method)},
+        "train": {
+            "output_dir": str(work / "out"),
+            "micro_batch_size": s.micro_batch_size,
+            "grad_accum": s.grad_accum,
+            "max_steps": steps,
+            "warmup_ratio": 0.0,
+            "learning_rate": s.learning_rate_for(method),
+        },
     }
     if method != "full":
         from qwen_ft.model.adapters import DEFAULT_DROPOUT

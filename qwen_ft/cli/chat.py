@@ -22,13 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory (a merged model, a full fine-tune, or a LoRA output)")
     p.add_argument("--adapter", help="LoRA adapter to apply on MODEL_DIR")
     p.add_argument("--system", help="system prompt (default: the chat template's own, if it has one)")
-    p.add_argument("--no-think", action="store_true",
-                   help="answer without thinking (Qwen3 templates: enable_thinking=false)")
+    p.add_argument(
+        "--no-think", action="store_true", help="answer without thinking (Qwen3 templates: enable_thinking=false)"
+    )
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--allow-pickle-weights", action="store_true",
-                   help="load .bin (torch pickle) weights when there are no safetensors (unpickling can run code)")
+    p.add_argument(
+        "--allow-pickle-weights",
+        action="store_true",
+        help="load .bin (torch pickle) weights when there are no safetensors (unpickling can run code)",
+    )
 
 
 def _emit(text: str) -> None:
@@ -42,12 +46,16 @@ def run(args: argparse.Namespace) -> int:
     from qwen_ft.deps import stacks_of_checkpoint
     from qwen_ft.infer.chat import load_chat_model, reply
 
-    hide_unused_stacks(args, stacks_of_checkpoint(args.model) | (stacks_of_checkpoint(args.adapter) if args.adapter
-                                                                 else set()))
+    hide_unused_stacks(
+        args, stacks_of_checkpoint(args.model) | (stacks_of_checkpoint(args.adapter) if args.adapter else set())
+    )
     model, tok = load_chat_model(args.model, args.adapter, args.allow_pickle_weights)
     start = [{"role": "system", "content": args.system}] if args.system else []
-    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-           "template_kwargs": {"enable_thinking": False} if args.no_think else None}
+    gen = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "template_kwargs": {"enable_thinking": False} if args.no_think else None,
+    }
 
     def answer(messages: list[dict]) -> str:
         return reply(model, tok, messages, _emit, **gen)

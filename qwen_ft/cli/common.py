@@ -57,6 +57,9 @@ def _move_overrides_out_of_data(args: argparse.Namespace) -> None:
 
 
 def _quick_flags(args: argparse.Namespace) -> dict:
-    flags = {"data.max_length": args.max_length, "data.label_policy": args.label_policy,
-             "data.on_error": args.on_error}
+    flags = {
+        "data.max_length": args.max_length,
+        "data.label_policy": args.label_policy,
+        "data.on_error": args.on_error,
+    }
     return {k: v for k, v in flags.items() if v is not None}

@@ -17,8 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """SRC --out DST [--dtype]."""
     p.add_argument("src", help="Qwen v1 checkpoint directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="dense weight dtype; auto: the checkpoint's (GPTQ tensors are kept as they are)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="dense weight dtype; auto: the checkpoint's (GPTQ tensors are kept as they are)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,8 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) in the run")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="what model.dtype=auto becomes")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="what model.dtype=auto becomes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,14 +30,18 @@ def run(args: argparse.Namespace) -> int:
 
     r = estimate(args.config, args.overrides, gpus=args.gpus, dtype=args.dtype)
     e = r.estimate
-    print(f"{r.shape.params() / 1e9:.2f}B parameters, method {r.method}, {r.dtype}, {r.gpus} GPU(s), "
-          f"ZeRO stage {r.stage}{' + optimizer offload' if r.offload else ''}")
+    print(
+        f"{r.shape.params() / 1e9:.2f}B parameters, method {r.method}, {r.dtype}, {r.gpus} GPU(s), "
+        f"ZeRO stage {r.stage}{' + optimizer offload' if r.offload else ''}"
+    )
     for name, value in e.parts.items():
         print(f"  {name:<14} {value / GB:8.2f} GiB")
     for name, value in e.moments.items():
         print(f"  {name:<14} {value / GB:8.2f} GiB  (at different moments: only the larger counts)")
     ok = fits(e, args.gpu_memory)
     checked = UNCHECKED if r.shape.gdn or r.shape.moe else CHECKED
-    print(f"  {'total':<14} {e.total / GB:8.2f} GiB per GPU: {'fits' if ok else 'does NOT fit'} a "
-          f"{args.gpu_memory:g} GiB GPU (first-order estimate; {checked})")
+    print(
+        f"  {'total':<14} {e.total / GB:8.2f} GiB per GPU: {'fits' if ok else 'does NOT fit'} a "
+        f"{args.gpu_memory:g} GiB GPU (first-order estimate; {checked})"
+    )
     return 0 if ok else 1

@@ -55,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
             ids, labels, _ = renderer.render(conv.conv, d.label_policy)
             color = not args.no_color and sys.stdout.isatty()
             print(f"{conv.source}  (rendered by {renderer.source})")
-            print(f"  {len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} learned, "
-                  f"policy {d.label_policy}, max_length {d.max_length}")
+            print(
+                f"  {len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} learned, "
+                f"policy {d.label_policy}, max_length {d.max_length}"
+            )
             print(highlight(tok, ids, labels, color))
             return 0
     raise QwenFtError(f"--index {args.index}: the data has only {count} valid conversation(s); use 0..{count - 1}")

@@ -13,8 +13,19 @@ from qwen_ft.errors import QwenFtError
 from qwen_ft.quiet import quiet_third_party
 from qwen_ft.version import __version__
 
-COMMANDS = ("train", "merge", "chat", "quantize", "convert", "estimate", "bench", "validate", "preprocess", "inspect",
-            "make_tiny_model")
+COMMANDS = (
+    "train",
+    "merge",
+    "chat",
+    "quantize",
+    "convert",
+    "estimate",
+    "bench",
+    "validate",
+    "preprocess",
+    "inspect",
+    "make_tiny_model",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,11 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"qwen_ft.cli.{name}")
-        p = sub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.__doc__,
-                           formatter_class=HelpFormatter)
+        p = sub.add_parser(
+            name.replace("_", "-"), help=module.HELP, description=module.__doc__, formatter_class=HelpFormatter
+        )
         module.add_arguments(p)
-        p.add_argument("-v", "--verbose", action="store_true",
-                       help="also show third-party warnings, banners and progress bars")
+        p.add_argument(
+            "-v", "--verbose", action="store_true", help="also show third-party warnings, banners and progress bars"
+        )
         p.set_defaults(run=module.run)
     return parser
 

@@ -15,8 +15,12 @@ HELP = "write a tiny random Qwen checkpoint (real vocabulary) for CPU demos and 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """OUT [--family] [--hidden] [--layers] [--seed]."""
     p.add_argument("out", help="output directory")
-    p.add_argument("--family", choices=FAMILIES, default="qwen3",
-                   help="architecture (qwen3_5: the composite Qwen3.5/3.6 layout with a tiny vision tower)")
+    p.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="qwen3",
+        help="architecture (qwen3_5: the composite Qwen3.5/3.6 layout with a tiny vision tower)",
+    )
     p.add_argument("--hidden", type=int, default=64, help="hidden size")
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")

@@ -18,13 +18,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="a qwen-ft LoRA output (or checkpoint) directory")
     p.add_argument("--out", required=True, help="where the merged model goes")
     p.add_argument("--base", help="base checkpoint (default: the one recorded in manifest.json)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="output dtype; auto: the base checkpoint's")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="output dtype; auto: the base checkpoint's",
+    )
     p.add_argument("--eval-data", help="conversations for the Q-LoRA perplexity comparison (default: the run's)")
-    p.add_argument("--allow-pickle-weights", action="store_true",
-                   help="load .bin (torch pickle) weights when there are no safetensors (unpickling can run code)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a model already in --out (never the adapter or its base)")
+    p.add_argument(
+        "--allow-pickle-weights",
+        action="store_true",
+        help="load .bin (torch pickle) weights when there are no safetensors (unpickling can run code)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a model already in --out (never the adapter or its base)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,18 +41,24 @@ def run(args: argparse.Namespace) -> int:
     from qwen_ft.deps import stacks_of_checkpoint
     from qwen_ft.export.merge import merge_adapter
 
-    hide_unused_stacks(args, stacks_of_checkpoint(args.adapter) | (stacks_of_checkpoint(args.base) if args.base
-                                                                   else set()))
-    r = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.eval_data, args.overwrite,
-                      args.allow_pickle_weights)
+    hide_unused_stacks(
+        args, stacks_of_checkpoint(args.adapter) | (stacks_of_checkpoint(args.base) if args.base else set())
+    )
+    r = merge_adapter(
+        args.adapter, args.out, args.base, args.dtype, args.eval_data, args.overwrite, args.allow_pickle_weights
+    )
     print(f"merged into {r.merged_into}")
-    print(f"merge check: max |logit diff| merged vs base+adapter = {r.merge_diff:.3g} (fp32)"
-          + (f", {r.cast_diff:.3g} after casting to {r.dtype}" if r.dtype != "fp32" else "")
-          + f"; tolerance {r.tolerance:.3g}")
+    print(
+        f"merge check: max |logit diff| merged vs base+adapter = {r.merge_diff:.3g} (fp32)"
+        + (f", {r.cast_diff:.3g} after casting to {r.dtype}" if r.dtype != "fp32" else "")
+        + f"; tolerance {r.tolerance:.3g}"
+    )
     if r.quantized_diff is not None and r.perplexity is not None:  # both set for a Q-LoRA adapter
         ppl = r.perplexity
-        print(f"vs adapter on the quantized base it was trained on: max |logit diff| {r.quantized_diff:.3g}; "
-              f"perplexity merged {ppl['merged']:.3f}, adapter on quantized base "
-              f"{ppl['adapter on quantized base']:.3f} (on {ppl['on']})")
+        print(
+            f"vs adapter on the quantized base it was trained on: max |logit diff| {r.quantized_diff:.3g}; "
+            f"perplexity merged {ppl['merged']:.3f}, adapter on quantized base "
+            f"{ppl['adapter on quantized base']:.3f} (on {ppl['on']})"
+        )
     print(f"wrote merged {r.dtype} model to {r.out_dir}")
     return 0

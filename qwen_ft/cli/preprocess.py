@@ -35,8 +35,10 @@ def run(args: argparse.Namespace) -> int:
     tok = load_tokenizer(cfg.tokenizer_path)
     data = prepare_data(cfg, tok)
     s = data.stats
-    print(f"data: {', '.join(cfg.data.train_files)} (cache {s.cache}: {s.cache_path}), rendered by "
-          f"{template_source(cfg, tok)}")
+    print(
+        f"data: {', '.join(cfg.data.train_files)} (cache {s.cache}: {s.cache_path}), rendered by "
+        f"{template_source(cfg, tok)}"
+    )
     print(format_stats(s, plan_for(cfg, data), cfg))
     if args.dump:
         n = dump(load_shards(s.cache_path, s.shards), args.dump)

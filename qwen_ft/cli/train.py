@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_ft.cli.args import HelpFormatter, parse_with_overrides
     from qwen_ft.quiet import quiet_third_party
 
-    p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune a Qwen model from one YAML config.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="finetune.py", description="Fine-tune a Qwen model from one YAML config.", formatter_class=HelpFormatter
+    )
     p.add_argument("--config", required=True, help="run YAML")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.max_steps=10")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also show third-party warnings, banners and progress bars")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also show third-party warnings, banners and progress bars"
+    )
     args = parse_with_overrides(p, argv)
     args.own_process = argv is None
     quiet_third_party(verbose=args.verbose)

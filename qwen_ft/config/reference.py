@@ -41,12 +41,20 @@ def _cell(text: str) -> str:
 
 def _section(name: str, cls) -> list[str]:
     hints = typing.get_type_hints(cls, include_extras=False)
-    lines = [f"## `{name}`", "", _cell((cls.__doc__ or "").strip()), "", "| key | type | default | what it does |",
-             "|---|---|---|---|"]
+    lines = [
+        f"## `{name}`",
+        "",
+        _cell((cls.__doc__ or "").strip()),
+        "",
+        "| key | type | default | what it does |",
+        "|---|---|---|---|",
+    ]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
-        lines.append(f"| `{name}.{f.name}` | {_cell(_type(hints[f.name]))} | {_cell(_default(default))} | "
-                     f"{_cell(f.metadata.get('help', ''))} |")
+        lines.append(
+            f"| `{name}.{f.name}` | {_cell(_type(hints[f.name]))} | {_cell(_default(default))} | "
+            f"{_cell(f.metadata.get('help', ''))} |"
+        )
     return [*lines, ""]
 
 
@@ -58,8 +66,12 @@ def markdown() -> str:
         if dataclasses.is_dataclass(hints[f.name]):
             lines += _section(f.name, hints[f.name])
         else:
-            lines += [f"## `{f.name}`", "", f"{_type(hints[f.name])}, default {_default(f.default)}: "
-                      f"{_cell(f.metadata.get('help', ''))}", ""]
+            lines += [
+                f"## `{f.name}`",
+                "",
+                f"{_type(hints[f.name])}, default {_default(f.default)}: {_cell(f.metadata.get('help', ''))}",
+                "",
+            ]
     return "\n".join(lines)
 
 

@@ -25,30 +25,43 @@ class ModelConfig:
     """The base checkpoint."""
 
     path: str = opt("", "local checkpoint directory (config.json + weights); never a hub id")
-    family: Literal["auto", "qwen", "qwen2", "qwen3", "qwen3_5", "qwen3_5_text", "qwen2_moe", "qwen3_moe",
-                    "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"] = opt(
-        "auto", "model family; auto reads model_type from the checkpoint's config.json (never the path)"
-    )
+    family: Literal[
+        "auto",
+        "qwen",
+        "qwen2",
+        "qwen3",
+        "qwen3_5",
+        "qwen3_5_text",
+        "qwen2_moe",
+        "qwen3_moe",
+        "qwen3_next",
+        "qwen3_5_moe",
+        "qwen3_5_moe_text",
+    ] = opt("auto", "model family; auto reads model_type from the checkpoint's config.json (never the path)")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
         "auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU"
     )
     attn_implementation: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = opt(
-        "auto", "auto: on a GPU flash-attention 2 when it works, else torch's varlen flash attention, else sdpa; "
-        "sdpa on CPU. varlen/flash_attention_2 train each micro-batch as one padding-free row"
+        "auto",
+        "auto: on a GPU flash-attention 2 when it works, else torch's varlen flash attention, else sdpa; "
+        "sdpa on CPU. varlen/flash_attention_2 train each micro-batch as one padding-free row",
     )
     gradient_checkpointing: bool = opt(True, "non-reentrant activation checkpointing")
     checkpoint_fraction: float = opt(
-        1.0, "with gradient_checkpointing: share of decoder layers recomputed in backward; lower trades memory "
-             "for speed (qwen-ft estimate shows the memory)"
+        1.0,
+        "with gradient_checkpointing: share of decoder layers recomputed in backward; lower trades memory "
+        "for speed (qwen-ft estimate shows the memory)",
     )
     compile: bool = opt(
-        False, "torch.compile each decoder layer: fewer, fused kernels (the step is host-bound without it on "
-               "GPUs); the first steps pay the compilation. Not with method=qlora or ZeRO-3"
+        False,
+        "torch.compile each decoder layer: fewer, fused kernels (the step is host-bound without it on "
+        "GPUs); the first steps pay the compilation. Not with method=qlora or ZeRO-3",
     )
     trust_remote_code: bool = opt(False, "run code shipped with the checkpoint; off unless you ask for it")
     allow_pickle_weights: bool = opt(
-        False, "load .bin (torch pickle) weights when a checkpoint has no safetensors; off: refused, since "
-               "unpickling can run code"
+        False,
+        "load .bin (torch pickle) weights when a checkpoint has no safetensors; off: refused, since "
+        "unpickling can run code",
     )
 
     @property
@@ -69,8 +82,9 @@ class DataConfig:
     """Conversation files and how they become training rows."""
 
     train_files: tuple[str, ...] = opt(
-        (), "conversation files or directories: .jsonl, .json, .parquet, .arrow, .csv, or a datasets.save_to_disk "
-            "directory; OpenAI messages, ShareGPT, Qwen v1, Alpaca or prompt/completion rows (data/README.md)"
+        (),
+        "conversation files or directories: .jsonl, .json, .parquet, .arrow, .csv, or a datasets.save_to_disk "
+        "directory; OpenAI messages, ShareGPT, Qwen v1, Alpaca or prompt/completion rows (data/README.md)",
     )
     eval_files: tuple[str, ...] = opt((), "held-out conversation files for eval loss")
     eval_fraction: float = opt(0.0, "fraction of train conversations held out for eval when eval_files is empty")
@@ -82,16 +96,19 @@ class DataConfig:
         "assistant", "which tokens are learned; see qwen_ft/data/template.py"
     )
     chat_template: str | None = opt(
-        None, "a .jinja file (or tokenizer_config.json) whose chat template renders the data; default: the "
-              "tokenizer directory's own (chat_template.jinja or tokenizer_config.json), as servers use"
+        None,
+        "a .jinja file (or tokenizer_config.json) whose chat template renders the data; default: the "
+        "tokenizer directory's own (chat_template.jinja or tokenizer_config.json), as servers use",
     )
     template_kwargs: dict[str, Any] = opt(
-        {}, "variables for the chat template on every conversation, e.g. {enable_thinking: false}; a row's own "
-            "chat_template_kwargs take precedence"
+        {},
+        "variables for the chat template on every conversation, e.g. {enable_thinking: false}; a row's own "
+        "chat_template_kwargs take precedence",
     )
     default_system: str = opt(
-        "", "system prompt inserted when a conversation has none; empty: the chat template's own default "
-            f"(Qwen v1 ChatML without a template: {DEFAULT_SYSTEM!r})"
+        "",
+        "system prompt inserted when a conversation has none; empty: the chat template's own default "
+        f"(Qwen v1 ChatML without a template: {DEFAULT_SYSTEM!r})",
     )
     packing: bool = opt(True, "pack conversations into rows of max_length with restarting position_ids")
     on_error: Literal["error", "skip"] = opt("error", "bad rows: stop with every error listed, or skip and count them")
@@ -106,13 +123,15 @@ class LoraConfig:
     r: int = opt(8, "LoRA rank")
     alpha: int = opt(16, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     dropout: float | None = opt(
-        None, "dropout on the LoRA input; default 0.05, or 0 when the routed experts of a mixture of experts are "
-              "adapted (peft's target_parameters adapters cannot apply dropout; a value > 0 is refused there)"
+        None,
+        "dropout on the LoRA input; default 0.05, or 0 when the routed experts of a mixture of experts are "
+        "adapted (peft's target_parameters adapters cannot apply dropout; a value > 0 is refused there)",
     )
     target_modules: tuple[str, ...] = opt(
-        (), "module names to adapt, and on a mixture of experts the parameters mlp.experts.gate_up_proj, "
-            "mlp.experts.down_proj (routed experts) and mlp.gate.weight (router); empty: every linear layer of the "
-            "family and every routed expert"
+        (),
+        "module names to adapt, and on a mixture of experts the parameters mlp.experts.gate_up_proj, "
+        "mlp.experts.down_proj (routed experts) and mlp.gate.weight (router); empty: every linear layer of the "
+        "family and every routed expert",
     )
     rslora: bool = opt(False, "rank-stabilised scaling")
     dora: bool = opt(False, "weight-decomposed LoRA")
@@ -153,14 +172,16 @@ class TrainConfig:
         1024, "learned positions per chunk of output layer + cross-entropy (bounds logits memory); 0: all at once"
     )
     loss_kernel: Literal["auto", "liger", "qwen-ft"] = opt(
-        "auto", "fused output layer + cross-entropy: liger (Liger's Triton kernel; CUDA, liger-kernel), qwen-ft "
+        "auto",
+        "fused output layer + cross-entropy: liger (Liger's Triton kernel; CUDA, liger-kernel), qwen-ft "
         "(loss_chunk_tokens-row chunks, any device) or auto (liger where it runs: the lower peak; qwen-ft's is a "
-        "little faster, benchmarks/README.md)"
+        "little faster, benchmarks/README.md)",
     )
     router_aux_loss_coef: float | None = opt(
-        None, "mixture of experts: weight of the router's load-balancing loss (transformers' "
-              "load_balancing_loss_func over real tokens, logged as aux_loss); default: the checkpoint's "
-              "router_aux_loss_coef; 0 switches it off"
+        None,
+        "mixture of experts: weight of the router's load-balancing loss (transformers' "
+        "load_balancing_loss_func over real tokens, logged as aux_loss); default: the checkpoint's "
+        "router_aux_loss_coef; 0 switches it off",
     )
     logging_steps: int = opt(1, "TensorBoard scalars and the bar's loss every N optimizer steps (mean over them)")
     eval_steps: int = opt(0, "eval every N steps; 0: only at the end (when an eval set exists)")

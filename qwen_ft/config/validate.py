@@ -18,8 +18,11 @@ DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero2_offload", "zero3_offload")
 def _ranges(cfg: RunConfig) -> list[str]:
     d, t, lo, m = cfg.data, cfg.train, cfg.lora, cfg.model
     checks = [
-        (0.0 < m.checkpoint_fraction <= 1.0, f"model.checkpoint_fraction: {m.checkpoint_fraction} must be in "
-                                             "(0, 1]; to recompute nothing set model.gradient_checkpointing=false"),
+        (
+            0.0 < m.checkpoint_fraction <= 1.0,
+            f"model.checkpoint_fraction: {m.checkpoint_fraction} must be in "
+            "(0, 1]; to recompute nothing set model.gradient_checkpointing=false",
+        ),
         (d.max_length >= 16, f"data.max_length: {d.max_length} is too small; use at least 16 tokens"),
         (0.0 <= d.eval_fraction < 0.5, f"data.eval_fraction: {d.eval_fraction} must be in [0, 0.5)"),
         (d.num_proc >= 1, f"data.num_proc: {d.num_proc} must be >= 1"),
@@ -40,8 +43,10 @@ def _ranges(cfg: RunConfig) -> list[str]:
         (lo.r >= 1, f"lora.r: {lo.r} must be >= 1"),
         (lo.alpha > 0, f"lora.alpha: {lo.alpha} must be > 0"),
         (lo.dropout is None or 0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)"),
-        (t.router_aux_loss_coef is None or t.router_aux_loss_coef >= 0,
-         f"train.router_aux_loss_coef: {t.router_aux_loss_coef} must be >= 0 (0 switches it off)"),
+        (
+            t.router_aux_loss_coef is None or t.router_aux_loss_coef >= 0,
+            f"train.router_aux_loss_coef: {t.router_aux_loss_coef} must be >= 0 (0 switches it off)",
+        ),
     ]
     return [msg for ok, msg in checks if not ok] + _finite(cfg)
 
@@ -51,14 +56,23 @@ def _finite(cfg: RunConfig) -> list[str]:
     end in a traceback, and a NaN passes every range check above."""
     import math
 
-    values = {"train.learning_rate": cfg.train.learning_rate, "train.epochs": cfg.train.epochs,
-              "train.warmup_ratio": cfg.train.warmup_ratio, "train.weight_decay": cfg.train.weight_decay,
-              "train.adam_beta2": cfg.train.adam_beta2, "train.max_grad_norm": cfg.train.max_grad_norm,
-              "lora.dropout": cfg.lora.dropout or 0.0,
-              "train.router_aux_loss_coef": cfg.train.router_aux_loss_coef or 0.0,
-              "data.eval_fraction": cfg.data.eval_fraction, "model.checkpoint_fraction": cfg.model.checkpoint_fraction}
-    problems = [f"{key}: {value} is not a finite number; give a finite value" for key, value in values.items()
-                if not math.isfinite(value)]
+    values = {
+        "train.learning_rate": cfg.train.learning_rate,
+        "train.epochs": cfg.train.epochs,
+        "train.warmup_ratio": cfg.train.warmup_ratio,
+        "train.weight_decay": cfg.train.weight_decay,
+        "train.adam_beta2": cfg.train.adam_beta2,
+        "train.max_grad_norm": cfg.train.max_grad_norm,
+        "lora.dropout": cfg.lora.dropout or 0.0,
+        "train.router_aux_loss_coef": cfg.train.router_aux_loss_coef or 0.0,
+        "data.eval_fraction": cfg.data.eval_fraction,
+        "model.checkpoint_fraction": cfg.model.checkpoint_fraction,
+    }
+    problems = [
+        f"{key}: {value} is not a finite number; give a finite value"
+        for key, value in values.items()
+        if not math.isfinite(value)
+    ]
     if cfg.train.seed < 0:
         problems.append(f"train.seed: {cfg.train.seed} must be >= 0 (numpy and torch seeds are unsigned)")
     return problems
@@ -72,8 +86,10 @@ def _required(cfg: RunConfig) -> list[str]:
         problems.append("data.train_files: required; list one or more .json/.jsonl conversation files")
     out = cfg.train.output_dir.strip()
     if not out or Path(out).anchor == out:  # "" would write into the working directory; "/" into the root
-        problems.append(f"train.output_dir: {cfg.train.output_dir!r} is empty or a filesystem root; name a "
-                        "directory for this run, e.g. runs/my-run")
+        problems.append(
+            f"train.output_dir: {cfg.train.output_dir!r} is empty or a filesystem root; name a "
+            "directory for this run, e.g. runs/my-run"
+        )
     return problems
 
 
@@ -92,11 +108,14 @@ def _combinations(cfg: RunConfig) -> list[str]:
     if ds in ("zero3", "zero3_offload"):
         problems += zero3_conflicts(cfg)
     if cfg.model.compile and cfg.method == "qlora":
-        problems.append("model.compile: true with method=qlora; the 4-bit kernels are not compiled here, set "
-                        "model.compile: false")
+        problems.append(
+            "model.compile: true with method=qlora; the 4-bit kernels are not compiled here, set model.compile: false"
+        )
     if cfg.train.loss_kernel == "liger" and cfg.train.loss_chunk_tokens == 0:
-        problems.append("train.loss_kernel: liger with train.loss_chunk_tokens: 0, which turns the fused loss off; "
-                        "set loss_chunk_tokens > 0 or loss_kernel: auto")
+        problems.append(
+            "train.loss_kernel: liger with train.loss_chunk_tokens: 0, which turns the fused loss off; "
+            "set loss_chunk_tokens > 0 or loss_kernel: auto"
+        )
     if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
         problems.append(f"dist.deepspeed: {ds!r} is not one of {', '.join(DEEPSPEED_PRESETS)} nor a .json path")
     if cfg.model.trust_remote_code and cfg.model.family not in ("auto", "qwen"):
@@ -111,14 +130,20 @@ def zero3_conflicts(cfg: RunConfig) -> list[str]:
     """What ZeRO-3 cannot run (dist.deepspeed is a ZeRO-3 preset or a JSON with stage 3)."""
     ds, problems = cfg.dist.deepspeed, []
     if cfg.method == "qlora" and cfg.quant.backend == "gptq":
-        problems.append(f"dist.deepspeed={ds} is ZeRO-3 with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's "
-                        "packed weights; use dist.deepspeed=zero2 (or a stage-2 JSON)")
+        problems.append(
+            f"dist.deepspeed={ds} is ZeRO-3 with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's "
+            "packed weights; use dist.deepspeed=zero2 (or a stage-2 JSON)"
+        )
     if cfg.train.loss_kernel == "liger":
-        problems.append(f"train.loss_kernel: liger with dist.deepspeed={ds}, which is ZeRO-3; its output-layer "
-                        "weights are partitioned outside the forward, set train.loss_kernel: auto or use zero2")
+        problems.append(
+            f"train.loss_kernel: liger with dist.deepspeed={ds}, which is ZeRO-3; its output-layer "
+            "weights are partitioned outside the forward, set train.loss_kernel: auto or use zero2"
+        )
     if cfg.model.compile:
-        problems.append(f"model.compile: true with dist.deepspeed={ds}, which is ZeRO-3; it gathers weights in "
-                        "hooks that a compiled layer does not run, set model.compile: false or use zero2")
+        problems.append(
+            f"model.compile: true with dist.deepspeed={ds}, which is ZeRO-3; it gathers weights in "
+            "hooks that a compiled layer does not run, set model.compile: false or use zero2"
+        )
     return problems
 
 
@@ -180,8 +205,10 @@ def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
         problems += zero3_conflicts(cfg)
     problems += [deps.missing_message(name, why) for name, why in required_extras(cfg) if not deps.is_available(name)]
     if cfg.train.loss_kernel == "liger" and not _has_cuda():
-        problems.append("train.loss_kernel: liger, but this machine has no CUDA GPU (Liger's kernel runs on CUDA "
-                        "tensors); set train.loss_kernel: auto")
+        problems.append(
+            "train.loss_kernel: liger, but this machine has no CUDA GPU (Liger's kernel runs on CUDA "
+            "tensors); set train.loss_kernel: auto"
+        )
     return problems
 
 
@@ -206,6 +233,8 @@ def missing_data_message(name: str) -> str:
     import re
 
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).suffix:
-        return (f"data file {name!r} not found; it looks like a dataset name on a hub, and qwen-ft works offline: "
-                "it never downloads data. Download the dataset yourself and list its local files")
+        return (
+            f"data file {name!r} not found; it looks like a dataset name on a hub, and qwen-ft works offline: "
+            "it never downloads data. Download the dataset yourself and list its local files"
+        )
     return f"data file {name!r} not found; check data.train_files / data.eval_files"

@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from qwen_ft.data.schema import RowError
+
 IGNORE_INDEX = -100
 Policy = Literal["assistant", "last_turn", "qwen_reference"]
 POLICIES: tuple[str, ...] = ("assistant", "last_turn", "qwen_reference")
@@ -74,21 +76,48 @@ class Framing:
         return 1 + len(self.role_ids[role]) + len(self.newline) + n_content + 1 + len(self.newline)
 
 
-def _message_labels(role: str, ids: list[int], n_head: int, n_content: int, learn: bool, policy: Policy) -> list[int]:
-    """Labels of one rendered message `ids` = head + content + tail."""
-    masked = [IGNORE_INDEX] * len(ids)
+@dataclass(frozen=True)
+class Block:
+    """One `<|im_start|>` ... `<|im_end|>` span of the ids: [start, end] inclusive, content from `body`."""
+
+    role: str
+    start: int
+    body: int
+    end: int
+
+
+def chatml_blocks(roles: list[str], contents: list[list[int]], framing: Framing) -> list[Block]:
+    """The blocks of a ChatML rendering made by `assemble`."""
+    blocks, pos = [], 0
+    for role, content in zip(roles, contents, strict=True):
+        body = pos + len(framing.head(role))
+        blocks.append(Block(role, pos, body, body + len(content)))
+        pos += framing.message_length(role, len(content))
+    return blocks
+
+
+def labels_of(ids: list[int], blocks: list[Block], learn: list[bool], policy: Policy) -> list[int]:
+    """Labels under `policy` (the rule in this module's docstring and template.py's).
+
+    Raises:
+        RowError: the template rendered a different number of assistant turns than the row has.
+    """
+    labels = [IGNORE_INDEX] * len(ids)
+    replies = [b for b in blocks if b.role == "assistant"]
+    if len(replies) != len(learn):
+        raise RowError(
+            f"the chat template renders {len(replies)} assistant turn(s) for {len(learn)} assistant "
+            "message(s), so per-message learning cannot be matched; check the messages' roles"
+        )
+    for j, b in enumerate(replies):
+        if learn[j] and (policy != "last_turn" or j == len(replies) - 1):
+            labels[b.body : b.end + 1] = ids[b.body : b.end + 1]
     if policy == "qwen_reference":
-        labels = masked
-        labels[0] = ids[0]  # <|im_start|>
-        tail_start = n_head + n_content
-        labels[tail_start:] = ids[tail_start:]  # <|im_end|> + newline
-        if role == "assistant" and learn:
-            labels[n_head:tail_start] = ids[n_head:tail_start]
-        return labels
-    if not learn:
-        return masked
-    end = n_head + n_content + 1  # content and <|im_end|>
-    return masked[:n_head] + ids[n_head:end] + masked[end:]
+        for k, b in enumerate(blocks):
+            nxt = blocks[k + 1].start if k + 1 < len(blocks) else len(ids)
+            labels[b.start] = ids[b.start]
+            labels[b.end : nxt] = ids[b.end : nxt]  # <|im_end|> and the newline after it
+    return labels
 
 
 def assemble(
@@ -112,18 +141,13 @@ def assemble(
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown label policy {policy!r}; use one of {', '.join(POLICIES)}")
-    last_reply = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    flags = iter(learn if learn is not None else [True] * roles.count("assistant"))
-    for i, (role, content) in enumerate(zip(roles, content_ids, strict=True)):
-        head = framing.head(role)
-        ids = head + list(content) + framing.tail()
-        wanted = next(flags) if role == "assistant" else False
-        learned = wanted and (policy != "last_turn" or i == last_reply)
-        input_ids += ids
-        labels += _message_labels(role, ids, len(head), len(content), learned, policy)
-    return input_ids, labels
+    input_ids = [
+        t
+        for role, content in zip(roles, content_ids, strict=True)
+        for t in (*framing.head(role), *content, *framing.tail())
+    ]
+    flags = learn if learn is not None else [True] * list(roles).count("assistant")
+    return input_ids, labels_of(input_ids, chatml_blocks(list(roles), content_ids, framing), flags, policy)
 
 
 def render_chatml(

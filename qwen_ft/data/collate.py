@@ -21,8 +21,9 @@ from qwen_ft.data.chatml import IGNORE_INDEX
 GATHER, SCATTER, GROUPS = "gdn_gather", "gdn_scatter", "gdn_groups"
 
 
-def collate(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: bool = False,
-            segments: bool = False) -> dict[str, torch.Tensor]:
+def collate(
+    rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: bool = False, segments: bool = False
+) -> dict[str, torch.Tensor]:
     """Pad a micro-batch of rows (each a list of examples with input_ids and labels).
 
     With `flat` (varlen attention kernels) every example of every row goes into one padding-free
@@ -76,7 +77,10 @@ def flatten(examples: Sequence[dict]) -> dict:
         "input_ids": torch.tensor([[t for ex in examples for t in ex["input_ids"]]]),
         "labels": labels,
         "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
-        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
     }
     out.update(learned_indices(labels))
     return out
@@ -90,8 +94,10 @@ def learned_indices(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     Boolean indexing on the device would make the host wait for it at every micro-batch.
     """
     learned = labels[:, 1:] != IGNORE_INDEX
-    return {"learned_index": learned.flatten().nonzero().squeeze(1),
-            "learned_columns": learned.any(dim=0).nonzero().squeeze(1)}
+    return {
+        "learned_index": learned.flatten().nonzero().squeeze(1),
+        "learned_columns": learned.any(dim=0).nonzero().squeeze(1),
+    }
 
 
 def segment_indices(row_lengths: Sequence[Sequence[int]], width: int) -> dict:

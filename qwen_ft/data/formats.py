@@ -27,18 +27,32 @@ from qwen_ft.data.schema import Conversation, RowError
 from qwen_ft.data.template import strings
 
 SURROGATE = re.compile("[\ud800-\udfff]")
-FORMATS = {"messages": "OpenAI messages", "conversations": "ShareGPT / Qwen v1", "instruction": "Alpaca",
-           "prompt": "prompt/completion"}
+FORMATS = {
+    "messages": "OpenAI messages",
+    "conversations": "ShareGPT / Qwen v1",
+    "instruction": "Alpaca",
+    "prompt": "prompt/completion",
+}
 MESSAGE_KEYS = {"role", "content", "reasoning_content", "tool_calls", "name", "tool_call_id", "weight", "loss"}
 # The row fields each format reads; a field another format reads is refused in it (it would be lost),
 # any other field (ids, metadata) is left out and counted.
-ROW_KEYS = {"messages": {"messages", "tools", "chat_template_kwargs"},
-            "conversations": {"conversations", "tools", "system", "chat_template_kwargs"},
-            "instruction": {"instruction", "input", "output", "system", "history", "chat_template_kwargs"},
-            "prompt": {"prompt", "completion", "system", "tools", "chat_template_kwargs"}}
+ROW_KEYS = {
+    "messages": {"messages", "tools", "chat_template_kwargs"},
+    "conversations": {"conversations", "tools", "system", "chat_template_kwargs"},
+    "instruction": {"instruction", "input", "output", "system", "history", "chat_template_kwargs"},
+    "prompt": {"prompt", "completion", "system", "tools", "chat_template_kwargs"},
+}
 FORMAT_FIELDS = set().union(*ROW_KEYS.values())
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "observation": "tool", "tool": "tool", "function_call": "function_call"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "observation": "tool",
+    "tool": "tool",
+    "function_call": "function_call",
+}
 
 
 def normalise(row: Any, default_system: str | None) -> tuple[dict[str, Any], list[str]]:
@@ -54,21 +68,28 @@ def normalise(row: Any, default_system: str | None) -> tuple[dict[str, Any], lis
     if len(found) != 1:
         keys = ", ".join(sorted(map(str, row))) or "none"
         why = f"has {' and '.join(repr(k) for k in found)}; keep one" if found else f"keys present: {keys}"
-        raise RowError(f"cannot tell the format: {why} (one of 'messages' (OpenAI), 'conversations' (ShareGPT/Qwen), "
-                       "'instruction' + 'output' (Alpaca), 'prompt' + 'completion')")
+        raise RowError(
+            f"cannot tell the format: {why} (one of 'messages' (OpenAI), 'conversations' (ShareGPT/Qwen), "
+            "'instruction' + 'output' (Alpaca), 'prompt' + 'completion')"
+        )
     key = found[0]
     misplaced = sorted(k for k in row if k in FORMAT_FIELDS and k not in ROW_KEYS[key])
     if misplaced:
-        raise RowError(f"{', '.join(misplaced)}: not part of the {FORMATS[key]} format, so it would be lost; "
-                       f"this format reads {', '.join(sorted(ROW_KEYS[key]))}")
+        raise RowError(
+            f"{', '.join(misplaced)}: not part of the {FORMATS[key]} format, so it would be lost; "
+            f"this format reads {', '.join(sorted(ROW_KEYS[key]))}"
+        )
     messages = {"messages": _openai, "conversations": _sharegpt, "instruction": _alpaca, "prompt": _prompt}[key](row)
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"'{key}' has no assistant reply, so nothing would be learned; add one or remove the row")
     if default_system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": default_system})
-    conv = {"messages": [_for_template(m) for m in messages], "tools": _tools(row.get("tools")),
-            "kwargs": _kwargs(row.get("chat_template_kwargs")),
-            "learn": [_learned(m, i) for i, m in enumerate(messages) if m["role"] == "assistant"]}
+    conv = {
+        "messages": [_for_template(m) for m in messages],
+        "tools": _tools(row.get("tools")),
+        "kwargs": _kwargs(row.get("chat_template_kwargs")),
+        "learn": [_learned(m, i) for i, m in enumerate(messages) if m["role"] == "assistant"],
+    }
     return conv, sorted(str(k) for k in row if k not in FORMAT_FIELDS and k != "id")
 
 
@@ -78,8 +99,10 @@ def _check_text(row: dict) -> None:
     for text in strings(row):
         bad = SURROGATE.search(text)
         if bad:
-            raise RowError(f"text holds a lone surrogate U+{ord(bad.group()):04X} (near {text[:40]!r}); fix the "
-                           "\\u escape in the file (pairs such as \\ud83d\\ude00 are fine)")
+            raise RowError(
+                f"text holds a lone surrogate U+{ord(bad.group()):04X} (near {text[:40]!r}); fix the "
+                "\\u escape in the file (pairs such as \\ud83d\\ude00 are fine)"
+            )
 
 
 def _openai(row: dict) -> list[dict]:
@@ -138,13 +161,17 @@ def _text_part(part: Any, where: str) -> dict:
     media = kind if kind in MEDIA else next((k for k in MEDIA if isinstance(part, dict) and k in part), None)
     if media:
         article = "an" if media[0] in "aeiou" else "a"
-        raise RowError(f"{where}: {article} {media} part{_media_name(part, media)}; qwen-ft trains the language "
-                       "model of vision-language checkpoints (Qwen3.5/3.6) on text only, so images, video and "
-                       "audio cannot be learned from. Remove the media part (or the row), or set "
-                       "data.on_error=skip to skip such rows (they are counted in the data report)")
+        raise RowError(
+            f"{where}: {article} {media} part{_media_name(part, media)}; qwen-ft trains the language "
+            "model of vision-language checkpoints (Qwen3.5/3.6) on text only, so images, video and "
+            "audio cannot be learned from. Remove the media part (or the row), or set "
+            "data.on_error=skip to skip such rows (they are counted in the data report)"
+        )
     if kind != "text" or not isinstance(part.get("text"), str):
-        raise RowError(f"{where}: a {kind or type(part).__name__} part; qwen-ft trains text models, so "
-                       "only {\"type\": \"text\", \"text\": ...} parts are accepted")
+        raise RowError(
+            f"{where}: a {kind or type(part).__name__} part; qwen-ft trains text models, so "
+            'only {"type": "text", "text": ...} parts are accepted'
+        )
     return {"type": "text", "text": part["text"]}
 
 
@@ -160,12 +187,14 @@ def _tool_call(call: Any, where: str) -> dict:
     spelling; unknown keys are refused (a misspelt "argument" must not become empty arguments)."""
     fn = call.get("function", call) if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise RowError(f"{where}: expected {{\"function\": {{\"name\": ..., \"arguments\": ...}}}}, got {call!r:.80}")
+        raise RowError(f'{where}: expected {{"function": {{"name": ..., "arguments": ...}}}}, got {call!r:.80}')
     outer = set(call) - ({"type", "function", "id"} if "function" in call else {"type", "name", "arguments", "id"})
     inner = set(fn) - {"name", "arguments"} if fn is not call else set()
     if outer or inner:
-        raise RowError(f"{where}: unknown field(s) {', '.join(sorted(map(str, outer | inner)))}; a tool call has "
-                       "type, id and function {name, arguments}")
+        raise RowError(
+            f"{where}: unknown field(s) {', '.join(sorted(map(str, outer | inner)))}; a tool call has "
+            "type, id and function {name, arguments}"
+        )
     args = fn.get("arguments", {})
     if isinstance(args, str):
         try:
@@ -190,8 +219,9 @@ def _sharegpt(row: dict) -> list[dict]:
     for i, t in enumerate(turns):
         where = f"conversations[{i}]"
         if not isinstance(t, dict) or set(t) - {"from", "value", "weight", "loss"}:
-            raise RowError(f"{where}: expected an object with 'from' and 'value' (and optionally 'weight'), "
-                           f"got {t!r:.60}")
+            raise RowError(
+                f"{where}: expected an object with 'from' and 'value' (and optionally 'weight'), got {t!r:.60}"
+            )
         speaker = t.get("from")
         role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
@@ -216,8 +246,14 @@ def _add_call(out: list[dict], call: dict, turn: dict) -> None:
         out[-1].setdefault("tool_calls", []).append(call)
         out[-1].update(flags)
     else:
-        out.append({"role": "assistant", "content": "", "tool_calls": [call],
-                    **{k: turn[k] for k in ("weight", "loss") if k in turn}})
+        out.append(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [call],
+                **{k: turn[k] for k in ("weight", "loss") if k in turn},
+            }
+        )
 
 
 def _json_value(value: Any, where: str) -> Any:
@@ -225,7 +261,7 @@ def _json_value(value: Any, where: str) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            raise RowError(f"{where}: a function_call must be JSON {{\"name\", \"arguments\"}} ({e.msg})") from None
+            raise RowError(f'{where}: a function_call must be JSON {{"name", "arguments"}} ({e.msg})') from None
     return value
 
 
@@ -256,8 +292,13 @@ def _prompt(row: dict) -> list[dict]:
         value = row[key]
         msgs = value if isinstance(value, list) else [{"role": role, "content": value}]
         # only the completion is learned: replies inside a prompt are context (few-shot examples)
-        parts += [{**_message(m, f"{key}[{i}]"), **({"weight": 0} if key == "prompt" and m.get("role") ==
-                                                   "assistant" else {})} for i, m in enumerate(msgs)]
+        parts += [
+            {
+                **_message(m, f"{key}[{i}]"),
+                **({"weight": 0} if key == "prompt" and m.get("role") == "assistant" else {}),
+            }
+            for i, m in enumerate(msgs)
+        ]
     return parts
 
 
@@ -279,7 +320,7 @@ def _kwargs(kwargs: Any) -> dict:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict):
-        raise RowError("chat_template_kwargs: expected an object, e.g. {\"enable_thinking\": false}")
+        raise RowError('chat_template_kwargs: expected an object, e.g. {"enable_thinking": false}')
     return kwargs
 
 

@@ -78,9 +78,9 @@ def _length_grouped(lengths: np.ndarray, micro_batch_size: int, rng: np.random.G
     window = micro_batch_size * MEGABATCH
     batches = []
     for start in range(0, len(order), window):
-        chunk = order[start:start + window]
+        chunk = order[start : start + window]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")].tolist()
-        batches += [[[i] for i in chunk[k:k + micro_batch_size]] for k in range(0, len(chunk), micro_batch_size)]
+        batches += [[[i] for i in chunk[k : k + micro_batch_size]] for k in range(0, len(chunk), micro_batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -104,7 +104,7 @@ def plan_batches(
     if packing:
         rows = pack_rows(lengths, max_length, rng)
         rows = [rows[i] for i in rng.permutation(len(rows))]
-        batches = [rows[k:k + micro_batch_size] for k in range(0, len(rows), micro_batch_size)]
+        batches = [rows[k : k + micro_batch_size] for k in range(0, len(rows), micro_batch_size)]
     else:
         batches = _length_grouped(lengths, micro_batch_size, rng)
     computed = sum(len(b) * max(int(lengths[r].sum()) for r in b) for b in batches)

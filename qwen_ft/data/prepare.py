@@ -62,9 +62,11 @@ def prepare_data(cfg: RunConfig, tok) -> PreparedData:
     full, stats = tokenized_dataset(d.train_files, tok, spec, d.cache_dir, d.num_proc)
     train, eval_ds = _kept(full), None
     if len(train) == 0:
-        raise DataError(f"no training example left out of {stats.rows_read} row(s) in {', '.join(d.train_files)} "
-                        f"(skipped {stats.skipped}, dropped {stats.dropped} as longer than "
-                        f"data.max_length={d.max_length}); fix the data or raise data.max_length")
+        raise DataError(
+            f"no training example left out of {stats.rows_read} row(s) in {', '.join(d.train_files)} "
+            f"(skipped {stats.skipped}, dropped {stats.dropped} as longer than "
+            f"data.max_length={d.max_length}); fix the data or raise data.max_length"
+        )
     if d.eval_files:
         eval_full, eval_stats = tokenized_dataset(d.eval_files, tok, spec, d.cache_dir, d.num_proc)
         eval_ds, stats = _kept(eval_full), stats.with_eval(eval_stats)
@@ -77,8 +79,9 @@ def prepare_data(cfg: RunConfig, tok) -> PreparedData:
 
 def plan_for(cfg: RunConfig, data: PreparedData, epoch: int = 0, split: str = "train") -> BatchPlan:
     """The batch plan of one epoch of `split` under the config's packing settings."""
-    return plan_batches(data.lengths(split), cfg.data.max_length, cfg.train.micro_batch_size,
-                        cfg.data.packing, cfg.train.seed, epoch)
+    return plan_batches(
+        data.lengths(split), cfg.data.max_length, cfg.train.micro_batch_size, cfg.data.packing, cfg.train.seed, epoch
+    )
 
 
 def format_stats(stats: DataStats, plan: BatchPlan | None, cfg: RunConfig) -> str:
@@ -95,15 +98,18 @@ def format_stats(stats: DataStats, plan: BatchPlan | None, cfg: RunConfig) -> st
     ]
     if plan is not None:
         mode = "packed rows" if cfg.data.packing else "rows (no packing)"
-        lines += [(mode, f"{plan.rows:,}"),
-                  ("padding efficiency",
-                   f"{100 * plan.efficiency:.1f}% (micro_batch_size {cfg.train.micro_batch_size})")]
+        lines += [
+            (mode, f"{plan.rows:,}"),
+            ("padding efficiency", f"{100 * plan.efficiency:.1f}% (micro_batch_size {cfg.train.micro_batch_size})"),
+        ]
     width = max(len(k) for k, _ in lines)
     out = [f"  {k:<{width}}  {v}" for k, v in lines]
     for kind, examples in (("skipped", stats.skipped_examples), ("dropped", stats.dropped_examples)):
         out += [f"  {kind}: {e}" for e in examples]
     if stats.dropped > len(stats.dropped_examples):
         out.append(f"  dropped: ... and {stats.dropped - len(stats.dropped_examples)} more")
-    out += [f"  left out: row field {name!r} in {n:,} row(s) (not part of any format qwen-ft reads)"
-            for name, n in sorted(stats.ignored_fields.items())]
+    out += [
+        f"  left out: row field {name!r} in {n:,} row(s) (not part of any format qwen-ft reads)"
+        for name, n in sorted(stats.ignored_fields.items())
+    ]
     return "\n".join(out)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from qwen_ft.config.schema import DEFAULT_SYSTEM
-from qwen_ft.data.chatml import IGNORE_INDEX, Framing, Policy, as_text, assemble
+from qwen_ft.data.chatml import IGNORE_INDEX, Block, Framing, Policy, as_text, assemble, chatml_blocks, labels_of
 from qwen_ft.data.schema import RowError
-from qwen_ft.data.template import Block, ChatTemplate, TemplateRenderer, find_template, special_token_variables
+from qwen_ft.data.template import ChatTemplate, TemplateRenderer, find_template, special_token_variables
 from qwen_ft.errors import QwenFtError
 
 
@@ -21,10 +21,16 @@ class Renderer:
         self.tok, self.template = tok, template
         self.kwargs = dict(kwargs or {})
         variables = {**special_token_variables(tok.directory), **self.kwargs} if template else {}
-        self._templ = None if template is None else \
-            TemplateRenderer(template, tok.special_tokens(), tok.encode_offsets, variables)
-        self._tools_templ = self._templ if template is None or template.tool_use is None else \
-            TemplateRenderer(template.tool_use, tok.special_tokens(), tok.encode_offsets, variables)
+        self._templ = (
+            None
+            if template is None
+            else TemplateRenderer(template, tok.special_tokens(), tok.encode_offsets, variables)
+        )
+        self._tools_templ = (
+            self._templ
+            if template is None or template.tool_use is None
+            else TemplateRenderer(template.tool_use, tok.special_tokens(), tok.encode_offsets, variables)
+        )
 
     def _for(self, conv: dict[str, Any]) -> TemplateRenderer:
         """The template that renders `conv`: as apply_chat_template, the "tool_use" one when the row has tools."""
@@ -35,9 +41,11 @@ class Renderer:
     def of(cls, tok, override: str | None = None, kwargs: dict | None = None) -> Renderer:
         """The tokenizer directory's own template (or `override`); Qwen v1 ChatML when there is none."""
         if override and not tok.supports_templates:
-            raise QwenFtError(f"data.chat_template {override}: a Qwen v1 qwen.tiktoken vocabulary renders Qwen v1 "
-                              "ChatML only; convert the checkpoint (qwen-ft convert), whose tokenizer.json takes "
-                              "templates, or remove data.chat_template")
+            raise QwenFtError(
+                f"data.chat_template {override}: a Qwen v1 qwen.tiktoken vocabulary renders Qwen v1 "
+                "ChatML only; convert the checkpoint (qwen-ft convert), whose tokenizer.json takes "
+                "templates, or remove data.chat_template"
+            )
         template = find_template(tok.directory, override) if tok.supports_templates else None
         return cls(tok, template, kwargs)
 
@@ -57,8 +65,9 @@ class Renderer:
             raise result
         return result
 
-    def render_many(self, convs: list[dict[str, Any]],
-                    policy: Policy = "assistant") -> list[tuple[list[int], list[int], list[Block]] | RowError]:
+    def render_many(
+        self, convs: list[dict[str, Any]], policy: Policy = "assistant"
+    ) -> list[tuple[list[int], list[int], list[Block]] | RowError]:
         """`render` over many conversations, with one batched encoding call for all their text (the
         tokenizer's Rust batch path); a row that fails gives its RowError in its place."""
         if self._templ is None:
@@ -68,12 +77,19 @@ class Renderer:
             try:
                 segments.append(self._for(conv).segments(conv))
             except Exception as e:  # noqa: BLE001 - a Jinja error (raise_exception, undefined) is this row's problem
-                segments.append(RowError(str(e) if isinstance(e, ValueError) else
-                                         f"the chat template ({self.source}) cannot render this row: {e}"))
+                segments.append(
+                    RowError(
+                        str(e)
+                        if isinstance(e, ValueError)
+                        else f"the chat template ({self.source}) cannot render this row: {e}"
+                    )
+                )
         texts = [s for segs in segments if not isinstance(segs, RowError) for s in segs if isinstance(s, str)]
         encoded = iter(self.tok.encode_offsets(texts))
-        return [segs if isinstance(segs, RowError) else self._labelled(conv, policy, segs, encoded)
-                for conv, segs in zip(convs, segments, strict=True)]
+        return [
+            segs if isinstance(segs, RowError) else self._labelled(conv, policy, segs, encoded)
+            for conv, segs in zip(convs, segments, strict=True)
+        ]
 
     def _labelled(self, conv, policy, segments, encoded):
         try:
@@ -104,9 +120,11 @@ class Renderer:
         messages = conv["messages"]
         for i, m in enumerate(messages):
             if m["role"] == "tool" or m.get("tool_calls") or m.get("reasoning_content") or conv.get("tools"):
-                raise RowError(f"messages[{i}]: tools and reasoning need a chat template, and this Qwen v1 "
-                               "tokenizer has none; train on the converted checkpoint (qwen-ft convert) with a "
-                               "data.chat_template that renders them")
+                raise RowError(
+                    f"messages[{i}]: tools and reasoning need a chat template, and this Qwen v1 "
+                    "tokenizer has none; train on the converted checkpoint (qwen-ft convert) with a "
+                    "data.chat_template that renders them"
+                )
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
         roles = [m["role"] for m in messages]
@@ -116,40 +134,14 @@ class Renderer:
         return ids, labels, chatml_blocks(roles, contents, framing)
 
 
-def chatml_blocks(roles: list[str], contents: list[list[int]], framing: Framing) -> list[Block]:
-    """The blocks of a ChatML rendering made by `assemble`."""
-    blocks, pos = [], 0
-    for role, content in zip(roles, contents, strict=True):
-        body = pos + len(framing.head(role))
-        blocks.append(Block(role, pos, body, body + len(content)))
-        pos += framing.message_length(role, len(content))
-    return blocks
-
-
-def labels_of(ids: list[int], blocks: list[Block], learn: list[bool], policy: Policy) -> list[int]:
-    """Labels under `policy` (the rule in template.py's docstring).
-
-    Raises:
-        RowError: the template rendered a different number of assistant turns than the row has.
-    """
-    labels = [IGNORE_INDEX] * len(ids)
-    replies = [b for b in blocks if b.role == "assistant"]
-    if len(replies) != len(learn):
-        raise RowError(f"the chat template renders {len(replies)} assistant turn(s) for {len(learn)} assistant "
-                       "message(s), so per-message learning cannot be matched; check the messages' roles")
-    for j, b in enumerate(replies):
-        if learn[j] and (policy != "last_turn" or j == len(replies) - 1):
-            labels[b.body:b.end + 1] = ids[b.body:b.end + 1]
-    if policy == "qwen_reference":
-        for k, b in enumerate(blocks):
-            nxt = blocks[k + 1].start if k + 1 < len(blocks) else len(ids)
-            labels[b.start] = ids[b.start]
-            labels[b.end:nxt] = ids[b.end:nxt]  # <|im_end|> and the newline after it
-    return labels
-
-
-def fit(renderer: Renderer, conv: dict[str, Any], rendered: tuple[list[int], list[int], list[Block]],
-        policy: Policy, max_length: int, overlong: str) -> tuple[list[int], list[int], str]:
+def fit_to_length(
+    renderer: Renderer,
+    conv: dict[str, Any],
+    rendered: tuple[list[int], list[int], list[Block]],
+    policy: Policy,
+    max_length: int,
+    overlong: str,
+) -> tuple[list[int], list[int], str]:
     """An overlong conversation cut after its last assistant message that fits, or dropped.
 
     The cut conversation is rendered again, not sliced: the template renders a conversation that
@@ -169,7 +161,7 @@ def fit(renderer: Renderer, conv: dict[str, Any], rendered: tuple[list[int], lis
     ends = [b.end + 2 for b in blocks if b.role == "assistant"]
     guess = sum(1 for e in ends if e <= max_length)
     for k in range(min(guess + 1, len(replies) - 1), 0, -1):
-        cut = {**conv, "messages": conv["messages"][:replies[k - 1] + 1], "learn": conv["learn"][:k]}
+        cut = {**conv, "messages": conv["messages"][: replies[k - 1] + 1], "learn": conv["learn"][:k]}
         try:
             ids, labels, _ = renderer.render(cut, policy)
         except RowError:

@@ -27,12 +27,15 @@ def iter_jsonl(path: Path, parse: bool = True) -> Iterator[RawRow]:
         for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a UTF-8 BOM is not part of the first row
-                raw = raw[len(codecs.BOM_UTF8):]
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield RawRow(where, error=f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                             "re-encode the file as UTF-8")
+                yield RawRow(
+                    where,
+                    error=f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "re-encode the file as UTF-8",
+                )
                 continue
             if not text.strip():
                 continue
@@ -61,12 +64,13 @@ class _Stream:
         try:
             text = self.decoder.decode(data, final=not data)
         except UnicodeDecodeError as e:
-            raise DataError(f"{self.fh.name}: not valid UTF-8 at byte {self.bytes_read + e.start}; "
-                            "re-encode the file as UTF-8") from None
+            raise DataError(
+                f"{self.fh.name}: not valid UTF-8 at byte {self.bytes_read + e.start}; re-encode the file as UTF-8"
+            ) from None
         self.bytes_read += len(data)
         self.eof = not data
         self.line += self.buf.count("\n", 0, self.pos)  # drop what was consumed, keep counting lines
-        self.buf, self.pos = self.buf[self.pos:] + text, 0
+        self.buf, self.pos = self.buf[self.pos :] + text, 0
         return True
 
     def skip_ws(self) -> str:
@@ -75,7 +79,7 @@ class _Stream:
             while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n\ufeff":
                 self.pos += 1
             if self.pos < len(self.buf) or not self.fill():
-                return self.buf[self.pos:self.pos + 1]
+                return self.buf[self.pos : self.pos + 1]
 
     @property
     def here(self) -> int:
@@ -93,8 +97,10 @@ def iter_json_list(path: Path) -> Iterator[RawRow]:
     with open(path, "rb") as fh:
         s = _Stream(fh)
         if s.skip_ws() != "[":
-            raise DataError(f"{path}: expected a JSON list of conversations ('[' ...); "
-                            "for one object per line, name the file .jsonl")
+            raise DataError(
+                f"{path}: expected a JSON list of conversations ('[' ...); "
+                "for one object per line, name the file .jsonl"
+            )
         s.pos += 1
         index = 0
         while (c := s.skip_ws()) != "]":
@@ -145,9 +151,15 @@ def iter_rows(path: str | Path, parse: bool = True) -> Iterator[RawRow]:
         raise DataError(missing_data_message(str(path)))
     if p.suffix == ".jsonl":
         return iter_jsonl(p, parse)
-    readers = {".json": iter_json_list, ".parquet": tables.iter_parquet,
-               ".arrow": tables.iter_arrow, ".csv": tables.iter_csv}
+    readers = {
+        ".json": iter_json_list,
+        ".parquet": tables.iter_parquet,
+        ".arrow": tables.iter_arrow,
+        ".csv": tables.iter_csv,
+    }
     if p.suffix not in readers:
-        raise DataError(f"{p}: unsupported extension {p.suffix!r}; use one of {', '.join(SUFFIXES)}, or a "
-                        "directory written by datasets' save_to_disk")
+        raise DataError(
+            f"{p}: unsupported extension {p.suffix!r}; use one of {', '.join(SUFFIXES)}, or a "
+            "directory written by datasets' save_to_disk"
+        )
     return readers[p.suffix](p)

@@ -12,8 +12,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 # the fields written to stats.json (the others describe one load of the entry)
-STORED = ("rows_read", "skipped", "skipped_examples", "shards", "conversations", "dropped", "dropped_examples",
-          "truncated", "examples", "tokens", "supervised_tokens", "ignored_fields")
+STORED = (
+    "rows_read",
+    "skipped",
+    "skipped_examples",
+    "shards",
+    "conversations",
+    "dropped",
+    "dropped_examples",
+    "truncated",
+    "examples",
+    "tokens",
+    "supervised_tokens",
+    "ignored_fields",
+)
 
 
 @dataclass
@@ -41,8 +53,9 @@ class DataStats:
         return {name: getattr(self, name) for name in STORED}
 
     @classmethod
-    def from_dict(cls, stored: dict[str, Any], cache: Literal["built", "hit"] | None = None,
-                  cache_path: str = "") -> DataStats:
+    def from_dict(
+        cls, stored: dict[str, Any], cache: Literal["built", "hit"] | None = None, cache_path: str = ""
+    ) -> DataStats:
         """Stats from a stats.json object, with where this load found it."""
         return cls(**{name: stored[name] for name in STORED}, cache=cache, cache_path=cache_path)
 

@@ -101,7 +101,9 @@ def iter_saved_dataset(path: Path) -> Iterator[RawRow]:
         raise DataError(f"{path} holds several splits ({', '.join(splits)}); name one, e.g. {path / 'train'}")
     state = path / "state.json"
     if not state.is_file():
-        raise DataError(f"{path} is a directory but not one written by datasets' save_to_disk (no state.json); "
-                        "list the data files instead")
+        raise DataError(
+            f"{path} is a directory but not one written by datasets' save_to_disk (no state.json); "
+            "list the data files instead"
+        )
     for shard in json.loads(state.read_text()).get("_data_files", []):
         yield from iter_arrow(path / shard["filename"])

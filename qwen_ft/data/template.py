@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwen_ft.data.chatml import as_text
+from qwen_ft.data.chatml import Block, as_text
 from qwen_ft.errors import QwenFtError
 
 # Unicode noncharacters: never valid text in interchange, so they can mark user-written special-token
@@ -68,8 +68,9 @@ def find_template(tokenizer_dir: str | Path, override: str | None = None) -> Cha
         # transformers 5 saves named templates beside it: additional_chat_templates/NAME.jinja
         extra = d / "additional_chat_templates" / "tool_use.jinja"
         tool_use = ChatTemplate(extra.read_text(encoding="utf-8"), str(extra)) if extra.is_file() else None
-        return ChatTemplate((d / "chat_template.jinja").read_text(encoding="utf-8"), str(d / "chat_template.jinja"),
-                            tool_use)
+        return ChatTemplate(
+            (d / "chat_template.jinja").read_text(encoding="utf-8"), str(d / "chat_template.jinja"), tool_use
+        )
     config = d / "tokenizer_config.json"
     if not config.is_file():
         return None
@@ -165,8 +166,9 @@ def takes_parts(env, text: str) -> bool:
             node = node.node
         if isinstance(node, nodes.Getitem):  # message['content']
             return isinstance(node.arg, nodes.Const) and node.arg.value == "content"
-        return (isinstance(node, nodes.Name) and node.name == "content") or \
-            (isinstance(node, nodes.Getattr) and node.attr == "content")
+        return (isinstance(node, nodes.Name) and node.name == "content") or (
+            isinstance(node, nodes.Getattr) and node.attr == "content"
+        )
 
     return any(is_content(loop.iter) for loop in env.parse(text).find_all(nodes.For))
 
@@ -179,16 +181,6 @@ def _as_served(message: dict[str, Any], parts: bool) -> dict[str, Any]:
     if not parts and isinstance(message.get("content"), list):
         message = {**message, "content": as_text(message["content"])}
     return message
-
-
-@dataclass(frozen=True)
-class Block:
-    """One `<|im_start|>` ... `<|im_end|>` span of the ids: [start, end] inclusive, content from `body`."""
-
-    role: str
-    start: int
-    body: int
-    end: int
 
 
 class TemplateRenderer:
@@ -216,8 +208,13 @@ class TemplateRenderer:
         kwargs = {**self.kwargs, **(conversation.get("kwargs") or {})}
         template = self._compiled()
         messages = [_as_served(m, self._parts) for m in conversation["messages"]]
-        return template.render(messages=messages, tools=conversation.get("tools"), documents=None,
-                               add_generation_prompt=add_generation_prompt, **kwargs)
+        return template.render(
+            messages=messages,
+            tools=conversation.get("tools"),
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
 
     def _compiled(self):
         if self._template is None:
@@ -225,8 +222,9 @@ class TemplateRenderer:
             self._parts = takes_parts(self._template.environment, self.template.text)
         return self._template
 
-    def encode(self, conversation: dict[str, Any],
-               add_generation_prompt: bool = False) -> tuple[list[int], list[Block]]:
+    def encode(
+        self, conversation: dict[str, Any], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[Block]]:
         """Ids of the rendered conversation and its blocks.
 
         Raises:
@@ -241,8 +239,9 @@ class TemplateRenderer:
         marked = self._mark(conversation)
         return self._segments(self.text(marked, add_generation_prompt), marked is not conversation)
 
-    def assemble(self, segments: list[str | int], encoded,
-                 add_generation_prompt: bool = False) -> tuple[list[int], list[Block]]:
+    def assemble(
+        self, segments: list[str | int], encoded, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[Block]]:
         """Ids and blocks from `segments` and an iterator over the (ids, offsets) of their text runs.
 
         Raises:
@@ -280,7 +279,7 @@ class TemplateRenderer:
         out: list[str | int] = []
         pos = 0
         for m in self._marked.finditer(text):
-            _add_text(out, text[pos:m.start()])
+            _add_text(out, text[pos : m.start()])
             if m.group(2):
                 out.append(self.specials[m.group(2)])
             else:  # a user's special-token text (mark dropped), or a lone mark a template split off
@@ -289,8 +288,9 @@ class TemplateRenderer:
         _add_text(out, text[pos:])
         return out
 
-    def _blocks(self, ids: list[int], controls: list[int], headers: dict[int, tuple[int, str]],
-                prompt: bool) -> list[Block]:
+    def _blocks(
+        self, ids: list[int], controls: list[int], headers: dict[int, tuple[int, str]], prompt: bool
+    ) -> list[Block]:
         """Every `<|im_start|>` with its role, first content index and `<|im_end|>`; with a generation
         `prompt` the open block at the end runs to the last id. Only the control positions are read:
         text never holds a control token."""
@@ -300,16 +300,19 @@ class TemplateRenderer:
             t = ids[i] if i < len(ids) else self.im_end
             if t == self.im_start:
                 if start is not None:
-                    raise ValueError("the chat template opens a turn inside another (<|im_start|> before "
-                                     "<|im_end|>), so its turns cannot be told apart")
+                    raise ValueError(
+                        "the chat template opens a turn inside another (<|im_start|> before "
+                        "<|im_end|>), so its turns cannot be told apart"
+                    )
                 start = i
             elif t == self.im_end and start is not None:
                 body, role = headers.get(start, (start + 1, ""))
                 blocks.append(Block(role, start, body, min(i, len(ids) - 1)))
                 start = None
         if start is not None:
-            raise ValueError("the chat template leaves the last turn without <|im_end|>, so where a reply ends "
-                             "cannot be learned")
+            raise ValueError(
+                "the chat template leaves the last turn without <|im_end|>, so where a reply ends cannot be learned"
+            )
         return blocks
 
 

@@ -56,20 +56,38 @@ class TokenizeSpec:
         """Spec from a DataConfig and the tokenizer whose template renders the data."""
         from qwen_ft.data.render import Renderer
 
-        return cls(data.max_length, data.overlong, data.label_policy, data.default_system, data.on_error,
-                   Renderer.of(tok, data.chat_template).template, json.dumps(data.template_kwargs, sort_keys=True))
+        return cls(
+            data.max_length,
+            data.overlong,
+            data.label_policy,
+            data.default_system,
+            data.on_error,
+            Renderer.of(tok, data.chat_template).template,
+            json.dumps(data.template_kwargs, sort_keys=True),
+        )
 
     def renderer(self, tok) -> Renderer:
-        """The Renderer this spec describes, built once per process."""
+        """The Renderer this spec describes, for `tok`."""
         from qwen_ft.data.render import Renderer
 
-        key = (id(tok), self)
-        if key not in _RENDERERS:
-            _RENDERERS[key] = Renderer(tok, self.template, json.loads(self.template_kwargs))
-        return _RENDERERS[key]
+        return Renderer(tok, self.template, json.loads(self.template_kwargs))
 
 
-_RENDERERS: dict[tuple[int, TokenizeSpec], Renderer] = {}
+class RendererOnce:
+    """A spec's Renderer for one tokenizer, built on first use in each process: `datasets.map` workers
+    receive this object pickled without the built renderer (compiled Jinja templates do not pickle)."""
+
+    def __init__(self, tok, spec: TokenizeSpec):
+        self.tok, self.spec = tok, spec
+        self._built: Renderer | None = None
+
+    def get(self) -> Renderer:
+        if self._built is None:
+            self._built = self.spec.renderer(self.tok)
+        return self._built
+
+    def __getstate__(self) -> dict:
+        return {"tok": self.tok, "spec": self.spec, "_built": None}
 
 
 def file_digest(path: str) -> str:
@@ -131,17 +149,22 @@ def _write_rows(files, out: Path) -> ReadReport:
     return report
 
 
-def tokenize_batch(batch: dict, tok, spec: TokenizeSpec) -> dict:
+def tokenize_batch(batch: dict, renderer: RendererOnce, spec: TokenizeSpec) -> dict:
     """Stage 2 (a `datasets.map` function): render and length-check a batch of conversations."""
-    from qwen_ft.data.render import fit
+    from qwen_ft.data.render import fit_to_length
     from qwen_ft.data.schema import RowError
 
     parsed = [_parse(text, spec.default_system) for text in batch["row"]]
     convs = [p[0] for p in parsed if not isinstance(p, RowError)]
-    renderer = spec.renderer(tok)
-    rendered_iter = iter(renderer.render_many(convs, spec.label_policy))
-    out: dict[str, list] = {"input_ids": [], "labels": [], "n_supervised": [], "status": [], "error": [],
-                            "ignored": []}
+    rendered_iter = iter(renderer.get().render_many(convs, spec.label_policy))
+    out: dict[str, list] = {
+        "input_ids": [],
+        "labels": [],
+        "n_supervised": [],
+        "status": [],
+        "error": [],
+        "ignored": [],
+    }
     for p in parsed:
         error, ignored = "", [] if isinstance(p, RowError) else p[1]
         rendered = p if isinstance(p, RowError) else next(rendered_iter)
@@ -150,7 +173,9 @@ def tokenize_batch(batch: dict, tok, spec: TokenizeSpec) -> dict:
         if isinstance(rendered, RowError):
             ids, labels, status, error = [], [], "error", str(rendered)
         else:
-            ids, labels, status = fit(renderer, p[0], rendered, spec.label_policy, spec.max_length, spec.overlong)
+            ids, labels, status = fit_to_length(
+                renderer.get(), p[0], rendered, spec.label_policy, spec.max_length, spec.overlong
+            )
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["n_supervised"].append(len(labels) - labels.count(IGNORE_INDEX))
@@ -177,9 +202,17 @@ def _features():
     from datasets import Features, List, Value
 
     ints = List(Value("int32"))
-    return Features({"input_ids": ints, "labels": ints, "n_supervised": Value("int32"),
-                     "status": Value("string"), "error": Value("string"), "ignored": List(Value("string")),
-                     "source": Value("string")})
+    return Features(
+        {
+            "input_ids": ints,
+            "labels": ints,
+            "n_supervised": Value("int32"),
+            "status": Value("string"),
+            "error": Value("string"),
+            "ignored": List(Value("string")),
+            "source": Value("string"),
+        }
+    )
 
 
 def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: int) -> DataStats:
@@ -192,9 +225,14 @@ def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: 
         _refuse_bad_rows(report, spec)
         raise DataError(no_conversations_message(files, report))
     mapped = rows.map(
-        functools.partial(tokenize_batch, tok=tok, spec=spec), batched=True, batch_size=256,
-        num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None, remove_columns=["row"],
-        features=_features(), cache_file_name=str(work / "data.arrow"), new_fingerprint="tok-" + work.name,
+        functools.partial(tokenize_batch, renderer=RendererOnce(tok, spec), spec=spec),
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
+        remove_columns=["row"],
+        features=_features(),
+        cache_file_name=str(work / "data.arrow"),
+        new_fingerprint="tok-" + work.name,
         desc="tokenizing",
     )
     shards = [Path(f["filename"]).name for f in mapped.cache_files]  # one per process with num_proc > 1
@@ -203,8 +241,14 @@ def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: 
     _refuse_bad_rows(report, spec)
     if report.skipped == report.rows:
         raise DataError(no_conversations_message(files, report))
-    return DataStats(rows_read=report.rows, skipped=report.skipped, skipped_examples=report.shown(),
-                     shards=shards, ignored_fields=_ignored_fields(mapped.data), **_counts(mapped.data))
+    return DataStats(
+        rows_read=report.rows,
+        skipped=report.skipped,
+        skipped_examples=report.shown(),
+        shards=shards,
+        ignored_fields=_ignored_fields(mapped.data),
+        **_counts(mapped.data),
+    )
 
 
 def _refuse_bad_rows(report: ReadReport, spec: TokenizeSpec) -> None:
@@ -214,8 +258,10 @@ def _refuse_bad_rows(report: ReadReport, spec: TokenizeSpec) -> None:
         DataError: when any row was bad.
     """
     if report.skipped and spec.on_error == "error":
-        raise DataError(f"{report.skipped} bad row(s) of {report.rows}:\n{report.error_text()}\n"
-                        "Fix them, or set data.on_error=skip to skip and count them.")
+        raise DataError(
+            f"{report.skipped} bad row(s) of {report.rows}:\n{report.error_text()}\n"
+            "Fix them, or set data.on_error=skip to skip and count them."
+        )
 
 
 def _ignored_fields(mapped) -> dict[str, int]:
@@ -231,8 +277,9 @@ def no_conversations_message(files: Sequence[str], report: ReadReport) -> str:
     where = ", ".join(files)
     if report.rows == 0:
         return f"no training conversations in {where}: the file(s) hold no rows; check the paths and contents"
-    return (f"no training conversations in {where}: all {report.rows} row(s) were skipped as bad:\n"
-            f"{report.error_text()}")
+    return (
+        f"no training conversations in {where}: all {report.rows} row(s) were skipped as bad:\n{report.error_text()}"
+    )
 
 
 def _render_errors(mapped) -> list[tuple[str, str]]:
@@ -240,8 +287,13 @@ def _render_errors(mapped) -> list[tuple[str, str]]:
     import pyarrow.compute as pc
 
     bad = pc.equal(mapped.column("status"), "error")
-    return list(zip(mapped.column("source").filter(bad).to_pylist(), mapped.column("error").filter(bad).to_pylist(),
-                    strict=True))
+    return list(
+        zip(
+            mapped.column("source").filter(bad).to_pylist(),
+            mapped.column("error").filter(bad).to_pylist(),
+            strict=True,
+        )
+    )
 
 
 def _counts(mapped) -> dict[str, Any]:
@@ -264,8 +316,9 @@ def _counts(mapped) -> dict[str, Any]:
     }
 
 
-def tokenized_dataset(files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: str,
-                      num_proc: int = 1) -> tuple[Dataset, DataStats]:
+def tokenized_dataset(
+    files: Sequence[str], tok, spec: TokenizeSpec, cache_dir: str, num_proc: int = 1
+) -> tuple[Dataset, DataStats]:
     """The tokenized dataset for `files`, from the cache when the key matches.
 
     Returns:

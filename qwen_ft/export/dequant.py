@@ -67,8 +67,10 @@ def dequantize_to_dense(path: str, dtype: torch.dtype = torch.float32):
     missing, unexpected = dense.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise QwenFtError(f"{path}: dequantized tensors do not fit the architecture "
-                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+        raise QwenFtError(
+            f"{path}: dequantized tensors do not fit the architecture "
+            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})"
+        )
     if tied:
         dense.tie_weights()
     return dense.eval()

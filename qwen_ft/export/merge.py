@@ -81,9 +81,15 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "auto",
-                  eval_data: str | None = None, overwrite: bool = False,
-                  allow_pickle_weights: bool = False) -> MergeReport:
+def merge_adapter(
+    adapter_dir: str,
+    out_dir: str,
+    base: str | None = None,
+    dtype: str = "auto",
+    eval_data: str | None = None,
+    overwrite: bool = False,
+    allow_pickle_weights: bool = False,
+) -> MergeReport:
     """Merge, check, and save; see module docstring.
 
     Q-LoRA adapters are merged into the original-precision base when one is given (--base) or
@@ -117,8 +123,10 @@ def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype
     scale = max(1.0, reference.abs().max().item())
     tol = TOLERANCE[name] * scale
     if merge_diff > TOLERANCE["fp32"] * scale or cast_diff > tol:
-        raise QwenFtError(f"merge check failed: max |logit diff| {merge_diff:.3g} (fp32), {cast_diff:.3g} ({name}); "
-                          f"tolerance {tol:.3g}; nothing written")
+        raise QwenFtError(
+            f"merge check failed: max |logit diff| {merge_diff:.3g} (fp32), {cast_diff:.3g} ({name}); "
+            f"tolerance {tol:.3g}; nothing written"
+        )
     _save(merged, tok, src, Path(out_dir), manifest, base_path)
     return MergeReport(Path(out_dir), name, merge_diff, cast_diff, tol, merged_into, *quantized)
 
@@ -134,8 +142,10 @@ def check_weights(adapter: Path, manifest: dict, base: str | None, allow: bool) 
     if allow:
         return
     quant = manifest.get("quant") or {}
-    dirs = [adapter, *(Path(p) for p in (base, (manifest.get("base_model") or {}).get("path"),
-                                         quant.get("original_base")) if p)]
+    dirs = [
+        adapter,
+        *(Path(p) for p in (base, (manifest.get("base_model") or {}).get("path"), quant.get("original_base")) if p),
+    ]
     for d in dirs:
         problem = pickle_weights_problem(d, "merge", "pass --allow-pickle-weights")
         if problem:
@@ -150,16 +160,24 @@ def check_out(out: Path, adapter: Path, manifest: dict, base: str | None, overwr
         QwenFtError: naming the directory and the fix.
     """
     quant = manifest.get("quant") or {}
-    sources = [adapter, *(Path(p) for p in (base, (manifest.get("base_model") or {}).get("path"),
-                                             quant.get("original_base")) if p)]
+    sources = [
+        adapter,
+        *(Path(p) for p in (base, (manifest.get("base_model") or {}).get("path"), quant.get("original_base")) if p),
+    ]
     if any(s.resolve().is_relative_to(out.resolve()) for s in sources):
-        raise QwenFtError(f"--out {out} is (or holds) the adapter or a base model this merge reads; choose a new "
-                          "directory")
-    holds = [f for f in ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
-             if (out / f).is_file()]
+        raise QwenFtError(
+            f"--out {out} is (or holds) the adapter or a base model this merge reads; choose a new directory"
+        )
+    holds = [
+        f
+        for f in ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
+        if (out / f).is_file()
+    ]
     if holds and not overwrite:
-        raise QwenFtError(f"--out {out} already holds a model ({', '.join(holds)}); choose a new directory, or pass "
-                          "--overwrite to replace it")
+        raise QwenFtError(
+            f"--out {out} already holds a model ({', '.join(holds)}); choose a new directory, or pass "
+            "--overwrite to replace it"
+        )
     if holds:
         shutil.rmtree(out)
 
@@ -180,8 +198,10 @@ def merge_base(src: Path, manifest: dict, base: str | None):
         raise QwenFtError(f"{path}: not a checkpoint directory (no config.json)")
     model = model_class(path).from_pretrained(path, dtype=torch.float32, local_files_only=True)
     if getattr(model.config, "quantization_config", None) is not None:
-        raise QwenFtError(f"{path} is quantized; merging in place into quantized weights is not supported: pass the "
-                          "original-precision checkpoint as --base, or omit --base to merge into dequantized weights")
+        raise QwenFtError(
+            f"{path} is quantized; merging in place into quantized weights is not supported: pass the "
+            "original-precision checkpoint as --base, or omit --base to merge into dequantized weights"
+        )
     return model, f"{'--base' if base else 'original-precision base'} {path}", path
 
 
@@ -194,8 +214,11 @@ def _quantized_comparison(src: Path, manifest: dict, merged, merged_logits, ids,
     on_quantized = adapter_on_quantized_base(src, manifest)
     diff = (_logits(on_quantized, ids) - merged_logits).abs().max().item()
     convs, where = held_out(src / "run_config.yaml", eval_data)
-    ppl = {"merged": perplexity(merged, tok, convs), "adapter on quantized base": perplexity(on_quantized, tok, convs),
-           "on": where}
+    ppl = {
+        "merged": perplexity(merged, tok, convs),
+        "adapter on quantized base": perplexity(on_quantized, tok, convs),
+        "on": where,
+    }
     return diff, ppl
 
 
@@ -251,6 +274,9 @@ def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) ->
         add_base_tensors(layout.path, out, layout.prefixes)
     write_generation_config(base_path, tok, out)
     tok.save_files(out)  # with the adapter's chat_template.jinja when it has one
-    merged_manifest = {**manifest, "merged_from": {"adapter": str(src.resolve()), "base": str(base_path.resolve())},
-                       "method": "merged"}
+    merged_manifest = {
+        **manifest,
+        "merged_from": {"adapter": str(src.resolve()), "base": str(base_path.resolve())},
+        "method": "merged",
+    }
     (out / "manifest.json").write_text(json.dumps(merged_manifest, indent=2))

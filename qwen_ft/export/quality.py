@@ -53,8 +53,10 @@ def perplexity(model, tok, conversations: list, max_length: int = 2048) -> float
     rendered = [r for r in renderer.render_many(conversations) if not isinstance(r, RowError)]  # bad rows skipped
     with torch.no_grad():
         for ids, labels, _ in rendered:
-            batch = {"input_ids": torch.tensor([ids[:max_length]], device=device),
-                     "labels": torch.tensor([labels[:max_length]], device=device)}
+            batch = {
+                "input_ids": torch.tensor([ids[:max_length]], device=device),
+                "labels": torch.tensor([labels[:max_length]], device=device),
+            }
             loss, n = causal_lm_loss(model, batch)
             total, count = total + loss.item(), count + n
     return math.exp(total / max(count, 1))

@@ -40,9 +40,11 @@ def refuse_unsupported(model_dir: str) -> None:
 
     family = resolve_family("auto", model_dir)
     if family.no_requantize:
-        raise QwenFtError(f"{model_dir} is {family.note}: qwen-ft quantize cannot GPTQ-quantize it ("
-                          f"{family.no_requantize}); serve the merged model in bf16, quantize it with the serving "
-                          "stack's own tools, or quantize a text-only checkpoint of it")
+        raise QwenFtError(
+            f"{model_dir} is {family.note}: qwen-ft quantize cannot GPTQ-quantize it ("
+            f"{family.no_requantize}); serve the merged model in bf16, quantize it with the serving "
+            "stack's own tools, or quantize a text-only checkpoint of it"
+        )
 
 
 def _without_processor(model_dir: str):
@@ -99,8 +101,10 @@ def check_group_size(model, group_size: int) -> None:
 
 def _refuse_group(name: str, width: int, group_size: int) -> None:
     fits = [g for g in (32, 64, 128) if width % g == 0]
-    raise QwenFtError(f"--group-size {group_size} does not divide the {width} input features of {name}; use "
-                      f"--group-size {fits[-1] if fits else -1}")
+    raise QwenFtError(
+        f"--group-size {group_size} does not divide the {width} input features of {name}; use "
+        f"--group-size {fits[-1] if fits else -1}"
+    )
 
 
 def split(files: list[str], n_calib: int, n_eval: int, eval_data: str | None) -> tuple[list, list]:
@@ -132,8 +136,16 @@ def _quantized(out_dir: str):
     return load_gptq_model(out_dir)
 
 
-def quantize_model(model_dir: str, out_dir: str, bits: int, group_size: int, calibration: str,
-                   n_calib: int = 128, eval_data: str | None = None, max_length: int = 2048) -> QuantizeReport:
+def quantize_model(
+    model_dir: str,
+    out_dir: str,
+    bits: int,
+    group_size: int,
+    calibration: str,
+    n_calib: int = 128,
+    eval_data: str | None = None,
+    max_length: int = 2048,
+) -> QuantizeReport:
     """GPTQ-quantize `model_dir` into `out_dir` and measure perplexity before and after.
 
     Raises:

@@ -28,12 +28,12 @@ class _Stream:
         self.ids += [t for t in value.flatten().tolist() if t not in (self.tok.im_end_id, self.tok.endoftext_id)]
         text = self.tok.decode(self.ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            self.emit(text[self.shown:])
+            self.emit(text[self.shown :])
             self.shown = len(text)
 
     def end(self) -> None:
         text = self.tok.decode(self.ids)
-        self.emit(text[self.shown:])
+        self.emit(text[self.shown :])
         self.shown = len(text)
 
 
@@ -44,8 +44,9 @@ def check_model_dir(path: Path, allow_pickle_weights: bool = False) -> None:
         QwenFtError: missing, empty or unrecognised, with the fix.
     """
     if not path.is_dir():
-        raise QwenFtError(f"{path}: no such directory; give a local model or qwen-ft output directory (nothing is "
-                          "downloaded)")
+        raise QwenFtError(
+            f"{path}: no such directory; give a local model or qwen-ft output directory (nothing is downloaded)"
+        )
     if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         what = "is empty" if not any(path.iterdir()) else "holds no config.json or adapter_config.json"
         raise QwenFtError(f"{path} {what}; give a merged model, a full fine-tune or a LoRA output directory")
@@ -86,13 +87,24 @@ def load_chat_model(model_dir: str, adapter: str | None = None, allow_pickle_wei
 
 def prompt_ids(tok, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
     """The ids that ask for the next assistant turn after `messages` ({"role", "content"} dicts)."""
-    conv: dict[str, Any] = {"messages": messages, "tools": None, "kwargs": {},
-            "learn": [True] * sum(m["role"] == "assistant" for m in messages)}
+    conv: dict[str, Any] = {
+        "messages": messages,
+        "tools": None,
+        "kwargs": {},
+        "learn": [True] * sum(m["role"] == "assistant" for m in messages),
+    }
     return Renderer.of(tok, kwargs=template_kwargs).prompt(conv)
 
 
-def reply(model, tok, messages: list[dict], emit: Callable[[str], None], max_new_tokens: int = 256,
-          temperature: float = 0.0, template_kwargs: dict | None = None) -> str:
+def reply(
+    model,
+    tok,
+    messages: list[dict],
+    emit: Callable[[str], None],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    template_kwargs: dict | None = None,
+) -> str:
     """Generate the assistant's next reply to `messages`, streaming it through `emit`.
 
     `template_kwargs` go to the chat template (e.g. {"enable_thinking": False} for Qwen3).
@@ -101,7 +113,14 @@ def reply(model, tok, messages: list[dict], emit: Callable[[str], None], max_new
     stream = _Stream(tok, emit)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                       eos_token_id=[tok.im_end_id, tok.endoftext_id], pad_token_id=tok.endoftext_id,
-                       use_cache=True, streamer=stream, **sampling)
+        model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=[tok.im_end_id, tok.endoftext_id],
+            pad_token_id=tok.endoftext_id,
+            use_cache=True,
+            streamer=stream,
+            **sampling,
+        )
     return tok.decode(stream.ids)

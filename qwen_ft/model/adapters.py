@@ -25,10 +25,17 @@ def lora_config(cfg: RunConfig, family: Family):
     lo = cfg.lora
     modules, parameters = split_targets(lo.target_modules, family)
     return LoraConfig(
-        task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lora_dropout(cfg, family),
-        target_modules=modules or None, target_parameters=parameters or None, use_rslora=lo.rslora,
-        use_dora=lo.dora, modules_to_save=list(family.embedding_modules) if lo.train_embeddings else None,
-        ensure_weight_tying=bool(lo.train_embeddings), exclude_modules=frozen_pattern(family),
+        task_type="CAUSAL_LM",
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lora_dropout(cfg, family),
+        target_modules=modules or None,
+        target_parameters=parameters or None,
+        use_rslora=lo.rslora,
+        use_dora=lo.dora,
+        modules_to_save=list(family.embedding_modules) if lo.train_embeddings else None,
+        ensure_weight_tying=bool(lo.train_embeddings),
+        exclude_modules=frozen_pattern(family),
     )
 
 

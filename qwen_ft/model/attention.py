@@ -65,11 +65,15 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     """
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or query.shape[0] != 1:
-        raise ValueError("varlen attention needs one flattened row with cu_seq_lens_q/max_length_q "
-                         "(qwen-ft's collate makes them); use model.attn_implementation=sdpa here")
+        raise ValueError(
+            "varlen attention needs one flattened row with cu_seq_lens_q/max_length_q "
+            "(qwen-ft's collate makes them); use model.attn_implementation=sdpa here"
+        )
     if dropout or kwargs.get("sliding_window"):
-        raise ValueError("varlen attention supports neither attention dropout nor a sliding window; use "
-                         "model.attn_implementation=sdpa for this model")
+        raise ValueError(
+            "varlen attention supports neither attention dropout nor a sliding window; use "
+            "model.attn_implementation=sdpa for this model"
+        )
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [tokens, heads, dim]
     if q.is_cuda and torch.is_autocast_enabled("cuda"):  # what SDPA does under autocast (RoPE made them fp32)
         q, k, v = (x.to(torch.get_autocast_dtype("cuda")) for x in (q, k, v))
@@ -110,6 +114,7 @@ def _reference_varlen(q, k, v, cu, max_len: int, scale):
     outs = []
     for a, b in zip(bounds, bounds[1:], strict=False):
         qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [heads, len, dim]
-        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-                    .transpose(0, 1))
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+        )
     return torch.cat(outs)

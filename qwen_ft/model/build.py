@@ -59,15 +59,16 @@ def compile_decoder_layers(model) -> int:
 
     layers = decoder_layers(model)
     if not layers:
-        raise QwenFtError("model.compile: true but this model has no transformers decoder layers to compile "
-                          "(checkpoint code loaded with trust_remote_code?); set model.compile: false")
+        raise QwenFtError(
+            "model.compile: true but this model has no transformers decoder layers to compile "
+            "(checkpoint code loaded with trust_remote_code?); set model.compile: false"
+        )
     for layer in layers:
         layer.compile(dynamic=True)  # every micro-batch has its own length: one symbolic-shape graph
     return len(layers)
 
 
-def _build_qlora(cfg: RunConfig, family: Family, precision: Precision, attn: str, device: torch.device,
-                 mixed: bool):
+def _build_qlora(cfg: RunConfig, family: Family, precision: Precision, attn: str, device: torch.device, mixed: bool):
     """Quantized base (placed on `device` while loading) + k-bit preparation + LoRA."""
     from qwen_ft.model.quant import load_bnb_base, load_gptq_base, prepare_for_kbit, quantize_experts
 
@@ -92,10 +93,12 @@ def keep_packed_apart(model, family: Family, mixed: bool) -> None:
     expected = sum(kind == "linear_attention" for kind in kinds)
     found = install(model)
     if found != expected:
-        raise QwenFtError(f"data.packing: true (or a flattening attention kernel), but only {found} of the {expected} "
-                          f"linear-attention layers of this {family.name} model are Gated DeltaNet layers qwen-ft can "
-                          "restart at each conversation; rows holding several conversations would leak between them. "
-                          "Set data.packing: false and model.attn_implementation: sdpa")
+        raise QwenFtError(
+            f"data.packing: true (or a flattening attention kernel), but only {found} of the {expected} "
+            f"linear-attention layers of this {family.name} model are Gated DeltaNet layers qwen-ft can "
+            "restart at each conversation; rows holding several conversations would leak between them. "
+            "Set data.packing: false and model.attn_implementation: sdpa"
+        )
 
 
 def load_trained_weights(model, ckpt: Path, method: str) -> None:
@@ -112,8 +115,9 @@ def load_trained_weights(model, ckpt: Path, method: str) -> None:
         result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
         unexpected_keys = getattr(result, "unexpected_keys", None)
         if unexpected_keys:
-            raise QwenFtError(f"{ckpt}: adapter does not match this run's LoRA settings "
-                              f"({len(unexpected_keys)} unexpected tensors)")
+            raise QwenFtError(
+                f"{ckpt}: adapter does not match this run's LoRA settings ({len(unexpected_keys)} unexpected tensors)"
+            )
         return
     state = {}
     for f in sorted(ckpt.glob("*.safetensors")):
@@ -125,5 +129,7 @@ def load_trained_weights(model, ckpt: Path, method: str) -> None:
     unexpected = [k for k in unexpected if not any(p.search(k) for p in ignored)]
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise QwenFtError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+        raise QwenFtError(
+            f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )

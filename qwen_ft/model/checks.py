@@ -28,9 +28,11 @@ def pickle_weights_problem(path: str | Path, where: str, opt_in: str) -> str | N
     pickles = sorted(f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if not pickles:
         return None
-    return (f"{where}: {d} holds only pickle weights ({', '.join(pickles[:3])}), which qwen-ft does not load by "
-            "default (torch.load can run code); convert them to safetensors (save_pretrained(..., "
-            f"safe_serialization=True) where you trust the files), or {opt_in}")
+    return (
+        f"{where}: {d} holds only pickle weights ({', '.join(pickles[:3])}), which qwen-ft does not load by "
+        "default (torch.load can run code); convert them to safetensors (save_pretrained(..., "
+        f"safe_serialization=True) where you trust the files), or {opt_in}"
+    )
 
 
 def checkpoint_problems(cfg: RunConfig) -> list[str]:
@@ -53,8 +55,10 @@ def checkpoint_problems(cfg: RunConfig) -> list[str]:
     if cfg.method == "qlora":
         return targets + _qlora_problems(cfg, gptq)
     if gptq is not None:
-        return [f"model.path: {cfg.model.path} is a GPTQ checkpoint, whose weights cannot be trained directly; "
-                "use method=qlora with quant.backend=gptq (or a full-precision checkpoint)"]
+        return [
+            f"model.path: {cfg.model.path} is a GPTQ checkpoint, whose weights cannot be trained directly; "
+            "use method=qlora with quant.backend=gptq (or a full-precision checkpoint)"
+        ]
     return targets
 
 
@@ -102,10 +106,12 @@ def _target_problems(cfg: RunConfig, family: Family | None) -> list[str]:
 
     problems = []
     if cfg.lora.dropout and split_targets(cfg.lora.target_modules, family)[1]:
-        problems.append(f"lora.dropout: {cfg.lora.dropout} with the routed experts (or router) adapted: peft's "
-                        "target_parameters adapters (ParamWrapper) cannot apply dropout, since the adapter is added "
-                        "to the weight, not to the layer's output; set lora.dropout: 0 (or leave it unset), or leave "
-                        "the experts out of lora.target_modules")
+        problems.append(
+            f"lora.dropout: {cfg.lora.dropout} with the routed experts (or router) adapted: peft's "
+            "target_parameters adapters (ParamWrapper) cannot apply dropout, since the adapter is added "
+            "to the weight, not to the layer's output; set lora.dropout: 0 (or leave it unset), or leave "
+            "the experts out of lora.target_modules"
+        )
     if not cfg.lora.target_modules:
         return problems
     modules, parameters = _loaded_names(cfg.model.path, family)
@@ -136,20 +142,26 @@ def _unmatched(target: str, path: str, modules: set[str], parameters: set[str]) 
         return None
     if is_parameter_target(target):
         if not parameters:
-            return (f"lora.target_modules: {target!r} names a parameter, but {path} is not a mixture of experts; "
-                    "name its linear layers instead")
+            return (
+                f"lora.target_modules: {target!r} names a parameter, but {path} is not a mixture of experts; "
+                "name its linear layers instead"
+            )
         import re
 
         listed = sorted({re.sub(r"^.*layers\.\d+\.", "", n) for n in parameters})  # once, not per layer
-        return (f"lora.target_modules: {target!r} names no expert parameter of {path}; its parameter targets are "
-                f"{', '.join(listed)}")
+        return (
+            f"lora.target_modules: {target!r} names no expert parameter of {path}; its parameter targets are "
+            f"{', '.join(listed)}"
+        )
     leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
     close = difflib.get_close_matches(target, leaves, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     if any(n.endswith(f".{target}.weight") for n in parameters):  # the router: no linear layer in transformers 5
         hint = f" (the router is a parameter here: name it mlp.{target}.weight)"
-    return (f"lora.target_modules: {target!r} names no module of {path}{hint}; its layers are named "
-            f"{', '.join(n for n in leaves if not n.isdigit())[:300]}")
+    return (
+        f"lora.target_modules: {target!r} names no module of {path}{hint}; its layers are named "
+        f"{', '.join(n for n in leaves if not n.isdigit())[:300]}"
+    )
 
 
 def _hybrid_problems(cfg: RunConfig, family: Family | None) -> list[str]:
@@ -158,11 +170,15 @@ def _hybrid_problems(cfg: RunConfig, family: Family | None) -> list[str]:
         return []
     problems = []
     if cfg.method == "qlora" and cfg.quant.backend == "gptq":
-        problems.append(f"quant.backend=gptq with {cfg.model.path}, {family.note}: GPTQ bases of this family are not "
-                        "supported yet; use quant.backend=bnb on the full-precision checkpoint")
+        problems.append(
+            f"quant.backend=gptq with {cfg.model.path}, {family.note}: GPTQ bases of this family are not "
+            "supported yet; use quant.backend=bnb on the full-precision checkpoint"
+        )
     if cfg.model.compile:
-        problems.append(f"model.compile: true with {family.note}: compiling its layers is not checked yet (packed "
-                        "batches change the Gated DeltaNet layout from batch to batch); set model.compile: false")
+        problems.append(
+            f"model.compile: true with {family.note}: compiling its layers is not checked yet (packed "
+            "batches change the Gated DeltaNet layout from batch to batch); set model.compile: false"
+        )
     return problems
 
 
@@ -174,11 +190,14 @@ def _moe_quant_problems(cfg: RunConfig, family: Family | None) -> list[str]:
 
     if family is None or not family.moe or cfg.method != "qlora":
         return []
+    if cfg.quant.backend == "bnb" and not is_zero3(cfg):
+        return []
     if cfg.quant.backend == "bnb":
-        return [] if not is_zero3(cfg) else [
-            f"method=qlora with dist.deepspeed={cfg.dist.deepspeed} (ZeRO-3) on {family.note}: ZeRO-3 partitions "
-            "the fused experts while loading, before qwen-ft can quantize them to 4 bits; use dist.deepspeed=zero2 "
-            "(each GPU holds the 4-bit model) or method=lora with ZeRO-3"]
+        return [
+            f"method=qlora with dist.deepspeed={cfg.dist.deepspeed} (ZeRO-3) on {family.note}: ZeRO-3 partitions the "
+            "fused experts while loading, before qwen-ft can quantize them to 4 bits; use dist.deepspeed=zero2 (each "
+            "GPU holds the 4-bit model) or method=lora with ZeRO-3"
+        ]
     return _gptq_experts_problems(cfg.model.path)
 
 
@@ -220,24 +239,32 @@ def _remote_code_problem(cfg: RunConfig) -> str:
     except QwenFtError as e:
         return f"model.trust_remote_code: true, but {e}"
     how = "is converted to the native Qwen2 layout" if family == "qwen" else "is supported by transformers natively"
-    return (f"model.trust_remote_code: true with {cfg.model.path}, a {family} checkpoint, which {how}; "
-            "set model.trust_remote_code: false (qwen-ft runs no checkpoint code)")
+    return (
+        f"model.trust_remote_code: true with {cfg.model.path}, a {family} checkpoint, which {how}; "
+        "set model.trust_remote_code: false (qwen-ft runs no checkpoint code)"
+    )
 
 
 def _qlora_problems(cfg: RunConfig, gptq: dict | None) -> list[str]:
     q, problems = cfg.quant, []
     if q.backend == "gptq" and gptq is None:
-        problems.append(f"quant.backend=gptq but {cfg.model.path} has no GPTQ quantization_config; "
-                        "use quant.backend=bnb to quantize a full-precision checkpoint on load")
+        problems.append(
+            f"quant.backend=gptq but {cfg.model.path} has no GPTQ quantization_config; "
+            "use quant.backend=bnb to quantize a full-precision checkpoint on load"
+        )
     if q.backend == "bnb" and gptq is not None:
         problems.append(f"quant.backend=bnb but {cfg.model.path} is already GPTQ-quantized; use quant.backend=gptq")
     if q.backend == "gptq" and gptq is not None:
         if int(gptq.get("bits", q.bits)) != q.bits:
-            problems.append(f"quant.bits: {q.bits} but the checkpoint is {gptq.get('bits')}-bit GPTQ; "
-                            f"set quant.bits={gptq.get('bits')}")
+            problems.append(
+                f"quant.bits: {q.bits} but the checkpoint is {gptq.get('bits')}-bit GPTQ; "
+                f"set quant.bits={gptq.get('bits')}"
+            )
         if cfg.lora.train_embeddings and gptq.get("lm_head"):
-            problems.append("lora.train_embeddings: true but this GPTQ checkpoint quantizes lm_head, which cannot "
-                            "be trained; set lora.train_embeddings=false")
+            problems.append(
+                "lora.train_embeddings: true but this GPTQ checkpoint quantizes lm_head, which cannot "
+                "be trained; set lora.train_embeddings=false"
+            )
     if cfg.method == "qlora" and q.original_base and not (Path(q.original_base) / "config.json").is_file():
         problems.append(f"quant.original_base: {q.original_base!r} is not a checkpoint directory")
     return problems
@@ -256,6 +283,8 @@ def check_vocabulary(family: Family, tok: ChatTokenizer, tokenizer_dir: str, mod
     if tok.im_start_id == family.im_start_id:
         return
     owners = sorted({f.note for f in FAMILIES.values() if f.im_start_id == tok.im_start_id}) or ["another model"]
-    raise QwenFtError(f"tokenizer {tokenizer_dir} is the vocabulary of {' / '.join(owners)} (<|im_start|> = "
-                      f"{tok.im_start_id}), but {model_dir} is {family.note} (<|im_start|> = {family.im_start_id}); "
-                      "point tokenizer.path at the checkpoint's own tokenizer files (or leave it unset)")
+    raise QwenFtError(
+        f"tokenizer {tokenizer_dir} is the vocabulary of {' / '.join(owners)} (<|im_start|> = "
+        f"{tok.im_start_id}), but {model_dir} is {family.note} (<|im_start|> = {family.im_start_id}); "
+        "point tokenizer.path at the checkpoint's own tokenizer files (or leave it unset)"
+    )

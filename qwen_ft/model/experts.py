@@ -33,8 +33,9 @@ def split_targets(entries: tuple[str, ...], family: Family) -> tuple[list[str], 
     """(target_modules, target_parameters) of `lora.target_modules`, or of the family's defaults
     (every linear layer, and every routed expert of an MoE) when it is empty; the family's
     `linears_by_weight` go by their weight (see families.py)."""
-    chosen = [f"{t}.weight" if t in family.linears_by_weight else t
-              for t in entries or family.lora_targets + family.experts]
+    chosen = [
+        f"{t}.weight" if t in family.linears_by_weight else t for t in entries or family.lora_targets + family.experts
+    ]
     return [t for t in chosen if not is_parameter_target(t)], [t for t in chosen if is_parameter_target(t)]
 
 
@@ -158,8 +159,9 @@ def lora_factors(outer) -> tuple[torch.nn.Module, dict[str, tuple[torch.Tensor, 
     return layer, factors
 
 
-def lora_experts_forward(outer, peft_forward, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:
+def lora_experts_forward(
+    outer, peft_forward, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """transformers' grouped experts forward with each projection's LoRA term added on the routed
     tokens (see the module docstring); peft's own forward where this cannot apply."""
     found = lora_factors(outer)
@@ -169,8 +171,9 @@ def lora_experts_forward(outer, peft_forward, hidden_states: torch.Tensor, top_k
     return grouped_experts_forward(found[0], found[1], hidden_states, top_k_index, top_k_weights)
 
 
-def grouped_experts_forward(experts: Any, factors: dict, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                            top_k_weights: torch.Tensor) -> torch.Tensor:
+def grouped_experts_forward(
+    experts: Any, factors: dict, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The routed tokens through each expert's projections (grouped), with the LoRA `factors` of
     `lora_factors` added where given, weighted and summed back per token."""
     k = top_k_index.size(-1)
@@ -190,8 +193,10 @@ def _peft_can_run(outer) -> None:
     from qwen_ft.model.experts_4bit import is_quantized
 
     if is_quantized(outer.get_base_layer().gate_up_proj):
-        raise QwenFtError("quantized experts run only through qwen-ft's grouped forward, with one active, unmerged "
-                          "adapter; merge into the original-precision base instead (qwen-ft merge)")
+        raise QwenFtError(
+            "quantized experts run only through qwen-ft's grouped forward, with one active, unmerged "
+            "adapter; merge into the original-precision base instead (qwen-ft merge)"
+        )
 
 
 def _offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -233,5 +238,6 @@ def z3_leaf_classes(model: torch.nn.Module) -> list[type]:
     ranks that route to different experts fetching different parameters). transformers 5's fused
     experts are one parameter per projection, so routing cannot split the gathers even without it
     (tests/integration/test_deepspeed.py passed both ways); it is kept as DeepSpeed recommends."""
-    return sorted({type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")},
-                  key=lambda c: c.__name__)
+    return sorted(
+        {type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")}, key=lambda c: c.__name__
+    )

@@ -72,8 +72,13 @@ def quantize(model: torch.nn.Module, experts: list, quant: QuantConfig, dtype: t
             weight = getattr(module, projection)
             if is_4bit(weight):
                 continue
-            packed: Any = bnb.nn.Params4bit(weight.data.to(dtype), requires_grad=False, quant_type=quant.quant_type,
-                                       compress_statistics=quant.double_quant, quant_storage=dtype)
+            packed: Any = bnb.nn.Params4bit(
+                weight.data.to(dtype),
+                requires_grad=False,
+                quant_type=quant.quant_type,
+                compress_statistics=quant.double_quant,
+                quant_storage=dtype,
+            )
             setattr(module, projection, packed.to(weight.device))  # .to() quantizes, on that device
             del weight
             done.append(f"{name.replace('.base_layer', '')}.{projection}")

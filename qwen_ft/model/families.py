@@ -76,14 +76,15 @@ MLP_LINEAR = ("gate_proj", "up_proj", "down_proj")
 
 def _hybrid(name: str, model_types: tuple[str, ...], note: str, **layout) -> Family:
     """A Qwen3.5-generation row: Gated DeltaNet + gated attention layers, the 248k vocabulary."""
-    return Family(name, model_types, QWEN2_LINEAR + GDN_LINEAR, packing="gdn", im_start_id=248045, note=note,
-                  **layout)
+    return Family(name, model_types, QWEN2_LINEAR + GDN_LINEAR, packing="gdn", im_start_id=248045, note=note, **layout)
 
 
 # gptqmodel 7.6 calibrates Qwen3.5-MoE's vision-language checkpoint as Qwen3-VL: chat messages through its
 # image and video processor (torchvision), not token ids
-VL_CALIBRATION = ("gptqmodel 7.6 calibrates this vision-language MoE checkpoint only through its image and video "
-                  "processor (torchvision), not with token ids")
+VL_CALIBRATION = (
+    "gptqmodel 7.6 calibrates this vision-language MoE checkpoint only through its image and video "
+    "processor (torchvision), not with token ids"
+)
 # a composite Qwen3.5 checkpoint: the vision tower is never trained, mtp.* is not loaded
 COMPOSITE = {"auto_class": "AutoModelForImageTextToText", "frozen": ("model.visual",), "unloaded": ("mtp",)}
 
@@ -97,17 +98,36 @@ FAMILIES = {
     "qwen3_5": _hybrid("qwen3_5", ("qwen3_5",), "Qwen3.5 / Qwen3.6 dense, vision-language checkpoint", **COMPOSITE),
     "qwen3_5_text": _hybrid("qwen3_5_text", ("qwen3_5_text",), "Qwen3.5 / Qwen3.6 dense, text-only checkpoint"),
     # mixtures of experts: the linear targets reach attention (or GDN) and the shared expert
-    "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), QWEN2_LINEAR, experts=EXPERTS,
-                        note="Qwen1.5-MoE, Qwen2-MoE"),
-    "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), QWEN2_LINEAR, experts=EXPERTS, linears_by_weight=MLP_LINEAR,
-                        note="Qwen3-MoE (30B-A3B, 235B-A22B, Coder-30B-A3B)"),
-    "qwen3_next": Family("qwen3_next", ("qwen3_next",), QWEN2_LINEAR + NEXT_GDN_LINEAR, packing="gdn",
-                         experts=EXPERTS, linears_by_weight=MLP_LINEAR, unloaded=("mtp",),
-                         note="Qwen3-Next (80B-A3B)"),
-    "qwen3_5_moe": _hybrid("qwen3_5_moe", ("qwen3_5_moe",), "Qwen3.5 / Qwen3.6 MoE, vision-language checkpoint",
-                           experts=EXPERTS, no_requantize=VL_CALIBRATION, **COMPOSITE),
-    "qwen3_5_moe_text": _hybrid("qwen3_5_moe_text", ("qwen3_5_moe_text",),
-                                "Qwen3.5 / Qwen3.6 MoE, text-only checkpoint", experts=EXPERTS),
+    "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), QWEN2_LINEAR, experts=EXPERTS, note="Qwen1.5-MoE, Qwen2-MoE"),
+    "qwen3_moe": Family(
+        "qwen3_moe",
+        ("qwen3_moe",),
+        QWEN2_LINEAR,
+        experts=EXPERTS,
+        linears_by_weight=MLP_LINEAR,
+        note="Qwen3-MoE (30B-A3B, 235B-A22B, Coder-30B-A3B)",
+    ),
+    "qwen3_next": Family(
+        "qwen3_next",
+        ("qwen3_next",),
+        QWEN2_LINEAR + NEXT_GDN_LINEAR,
+        packing="gdn",
+        experts=EXPERTS,
+        linears_by_weight=MLP_LINEAR,
+        unloaded=("mtp",),
+        note="Qwen3-Next (80B-A3B)",
+    ),
+    "qwen3_5_moe": _hybrid(
+        "qwen3_5_moe",
+        ("qwen3_5_moe",),
+        "Qwen3.5 / Qwen3.6 MoE, vision-language checkpoint",
+        experts=EXPERTS,
+        no_requantize=VL_CALIBRATION,
+        **COMPOSITE,
+    ),
+    "qwen3_5_moe_text": _hybrid(
+        "qwen3_5_moe_text", ("qwen3_5_moe_text",), "Qwen3.5 / Qwen3.6 MoE, text-only checkpoint", experts=EXPERTS
+    ),
 }
 
 
@@ -147,11 +167,14 @@ def resolve_family(declared: str, path: str | Path) -> Family:
     model_type = checkpoint_model_type(path)
     found = _by_type(model_type)
     if found is None:
-        raise QwenFtError(f"{path}/config.json: model_type {model_type!r} is not a model qwen-ft trains; "
-                          f"supported: {supported()}")
+        raise QwenFtError(
+            f"{path}/config.json: model_type {model_type!r} is not a model qwen-ft trains; supported: {supported()}"
+        )
     if declared != "auto" and declared != found.name:
-        raise QwenFtError(f"model.family: {declared!r} but {path}/config.json says model_type {model_type!r}; "
-                          f"set model.family: {found.name} (or auto)")
+        raise QwenFtError(
+            f"model.family: {declared!r} but {path}/config.json says model_type {model_type!r}; "
+            f"set model.family: {found.name} (or auto)"
+        )
     return found
 
 

@@ -31,8 +31,10 @@ def recorded_base(output_dir: Path, manifest: dict, fix: str) -> Path:
     recorded = manifest.get("base_model") or {}
     path = Path(recorded.get("path", ""))
     if not recorded or not (path / "config.json").is_file():
-        raise QwenFtError(f"{output_dir}: the base model recorded in manifest.json ({recorded.get('path') or 'none'}) "
-                          f"is not available; {fix}")
+        raise QwenFtError(
+            f"{output_dir}: the base model recorded in manifest.json ({recorded.get('path') or 'none'}) "
+            f"is not available; {fix}"
+        )
     if recorded.get("fingerprint") and model_fingerprint(path) != recorded["fingerprint"]:
         raise QwenFtError(f"{path} changed since {output_dir} was trained (fingerprint differs); {fix}")
     return path

@@ -68,13 +68,14 @@ class GPTQPacked(torch.nn.Module):
         return qweight, qzeros, scales, g_idx
 
 
-def _dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-                bits: int) -> torch.Tensor:
+def _dequantize(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int
+) -> torch.Tensor:
     """[E, in, out] = scales[g_idx] * (code - zero[g_idx]), unpacked as gptqmodel's torch kernel does."""
     e, rows, out = qweight.shape
     shifts = torch.arange(0, 32, bits, device=qweight.device, dtype=torch.int32)
     mask = (1 << bits) - 1
-    codes = (torch.bitwise_right_shift(qweight.unsqueeze(2), shifts.view(1, 1, -1, 1)) & mask)
+    codes = torch.bitwise_right_shift(qweight.unsqueeze(2), shifts.view(1, 1, -1, 1)) & mask
     codes = codes.reshape(e, -1, out)[:, : g_idx.shape[1]]
     zeros = (torch.bitwise_right_shift(qzeros.unsqueeze(-1), shifts) & mask).reshape(e, qzeros.shape[1], -1)
     zeros = zeros[..., :out].to(scales.dtype)
@@ -96,9 +97,11 @@ def bits_of(settings: dict) -> int:
     form = _format(settings)
     pack = str(settings.get("pack_dtype", "int32")).lower()
     if bits not in V1_OFFSET or form not in ("gptq", "gptq_v2") or pack != "int32":
-        raise QwenFtError(f"GPTQ mixture of experts with bits={bits}, format={form!r}, pack_dtype={pack!r}: qwen-ft "
-                          "reads 2/4/8-bit GPTQ (v1 or v2) experts packed in int32 words; re-quantize with "
-                          "`qwen-ft quantize` or use quant.backend=bnb on the original-precision checkpoint")
+        raise QwenFtError(
+            f"GPTQ mixture of experts with bits={bits}, format={form!r}, pack_dtype={pack!r}: qwen-ft "
+            "reads 2/4/8-bit GPTQ (v1 or v2) experts packed in int32 words; re-quantize with "
+            "`qwen-ft quantize` or use quant.backend=bnb on the original-precision checkpoint"
+        )
     return bits
 
 
@@ -116,9 +119,11 @@ def _check_rows(name: str, part: dict[str, torch.Tensor], bits: int) -> None:
     """
     rows, width = part["qweight"].shape[1], part["g_idx"].shape[1]
     if rows != -(-width * bits // 32):
-        raise QwenFtError(f"{name}: {rows} packed rows for {width} inputs is not {bits}-bit GPTQ, the checkpoint's "
-                          "bits (a per-module `dynamic` override?); qwen-ft reads experts at the checkpoint's width "
-                          "only: use quant.backend=bnb on the original-precision checkpoint")
+        raise QwenFtError(
+            f"{name}: {rows} packed rows for {width} inputs is not {bits}-bit GPTQ, the checkpoint's "
+            "bits (a per-module `dynamic` override?); qwen-ft reads experts at the checkpoint's width "
+            "only: use quant.backend=bnb on the original-precision checkpoint"
+        )
 
 
 def disk_prefix(module_name: str) -> str:
@@ -130,20 +135,32 @@ def disk_prefix(module_name: str) -> str:
 def layout_problem(files: dict[str, Path], prefixes: Iterable[str], num_experts: int, where: str) -> str | None:
     """Why the checkpoint's routed experts under `prefixes` are not per-expert quantized linears, or None."""
     for prefix in prefixes:
-        wanted = [f"{prefix}.{i}.{linear}.{key}" for i in range(num_experts) for linear in PARTS["gate_up_proj"]
-                  + PARTS["down_proj"] for key in TENSORS]
+        wanted = [
+            f"{prefix}.{i}.{linear}.{key}"
+            for i in range(num_experts)
+            for linear in PARTS["gate_up_proj"] + PARTS["down_proj"]
+            for key in TENSORS
+        ]
         absent = [w for w in wanted if w not in files]
         if absent:
             found = sorted(n for n in files if n.startswith(prefix + "."))[:4] or ["nothing"]
-            return (f"{where}: the routed experts of {prefix} are not quantized per expert ({absent[0]} is absent; "
-                    f"found {', '.join(found)}); qwen-ft trains GPTQ mixtures of experts whose every expert linear "
-                    "is GPTQ-quantized (as gptqmodel and `qwen-ft quantize` write them); use quant.backend=bnb on "
-                    "the original-precision checkpoint")
+            return (
+                f"{where}: the routed experts of {prefix} are not quantized per expert ({absent[0]} is absent; "
+                f"found {', '.join(found)}); qwen-ft trains GPTQ mixtures of experts whose every expert linear "
+                "is GPTQ-quantized (as gptqmodel and `qwen-ft quantize` write them); use quant.backend=bnb on "
+                "the original-precision checkpoint"
+            )
     return None
 
 
-def stacked(path: str | Path, prefix: str, num_experts: int, settings: dict, dtype: torch.dtype,
-            files: dict[str, Path] | None = None) -> dict[str, GPTQPacked]:
+def stacked(
+    path: str | Path,
+    prefix: str,
+    num_experts: int,
+    settings: dict,
+    dtype: torch.dtype,
+    files: dict[str, Path] | None = None,
+) -> dict[str, GPTQPacked]:
     """{"gate_up_proj": ..., "down_proj": ...} for the experts module `prefix` of the checkpoint at `path`
     (tensors read one file handle at a time; v1 zero points converted as gptqmodel converts them)."""
     from safetensors import safe_open

@@ -76,7 +76,7 @@ def add_base_tensors(base: str | Path, out: str | Path, prefixes: tuple[str, ...
         return 0
     own = _own_shards(out)
     shards = [*own, *(out / f"base-{i:05d}.safetensors" for i in range(len(by_file)))]
-    for (src, names), dst in zip(sorted(by_file.items()), shards[len(own):], strict=True):
+    for (src, names), dst in zip(sorted(by_file.items()), shards[len(own) :], strict=True):
         with safe_open(str(src), "pt") as fh:
             save_file({n: fh.get_tensor(n) for n in sorted(names)}, str(dst), metadata={"format": "pt"})
     write_index(out, shards)

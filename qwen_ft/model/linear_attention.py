@@ -38,7 +38,7 @@ def packed_forward(original, hidden_states: torch.Tensor, cache=None, attention_
     laid_out = flat[gather]
     outs, at = [], 0
     for segments, longest in groups:
-        block = laid_out[at:at + segments * longest].view(segments, longest, hidden)
+        block = laid_out[at : at + segments * longest].view(segments, longest, hidden)
         outs.append(original(block, cache=None, attention_mask=None, **rest).reshape(segments * longest, -1))
         at += segments * longest
     return torch.cat(outs)[scatter].view(rows, width, -1)

@@ -35,8 +35,10 @@ def resolve_dtype(name: str, device: torch.device) -> Precision:
     if name == "auto":
         name = "bf16" if bf16_ok else "fp16" if cuda else "fp32"
     if name == "fp16" and not cuda:
-        raise QwenFtError("model.dtype=fp16 on CPU: CPU kernels and loss scaling for fp16 are not supported; "
-                          "use model.dtype=fp32 (or auto)")
+        raise QwenFtError(
+            "model.dtype=fp16 on CPU: CPU kernels and loss scaling for fp16 are not supported; "
+            "use model.dtype=fp32 (or auto)"
+        )
     if name == "bf16" and cuda and not bf16_ok:
         raise QwenFtError("model.dtype=bf16 but this GPU has no bf16 support; use model.dtype=fp16 (or auto)")
     return Precision(name, DTYPES[name])
@@ -61,16 +63,20 @@ def resolve_attention(name: str, device: torch.device, dtype: str = "bf16") -> s
             return "flash_attention_2"
         return VARLEN if torch_varlen_available(device) else "sdpa"
     if name in ("flash_attention_2", VARLEN) and device.type == "cuda" and dtype == "fp32":
-        raise QwenFtError(f"model.attn_implementation={name} runs in bf16/fp16 only, and model.dtype is fp32; "
-                          "use model.dtype=bf16 (or auto), or model.attn_implementation=sdpa")
+        raise QwenFtError(
+            f"model.attn_implementation={name} runs in bf16/fp16 only, and model.dtype is fp32; "
+            "use model.dtype=bf16 (or auto), or model.attn_implementation=sdpa"
+        )
     if name == "flash_attention_2":
         if device.type != "cuda":
             raise QwenFtError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa (or auto)")
         deps.require("flash_attn", "model.attn_implementation=flash_attention_2")
     if name == VARLEN and device.type == "cuda" and not torch_varlen_available(device):
-        raise QwenFtError(f"model.attn_implementation=varlen needs torch.nn.attention.varlen (torch 2.11 has it) "
-                          f"and an Ampere or newer GPU; this is torch {torch.__version__} on "
-                          f"{torch.cuda.get_device_name(device)}. Use sdpa (or auto)")
+        raise QwenFtError(
+            f"model.attn_implementation=varlen needs torch.nn.attention.varlen (torch 2.11 has it) "
+            f"and an Ampere or newer GPU; this is torch {torch.__version__} on "
+            f"{torch.cuda.get_device_name(device)}. Use sdpa (or auto)"
+        )
     return name
 
 
@@ -79,7 +85,10 @@ def load_base_model(path: str, weights_dtype: torch.dtype, attn: str, trust_remo
     from qwen_ft.model.families import model_class
 
     model = model_class(path).from_pretrained(
-        path, dtype=weights_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
+        path,
+        dtype=weights_dtype,
+        attn_implementation=attn,
+        trust_remote_code=trust_remote_code,
         local_files_only=True,
     )
     keep_applied_conversions(model, path)

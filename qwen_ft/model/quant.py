@@ -68,13 +68,23 @@ def load_bnb_base(cfg: RunConfig, precision: Precision, attn: str, device: torch
     q = cfg.quant
     # a composite checkpoint's vision tower is not trained: it stays as it is, unquantized
     frozen = list(resolve_family(cfg.model.family, cfg.model.path).frozen)  # matched from the module name's start
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                                bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
-                                bnb_4bit_quant_storage=dtype,
-                                llm_int8_skip_modules=["lm_head", *frozen] if frozen else None)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+        llm_int8_skip_modules=["lm_head", *frozen] if frozen else None,
+    )
     model = model_class(cfg.model.path).from_pretrained(
-        cfg.model.path, quantization_config=config, dtype=dtype, attn_implementation=attn,
-        device_map=_device_map(device), local_files_only=True, trust_remote_code=cfg.model.trust_remote_code)
+        cfg.model.path,
+        quantization_config=config,
+        dtype=dtype,
+        attn_implementation=attn,
+        device_map=_device_map(device),
+        local_files_only=True,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     _disable_cpu_repack(model)
     return model
 
@@ -108,11 +118,18 @@ def load_gptq_base(cfg: RunConfig, precision: Precision, attn: str, device: torc
     deps.require("gptq", "method=qlora with quant.backend=gptq")
     settings = gptq_settings(cfg.model.path)
     if settings is None:
-        raise QwenFtError(f"quant.backend=gptq but {cfg.model.path} has no GPTQ quantization_config "
-                          "(config.json) or quantize_config.json; use quant.backend=bnb for a full-precision base")
-    return from_gptq_checkpoint(cfg.model.path, int(settings.get("bits", cfg.quant.bits)),
-                                compute_dtype(cfg, precision), _device_map(device), attn_implementation=attn,
-                                trust_remote_code=cfg.model.trust_remote_code)
+        raise QwenFtError(
+            f"quant.backend=gptq but {cfg.model.path} has no GPTQ quantization_config "
+            "(config.json) or quantize_config.json; use quant.backend=bnb for a full-precision base"
+        )
+    return from_gptq_checkpoint(
+        cfg.model.path,
+        int(settings.get("bits", cfg.quant.bits)),
+        compute_dtype(cfg, precision),
+        _device_map(device),
+        attn_implementation=attn,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
 
 
 def from_gptq_checkpoint(path: str | Path, bits: int, dtype: torch.dtype, device_map: dict | None, **kwargs):
@@ -134,9 +151,16 @@ def from_gptq_checkpoint(path: str | Path, bits: int, dtype: torch.dtype, device
         config.quantization_config["modules_in_block_to_quantize"] = quantized
     gptq = GPTQConfig(bits=bits, backend="torch", use_exllama=False, modules_in_block_to_quantize=quantized)
     # a composite checkpoint (Qwen3.5) loads whole, as itself: its tensor names are the module names
-    loaded: Any = model_class(path).from_pretrained(path, config=config, quantization_config=gptq, dtype=dtype,
-                                                    device_map=device_map, local_files_only=True,
-                                                    output_loading_info=True, **kwargs)
+    loaded: Any = model_class(path).from_pretrained(
+        path,
+        config=config,
+        quantization_config=gptq,
+        dtype=dtype,
+        device_map=device_map,
+        local_files_only=True,
+        output_loading_info=True,
+        **kwargs,
+    )
     return every_weight_loaded(path, *loaded)
 
 
@@ -160,16 +184,19 @@ def every_weight_loaded(path: str | Path, model, info: dict):
     missing = sorted(set(info.get("missing_keys") or ()) - tied)
     fused = [m for m in missing if m.rsplit(".", 2)[-2:] in [["experts", p] for p in PARTS]]
     if fused:
-        problem = layout_problem(tensor_files(path), sorted({m.rsplit(".", 1)[0] for m in fused}),
-                                 int(text.num_experts), str(path))
+        problem = layout_problem(
+            tensor_files(path), sorted({m.rsplit(".", 1)[0] for m in fused}), int(text.num_experts), str(path)
+        )
         if problem:
             raise QwenFtError(problem)
     missing = [m for m in missing if m not in fused]
     if missing:
-        raise QwenFtError(f"{path}: transformers left {len(missing)} weights of {type(model).__name__} at their "
-                          f"random initialisation ({', '.join(missing[:3])}, ...): the checkpoint's tensors "
-                          f"({', '.join(sorted(info.get('unexpected_keys') or ())[:2])}, ...) do not fit them; "
-                          "use the original-precision checkpoint")
+        raise QwenFtError(
+            f"{path}: transformers left {len(missing)} weights of {type(model).__name__} at their "
+            f"random initialisation ({', '.join(missing[:3])}, ...): the checkpoint's tensors "
+            f"({', '.join(sorted(info.get('unexpected_keys') or ())[:2])}, ...) do not fit them; "
+            "use the original-precision checkpoint"
+        )
     return model
 
 

@@ -30,11 +30,18 @@ from qwen_ft.errors import QwenFtError
 
 LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 RENAMES = {
-    "ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
-    "mlp.w2": "mlp.gate_proj", "mlp.w1": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj",
+    "ln_1": "input_layernorm",
+    "ln_2": "post_attention_layernorm",
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.w2": "mlp.gate_proj",
+    "mlp.w1": "mlp.up_proj",
+    "mlp.c_proj": "mlp.down_proj",
 }
-TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
-       "lm_head.weight": "lm_head.weight"}
+TOP = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias", "weight")
 
 
@@ -59,13 +66,22 @@ def native_config(v1: dict) -> dict:
         raise QwenFtError("cannot convert this Qwen v1 config: " + "; ".join(problems))
     dtype = "bfloat16" if v1.get("bf16") else "float16" if v1.get("fp16") else v1.get("torch_dtype", "float32")
     out = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": v1["vocab_size"],
-        "hidden_size": hidden, "intermediate_size": v1["intermediate_size"] // 2,
-        "num_hidden_layers": v1["num_hidden_layers"], "num_attention_heads": heads, "num_key_value_heads": heads,
-        "hidden_act": "silu", "max_position_embeddings": v1.get("seq_length", v1.get("max_position_embeddings")),
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": v1["vocab_size"],
+        "hidden_size": hidden,
+        "intermediate_size": v1["intermediate_size"] // 2,
+        "num_hidden_layers": v1["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": v1.get("seq_length", v1.get("max_position_embeddings")),
         "rms_norm_eps": v1.get("layer_norm_epsilon", 1e-6),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(v1.get("rotary_emb_base", 10000))},
-        "tie_word_embeddings": False, "use_cache": True, "use_sliding_window": False, "dtype": dtype,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "dtype": dtype,
     }
     if v1.get("quantization_config"):
         out["quantization_config"] = v1["quantization_config"]
@@ -117,8 +133,10 @@ def read_v1_config(path: str | Path) -> dict:
     root = Path(path)
     config = json.loads((root / "config.json").read_text())
     if not config.get("quantization_config") and (root / "quantize_config.json").is_file():
-        config["quantization_config"] = {"quant_method": "gptq",
-                                         **json.loads((root / "quantize_config.json").read_text())}
+        config["quantization_config"] = {
+            "quant_method": "gptq",
+            **json.loads((root / "quantize_config.json").read_text()),
+        }
     return config
 
 

@@ -84,12 +84,20 @@ class Shape:
         text = {**c["text_config"], "tie_word_embeddings": c.get("tie_word_embeddings")} if "text_config" in c else c
         heads = text["num_attention_heads"]
         hybrid = "linear_num_value_heads" in text
-        return cls(text["vocab_size"], text["hidden_size"], text["num_hidden_layers"], heads,
-                   text.get("num_key_value_heads", heads), text["intermediate_size"],
-                   bool(text.get("tie_word_embeddings", False)),
-                   int(text.get("head_dim") or text["hidden_size"] // heads),
-                   c.get("model_type") not in ("qwen2", "qwen2_moe") or hybrid, _gdn(text) if hybrid else None,
-                   _vision_params(c.get("vision_config")) if "vision_config" in c else 0, _moe(text))
+        return cls(
+            text["vocab_size"],
+            text["hidden_size"],
+            text["num_hidden_layers"],
+            heads,
+            text.get("num_key_value_heads", heads),
+            text["intermediate_size"],
+            bool(text.get("tie_word_embeddings", False)),
+            int(text.get("head_dim") or text["hidden_size"] // heads),
+            c.get("model_type") not in ("qwen2", "qwen2_moe") or hybrid,
+            _gdn(text) if hybrid else None,
+            _vision_params(c.get("vision_config")) if "vision_config" in c else 0,
+            _moe(text),
+        )
 
     @property
     def attention_layers(self) -> int:
@@ -101,8 +109,12 @@ class Shape:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         mlp = _mlp(self.hidden, self.intermediate)
         gate = 2 if self.gdn else 1  # gated attention: q_proj also yields the output gate
-        attn = {"q_proj": (self.hidden, gate * q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-                "o_proj": (q, self.hidden)}
+        attn = {
+            "q_proj": (self.hidden, gate * q),
+            "k_proj": (self.hidden, kv),
+            "v_proj": (self.hidden, kv),
+            "o_proj": (q, self.hidden),
+        }
         if self.moe:  # sparse layers: the shared expert is the MLP (none in Qwen3-MoE)
             m = self.moe
             shared = _mlp(self.hidden, m.shared) if m.shared else {}
@@ -112,10 +124,19 @@ class Shape:
         groups = [(self.attention_layers, {**attn, **mlp})]
         if self.gdn:
             g = self.gdn
-            groups.append((g.layers, {"in_proj_qkv": (self.hidden, g.conv_dim),
-                                      "in_proj_z": (self.hidden, g.v_heads * g.v_dim),
-                                      "in_proj_b": (self.hidden, g.v_heads), "in_proj_a": (self.hidden, g.v_heads),
-                                      "out_proj": (g.v_heads * g.v_dim, self.hidden), **mlp}))
+            groups.append(
+                (
+                    g.layers,
+                    {
+                        "in_proj_qkv": (self.hidden, g.conv_dim),
+                        "in_proj_z": (self.hidden, g.v_heads * g.v_dim),
+                        "in_proj_b": (self.hidden, g.v_heads),
+                        "in_proj_a": (self.hidden, g.v_heads),
+                        "out_proj": (g.v_heads * g.v_dim, self.hidden),
+                        **mlp,
+                    },
+                )
+            )
         return groups
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -142,8 +163,15 @@ class Shape:
             gdn = g.layers * (g.conv_dim * g.conv_kernel + 2 * g.v_heads + g.v_dim)
         heads = 1 if self.tied else 2
         routers = self.moe.layers * (self.moe.experts + (1 if self.moe.shared else 0)) * self.hidden if self.moe else 0
-        return (heads * self.vocab * self.hidden + self.attention_layers * attn + self.layers * 2 * self.hidden
-                + gdn + self.hidden + self.frozen_params + routers)
+        return (
+            heads * self.vocab * self.hidden
+            + self.attention_layers * attn
+            + self.layers * 2 * self.hidden
+            + gdn
+            + self.hidden
+            + self.frozen_params
+            + routers
+        )
 
     def params(self) -> int:
         """All parameters (tied weights once)."""
@@ -168,11 +196,17 @@ def hybrid_layer_types(layers: int, interval: int = 4) -> list[str]:
 
 
 def _gdn(text: dict) -> Gdn:
-    kinds = text.get("layer_types") or hybrid_layer_types(text["num_hidden_layers"],
-                                                          text.get("full_attention_interval", 4))
-    return Gdn(sum(k == "linear_attention" for k in kinds), text["linear_num_key_heads"],
-               text["linear_num_value_heads"], text["linear_key_head_dim"], text["linear_value_head_dim"],
-               text.get("linear_conv_kernel_dim", 4))
+    kinds = text.get("layer_types") or hybrid_layer_types(
+        text["num_hidden_layers"], text.get("full_attention_interval", 4)
+    )
+    return Gdn(
+        sum(k == "linear_attention" for k in kinds),
+        text["linear_num_key_heads"],
+        text["linear_num_value_heads"],
+        text["linear_key_head_dim"],
+        text["linear_value_head_dim"],
+        text.get("linear_conv_kernel_dim", 4),
+    )
 
 
 def _moe(text: dict) -> Moe | None:
@@ -183,8 +217,13 @@ def _moe(text: dict) -> Moe | None:
         return None
     step, dense = int(text.get("decoder_sparse_step", 1) or 1), set(text.get("mlp_only_layers") or [])
     sparse = sum(i not in dense and (i + 1) % step == 0 for i in range(text["num_hidden_layers"]))
-    return Moe(sparse, experts, int(text["num_experts_per_tok"]), int(text["moe_intermediate_size"]),
-               int(text.get("shared_expert_intermediate_size") or 0))
+    return Moe(
+        sparse,
+        experts,
+        int(text["num_experts_per_tok"]),
+        int(text["moe_intermediate_size"]),
+        int(text.get("shared_expert_intermediate_size") or 0),
+    )
 
 
 def _vision_params(v: dict | None) -> int:
@@ -204,8 +243,9 @@ def lora_params(shape: Shape, r: int, targets: tuple[str, ...] = ()) -> int:
     """LoRA A and B weights of rank `r` on the `targets` linear layers (empty: all of them, and every
     routed expert of a mixture of experts: one rank-r adapter per expert and fused projection)."""
     chosen = set(targets or shape.linear_shapes())
-    linear = sum(n * sum(r * (i + o) for name, (i, o) in shapes.items() if name in chosen)
-                 for n, shapes in shape.layer_groups())
+    linear = sum(
+        n * sum(r * (i + o) for name, (i, o) in shapes.items() if name in chosen) for n, shapes in shape.layer_groups()
+    )
     m = shape.moe
     if m is None or (targets and not any("experts." in t for t in targets)):
         return linear

@@ -23,15 +23,29 @@ MOE = ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"
 FAMILIES = DENSE + MOE
 COMPOSITE = ("qwen3_5", "qwen3_5_moe")  # vision-language checkpoints, with mtp.* beside them
 # config classes by family (transformers names), and which carry the Qwen3.5 vocabulary
-CONFIGS = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "qwen3_5": "Qwen3_5Config",
-           "qwen3_5_text": "Qwen3_5TextConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig",
-           "qwen3_next": "Qwen3NextConfig", "qwen3_5_moe": "Qwen3_5MoeConfig",
-           "qwen3_5_moe_text": "Qwen3_5MoeTextConfig"}
+CONFIGS = {
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "qwen3_5": "Qwen3_5Config",
+    "qwen3_5_text": "Qwen3_5TextConfig",
+    "qwen2_moe": "Qwen2MoeConfig",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "qwen3_next": "Qwen3NextConfig",
+    "qwen3_5_moe": "Qwen3_5MoeConfig",
+    "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
+}
 EXPERTS = 4  # routed experts of a tiny MoE: top-2 of 4, so routing differs between tokens and ranks
 
 
-def make_tiny_model(out_dir: str | Path, family: str = "qwen3", hidden: int = 64, layers: int = 2, seed: int = 0,
-                    vocab_size: int | None = None, dtype: str = "fp32") -> Path:
+def make_tiny_model(
+    out_dir: str | Path,
+    family: str = "qwen3",
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    dtype: str = "fp32",
+) -> Path:
     """Write a random tiny checkpoint (safetensors + config + tokenizer files) to `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -67,19 +81,40 @@ def _write_image_processor(out: Path) -> None:
 def _config(family: str, hidden: int, layers: int, vocab: int, special_ids: dict):
     import transformers
 
-    shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=4096,
-                 tie_word_embeddings=True, **special_ids)
+    shape = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        **special_ids,
+    )
     if family in MOE:  # few experts, top-2, a shared expert where the family has one
-        shape.update(num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=hidden // 2,
-                     shared_expert_intermediate_size=hidden, router_aux_loss_coef=0.01)
+        shape.update(
+            num_experts=EXPERTS,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden // 2,
+            shared_expert_intermediate_size=hidden,
+            router_aux_loss_coef=0.01,
+        )
     if family in ("qwen3_next",) or family.startswith("qwen3_5"):
         shape = _hybrid_shape(shape, hidden, layers, mrope=family.startswith("qwen3_5"))
     cls = getattr(transformers, CONFIGS[family])
     if family not in COMPOSITE:
         return cls(**shape)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=16,
-                  num_position_embeddings=64)
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=hidden,
+        patch_size=16,
+        num_position_embeddings=64,
+    )
     return cls(text_config=shape, vision_config=vision, tie_word_embeddings=True)
 
 
@@ -89,8 +124,15 @@ def _hybrid_shape(shape: dict, hidden: int, layers: int, mrope: bool) -> dict:
     rope = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25}
     if mrope:
         rope.update(mrope_section=[1, 1, 0], mrope_interleaved=True)
-    return dict(shape, linear_key_head_dim=hidden // 4, linear_value_head_dim=hidden // 4, linear_num_key_heads=2,
-                linear_num_value_heads=4, layer_types=_layer_types(layers), rope_parameters=rope)
+    return dict(
+        shape,
+        linear_key_head_dim=hidden // 4,
+        linear_value_head_dim=hidden // 4,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        layer_types=_layer_types(layers),
+        rope_parameters=rope,
+    )
 
 
 def _layer_types(layers: int) -> list[str]:
@@ -111,9 +153,16 @@ def _write_mtp(out: Path, hidden: int, dtype, seed: int) -> None:
     from qwen_ft.model.layout import write_index
 
     g = torch.Generator().manual_seed(seed + 1)
-    mtp = {f"mtp.{name}": (torch.randn(shape, generator=g) * 0.02).to(dtype) for name, shape in (
-        ("fc.weight", (hidden, 2 * hidden)), ("pre_fc_norm_embedding.weight", (hidden,)),
-        ("pre_fc_norm_hidden.weight", (hidden,)), ("norm.weight", (hidden,)),
-        ("layers.0.self_attn.q_proj.weight", (hidden, hidden)), ("layers.0.mlp.down_proj.weight", (hidden, hidden)))}
+    mtp = {
+        f"mtp.{name}": (torch.randn(shape, generator=g) * 0.02).to(dtype)
+        for name, shape in (
+            ("fc.weight", (hidden, 2 * hidden)),
+            ("pre_fc_norm_embedding.weight", (hidden,)),
+            ("pre_fc_norm_hidden.weight", (hidden,)),
+            ("norm.weight", (hidden,)),
+            ("layers.0.self_attn.q_proj.weight", (hidden, hidden)),
+            ("layers.0.mlp.down_proj.weight", (hidden, hidden)),
+        )
+    }
     save_file(mtp, str(out / "mtp.safetensors"), metadata={"format": "pt"})
     write_index(out, [out / "model.safetensors", out / "mtp.safetensors"])

@@ -15,7 +15,7 @@ from qwen_ft.train.distributed import DistInfo
 
 if TYPE_CHECKING:
     from qwen_ft.train.checkpoint import TrainState
-    from qwen_ft.train.loop import Trainer
+    from qwen_ft.train.loop import TrainingRun
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class RunResult:
     model_path: Path  # the final weights (an adapter directory for LoRA/Q-LoRA): output_dir itself
 
 
-def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
+def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
     """Everything a run needs, built in order: returns (trainer, TrainState: fresh or resumed)."""
     from qwen_ft.train import loop
 
@@ -43,17 +43,25 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
     plan = steps.run_plan(cfg, dist, first_epoch, precision, attn, family)
     backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)
     state = steps.resume_state(cfg, backend, data, dist, ckpt)
-    trainer = loop.Trainer(cfg, plan, dist, backend, unwrapped, data, tok.endoftext_id,
-                           steps.saver(cfg, unwrapped, tok, family, backend, dist),
-                           steps.loss_function(cfg, unwrapped, ds_config),
-                           steps.router_loss(cfg, unwrapped, family, dist))
+    trainer = loop.TrainingRun(
+        cfg,
+        plan,
+        dist,
+        backend,
+        unwrapped,
+        data,
+        tok.endoftext_id,
+        steps.saver(cfg, unwrapped, tok, family, backend, dist),
+        steps.loss_function(cfg, unwrapped, ds_config),
+        steps.router_loss(cfg, unwrapped, family, dist),
+    )
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout:
     # whatever runs a step next (the loop, scripts/profile_step.py) must run the training step.
     backend.module.train()
     return trainer, state
 
 
-def fit(cfg: RunConfig, dist: DistInfo) -> tuple[Trainer, TrainState]:
+def run_training(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
     """Build everything for `cfg` and train; returns (trainer, final TrainState)."""
     from qwen_ft.train import loop
     from qwen_ft.train.distributed import print0
@@ -86,7 +94,7 @@ def finetune(config: str | Path | RunConfig, overrides: list[str] | tuple[str, .
     cfg = steps.checked_config(config, list(overrides))
     dist = steps.distributed()
     try:
-        _, state = fit(cfg, dist)
+        _, state = run_training(cfg, dist)
     finally:
         shutdown(dist)
     return result_of(cfg, state)

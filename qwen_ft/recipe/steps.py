@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from qwen_ft.model.families import Family
     from qwen_ft.model.load import Precision
     from qwen_ft.tokenizer.base import ChatTokenizer
-    from qwen_ft.train.loop import Trainer
+    from qwen_ft.train.loop import TrainingRun
     from qwen_ft.train.ownership import (
         OutputLock,  # the steps import what they build lazily, so that `qwen-ft --help` stays fast
     )
@@ -62,8 +62,11 @@ def native_checkpoint(cfg: RunConfig, dist: DistInfo) -> RunConfig:
     with local_main_first(dist):
         converted = converted_for_training(cfg.model.path, cfg.data.cache_dir)
     print0(dist, f"model: Qwen v1 checkpoint {cfg.model.path} converted to the native layout in {converted}")
-    tokenizer = cfg.tokenizer if cfg.tokenizer.path not in (None, cfg.model.path) else \
-        dataclasses.replace(cfg.tokenizer, path=str(converted))
+    tokenizer = (
+        cfg.tokenizer
+        if cfg.tokenizer.path not in (None, cfg.model.path)
+        else dataclasses.replace(cfg.tokenizer, path=str(converted))
+    )
     model = dataclasses.replace(cfg.model, path=str(converted), family="qwen2")
     return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
 
@@ -78,8 +81,9 @@ def runtime(cfg: RunConfig, dist: DistInfo) -> tuple[Precision, str, Family]:
     return precision, resolve_attention(cfg.model.attn_implementation, dist.device, precision.name), family
 
 
-def tokenizer_and_data(cfg: RunConfig, dist: DistInfo, family: Family) -> tuple[ChatTokenizer, PreparedData,
-                                                                                  BatchPlan]:
+def tokenizer_and_data(
+    cfg: RunConfig, dist: DistInfo, family: Family
+) -> tuple[ChatTokenizer, PreparedData, BatchPlan]:
     """Tokenizer (of the family's vocabulary), data and the first epoch's batch plan: local rank 0 of
     each node builds the cache (once per node, or once in all on a shared filesystem), the other
     processes wait and then memory-map it."""
@@ -132,8 +136,11 @@ def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist:
     torch.manual_seed(cfg.train.seed)  # adapter init and dropout follow train.seed (same on every rank)
     unwrapped = build_model(cfg, family, precision, attn, dist.device)
     trainable, total = count_parameters(unwrapped)
-    print0(dist, f"model: {family.name} from {cfg.model.path}, method {cfg.method}, {precision.name}, {attn}; "
-                 f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    print0(
+        dist,
+        f"model: {family.name} from {cfg.model.path}, method {cfg.method}, {precision.name}, {attn}; "
+        f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)",
+    )
     if family.moe:
         print0(dist, experts_line(cfg, family, unwrapped))
     return unwrapped
@@ -148,10 +155,11 @@ def experts_line(cfg: RunConfig, family: Family, unwrapped: torch.nn.Module) -> 
         return text + "; every expert and the router are trained"
     adapted = split_targets(cfg.lora.target_modules, family)[1]
     if not any("experts." in t for t in adapted):
-        return text + ("; the routed experts are NOT adapted (lora.target_modules leaves them out: add "
-                       f"{', '.join(family.experts)} to train them)")
-    router = "" if any(t.endswith("mlp.gate.weight") for t in adapted) else \
-        " (the router is not: add mlp.gate.weight)"
+        return text + (
+            "; the routed experts are NOT adapted (lora.target_modules leaves them out: add "
+            f"{', '.join(family.experts)} to train them)"
+        )
+    router = "" if any(t.endswith("mlp.gate.weight") for t in adapted) else " (the router is not: add mlp.gate.weight)"
     return text + f"; LoRA on {', '.join(t for t in adapted if 'experts.' in t)}{router}"
 
 
@@ -166,38 +174,48 @@ def router_loss(cfg: RunConfig, unwrapped: torch.nn.Module, family: Family, dist
     if coef == 0:
         print0(dist, f"router loss: off ({source} router_aux_loss_coef is 0)")
         return None
-    print0(dist, f"router loss: load-balancing aux loss x {coef:g} ({source} router_aux_loss_coef), "
-                 "logged as aux_loss")
+    print0(
+        dist, f"router loss: load-balancing aux loss x {coef:g} ({source} router_aux_loss_coef), logged as aux_loss"
+    )
     return RouterLoss(unwrapped, coef)
 
 
-def backend(cfg: RunConfig, unwrapped: torch.nn.Module, precision: Precision, dist: DistInfo,
-            ds_config: dict[str, Any] | None) -> Backend:
+def backend(
+    cfg: RunConfig, unwrapped: torch.nn.Module, precision: Precision, dist: DistInfo, ds_config: dict[str, Any] | None
+) -> Backend:
     """Optimizer plus the backend that steps it: DeepSpeed engine, DDP, or a single process."""
     from qwen_ft.train.backends import DeepSpeedBackend, TorchBackend
     from qwen_ft.train.schedule import build_optimizer
 
     if ds_config is None:
         optimizer = build_optimizer(unwrapped, cfg)
-        return TorchBackend(wrap_ddp(unwrapped, dist), unwrapped, optimizer, precision, dist.device,
-                            cfg.train.max_grad_norm)
+        return TorchBackend(
+            wrap_ddp(unwrapped, dist), unwrapped, optimizer, precision, dist.device, cfg.train.max_grad_norm
+        )
     from qwen_ft.train.deepspeed import initialize
 
     return DeepSpeedBackend(initialize(cfg, unwrapped, ds_config), unwrapped, dist.rank)
 
 
-def run_plan(cfg: RunConfig, dist: DistInfo, first_epoch: BatchPlan, precision: Precision, attn: str,
-             family: Family) -> RunPlan:
+def run_plan(
+    cfg: RunConfig, dist: DistInfo, first_epoch: BatchPlan, precision: Precision, attn: str, family: Family
+) -> RunPlan:
     """Step counts for this world size; reports micro-batches left over by uneven division."""
     from qwen_ft.train.plan import make_run_plan
 
     n = len(first_epoch.batches)
     plan = make_run_plan(cfg, dist.device, precision, attn, dist.world, n, family.packing == "gdn")
     if n % dist.world:
-        print0(dist, f"note: {n % dist.world} of {n} micro-batches per epoch are left out so that each of "
-                     f"{dist.world} processes gets {n // dist.world} (a different set each epoch)")
-    print0(dist, f"plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), warmup {plan.warmup_steps}, "
-                 f"{cfg.train.micro_batch_size} rows x {cfg.train.grad_accum} accumulation x {dist.world} processes")
+        print0(
+            dist,
+            f"note: {n % dist.world} of {n} micro-batches per epoch are left out so that each of "
+            f"{dist.world} processes gets {n // dist.world} (a different set each epoch)",
+        )
+    print0(
+        dist,
+        f"plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), warmup {plan.warmup_steps}, "
+        f"{cfg.train.micro_batch_size} rows x {cfg.train.grad_accum} accumulation x {dist.world} processes",
+    )
     return plan
 
 
@@ -234,8 +252,9 @@ def resume_checkpoint(cfg: RunConfig, dist: DistInfo) -> Path | None:
     return ckpt
 
 
-def resume_state(cfg: RunConfig, backend: Backend, data: PreparedData, dist: DistInfo,
-                 ckpt: Path | None) -> ck.TrainState:
+def resume_state(
+    cfg: RunConfig, backend: Backend, data: PreparedData, dist: DistInfo, ckpt: Path | None
+) -> ck.TrainState:
     """The TrainState: fresh, or restored (weights, optimizer, RNG) from `ckpt`."""
     from qwen_ft.train.resume import check_same_data
 
@@ -250,8 +269,9 @@ def resume_state(cfg: RunConfig, backend: Backend, data: PreparedData, dist: Dis
     return state
 
 
-def saver(cfg: RunConfig, unwrapped: torch.nn.Module, tok: ChatTokenizer, family: Family, backend: Backend,
-          dist: DistInfo) -> Saver:
+def saver(
+    cfg: RunConfig, unwrapped: torch.nn.Module, tok: ChatTokenizer, family: Family, backend: Backend, dist: DistInfo
+) -> Saver:
     """Callable run on every rank: gathers ZeRO-3 weights, then the main process writes weights,
     run_config.yaml, manifest.json and tokenizer files into a directory."""
     from qwen_ft.data.template import find_template
@@ -272,7 +292,7 @@ def saver(cfg: RunConfig, unwrapped: torch.nn.Module, tok: ChatTokenizer, family
     return save
 
 
-def save_final(trainer: Trainer, state: ck.TrainState) -> None:
+def save_final(trainer: TrainingRun, state: ck.TrainState) -> None:
     """Final weights and description in output_dir itself (main process), with the loss history."""
     import json
 

@@ -69,9 +69,11 @@ def quantized_linear_bytes(cfg: RunConfig, shape: Shape, gptq_group: int) -> flo
 
     dense = sum(n * sum(packed(i, o) for i, o in shapes.values()) for n, shapes in shape.layer_groups())
     m = shape.moe  # routed experts: per-expert quantized linears (gate, up: H -> I; down: I -> H)
-    return dense + (m.layers * m.experts * (2 * packed(shape.hidden, m.intermediate) + packed(m.intermediate,
-                                                                                            shape.hidden))
-                    if m else 0)
+    return dense + (
+        m.layers * m.experts * (2 * packed(shape.hidden, m.intermediate) + packed(m.intermediate, shape.hidden))
+        if m
+        else 0
+    )
 
 
 # Bytes per logit entry at the loss step's peak (fp32 logits, their softmax/gradient and the 16-bit
@@ -80,8 +82,9 @@ def quantized_linear_bytes(cfg: RunConfig, shape: Shape, gptq_group: int) -> flo
 LOGIT_BYTES = {"fused": 11, "plain": 13}
 
 
-def estimate(cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, offload: bool,
-             gptq_group: int = 128) -> Estimate:
+def estimate(
+    cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, offload: bool, gptq_group: int = 128
+) -> Estimate:
     """Predicted peak bytes per GPU for `cfg` on `world` GPUs under ZeRO `stage` (0: none)."""
     t = trainable_params(cfg, shape)
     full_ds = cfg.method == "full" and stage > 0
@@ -99,8 +102,9 @@ def estimate(cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, o
     # Recomputed layers keep their input only; the others all their activations.
     e.parts["activations"] = tokens * (recomputed * shape.hidden * 2 + (shape.layers - recomputed) * per_layer)
     if shape.moe and recomputed < shape.layers:  # the routed copies of each token: top-k active experts
-        e.parts["expert activations"] = tokens * expert_activation_bytes(shape) * (shape.layers - recomputed) * \
-            shape.moe.layers / shape.layers
+        e.parts["expert activations"] = (
+            tokens * expert_activation_bytes(shape) * (shape.layers - recomputed) * shape.moe.layers / shape.layers
+        )
     states = gdn_chunk_states(cfg, shape)  # per GDN layer, kept like its other activations
     if shape.gdn and recomputed < shape.layers:
         e.parts["GDN states"] = states * shape.gdn.layers * (1 - recomputed / shape.layers)
@@ -191,8 +195,10 @@ def read_checkpoint_config(model_path: str) -> dict:
 
     path = Path(model_path) / "config.json"
     if not path.is_file():
-        raise QwenFtError(f"{path} not found: the estimate reads the checkpoint's config.json; set "
-                          "model.path=DIR to a directory holding it (config.json alone is enough)")
+        raise QwenFtError(
+            f"{path} not found: the estimate reads the checkpoint's config.json; set "
+            "model.path=DIR to a directory holding it (config.json alone is enough)"
+        )
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:

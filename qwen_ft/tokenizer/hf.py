@@ -78,8 +78,10 @@ class HFQwenTokenizer(ChatTokenizer):
         easy = [is_nfc(t) for t in texts]
         quick = iter(fast.encode_batch([t for t, ok in zip(texts, easy, strict=True) if ok]))
         slow = iter(self._slow_offsets([t for t, ok in zip(texts, easy, strict=True) if not ok]))
-        return [(ids := next(quick), fast.tokens_before(text, ids)) if ok else next(slow)
-                for text, ok in zip(texts, easy, strict=True)]
+        return [
+            (ids := next(quick), fast.tokens_before(text, ids)) if ok else next(slow)
+            for text, ok in zip(texts, easy, strict=True)
+        ]
 
     def _slow_offsets(self, texts: list[str]) -> list[tuple[list[int], Callable[[int], int]]]:
         """`tokenizers` itself (text the NFC normaliser changes, vocabularies tiktoken cannot match)."""

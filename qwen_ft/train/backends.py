@@ -23,8 +23,15 @@ if TYPE_CHECKING:
 class TorchBackend:
     """One process or DDP: GradScaler for fp16, clipping before the step, safetensors resume state."""
 
-    def __init__(self, model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 precision: Precision, device: torch.device, max_grad_norm: float):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        unwrapped: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+        device: torch.device,
+        max_grad_norm: float,
+    ):
         self.module, self.unwrapped, self.optimizer = model, unwrapped, optimizer
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
         self.max_grad_norm = max_grad_norm or float("inf")

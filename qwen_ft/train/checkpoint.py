@@ -49,11 +49,18 @@ def build_manifest(cfg: RunConfig, family: str, model_type: str) -> dict:
     return {
         "qwen_ft_version": __version__,
         "base_model": {"path": str(base), "fingerprint": model_fingerprint(base)},
-        "family": family, "model_type": model_type, "method": cfg.method,
-        "dtype": cfg.model.dtype, "tokenizer_path": str(Path(cfg.tokenizer_path).resolve()),
+        "family": family,
+        "model_type": model_type,
+        "method": cfg.method,
+        "dtype": cfg.model.dtype,
+        "tokenizer_path": str(Path(cfg.tokenizer_path).resolve()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-        "quant": None if cfg.method != "qlora" else {
-            "backend": cfg.quant.backend, "bits": cfg.quant.bits, "quant_type": cfg.quant.quant_type,
+        "quant": None
+        if cfg.method != "qlora"
+        else {
+            "backend": cfg.quant.backend,
+            "bits": cfg.quant.bits,
+            "quant_type": cfg.quant.quant_type,
             "double_quant": cfg.quant.double_quant,
             "original_base": str(Path(cfg.quant.original_base).resolve()) if cfg.quant.original_base else None,
         },
@@ -107,11 +114,13 @@ def save_model_files(model, out: Path, state_dict: dict | None = None, base: Bas
         add_base_tensors(base.path, out, base.prefixes)
 
 
-
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     sd = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-               for i, state in sd["state"].items() for k, v in state.items()}
+    tensors = {
+        f"{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+        for i, state in sd["state"].items()
+        for k, v in state.items()
+    }
     return tensors, sd["param_groups"]
 
 
@@ -160,8 +169,10 @@ def load_resume_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> TrainStat
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except ValueError as e:
-        raise QwenFtError(f"{ckpt} was trained with other trainable parameters (method or lora settings differ: "
-                          f"{e}); resume with the checkpoint's settings (see its run_config.yaml)") from None
+        raise QwenFtError(
+            f"{ckpt} was trained with other trainable parameters (method or lora settings differ: "
+            f"{e}); resume with the checkpoint's settings (see its run_config.yaml)"
+        ) from None
     rng = load_file(str(ckpt / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():

@@ -94,8 +94,11 @@ def gathered_state_dict(engine, model, method: str) -> dict | None:
         return _gathered_by_module(deepspeed, model)
     # state_dict keys, not named_parameters: tied copies (peft's tied lm_head) share one Parameter
     # but must each appear under their own key.
-    wanted = {k: p for k, p in model.state_dict(keep_vars=True).items()
-              if isinstance(p, torch.nn.Parameter) and p.requires_grad}
+    wanted = {
+        k: p
+        for k, p in model.state_dict(keep_vars=True).items()
+        if isinstance(p, torch.nn.Parameter) and p.requires_grad
+    }
     unique = list({id(p): p for p in wanted.values()}.values())
     with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
         return {k: p.detach().cpu().clone() for k, p in wanted.items()}

@@ -30,16 +30,28 @@ def preset(name: str) -> dict:
     if zero["stage"] == 2:
         zero.update(reduce_scatter=True, allgather_bucket_size=200_000_000, reduce_bucket_size=200_000_000)
     else:
-        zero.update(reduce_bucket_size=200_000_000, stage3_prefetch_bucket_size=50_000_000,
-                    stage3_param_persistence_threshold=100_000, stage3_max_live_parameters=1_000_000_000,
-                    stage3_max_reuse_distance=1_000_000_000, stage3_gather_16bit_weights_on_model_save=True)
+        zero.update(
+            reduce_bucket_size=200_000_000,
+            stage3_prefetch_bucket_size=50_000_000,
+            stage3_param_persistence_threshold=100_000,
+            stage3_max_live_parameters=1_000_000_000,
+            stage3_max_reuse_distance=1_000_000_000,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
     if name.endswith("_offload"):
         zero["offload_optimizer"] = dict(_OFFLOAD)
         if zero["stage"] == 3:
             zero["offload_param"] = dict(_OFFLOAD)
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-            "zero_optimization": zero, "steps_per_print": 1_000_000_000, "wall_clock_breakdown": False}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
 
 
 def read_base(choice: str) -> tuple[dict, str]:
@@ -54,8 +66,9 @@ def read_base(choice: str) -> tuple[dict, str]:
     try:
         return json.loads(path.read_text()), str(path)
     except FileNotFoundError:
-        raise ConfigError([f"dist.deepspeed: {path} not found; use a preset ({', '.join(PRESETS)}) or a JSON "
-                           "path"]) from None
+        raise ConfigError(
+            [f"dist.deepspeed: {path} not found; use a preset ({', '.join(PRESETS)}) or a JSON path"]
+        ) from None
     except json.JSONDecodeError as e:
         raise ConfigError([f"dist.deepspeed: {path}:{e.lineno}: invalid JSON ({e.msg})"]) from None
 
@@ -83,16 +96,20 @@ def deepspeed_config(cfg: RunConfig, precision: str, world: int) -> dict:
     out, problems = copy.deepcopy(base), []
     for block in ("scheduler", "optimizer"):
         if block in base:
-            problems.append(f"{source}: remove the '{block}' block; train.scheduler / train.learning_rate and AdamW "
-                            "settings in the YAML are the only source of truth")
+            problems.append(
+                f"{source}: remove the '{block}' block; train.scheduler / train.learning_rate and AdamW "
+                "settings in the YAML are the only source of truth"
+            )
     for path, value in owned_values(cfg, precision, world).items():
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})
         given = node.get(path[-1], "auto")
         if given not in ("auto", value):
-            problems.append(f"{source}: {'.'.join(path)} is {given!r} but the YAML makes it {value!r}; "
-                            "set it to \"auto\" (or remove it)")
+            problems.append(
+                f"{source}: {'.'.join(path)} is {given!r} but the YAML makes it {value!r}; "
+                'set it to "auto" (or remove it)'
+            )
         node[path[-1]] = value
     if problems:
         raise ConfigError(problems, source=source)

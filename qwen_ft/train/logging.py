@@ -14,8 +14,14 @@ class RunLogger:
         self.out = Path(out_dir)
         self.enabled, self.every, self.total = enabled, every, total_steps
         self.window: list[dict[str, float]] = []
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not enabled,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="training",
+            unit="step",
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
         self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -38,8 +44,9 @@ class RunLogger:
             if key != "step":
                 self.tb.add_scalar(f"train/{key}", value, step)
         aux = {"aux": f"{logged['aux_loss']:.4f}"} if "aux_loss" in logged else {}
-        self.bar.set_postfix(loss=f"{logged['loss']:.4f}", **aux, lr=f"{logged['lr']:.2e}",
-                             tok_s=f"{logged['tokens_per_s']:.0f}")
+        self.bar.set_postfix(
+            loss=f"{logged['loss']:.4f}", **aux, lr=f"{logged['lr']:.2e}", tok_s=f"{logged['tokens_per_s']:.0f}"
+        )
 
     def eval(self, step: int, loss: float) -> None:
         """Record an eval loss."""

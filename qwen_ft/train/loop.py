@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Trainer:
+class TrainingRun:
     """Everything the loop needs, built elsewhere (this class loads nothing)."""
 
     cfg: RunConfig
@@ -63,10 +63,16 @@ class Trainer:
         ds = getattr(self.data, split)
         flat = sorted({i for row in rows for i in row})
         got = ds[flat]
-        lookup = {i: {"input_ids": a, "labels": b} for i, a, b in zip(flat, got["input_ids"], got["labels"],
-                                                                          strict=True)}
-        return collate([[lookup[i] for i in row] for row in rows], self.pad_id, self.cfg.data.packing,
-                       flattens(self.plan.attn), self.plan.segments)
+        lookup = {
+            i: {"input_ids": a, "labels": b} for i, a, b in zip(flat, got["input_ids"], got["labels"], strict=True)
+        }
+        return collate(
+            [[lookup[i] for i in row] for row in rows],
+            self.pad_id,
+            self.cfg.data.packing,
+            flattens(self.plan.attn),
+            self.plan.segments,
+        )
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -78,11 +84,10 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     """Copy a host batch to `device`; on CUDA through pinned memory, so the copy does not block the host."""
     if device.type != "cuda":
         return batch
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in pinned(batch).items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in pinned(batch).items()}
 
 
-def group_at(tr: Trainer, position: tuple[int, int], cache: dict) -> tuple[list, tuple[int, int]]:
+def group_at(tr: TrainingRun, position: tuple[int, int], cache: dict) -> tuple[list, tuple[int, int]]:
     """The micro-batches of the optimizer step at (epoch, offset), and the position after it.
 
     `cache` holds the planned epochs still ahead (reading the next epoch's first group early, for
@@ -94,18 +99,18 @@ def group_at(tr: Trainer, position: tuple[int, int], cache: dict) -> tuple[list,
             del cache[old]
         cache[epoch] = tr.epoch_batches(epoch)
     batches = cache[epoch]
-    group = batches[offset:offset + tr.cfg.train.grad_accum]
+    group = batches[offset : offset + tr.cfg.train.grad_accum]
     offset += len(group)
     return group, ((epoch + 1, 0) if offset >= len(batches) else (epoch, offset))
 
 
-def next_group(tr: Trainer, state: ck.TrainState, cache: dict) -> list:
+def next_group(tr: TrainingRun, state: ck.TrainState, cache: dict) -> list:
     """The micro-batches of the next optimizer step; advances state.epoch/batch_offset."""
     group, (state.epoch, state.batch_offset) = group_at(tr, (state.epoch, state.batch_offset), cache)
     return group
 
 
-def train_step(tr: Trainer, hosts: list[dict[str, torch.Tensor]]) -> tuple[float, int, dict[str, float]]:
+def train_step(tr: TrainingRun, hosts: list[dict[str, torch.Tensor]]) -> tuple[float, int, dict[str, float]]:
     """Forward/backward over one accumulation group of collated host batches (no optimizer step).
 
     The loss is the sum of token losses divided by the number of learned tokens in the whole
@@ -141,7 +146,7 @@ def train_step(tr: Trainer, hosts: list[dict[str, torch.Tensor]]) -> tuple[float
     return sums[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in hosts), extra
 
 
-def router_capture(tr: Trainer):
+def router_capture(tr: TrainingRun):
     """Around the training forward: the router logits it makes (a mixture of experts), else nothing."""
     from contextlib import nullcontext
 
@@ -160,7 +165,7 @@ def eval_share(batches: list, rank: int, world: int) -> list[tuple[list, bool]]:
     return mine + [(batches[0], False)] * short if short else mine
 
 
-def evaluate(tr: Trainer) -> float:
+def evaluate(tr: TrainingRun) -> float:
     """Mean token loss over the whole eval set, each batch counted once across processes."""
     full = plan_for(tr.cfg, tr.data, 0, "eval")
     loss_sum = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
@@ -178,7 +183,7 @@ def evaluate(tr: Trainer) -> float:
     return total / max(1.0, n_counted)
 
 
-def save_checkpoint(tr: Trainer, state: ck.TrainState, root: Path, keep: int) -> Path:
+def save_checkpoint(tr: TrainingRun, state: ck.TrainState, root: Path, keep: int) -> Path:
     """Atomic checkpoint under root/checkpoint-{step}: every rank writes its part into a temporary
     directory, then the main process renames it into place."""
     final, tmp = root / f"checkpoint-{state.step}", root / f".tmp-checkpoint-{state.step}"
@@ -198,14 +203,17 @@ def save_checkpoint(tr: Trainer, state: ck.TrainState, root: Path, keep: int) ->
         shutil.rmtree(tmp, ignore_errors=True)
         found = ck.list_checkpoints(root)
         last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved before"
-        raise QwenFtError(f"saving {final} failed: {e}; {last}. Free space (or fix the directory), then resume "
-                          "with train.resume: auto") from None
+        raise QwenFtError(
+            f"saving {final} failed: {e}; {last}. Free space (or fix the directory), then resume "
+            "with train.resume: auto"
+        ) from None
     barrier(tr.dist)
     return final
 
 
-def guard(tr: Trainer, state: ck.TrainState, values: tuple[float, float], root: Path,
-          position: tuple[int, int]) -> None:
+def guard(
+    tr: TrainingRun, state: ck.TrainState, values: tuple[float, float], root: Path, position: tuple[int, int]
+) -> None:
     """Stop on a non-finite loss or gradient norm, saving the last good state.
 
     Checked before the optimizer step, the failing group's gradients are discarded and the data
@@ -230,7 +238,7 @@ def guard(tr: Trainer, state: ck.TrainState, values: tuple[float, float], root: 
     )
 
 
-def after_step_guard(tr: Trainer, state: ck.TrainState, grad_norm: float, root: Path) -> None:
+def after_step_guard(tr: TrainingRun, state: ck.TrainState, grad_norm: float, root: Path) -> None:
     """Under DeepSpeed: a non-finite gradient norm reported by the step stops the run.
 
     Raises:
@@ -240,8 +248,10 @@ def after_step_guard(tr: Trainer, state: ck.TrainState, grad_norm: float, root: 
         return
     found = ck.list_checkpoints(root)
     where = f"resume from {found[-1]}" if found else "no checkpoint was saved yet"
-    raise QwenFtError(f"non-finite gradient norm at step {state.step} ({grad_norm}); {where}. Lower "
-                      "train.learning_rate, set train.max_grad_norm, or check the data")
+    raise QwenFtError(
+        f"non-finite gradient norm at step {state.step} ({grad_norm}); {where}. Lower "
+        "train.learning_rate, set train.max_grad_norm, or check the data"
+    )
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -279,11 +289,11 @@ def trained_parts(model: torch.nn.Module) -> list[torch.Tensor]:
             continue
         group = getattr(p, "ds_process_group", None)
         rank = torch.distributed.get_rank(group) if torch.distributed.is_initialized() else 0
-        parts.append(part.view(-1)[:zero3_valid_length(getattr(p, "ds_numel", part.numel()), part.numel(), rank)])
+        parts.append(part.view(-1)[: zero3_valid_length(getattr(p, "ds_numel", part.numel()), part.numel(), rank)])
     return [t for t in parts if t.numel()]
 
 
-def weights_guard(tr: Trainer, state: ck.TrainState, lr: float, root: Path) -> None:
+def weights_guard(tr: TrainingRun, state: ck.TrainState, lr: float, root: Path) -> None:
     """A step that leaves any trained weight inf or NaN (an overflowing learning rate) stops the run
     before that state can be saved as the last good one. Every process decides together: under
     ZeRO-3 each holds a different part of the weights, and one stopping alone would leave the
@@ -297,11 +307,13 @@ def weights_guard(tr: Trainer, state: ck.TrainState, lr: float, root: Path) -> N
         return
     found = ck.list_checkpoints(root)
     where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
-    raise QwenFtError(f"non-finite weights after step {state.step} (learning rate {lr:g}); nothing was saved from "
-                      f"it, {where}. Lower train.learning_rate or set train.max_grad_norm, then resume")
+    raise QwenFtError(
+        f"non-finite weights after step {state.step} (learning rate {lr:g}); nothing was saved from "
+        f"it, {where}. Lower train.learning_rate or set train.max_grad_norm, then resume"
+    )
 
 
-def run(tr: Trainer, state: ck.TrainState, logger: StepLogger) -> ck.TrainState:
+def run(tr: TrainingRun, state: ck.TrainState, logger: StepLogger) -> ck.TrainState:
     """Train until plan.total_steps, checkpointing and evaluating as configured."""
     cache: dict = {}
     tr.backend.module.train()
@@ -318,8 +330,9 @@ def run(tr: Trainer, state: ck.TrainState, logger: StepLogger) -> ck.TrainState:
     return state
 
 
-def one_step(tr: Trainer, state: ck.TrainState, taken: tuple[list, tuple[int, int], float],
-             logger: StepLogger) -> None:
+def one_step(
+    tr: TrainingRun, state: ck.TrainState, taken: tuple[list, tuple[int, int], float], logger: StepLogger
+) -> None:
     """One optimizer step, with its guards, log, eval and save.
 
     `taken`: the group's collated host batches, the data position they were taken from (the

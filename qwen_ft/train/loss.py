@@ -17,8 +17,18 @@ from qwen_ft.data.collate import GATHER, GROUPS, SCATTER, learned_indices
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Forward kwargs of a collated batch (position_ids when packed, attention_mask when padded)."""
-    keys = ("input_ids", "position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-            "max_length_k", GATHER, SCATTER, GROUPS)
+    keys = (
+        "input_ids",
+        "position_ids",
+        "attention_mask",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        GATHER,
+        SCATTER,
+        GROUPS,
+    )
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -127,12 +137,16 @@ def _use_liger(kernel: str, head_device: torch.device | None) -> bool:
         return runs and deps.usable("liger")
     deps.require("liger", "train.loss_kernel=liger")
     if not deps.usable("liger"):
-        raise QwenFtError("train.loss_kernel: liger, but liger-kernel's Triton kernels do not import here (a wheel "
-                          "for another torch?); reinstall it: pip install 'qwen-ft[liger]', or set loss_kernel: auto")
+        raise QwenFtError(
+            "train.loss_kernel: liger, but liger-kernel's Triton kernels do not import here (a wheel "
+            "for another torch?); reinstall it: pip install 'qwen-ft[liger]', or set loss_kernel: auto"
+        )
     if not runs:
         why = "the output layer is not a plain Linear" if head_device is None else "the model is not on a CUDA GPU"
-        raise QwenFtError(f"train.loss_kernel: liger, but {why} (Liger's kernel runs on CUDA tensors through a "
-                          "bias-free Linear head); set train.loss_kernel: auto")
+        raise QwenFtError(
+            f"train.loss_kernel: liger, but {why} (Liger's kernel runs on CUDA tensors through a "
+            "bias-free Linear head); set train.loss_kernel: auto"
+        )
     return True
 
 
@@ -147,8 +161,9 @@ def head_weight(head) -> torch.Tensor | None:
     return None
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                               chunk: int) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """sum(cross_entropy(hidden @ weight.T, target)), with gradients made chunk by chunk in the forward.
 
     Under autocast the matmuls run in the autocast dtype, as `nn.Linear` would; the softmax and
@@ -190,7 +205,7 @@ class _FusedLinearCE(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             for start in range(0, target.numel(), chunk):
-                h, t = hidden[start:start + chunk].to(dtype), target[start:start + chunk]
+                h, t = hidden[start : start + chunk].to(dtype), target[start : start + chunk]
                 logits = (h @ w.T).float()
                 # log-sum-exp and softmax in place: one chunk-sized buffer, no temporary beside it
                 picked = logits.gather(1, t[:, None]).squeeze(1)
@@ -203,7 +218,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 g[torch.arange(t.numel(), device=t.device), t] -= 1.0
                 g = g.to(dtype)
                 if grad_h is not None:  # need_h
-                    grad_h[start:start + chunk] = g @ w
+                    grad_h[start : start + chunk] = g @ w
                 if grad_w is not None and dtype == torch.float16:  # fp16's range: a chunk's unscaled sum can overflow
                     grad_w.addmm_(g.T.float(), h.float())
                 elif grad_w is not None:  # need_w

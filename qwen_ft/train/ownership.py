@@ -23,13 +23,32 @@ from qwen_ft.files import process_alive, read_json_object
 
 LOCK = ".qwen-ft.lock"
 SAFE_TO_CHANGE = {
-    "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
-    "train.save_total_limit", "train.resume", "train.overwrite_output_dir", "data.cache_dir", "data.num_proc",
-    "model.attn_implementation", "model.gradient_checkpointing", "model.checkpoint_fraction", "model.compile",
-    "train.loss_chunk_tokens", "train.loss_kernel", "train.output_dir",
+    "train.max_steps",
+    "train.epochs",
+    "train.logging_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.resume",
+    "train.overwrite_output_dir",
+    "data.cache_dir",
+    "data.num_proc",
+    "model.attn_implementation",
+    "model.gradient_checkpointing",
+    "model.checkpoint_fraction",
+    "model.compile",
+    "train.loss_chunk_tokens",
+    "train.loss_kernel",
+    "train.output_dir",
 }
-OUTPUT_FILES = ("run_config.yaml", "manifest.json", "adapter_config.json", "model.safetensors",
-                "model.safetensors.index.json", "train_history.json")
+OUTPUT_FILES = (
+    "run_config.yaml",
+    "manifest.json",
+    "adapter_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "train_history.json",
+)
 
 
 class OutputLock:
@@ -53,9 +72,11 @@ class OutputLock:
             except FileExistsError:
                 holder = read_json_object(self.path)
                 if _alive(holder):
-                    raise QwenFtError(f"train.output_dir {self.path.parent} is in use by another run (pid "
-                                      f"{holder.get('pid')} on {holder.get('host')}); wait for it to finish, or "
-                                      "choose another output_dir") from None
+                    raise QwenFtError(
+                        f"train.output_dir {self.path.parent} is in use by another run (pid "
+                        f"{holder.get('pid')} on {holder.get('host')}); wait for it to finish, or "
+                        "choose another output_dir"
+                    ) from None
                 self.path.unlink(missing_ok=True)  # its process is gone: a stale lock
                 continue
             with os.fdopen(fd, "w") as fh:
@@ -99,9 +120,11 @@ def claim_fresh(output_dir: str | Path, overwrite: bool) -> None:
     if not found:
         return
     if not overwrite:
-        raise QwenFtError(f"train.output_dir {output_dir} holds another run's outputs ({', '.join(found)}); choose a "
-                          "new output_dir, resume it (train.resume: auto, with its config), or set "
-                          "train.overwrite_output_dir: true to clear it first")
+        raise QwenFtError(
+            f"train.output_dir {output_dir} holds another run's outputs ({', '.join(found)}); choose a "
+            "new output_dir, resume it (train.resume: auto, with its config), or set "
+            "train.overwrite_output_dir: true to clear it first"
+        )
     for entry in Path(output_dir).iterdir():
         if entry.name != LOCK:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -143,10 +166,15 @@ def check_same_run(ckpt: Path, now: dict[str, Any], defaults: dict[str, Any] | N
     saved_file = ckpt / "run_config.yaml"
     saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else None
     if not isinstance(saved, dict):
-        raise QwenFtError(f"{ckpt} has no readable run_config.yaml, so it cannot be matched to this run; start "
-                          "fresh with train.resume: none (and train.overwrite_output_dir: true)")
+        raise QwenFtError(
+            f"{ckpt} has no readable run_config.yaml, so it cannot be matched to this run; start "
+            "fresh with train.resume: none (and train.overwrite_output_dir: true)"
+        )
     changed = config_diff(saved, now, defaults)
     if changed:
-        raise QwenFtError(f"{ckpt} belongs to a run with other settings; resuming would mix them:\n  "
-                          + "\n  ".join(changed) + "\nRestore these settings to resume, or start a new run in "
-                          "another output_dir (or with train.overwrite_output_dir: true)")
+        raise QwenFtError(
+            f"{ckpt} belongs to a run with other settings; resuming would mix them:\n  "
+            + "\n  ".join(changed)
+            + "\nRestore these settings to resume, or start a new run in "
+            "another output_dir (or with train.overwrite_output_dir: true)"
+        )

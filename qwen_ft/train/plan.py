@@ -36,8 +36,15 @@ def rank_batches(batches: list, rank: int, world: int) -> list:
     return batches[rank:even:world]
 
 
-def make_run_plan(cfg: RunConfig, device: torch.device, precision: Precision, attn: str, world: int,
-                  n_batches: int, segments: bool = False) -> RunPlan:
+def make_run_plan(
+    cfg: RunConfig,
+    device: torch.device,
+    precision: Precision,
+    attn: str,
+    world: int,
+    n_batches: int,
+    segments: bool = False,
+) -> RunPlan:
     """Step counts from the number of planned micro-batches of one epoch.
 
     Raises:
@@ -45,8 +52,10 @@ def make_run_plan(cfg: RunConfig, device: torch.device, precision: Precision, at
     """
     per_rank = n_batches // world
     if per_rank == 0:
-        raise QwenFtError(f"{n_batches} micro-batch(es) for {world} processes; add data, lower "
-                          "train.micro_batch_size, or use fewer processes")
+        raise QwenFtError(
+            f"{n_batches} micro-batch(es) for {world} processes; add data, lower "
+            "train.micro_batch_size, or use fewer processes"
+        )
     t = cfg.train
     steps_per_epoch = math.ceil(per_rank / t.grad_accum)
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)

@@ -29,12 +29,16 @@ def resume_path(resume: str, output_dir: str, say: Callable[[str], None] = print
         return None
     path = Path(resume)
     if not (path / ck.STATE_FILE).is_file():
-        raise QwenFtError(f"train.resume: {resume!r} is not a complete checkpoint (no {ck.STATE_FILE}); "
-                          "use auto, none, or a checkpoint-N directory")
+        raise QwenFtError(
+            f"train.resume: {resume!r} is not a complete checkpoint (no {ck.STATE_FILE}); "
+            "use auto, none, or a checkpoint-N directory"
+        )
     damaged = verify.problems(path)
     if damaged:
-        raise QwenFtError(f"train.resume: {resume} is damaged ({'; '.join(damaged)}); resume from an older "
-                          "checkpoint, or use train.resume: auto to take the newest that verifies")
+        raise QwenFtError(
+            f"train.resume: {resume} is damaged ({'; '.join(damaged)}); resume from an older "
+            "checkpoint, or use train.resume: auto to take the newest that verifies"
+        )
     return path
 
 
@@ -45,5 +49,7 @@ def check_same_data(state: ck.TrainState, data_key: str, ckpt: Path) -> None:
         QwenFtError: the tokenized data differs from the checkpoint's.
     """
     if state.data_key and state.data_key != data_key:
-        raise QwenFtError(f"{ckpt} was trained on different data or data settings (cache key {state.data_key}, now "
-                          f"{data_key}); resume with the same data, or start fresh with train.resume=none")
+        raise QwenFtError(
+            f"{ckpt} was trained on different data or data settings (cache key {state.data_key}, now "
+            f"{data_key}); resume with the same data, or start fresh with train.resume=none"
+        )

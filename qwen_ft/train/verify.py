@@ -35,8 +35,11 @@ def file_digest(path: Path) -> str:
 
 def write_manifest(ckpt: Path) -> None:
     """Record every file of `ckpt` (relative path -> size and digest)."""
-    files = {str(f.relative_to(ckpt)): {"size": f.stat().st_size, "digest": file_digest(f)}
-             for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    files = {
+        str(f.relative_to(ckpt)): {"size": f.stat().st_size, "digest": file_digest(f)}
+        for f in sorted(ckpt.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
     (ckpt / MANIFEST).write_text(json.dumps(files, indent=1))
 
 

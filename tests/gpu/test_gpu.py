@@ -13,7 +13,7 @@ from qwen_ft.cli.main import main
 from qwen_ft.data.collate import collate
 from qwen_ft.model.attention import flattens, model_attn_name, torch_varlen_available
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import fit
+from qwen_ft.recipe.run import run_training
 from qwen_ft.train.loss import causal_lm_loss
 from tests.integration.conftest import write_run_yaml
 from tests.integration.test_packing_exact import examples, tiny_model
@@ -23,7 +23,7 @@ CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 
 def train(config: str):
     """fit() on the GPU; returns (trainer, state, losses)."""
-    trainer, state = fit(steps.checked_config(config, []), steps.distributed())
+    trainer, state = run_training(steps.checked_config(config, []), steps.distributed())
     return trainer, state, [h["loss"] for h in state.history if "loss" in h]
 
 
@@ -39,8 +39,9 @@ def backends_here() -> list[str]:
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_lora_step_in_half_precision(run_config, dtype):
     """bf16 autocast, and fp16 with the GradScaler: finite, falling loss; adapters stay fp32."""
-    trainer, _, losses = train(run_config(model={"dtype": dtype, "attn_implementation": "auto"},
-                                          train={"max_steps": 8}))
+    trainer, _, losses = train(
+        run_config(model={"dtype": dtype, "attn_implementation": "auto"}, train={"max_steps": 8})
+    )
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     trained = [p for p in trainer.unwrapped.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 and p.is_cuda for p in trained)
@@ -102,8 +103,15 @@ def test_qwen3_5_packed_equals_one_by_one(attn, rows_per_batch):
 
 @pytest.mark.extras("bitsandbytes")
 def test_bnb_qlora_step(run_config):
-    _, _, losses = train(run_config(method="qlora", quant={"backend": "bnb"}, model={"dtype": "bf16"},
-                                    lora={"dropout": 0.0}, train={"max_steps": 8, "learning_rate": 2e-2}))
+    _, _, losses = train(
+        run_config(
+            method="qlora",
+            quant={"backend": "bnb"},
+            model={"dtype": "bf16"},
+            lora={"dropout": 0.0},
+            train={"max_steps": 8, "learning_rate": 2e-2},
+        )
+    )
     assert losses[-1] < losses[0], losses
 
 
@@ -115,10 +123,16 @@ def test_gptq_qlora_step_and_merge(tmp_path):
 
     dense, gptq = make_tiny_model(tmp_path / "dense", hidden=64, layers=1), tmp_path / "gptq"  # as the CPU test
     quantize_model(str(dense), str(gptq), 4, 32, str(REPO / "data/example_chatml.jsonl"), n_calib=16)
-    cfg = write_run_yaml(tmp_path / "run.yaml", gptq, tmp_path, method="qlora", quant={"backend": "gptq"},
-                         model={"dtype": "bf16"}, lora={"r": 8, "alpha": 16, "dropout": 0.0},
-                         train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 8,
-                                "learning_rate": 2e-2})
+    cfg = write_run_yaml(
+        tmp_path / "run.yaml",
+        gptq,
+        tmp_path,
+        method="qlora",
+        quant={"backend": "gptq"},
+        model={"dtype": "bf16"},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 8, "learning_rate": 2e-2},
+    )
     _, _, losses = train(cfg)
     assert losses[-1] < losses[0], losses
     assert main(["merge", str(tmp_path / "out"), "--out", str(tmp_path / "merged")]) == 0
@@ -135,8 +149,19 @@ def test_deepspeed_single_process(run_config, tmp_path, stage):
     from tests.conftest import REPO
 
     config = run_config(model={"dtype": "bf16"}, train={"max_steps": 8})
-    proc = subprocess.run([sys.executable, str(REPO / "finetune.py"), "--config", config, f"dist.deepspeed={stage}",
-                           f"train.output_dir={tmp_path / stage}"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "finetune.py"),
+            "--config",
+            config,
+            f"dist.deepspeed={stage}",
+            f"train.output_dir={tmp_path / stage}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "done: 8 steps" in proc.stdout
 
@@ -160,8 +185,10 @@ def test_liger_loss_equals_ours():
     weight = torch.randn(1000, 64, device=CUDA, requires_grad=True)
     target = torch.randint(0, 1000, (300,), device=CUDA)
     results = []
-    for fn in (lambda: liger_linear_cross_entropy(hidden, weight, target),
-               lambda: fused_linear_cross_entropy(hidden, weight, target, 128)):
+    for fn in (
+        lambda: liger_linear_cross_entropy(hidden, weight, target),
+        lambda: fused_linear_cross_entropy(hidden, weight, target, 128),
+    ):
         hidden.grad = weight.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = fn()

@@ -46,8 +46,11 @@ def write_run_yaml(path, model_dir, workdir, **sections) -> str:
     each keyword merges into its section (or replaces a scalar such as method)."""
     raw = {
         "model": {"path": str(model_dir), "dtype": "fp32", "attn_implementation": "sdpa"},
-        "data": {"train_files": [str(REPO / "data/example_chatml.jsonl")], "max_length": 128,
-                 "cache_dir": str(workdir / "cache")},
+        "data": {
+            "train_files": [str(REPO / "data/example_chatml.jsonl")],
+            "max_length": 128,
+            "cache_dir": str(workdir / "cache"),
+        },
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
@@ -61,8 +64,15 @@ def run_config(tmp_path, tiny_model_dir):
     defaults = {
         "method": "lora",
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
-        "train": {"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "grad_accum": 2,
-                  "learning_rate": 5e-3, "max_steps": 6, "warmup_ratio": 0.2, "seed": 3},
+        "train": {
+            "output_dir": str(tmp_path / "out"),
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "learning_rate": 5e-3,
+            "max_steps": 6,
+            "warmup_ratio": 0.2,
+            "seed": 3,
+        },
     }
 
     def make(**sections) -> str:

@@ -30,8 +30,13 @@ print(json.dumps({"steps": r.steps, "first": r.first_loss, "last": r.last_loss, 
 @pytest.mark.slow
 def test_finetune_merge_estimate_chat_from_python_without_the_cli(run_config, tmp_path):
     config = run_config()
-    proc = subprocess.run([sys.executable, "-c", PROBE, config, str(tmp_path / "merged")], capture_output=True,
-                          text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, config, str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["cli"] == []
@@ -44,8 +49,10 @@ def test_finetune_merge_estimate_chat_from_python_without_the_cli(run_config, tm
 
 
 def test_importing_qwen_ft_loads_nothing_heavy():
-    code = "import sys, qwen_ft; qwen_ft.finetune; print(sorted(m for m in ('torch', 'transformers', 'peft') " \
-           "if m in sys.modules))"
+    code = (
+        "import sys, qwen_ft; qwen_ft.finetune; print(sorted(m for m in ('torch', 'transformers', 'peft') "
+        "if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

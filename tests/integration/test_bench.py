@@ -15,8 +15,29 @@ from qwen_ft.cli.main import main
 def test_bench_tiny_lora_against_baseline(tmp_path, capsys):
     """Both implementations at --micro-batch 2 (2 sequences x 4 accumulation each), through the real code."""
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--shape", "tiny", "--methods", "lora", "--lengths", "96", "--steps", "2", "--warmup", "1",
-               "--micro-batch", "2", "--work-dir", str(tmp_path), "--json", str(out), "--peak-tflops", "1"])
+    rc = main(
+        [
+            "bench",
+            "--shape",
+            "tiny",
+            "--methods",
+            "lora",
+            "--lengths",
+            "96",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--micro-batch",
+            "2",
+            "--work-dir",
+            str(tmp_path),
+            "--json",
+            str(out),
+            "--peak-tflops",
+            "1",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     report = json.loads(out.read_text())
@@ -38,8 +59,22 @@ def test_bench_tiny_lora_against_baseline(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.extras("gptqmodel")
 def test_bench_tiny_gptq_qlora(tmp_path, capsys):
-    rc = main(["bench", "--shape", "tiny", "--methods", "qlora_gptq", "--lengths", "80", "--steps", "1",
-               "--no-baseline", "--work-dir", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "--shape",
+            "tiny",
+            "--methods",
+            "qlora_gptq",
+            "--lengths",
+            "80",
+            "--steps",
+            "1",
+            "--no-baseline",
+            "--work-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0, capsys.readouterr().out
     (r,) = json.loads((tmp_path / "bench-tiny.json").read_text())["results"]
     assert r["error"] is None and r["method"] == "qlora_gptq" and r["seconds_per_step"] > 0
@@ -47,8 +82,22 @@ def test_bench_tiny_gptq_qlora(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_baseline_only_runs_the_trainer_case_alone(tmp_path, capsys):
-    rc = main(["bench", "--methods", "lora", "--lengths", "80", "--steps", "1", "--micro-batch", "2",
-               "--baseline-only", "--work-dir", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "--methods",
+            "lora",
+            "--lengths",
+            "80",
+            "--steps",
+            "1",
+            "--micro-batch",
+            "2",
+            "--baseline-only",
+            "--work-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0, capsys.readouterr().out
     report = json.loads((tmp_path / "bench-tiny.json").read_text())
     (r,) = report["results"]
@@ -73,8 +122,9 @@ def test_bench_reports_a_failing_case_without_crashing(tmp_path, capsys):
 
     model = write_random_checkpoint("tiny", tmp_path / "model-tiny-dense")
     (model / "model-00001-of-00001.safetensors").write_bytes(b"not safetensors")  # a damaged cached checkpoint
-    rc = main(["bench", "--methods", "lora", "--lengths", "80", "--steps", "1", "--no-baseline",
-               "--work-dir", str(tmp_path)])
+    rc = main(
+        ["bench", "--methods", "lora", "--lengths", "80", "--steps", "1", "--no-baseline", "--work-dir", str(tmp_path)]
+    )
     printed = capsys.readouterr()
     assert rc == 1 and "tiny  lora" in printed.out
     (r,) = json.loads((tmp_path / "bench-tiny.json").read_text())["results"]

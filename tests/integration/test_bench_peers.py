@@ -14,12 +14,15 @@ SCRIPT = REPO / "scripts/bench_cpu_peers.py"
 
 
 def test_speedups_are_peer_seconds_over_ours():
-    runs = {"qwen-ft": [{"process_s": 10.0, "train_s": 4.0}, {"process_s": 12.0, "train_s": 6.0}],
-            "qwenlm": [{"process_s": 30.0, "train_s": 25.0}, {"process_s": 34.0, "train_s": 27.0}]}
+    runs = {
+        "qwen-ft": [{"process_s": 10.0, "train_s": 4.0}, {"process_s": 12.0, "train_s": 6.0}],
+        "qwenlm": [{"process_s": 30.0, "train_s": 25.0}, {"process_s": 34.0, "train_s": 27.0}],
+    }
     out = load_script("bench_cpu_peers").summary(runs)
     assert out["mean"]["qwen-ft"] == {"process_s": 11.0, "train_s": 5.0}
     assert out["speedup"]["qwenlm"] == pytest.approx(
-        {"loop_vs_loop": 26.0 / 5.0, "process_vs_process": 32.0 / 11.0, "our_process_vs_their_loop": 26.0 / 11.0})
+        {"loop_vs_loop": 26.0 / 5.0, "process_vs_process": 32.0 / 11.0, "our_process_vs_their_loop": 26.0 / 11.0}
+    )
 
 
 @pytest.mark.slow

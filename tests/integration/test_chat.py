@@ -29,15 +29,21 @@ class FakeModel:
 
 def test_reply_streams_and_stops_at_im_end(qwen3_tok):
     model, pieces = FakeModel(qwen3_tok), []
-    text = reply(model, qwen3_tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "hello"}],
-                 pieces.append)
+    text = reply(
+        model, qwen3_tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "hello"}], pieces.append
+    )
     assert text == "Hi! 你好" and "".join(pieces) == "Hi! 你好"
     assert "\ufffd" not in "".join(pieces)  # multi-byte characters are never split
     assert model.kwargs["eos_token_id"] == [151645, 151643]
     prompt = model.kwargs["input_ids"][0].tolist()
     assert prompt[-3:] == [151644, 77091, 198]  # ends with <|im_start|>assistant\n (Qwen3's thinking prompt)
-    reply(model, qwen3_tok, [{"role": "user", "content": "hello"}], pieces.append,
-          template_kwargs={"enable_thinking": False})
+    reply(
+        model,
+        qwen3_tok,
+        [{"role": "user", "content": "hello"}],
+        pieces.append,
+        template_kwargs={"enable_thinking": False},
+    )
     no_think = model.kwargs["input_ids"][0].tolist()
     assert qwen3_tok.decode(no_think[-7:]) == "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
@@ -66,19 +72,26 @@ def greedy_answer(model_dir, system: str, prompt: str, max_new_tokens: int) -> s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    inputs = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tok.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     stop = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                         pad_token_id=stop[1])
-    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=stop[1]
+    )
+    return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_chat_prompt_answers_once_and_exits(talkative_model_dir, capsys):
     expected = greedy_answer(talkative_model_dir, "Be brief.", "Hello", 5)
     assert len(expected.strip()) > 3  # the fixture's point: an answer of several different tokens
-    assert main(["chat", str(talkative_model_dir), "--system", "Be brief.", "--prompt", "Hello",
-                 "--max-new-tokens", "5"]) == 0
+    assert (
+        main(["chat", str(talkative_model_dir), "--system", "Be brief.", "--prompt", "Hello", "--max-new-tokens", "5"])
+        == 0
+    )
     assert capsys.readouterr().out == expected + "\n"  # exactly the greedy answer, printed once
 
 
@@ -86,15 +99,24 @@ def test_interactive_chat_over_stdin(tiny_model_dir):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", "chat", str(tiny_model_dir),
-                           "--max-new-tokens", "3"], input="/help\nHello\n/reset\nAgain\n/nope\n/exit\n",
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen_ft.cli.main", "chat", str(tiny_model_dir), "--max-new-tokens", "3"],
+        input="/help\nHello\n/reset\nAgain\n/nope\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("assistant> ") == 2 and proc.stdout.count("user> ") == 6
     assert "(new conversation)" in proc.stderr and "unknown command /nope" in proc.stderr
     assert proc.stderr.count("/reset start a new conversation") == 3  # banner, /help, unknown command
-    ended = subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", "chat", str(tiny_model_dir),
-                            "--max-new-tokens", "2"], input="Hello\n", capture_output=True, text=True, timeout=120)
+    ended = subprocess.run(
+        [sys.executable, "-m", "qwen_ft.cli.main", "chat", str(tiny_model_dir), "--max-new-tokens", "2"],
+        input="Hello\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ended.returncode == 0 and "Traceback" not in ended.stderr  # Ctrl-D (end of input) ends cleanly
 
 

@@ -24,8 +24,14 @@ def four_layers(tmp_path_factory):
 
 
 def build(path, method: str, **model):
-    cfg = config_from_dict({"model": {"path": str(path), "dtype": "fp32", **model}, "method": method,
-                            "data": {"train_files": ["unused.jsonl"]}, "lora": {"r": 4, "dropout": 0.0}})
+    cfg = config_from_dict(
+        {
+            "model": {"path": str(path), "dtype": "fp32", **model},
+            "method": method,
+            "data": {"train_files": ["unused.jsonl"]},
+            "lora": {"r": 4, "dropout": 0.0},
+        }
+    )
     precision, attn, family = steps.runtime(cfg, CPU)
     return steps.model(cfg, family, precision, attn, CPU)
 

@@ -30,8 +30,18 @@ def test_preprocess_demo_config(demo_args, capsys):
 
 
 def test_preprocess_qwen_format_with_v1_tokenizer(tmp_path, v1_dir, capsys):
-    rc = main(["preprocess", "--tokenizer", str(v1_dir), "--data", str(REPO / "data/example_qwen.json"),
-               "--label-policy", "qwen_reference", f"data.cache_dir={tmp_path}"])
+    rc = main(
+        [
+            "preprocess",
+            "--tokenizer",
+            str(v1_dir),
+            "--data",
+            str(REPO / "data/example_qwen.json"),
+            "--label-policy",
+            "qwen_reference",
+            f"data.cache_dir={tmp_path}",
+        ]
+    )
     assert rc == 0 and re.search(r"examples\s+10\n", capsys.readouterr().out)
 
 
@@ -53,9 +63,18 @@ def test_qwen_ft_train_subcommand(run_config, capsys):
 
 
 def test_finetune_entry_config_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "finetune.py"), "--config",
-                           str(REPO / "configs/tiny_cpu_smoke.yaml"), "data.max_lenght=9"],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "finetune.py"),
+            "--config",
+            str(REPO / "configs/tiny_cpu_smoke.yaml"),
+            "data.max_lenght=9",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 1 and "did you mean 'data.max_length'" in proc.stderr
     assert "Traceback" not in proc.stderr
 

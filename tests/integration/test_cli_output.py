@@ -17,8 +17,9 @@ OWN = re.compile(r"^(data |  \S|model: |plan: |note: |resume: |training: |done: 
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_ft.cli.main", *args], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
 
 
 def foreign_lines(text: str) -> list[str]:

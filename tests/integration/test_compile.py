@@ -7,12 +7,12 @@ import pytest
 from qwen_ft.config.load import config_from_dict
 from qwen_ft.errors import ConfigError
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import fit
+from qwen_ft.recipe.run import run_training
 
 
 def losses(config: str, *overrides: str) -> tuple[list[float], int]:
     """Losses of a run and how many of its modules run compiled."""
-    trainer, state = fit(steps.checked_config(config, list(overrides)), steps.distributed())
+    trainer, state = run_training(steps.checked_config(config, list(overrides)), steps.distributed())
     compiled = sum(getattr(m, "_compiled_call_impl", None) is not None for m in trainer.unwrapped.modules())
     return [h["loss"] for h in state.history if "loss" in h], compiled
 

@@ -22,15 +22,40 @@ from tests.conftest import REPO, free_port
 from tests.integration.conftest import write_run_yaml
 
 pytestmark = [pytest.mark.extras("deepspeed"), pytest.mark.slow]  # every test launches DeepSpeed processes
-COMMON = ["train.max_steps=4", "train.save_steps=2", "train.micro_batch_size=1", "train.grad_accum=2",
-          "lora.dropout=0.0", "train.learning_rate=2e-3"]
+COMMON = [
+    "train.max_steps=4",
+    "train.save_steps=2",
+    "train.micro_batch_size=1",
+    "train.grad_accum=2",
+    "lora.dropout=0.0",
+    "train.learning_rate=2e-3",
+]
 
 
 def torchrun(config: str, out: Path, *extra: str) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(REPO / "finetune.py"), "--config", config, f"train.output_dir={out}", *COMMON, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "finetune.py"),
+        "--config",
+        config,
+        f"train.output_dir={out}",
+        *COMMON,
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -47,8 +72,14 @@ def runs(tmp_path_factory, tiny_model_dir):
     config = tmp / "run.yaml"
     write_run_yaml(config, tiny_model_dir, tmp, lora={"r": 8, "alpha": 16}, train={"warmup_ratio": 0.2, "seed": 5})
     done = {}
-    for ds, method in [("none", "full"), ("none", "lora"), ("zero2", "full"), ("zero2", "lora"), ("zero3", "full"),
-                       ("zero3", "lora")]:
+    for ds, method in [
+        ("none", "full"),
+        ("none", "lora"),
+        ("zero2", "full"),
+        ("zero2", "lora"),
+        ("zero3", "full"),
+        ("zero3", "lora"),
+    ]:
         out = tmp / f"{ds}-{method}"
         done[ds, method] = (out, torchrun(str(config), out, f"dist.deepspeed={ds}", f"method={method}"))
     return str(config), tmp, done
@@ -128,9 +159,22 @@ def test_single_process_without_a_launcher(tmp_path, tiny_model_dir, stage):
     """Plain `python finetune.py` with DeepSpeed: a process group of one is made for it."""
     config = write_run_yaml(tmp_path / "run.yaml", tiny_model_dir, tmp_path, lora={"r": 8, "alpha": 16})
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    proc = subprocess.run([sys.executable, str(REPO / "finetune.py"), "--config", config,
-                           f"train.output_dir={tmp_path / 'out'}", f"dist.deepspeed={stage}", *COMMON],
-                          capture_output=True, text=True, cwd=REPO, timeout=600, env={**env, "DS_ACCELERATOR": "cpu"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "finetune.py"),
+            "--config",
+            config,
+            f"train.output_dir={tmp_path / 'out'}",
+            f"dist.deepspeed={stage}",
+            *COMMON,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**env, "DS_ACCELERATOR": "cpu"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "done: 4 steps" in proc.stdout and (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
@@ -142,18 +186,45 @@ def test_zero3_eval_of_an_odd_size_on_two_processes(tmp_path, tiny_model_dir):
     lines = (REPO / "data/example_chatml.jsonl").read_text().splitlines()[:3]
     (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
     ds = json.loads((REPO / "configs/deepspeed/zero3.json").read_text())
-    ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0,
-                                   stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    ds["zero_optimization"].update(
+        stage3_param_persistence_threshold=0,
+        stage3_max_live_parameters=0,
+        stage3_max_reuse_distance=0,
+        stage3_prefetch_bucket_size=0,
+    )
     (tmp_path / "zero3_tight.json").write_text(json.dumps(ds))
-    config = write_run_yaml(tmp_path / "run.yaml", tiny_model_dir, tmp_path, lora={"r": 8, "alpha": 16},
-                            data={"eval_files": [str(tmp_path / "eval.jsonl")], "packing": False},
-                            train={"eval_steps": 2})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "finetune.py"), "--config", config, f"train.output_dir={tmp_path / 'out'}",
-           f"dist.deepspeed={tmp_path / 'zero3_tight.json'}", *COMMON]
+    config = write_run_yaml(
+        tmp_path / "run.yaml",
+        tiny_model_dir,
+        tmp_path,
+        lora={"r": 8, "alpha": 16},
+        data={"eval_files": [str(tmp_path / "eval.jsonl")], "packing": False},
+        train={"eval_steps": 2},
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "finetune.py"),
+        "--config",
+        config,
+        f"train.output_dir={tmp_path / 'out'}",
+        f"dist.deepspeed={tmp_path / 'zero3_tight.json'}",
+        *COMMON,
+    ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=180,
-                              env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=180,
+            env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"},
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("ZeRO-3 evaluation hung: ranks ran different numbers of eval forwards")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -192,8 +263,11 @@ def test_qwen3_5_under_zero3_equals_ddp_and_keeps_the_base_layout(qwen3_5_runs, 
         from qwen_ft.model.layout import tensor_files
 
         def trained(d):
-            return {k: load_file(str(f))[k] for k, f in tensor_files(d).items()
-                    if not k.startswith(("model.visual.", "mtp."))}
+            return {
+                k: load_file(str(f))[k]
+                for k, f in tensor_files(d).items()
+                if not k.startswith(("model.visual.", "mtp."))
+            }
 
         ref, got = trained(ref_dir), trained(got_dir)
         assert raw_tensors(got_dir) == raw_tensors(base)
@@ -211,8 +285,12 @@ def test_moe_under_zero3_with_different_routing_per_rank_finishes_and_equals_zer
 
     base = make_tiny_model(tmp_path / "base", "qwen3_moe", hidden=32, layers=2)
     ds = json.loads((REPO / "configs/deepspeed/zero3.json").read_text())
-    ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0,
-                                   stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    ds["zero_optimization"].update(
+        stage3_param_persistence_threshold=0,
+        stage3_max_live_parameters=0,
+        stage3_max_reuse_distance=0,
+        stage3_prefetch_bucket_size=0,
+    )
     (tmp_path / "zero3_tight.json").write_text(json.dumps(ds))
     config = write_run_yaml(tmp_path / "run.yaml", base, tmp_path, lora={"r": 4, "alpha": 8})
     histories = {}

@@ -23,11 +23,25 @@ def tiny_hybrid(attn: str = "sdpa", slow_decay: bool = True):
 
     torch.manual_seed(0)
     cfg = Qwen3_5TextConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
-        linear_num_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                   "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0],
-                                                   "mrope_interleaved": True})
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [1, 1, 0],
+            "mrope_interleaved": True,
+        },
+    )
     cfg._attn_implementation = model_attn_name(attn)
     model = Qwen3_5ForCausalLM(cfg)
     assert cfg.layer_types.count("linear_attention") == 3
@@ -59,7 +73,7 @@ def worst_logit_diff(model, rows, exs, batch, reference=None):
         for i in row:
             n = len(exs[i]["input_ids"])
             alone = logits_of(reference, collate([[exs[i]]], 0, packed=False))[0]
-            got = logits[0, start:start + n] if flat else logits[r, start:start + n]
+            got = logits[0, start : start + n] if flat else logits[r, start : start + n]
             worst = max(worst, (got - alone).abs().max().item())
             start += n
         offset = start

@@ -24,7 +24,7 @@ from qwen_ft.cli.main import main
 from qwen_ft.errors import ConfigError
 from qwen_ft.model.layout import tensor_files
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import fit
+from qwen_ft.recipe.run import run_training
 from qwen_ft.train.distributed import DistInfo
 from tests.integration.conftest import write_run_yaml
 
@@ -48,8 +48,12 @@ def _make_and_read_back(root: str) -> dict:
         base = make_tiny_model(Path(root) / family, family, hidden=64, layers=1)
         gptq = f"{root}/{family}-gptq"
         report = quantize_model(str(base), gptq, bits, 32, str(REPO / "data/example_chatml.jsonl"), n_calib=8)
-        made[family] = {"base": str(base), "gptq": gptq, "ppl": (report.ppl_before, report.ppl_after),
-                        "dequant_diff": _against_gptqmodel(gptq)}
+        made[family] = {
+            "base": str(base),
+            "gptq": gptq,
+            "ppl": (report.ppl_before, report.ppl_after),
+            "dequant_diff": _against_gptqmodel(gptq),
+        }
     return {**made["qwen3_moe"], "qwen2_moe": made["qwen2_moe"]}
 
 
@@ -63,9 +67,10 @@ def _against_gptqmodel(gptq: str) -> dict[str, float]:
     ours = stacked(gptq, "model.layers.0.mlp.experts", 4, gptq_settings(gptq) or {}, torch.float32)
     theirs = GPTQModel.load(gptq, device="cpu", backend="torch", dtype=torch.float16)  # the scales as stored
     theirs = theirs.model.model.layers[0].mlp.experts
-    reference = {"gate_up_proj": torch.stack([torch.cat([dense_weight(e.gate_proj), dense_weight(e.up_proj)])
-                                              for e in theirs]),
-                 "down_proj": torch.stack([dense_weight(e.down_proj) for e in theirs])}
+    reference = {
+        "gate_up_proj": torch.stack([torch.cat([dense_weight(e.gate_proj), dense_weight(e.up_proj)]) for e in theirs]),
+        "down_proj": torch.stack([dense_weight(e.down_proj) for e in theirs]),
+    }
     return {k: (ours[k].dequantize(torch.float32) - reference[k].float()).abs().max().item() for k in ours}
 
 
@@ -79,10 +84,16 @@ def made(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def trained(made, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gptq-moe-run")
-    cfg = write_run_yaml(tmp / "run.yaml", made["gptq"], tmp, method="qlora", quant={"backend": "gptq"},
-                         lora={"r": 4, "alpha": 8}, train={"output_dir": str(tmp / "out"), "micro_batch_size": 2,
-                                                           "learning_rate": 2e-2, "max_steps": 4})
-    trainer, state = fit(steps.checked_config(cfg, []), CPU)
+    cfg = write_run_yaml(
+        tmp / "run.yaml",
+        made["gptq"],
+        tmp,
+        method="qlora",
+        quant={"backend": "gptq"},
+        lora={"r": 4, "alpha": 8},
+        train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "learning_rate": 2e-2, "max_steps": 4},
+    )
+    trainer, state = run_training(steps.checked_config(cfg, []), CPU)
     return trainer, state, tmp / "out"
 
 
@@ -93,8 +104,13 @@ def logits(model) -> torch.Tensor:
 
 def test_stacked_experts_dequantize_as_gptqmodels_loader_and_requantize_is_measured(made):
     for name, found in (("qwen3_moe 4-bit", made), ("qwen2_moe 8-bit", made["qwen2_moe"])):
-        print(name, "qwen-ft vs gptqmodel dequantized experts, max |diff|:", found["dequant_diff"],
-              "ppl before/after", found["ppl"])
+        print(
+            name,
+            "qwen-ft vs gptqmodel dequantized experts, max |diff|:",
+            found["dequant_diff"],
+            "ppl before/after",
+            found["ppl"],
+        )
         assert found["dequant_diff"] == {"gate_up_proj": 0.0, "down_proj": 0.0}
         before, after = found["ppl"]
         assert abs(after / before - 1) < 0.05
@@ -126,11 +142,16 @@ def test_dequantized_experts_are_the_bases_own_in_transformers_layout(made, fami
 
 def test_gptq_moe_qlora_trains_lora_on_the_quantized_experts(trained, capsys):
     trainer, state, out = trained
-    packed = {n.replace(".base_layer", ""): tuple(m.shape) for n, m in trainer.unwrapped.named_modules()
-              if type(m).__name__ == "GPTQPacked"}
+    packed = {
+        n.replace(".base_layer", ""): tuple(m.shape)
+        for n, m in trainer.unwrapped.named_modules()
+        if type(m).__name__ == "GPTQPacked"
+    }
     print("GPTQ experts:", packed)
-    assert packed == {"base_model.model.model.layers.0.mlp.experts.gate_up_proj": (4, 64, 64),
-                      "base_model.model.model.layers.0.mlp.experts.down_proj": (4, 64, 32)}
+    assert packed == {
+        "base_model.model.model.layers.0.mlp.experts.gate_up_proj": (4, 64, 64),
+        "base_model.model.model.layers.0.mlp.experts.down_proj": (4, 64, 32),
+    }
     params = dict(trainer.unwrapped.named_parameters())
     assert all("lora_" in k for k in params if ".experts." in k)  # the experts are buffers, packed
     adapters = sorted(k for k in params if "experts" in k and "lora_" in k)
@@ -142,10 +163,16 @@ def test_gptq_moe_qlora_trains_lora_on_the_quantized_experts(trained, capsys):
 def test_gptq_moe_trains_with_the_experts_left_out_of_the_adapter(made, tmp_path, capsys):
     """Experts no adapter wraps still run (packed, through the grouped forward); Qwen2-MoE's 8-bit base."""
     base = made["qwen2_moe"]["gptq"]
-    cfg = write_run_yaml(tmp_path / "run.yaml", base, tmp_path, method="qlora", quant={"backend": "gptq", "bits": 8},
-                         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                         train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 2})
-    trainer, state = fit(steps.checked_config(cfg, []), CPU)
+    cfg = write_run_yaml(
+        tmp_path / "run.yaml",
+        base,
+        tmp_path,
+        method="qlora",
+        quant={"backend": "gptq", "bits": 8},
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 2},
+    )
+    trainer, state = run_training(steps.checked_config(cfg, []), CPU)
     assert "the routed experts are NOT adapted" in capsys.readouterr().out
     assert sum(type(m).__name__ == "GPTQPacked" for m in trainer.unwrapped.modules()) == 2
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state.history if "loss" in h)
@@ -169,8 +196,10 @@ def test_gptq_moe_adapter_equals_stock_peft_on_the_dequantized_base(trained, mad
         model(input_ids=PROBE, labels=PROBE, use_cache=False).loss.backward()
         grads.append({k: p.grad for k, p in model.named_parameters() if "experts" in k and "lora_" in k})
     grad_diff = max((g - grads[1][k]).abs().max().item() for k, g in grads[0].items())
-    print(f"max |logit diff| {diff:.3g}; max |expert adapter grad diff| {grad_diff:.3g} of max |grad| "
-          f"{max(g.abs().max().item() for g in grads[0].values()):.3g}")
+    print(
+        f"max |logit diff| {diff:.3g}; max |expert adapter grad diff| {grad_diff:.3g} of max |grad| "
+        f"{max(g.abs().max().item() for g in grads[0].values()):.3g}"
+    )
     assert diff < 1e-5
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4
     for key, grad in grads[0].items():
@@ -210,8 +239,14 @@ def test_gptq_moe_whose_experts_are_not_quantized_per_expert_is_refused(made, tm
         state = {k: q.get_tensor(k) for k in q.keys() if ".experts." not in k}
         state.update({k: d.get_tensor(k) for k in d.keys() if ".experts." in k})
     save_file(state, str(mixed / "model.safetensors"), metadata={"format": "pt"})
-    cfg = write_run_yaml(tmp_path / "run.yaml", mixed, tmp_path, method="qlora", quant={"backend": "gptq"},
-                         train={"output_dir": str(tmp_path / "out"), "max_steps": 1})
+    cfg = write_run_yaml(
+        tmp_path / "run.yaml",
+        mixed,
+        tmp_path,
+        method="qlora",
+        quant={"backend": "gptq"},
+        train={"output_dir": str(tmp_path / "out"), "max_steps": 1},
+    )
     with pytest.raises(ConfigError) as refused:
         steps.checked_config(cfg, [])
     message = str(refused.value)

@@ -37,8 +37,9 @@ def test_chunked_loss_equals_standard(packed):
 def test_chunked_loss_with_lora_and_trainable_head():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_model("sdpa"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                          modules_to_save=["lm_head"])).train()
+    model = get_peft_model(
+        tiny_model("sdpa"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    ).train()
     batch = collate([examples([8, 12])], pad_id=0, packed=True)
     ref = loss_and_grads(model, causal_lm_loss, batch)
     got = loss_and_grads(model, ChunkedLoss(model, chunk=3), batch)
@@ -53,8 +54,15 @@ def test_tied_embeddings_and_both_chunk_paths(fused):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = Qwen2ForCausalLM(cfg).train()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     batch = collate([examples([9, 14]), examples([6, 11], seed=1)], pad_id=0, packed=True)
@@ -135,8 +143,10 @@ def test_chunked_loss_lowers_peak_memory():
         return float(mb), float(loss)
 
     standard, checkpointed, fused = peak("standard"), peak("checkpointed"), peak("fused")
-    print(f"loss-step peak RSS growth: standard {standard[0]:.0f} MB, checkpointed chunks {checkpointed[0]:.0f} MB, "
-          f"fused chunks {fused[0]:.0f} MB")
+    print(
+        f"loss-step peak RSS growth: standard {standard[0]:.0f} MB, checkpointed chunks {checkpointed[0]:.0f} MB, "
+        f"fused chunks {fused[0]:.0f} MB"
+    )
     assert fused[1] == pytest.approx(standard[1], rel=1e-5) and checkpointed[1] == pytest.approx(standard[1], rel=1e-5)
     assert fused[0] < 0.5 * standard[0]
     assert fused[0] < checkpointed[0]  # lower than the checkpointed chunks it replaces (measured: about -30%)

@@ -37,13 +37,19 @@ def qwen2_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("emb", [False, True], ids=["lora", "lora_emb"])
 def test_static_memory_is_exact(qwen2_dir, emb):
-    cfg = config_from_dict({"model": {"path": str(qwen2_dir), "dtype": "bf16"},
-                            "data": {"train_files": ["unused.jsonl"], "max_length": 64},
-                            "lora": {"r": 8, "train_embeddings": emb}, "train": {"micro_batch_size": 1}})
+    cfg = config_from_dict(
+        {
+            "model": {"path": str(qwen2_dir), "dtype": "bf16"},
+            "data": {"train_files": ["unused.jsonl"], "max_length": 64},
+            "lora": {"r": 8, "train_embeddings": emb},
+            "train": {"micro_batch_size": 1},
+        }
+    )
     precision, attn, family = steps.runtime(cfg, CPU)
     model = steps.model(cfg, family, precision, attn, CPU)
-    predicted = estimate(cfg, Shape.from_config(json.loads((qwen2_dir / "config.json").read_text())), "bf16",
-                         1, 0, False).parts
+    predicted = estimate(
+        cfg, Shape.from_config(json.loads((qwen2_dir / "config.json").read_text())), "bf16", 1, 0, False
+    ).parts
     assert unique_bytes(model.parameters()) == predicted["weights"] + predicted["trained fp32"]
     trained = [p for p in model.parameters() if p.requires_grad]
     for p in trained:

@@ -41,19 +41,36 @@ def one_error(proc: subprocess.CompletedProcess, message: str) -> None:
 @pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("blank.jsonl", "  \n\n"), ("list.json", "[]")])
 def test_empty_data_files_say_there_is_nothing_to_train_on(tmp_path, qwen3_dir, name, text):
     (tmp_path / name).write_text(text)
-    proc = cli("preprocess", "--tokenizer", str(qwen3_dir), "--data", str(tmp_path / name),
-               f"data.cache_dir={tmp_path / 'c'}")
+    proc = cli(
+        "preprocess", "--tokenizer", str(qwen3_dir), "--data", str(tmp_path / name), f"data.cache_dir={tmp_path / 'c'}"
+    )
     one_error(proc, f"no training conversations in {tmp_path / name}: the file(s) hold no rows")
 
 
 def test_all_rows_skipped_lists_why_with_and_n_more(tmp_path, qwen3_dir):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}] * 8)
-    proc = cli("preprocess", "--tokenizer", str(qwen3_dir), "--data", str(path), "--on-error", "skip",
-               f"data.cache_dir={tmp_path / 'c'}")
+    proc = cli(
+        "preprocess",
+        "--tokenizer",
+        str(qwen3_dir),
+        "--data",
+        str(path),
+        "--on-error",
+        "skip",
+        f"data.cache_dir={tmp_path / 'c'}",
+    )
     one_error(proc, "all 8 row(s) were skipped as bad")
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [GOOD] + [{"messages": [{"role": "bot", "content": "x"}]}] * 8)
-    ok = cli("preprocess", "--tokenizer", str(qwen3_dir), "--data", str(mixed), "--on-error", "skip",
-             f"data.cache_dir={tmp_path / 'c'}")
+    ok = cli(
+        "preprocess",
+        "--tokenizer",
+        str(qwen3_dir),
+        "--data",
+        str(mixed),
+        "--on-error",
+        "skip",
+        f"data.cache_dir={tmp_path / 'c'}",
+    )
     assert ok.returncode == 0 and "skipped: ... and 3 more" in ok.stdout
 
 
@@ -63,22 +80,33 @@ def test_lone_surrogate_is_a_row_error_and_bom_costs_no_row(tmp_path, qwen3_dir)
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n" + broken)
     strict = cli("preprocess", "--tokenizer", str(qwen3_dir), "--data", str(path), f"data.cache_dir={tmp_path / 'c'}")
     one_error(strict, f"{path}:2: text holds a lone surrogate U+D800")
-    skip = cli("preprocess", "--tokenizer", str(qwen3_dir), "--data", str(path), "--on-error", "skip",
-               f"data.cache_dir={tmp_path / 'c'}")
+    skip = cli(
+        "preprocess",
+        "--tokenizer",
+        str(qwen3_dir),
+        "--data",
+        str(path),
+        "--on-error",
+        "skip",
+        f"data.cache_dir={tmp_path / 'c'}",
+    )
     assert skip.returncode == 0
     assert "conversations read       2" in skip.stdout and "examples                 1" in skip.stdout
 
 
 def test_validate_names_what_the_checkpoint_lacks(run_config, tiny_model_dir, tmp_path):
     config = run_config()
-    one_error(cli("validate", config, "lora.target_modules=[q_prj,v_proj]"),
-              "lora.target_modules: 'q_prj' names no module of")
+    one_error(
+        cli("validate", config, "lora.target_modules=[q_prj,v_proj]"),
+        "lora.target_modules: 'q_prj' names no module of",
+    )
     blocked = tmp_path / "a-file"
     blocked.write_text("x")
-    one_error(cli("validate", config, f"train.output_dir={blocked / 'out'}"),
-              f"train.output_dir: '{blocked / 'out'}' cannot be written by this user")
-    one_error(cli("validate", config, "model.trust_remote_code=true"),
-              "model.trust_remote_code: true with")
+    one_error(
+        cli("validate", config, f"train.output_dir={blocked / 'out'}"),
+        f"train.output_dir: '{blocked / 'out'}' cannot be written by this user",
+    )
+    one_error(cli("validate", config, "model.trust_remote_code=true"), "model.trust_remote_code: true with")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "config.json").write_text("{not json")
@@ -113,8 +141,11 @@ def test_merge_never_writes_over_its_inputs_or_another_model(run_config, tiny_mo
 
 def test_chat_on_a_missing_or_empty_directory_is_one_line_and_quick(tmp_path):
     (tmp_path / "empty").mkdir()
-    for target, message in ((tmp_path / "nowhere", "no such directory"), (tmp_path / "empty", "is empty"),
-                            ("Qwen/Qwen2.5-7B-Instruct", "no such directory")):
+    for target, message in (
+        (tmp_path / "nowhere", "no such directory"),
+        (tmp_path / "empty", "is empty"),
+        ("Qwen/Qwen2.5-7B-Instruct", "no such directory"),
+    ):
         start = time.perf_counter()
         proc = cli("chat", str(target), "--prompt", "hi")
         one_error(proc, message)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from qwen_ft.model.families import model_class
 from qwen_ft.model.layout import tensor_files
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import fit
+from qwen_ft.recipe.run import run_training
 from qwen_ft.train.distributed import DistInfo
 from tests.integration.conftest import write_run_yaml
 
@@ -36,7 +36,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
 def train(tmp: Path, model_dir: Path, **sections):
     cfg = write_run_yaml(tmp / "run.yaml", model_dir, tmp, **sections)
-    return fit(steps.checked_config(cfg, []), CPU)
+    return run_training(steps.checked_config(cfg, []), CPU)
 
 
 def probe(model) -> torch.Tensor:
@@ -60,9 +60,19 @@ def lora_runs(tmp_path_factory, bases) -> dict:
     runs = {}
     for family, base in bases.items():
         tmp = tmp_path_factory.mktemp(f"lora_{family}")
-        trainer, state = train(tmp, base, method="lora", lora={"r": 4, "alpha": 8},
-                               train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 1,
-                                      "learning_rate": 1e-2, "max_steps": 2})
+        trainer, state = train(
+            tmp,
+            base,
+            method="lora",
+            lora={"r": 4, "alpha": 8},
+            train={
+                "output_dir": str(tmp / "out"),
+                "micro_batch_size": 2,
+                "grad_accum": 1,
+                "learning_rate": 1e-2,
+                "max_steps": 2,
+            },
+        )
         runs[family] = (trainer, state, tmp / "out")
     return runs
 
@@ -140,8 +150,12 @@ def test_router_loss_is_transformers_own_and_packed_equals_unpacked(bases, famil
     keep_packed_apart(model, resolve_family("auto", base), True)
     router = RouterLoss(model, 0.01)
     unpacked, packed = batches(load_tokenizer(base))
-    own = model(input_ids=unpacked["input_ids"], attention_mask=unpacked["attention_mask"],
-                output_router_logits=True, use_cache=False).aux_loss
+    own = model(
+        input_ids=unpacked["input_ids"],
+        attention_mask=unpacked["attention_mask"],
+        output_router_logits=True,
+        use_cache=False,
+    ).aux_loss
     results = []
     for batch in (unpacked, packed):
         model.zero_grad()
@@ -149,8 +163,9 @@ def test_router_loss_is_transformers_own_and_packed_equals_unpacked(bases, famil
             loss_sum, n = causal_lm_loss(model, batch)
         aux = router.loss(batch)
         (loss_sum + router.coef * aux * n).backward()
-        results.append((loss_sum.item(), aux.item(), [p.grad.clone() for p in model.parameters()
-                                                       if p.grad is not None]))
+        results.append(
+            (loss_sum.item(), aux.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        )
     print(f"{family}: aux unpacked {results[0][1]:.6f} packed {results[1][1]:.6f} transformers {own.item():.6f}")
     assert abs(results[0][1] - own.item()) <= 1e-6
     assert abs(results[1][1] - results[0][1]) <= 1e-5
@@ -179,9 +194,17 @@ def test_router_loss_gradient_reaches_the_router(bases):
 
 def test_full_finetune_saves_the_base_layout(tmp_path, bases):
     base = bases["qwen3_moe"]
-    trainer, state = train(tmp_path, base, method="full",
-                           train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 1,
-                                  "router_aux_loss_coef": 0.0})
+    trainer, state = train(
+        tmp_path,
+        base,
+        method="full",
+        train={
+            "output_dir": str(tmp_path / "out"),
+            "micro_batch_size": 2,
+            "max_steps": 1,
+            "router_aux_loss_coef": 0.0,
+        },
+    )
     out = Path(trainer.cfg.train.output_dir)
     assert shapes(out) == shapes(base)
     assert "aux_loss" not in state.history[-1]  # switched off
@@ -194,8 +217,7 @@ def problems(base: Path, *overrides: str) -> list[str]:
     from qwen_ft.config.load import config_from_dict
     from qwen_ft.model.checks import checkpoint_problems
 
-    return checkpoint_problems(config_from_dict({}, [f"model.path={base}", "data.train_files=[x.jsonl]",
-                                                     *overrides]))
+    return checkpoint_problems(config_from_dict({}, [f"model.path={base}", "data.train_files=[x.jsonl]", *overrides]))
 
 
 def test_bad_expert_targets_are_refused_naming_the_fix(bases, tiny_model_dir):
@@ -214,8 +236,13 @@ def test_bad_expert_targets_are_refused_naming_the_fix(bases, tiny_model_dir):
 
 
 def test_experts_left_out_are_said_once(tmp_path, bases, capsys):
-    train(tmp_path, bases["qwen3_moe"], method="lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
-          train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 1})
+    train(
+        tmp_path,
+        bases["qwen3_moe"],
+        method="lora",
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 1},
+    )
     out = capsys.readouterr().out
     assert out.count("the routed experts are NOT adapted") == 1
     assert "experts: run through grouped_mm" in out
@@ -233,8 +260,9 @@ def test_gptq_moe_without_per_expert_quantized_experts_is_refused_and_bnb_moe_is
     gptq = tmp_path / "gptq"
     shutil.copytree(bases["qwen3_moe"], gptq)
     config = json.loads((gptq / "config.json").read_text())
-    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq",
-                                                                                    "bits": 4}}))
+    (gptq / "config.json").write_text(
+        json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}})
+    )
     errs = problems(gptq, "method=qlora", "quant.backend=gptq")
     (err,) = [e for e in errs if "experts" in e]
     assert "the routed experts of model.layers.0.mlp.experts are not quantized per expert" in err, err
@@ -274,6 +302,8 @@ def test_packed_step_equals_one_conversation_at_a_time(bases, family, rows):
     # relative to each gradient's size: the tied 151k/248k-row embedding's gradient (up to ~5 here) sums
     # the padded second row in another order (a leak between conversations is ~1e-2, test_gdn_packing.py)
     worst = max((packed[k] - ref[k]).abs().max().item() / max(1.0, ref[k].abs().max().item()) for k in ref)
-    print(f"{family} {len(rows)} rows: packed vs one by one, loss {loss.item():.6f} vs {ref_loss.item():.6f}, "
-          f"worst relative gradient difference {worst:.2g}")
+    print(
+        f"{family} {len(rows)} rows: packed vs one by one, loss {loss.item():.6f} vs {ref_loss.item():.6f}, "
+        f"worst relative gradient difference {worst:.2g}"
+    )
     assert worst < 2e-5, worst

@@ -13,7 +13,7 @@ import pytest
 
 from qwen_ft.errors import QwenFtError
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import fit
+from qwen_ft.recipe.run import run_training
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo
 from tests.conftest import REPO
@@ -23,12 +23,17 @@ CPU = DistInfo(0, 1, 0, __import__("torch").device("cpu"))
 
 
 def train(config: str, *overrides: str):
-    return fit(steps.checked_config(config, list(overrides)), CPU)
+    return run_training(steps.checked_config(config, list(overrides)), CPU)
 
 
 def cli_train(config: str, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", "train", config, *overrides],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_ft.cli.main", "train", config, *overrides],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
 
 
 def test_a_new_run_never_writes_over_another(run_config, tmp_path):
@@ -81,7 +86,7 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(run_config, tmp_path)
     (out / ".qwen-ft.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     proc = cli_train(config)
     assert proc.returncode == 1 and f"is in use by another run (pid {os.getpid()}" in proc.stderr
-    (out / ".qwen-ft.lock").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname()}))
+    (out / ".qwen-ft.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
     proc = cli_train(config)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (out / ".qwen-ft.lock").exists()

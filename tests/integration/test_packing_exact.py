@@ -19,8 +19,15 @@ def tiny_model(attn: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     cfg._attn_implementation = attn
     return Qwen2ForCausalLM(cfg).eval()
 
@@ -37,8 +44,9 @@ def examples(lengths, seed=0):
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Loss at each position t for predicting labels[t] (0 where ignored); shape like labels."""
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="none",
-                           ignore_index=IGNORE_INDEX).view(labels.shape[0], -1)
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="none", ignore_index=IGNORE_INDEX
+    ).view(labels.shape[0], -1)
     return F.pad(loss, (1, 0))
 
 
@@ -65,8 +73,8 @@ def max_diffs(model, rows, use_positions=True):
         for ex in row:
             n = len(ex["input_ids"])
             ref_logits, ref_losses = single_losses(model, ex)
-            worst_logit = max(worst_logit, (logits[r, start:start + n] - ref_logits).abs().max().item())
-            worst_loss = max(worst_loss, (losses[r, start:start + n] - ref_losses).abs().max().item())
+            worst_logit = max(worst_logit, (logits[r, start : start + n] - ref_logits).abs().max().item())
+            worst_loss = max(worst_loss, (losses[r, start : start + n] - ref_losses).abs().max().item())
             start += n
     return worst_logit, worst_loss
 

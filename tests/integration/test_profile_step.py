@@ -35,9 +35,13 @@ def test_sync_sites_count_only_sync_warnings_by_line():
     def caught(message, filename, lineno):
         return warnings.WarningMessage(UserWarning(message), UserWarning, filename, lineno)
 
-    rows = [caught("called a synchronizing CUDA operation", "/x/qwen_ft/train/loop.py", 120),
-            caught("called a synchronizing CUDA operation", "/x/qwen_ft/train/loop.py", 120),
-            caught("called a synchronizing CUDA operation", "/tmp/torchinductor/ab/cabc.py", 7),
-            caught("something else", "/x/qwen_ft/train/loop.py", 3)]
-    assert load_script("profile_step").sync_sites(rows) == {"qwen_ft/train/loop.py:120": 2,
-                                                            "torchinductor/ab/cabc.py:7": 1}
+    rows = [
+        caught("called a synchronizing CUDA operation", "/x/qwen_ft/train/loop.py", 120),
+        caught("called a synchronizing CUDA operation", "/x/qwen_ft/train/loop.py", 120),
+        caught("called a synchronizing CUDA operation", "/tmp/torchinductor/ab/cabc.py", 7),
+        caught("something else", "/x/qwen_ft/train/loop.py", 3),
+    ]
+    assert load_script("profile_step").sync_sites(rows) == {
+        "qwen_ft/train/loop.py:120": 2,
+        "torchinductor/ab/cabc.py:7": 1,
+    }

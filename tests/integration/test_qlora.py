@@ -16,7 +16,7 @@ import torch
 from qwen_ft.cli.main import main
 from qwen_ft.errors import ConfigError
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import fit
+from qwen_ft.recipe.run import run_training
 from qwen_ft.train.distributed import DistInfo
 from tests.integration.conftest import write_run_yaml
 
@@ -34,6 +34,7 @@ def logits(model):
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality: packed 4-bit storage read as floats holds NaN patterns, which == rejects."""
+
     def raw(t: torch.Tensor) -> torch.Tensor:
         return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
@@ -49,8 +50,7 @@ def bases(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("qbases")
     dense = make_tiny_model(root / "dense", hidden=64, layers=1)
-    report = quantize_model(str(dense), str(root / "gptq"), 4, 32, str(REPO / "data/example_chatml.jsonl"),
-                            n_calib=16)
+    report = quantize_model(str(dense), str(root / "gptq"), 4, 32, str(REPO / "data/example_chatml.jsonl"), n_calib=16)
     return {"dense": dense, "gptq": root / "gptq", "report": report}
 
 
@@ -59,12 +59,24 @@ def qlora_run(request, bases, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"qlora-{request.param}")
     cfg = tmp / "run.yaml"
     write_run_yaml(
-        cfg, bases["dense"] if request.param == "bnb" else bases["gptq"], tmp, data={"eval_fraction": 0.1},
-        method="qlora", quant={"backend": request.param}, lora={"r": 8, "alpha": 16, "dropout": 0.0},
-        train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 2e-2,
-               "max_steps": 8, "eval_steps": 2, "warmup_ratio": 0.1},
+        cfg,
+        bases["dense"] if request.param == "bnb" else bases["gptq"],
+        tmp,
+        data={"eval_fraction": 0.1},
+        method="qlora",
+        quant={"backend": request.param},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        train={
+            "output_dir": str(tmp / "out"),
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "learning_rate": 2e-2,
+            "max_steps": 8,
+            "eval_steps": 2,
+            "warmup_ratio": 0.1,
+        },
     )
-    trainer, state = fit(steps.checked_config(str(cfg), []), CPU)
+    trainer, state = run_training(steps.checked_config(str(cfg), []), CPU)
     return request.param, trainer, state, tmp / "out"
 
 
@@ -99,8 +111,9 @@ def test_qlora_save_reload_identical_logits(qlora_run):
     from qwen_ft.export.merge import quantized_base
 
     _, trainer, _, out = qlora_run
-    reloaded = PeftModel.from_pretrained(quantized_base(out, json.loads((out / "manifest.json").read_text())),
-                                         out).eval()
+    reloaded = PeftModel.from_pretrained(
+        quantized_base(out, json.loads((out / "manifest.json").read_text())), out
+    ).eval()
     trainer.unwrapped.eval()
     assert torch.equal(logits(reloaded), logits(trainer.unwrapped))
 
@@ -139,8 +152,23 @@ def test_requantize_round_trip(qlora_run, bases, tmp_path, capsys, monkeypatch):
 
     merged, requant = tmp_path / "merged", tmp_path / "requant"
     assert main(["merge", str(out), "--out", str(merged)]) == 0
-    assert main(["quantize", str(merged), "--out", str(requant), "--group-size", "32", "--samples", "16",
-                 "--calibration", str(REPO / "data/example_chatml.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(merged),
+                "--out",
+                str(requant),
+                "--group-size",
+                "32",
+                "--samples",
+                "16",
+                "--calibration",
+                str(REPO / "data/example_chatml.jsonl"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "perplexity on" in text and "after 4-bit GPTQ" in text
     config = json.loads((requant / "config.json").read_text())
@@ -153,15 +181,21 @@ def test_requantize_round_trip(qlora_run, bases, tmp_path, capsys, monkeypatch):
     assert list((requant / "quant_logs").glob("*.log")) and not (tmp_path / "cwd" / "logs").exists()
 
 
-@pytest.mark.parametrize("case, overrides, message", [
-    ("bnb on gptq", {"backend": "bnb", "path": "gptq"}, "already GPTQ-quantized"),
-    ("gptq on dense", {"backend": "gptq", "path": "dense"}, "has no GPTQ quantization_config"),
-    ("bits mismatch", {"backend": "gptq", "path": "gptq", "bits": 8}, "set quant.bits=4"),
-    ("full on gptq", {"method": "full", "path": "gptq"}, "is a GPTQ checkpoint"),
-])
+@pytest.mark.parametrize(
+    "case, overrides, message",
+    [
+        ("bnb on gptq", {"backend": "bnb", "path": "gptq"}, "already GPTQ-quantized"),
+        ("gptq on dense", {"backend": "gptq", "path": "dense"}, "has no GPTQ quantization_config"),
+        ("bits mismatch", {"backend": "gptq", "path": "gptq", "bits": 8}, "set quant.bits=4"),
+        ("full on gptq", {"method": "full", "path": "gptq"}, "is a GPTQ checkpoint"),
+    ],
+)
 def test_incompatible_quantized_setups_are_refused(run_config, bases, case, overrides, message):
-    cfg = run_config(model={"path": str(bases[overrides["path"]])}, method=overrides.get("method", "qlora"),
-                     quant={"backend": overrides.get("backend", "bnb"), "bits": overrides.get("bits", 4)})
+    cfg = run_config(
+        model={"path": str(bases[overrides["path"]])},
+        method=overrides.get("method", "qlora"),
+        quant={"backend": overrides.get("backend", "bnb"), "bits": overrides.get("bits", 4)},
+    )
     with pytest.raises(ConfigError, match=message):
         steps.checked_config(cfg, [])
 
@@ -186,11 +220,25 @@ def test_gptq_qlora_under_zero2(bases, run_config, tmp_path):
 
     out = tmp_path / "gptq-zero2"
     cfg = run_config(model={"path": str(bases["gptq"])}, method="qlora", quant={"backend": "gptq"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "finetune.py"), "--config", cfg, f"train.output_dir={out}", "dist.deepspeed=zero2",
-           "train.max_steps=3", "train.micro_batch_size=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "finetune.py"),
+        "--config",
+        cfg,
+        f"train.output_dir={out}",
+        "dist.deepspeed=zero2",
+        "train.max_steps=3",
+        "train.micro_batch_size=1",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((out / "train_history.json").read_text())
     assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
@@ -199,9 +247,10 @@ def test_gptq_qlora_under_zero2(bases, run_config, tmp_path):
 
 def test_qlora_frozen_parts_stay_in_compute_dtype(bases, run_config):
     """No fp32 upcast of frozen embeddings/output layer/norms (peft's recipe costs 2.5 GB at 7B)."""
-    cfg = steps.checked_config(run_config(method="qlora", quant={"backend": "bnb"},
-                                          lora={"r": 4, "train_embeddings": True}),
-                               [f"model.path={bases['dense']}", "model.dtype=bf16"])
+    cfg = steps.checked_config(
+        run_config(method="qlora", quant={"backend": "bnb"}, lora={"r": 4, "train_embeddings": True}),
+        [f"model.path={bases['dense']}", "model.dtype=bf16"],
+    )
     precision, attn, family = steps.runtime(cfg, CPU)
     model = steps.model(cfg, family, precision, attn, CPU)
     params = dict(model.named_parameters())
@@ -217,8 +266,9 @@ def test_parameter_count_is_the_logical_size(bases, run_config, backend):
     from qwen_ft.model.adapters import count_parameters
 
     path = bases["dense"] if backend == "bnb" else bases["gptq"]
-    cfg = steps.checked_config(run_config(method="qlora", quant={"backend": backend}, lora={"r": 4}),
-                               [f"model.path={path}"])
+    cfg = steps.checked_config(
+        run_config(method="qlora", quant={"backend": backend}, lora={"r": 4}), [f"model.path={path}"]
+    )
     precision, attn, family = steps.runtime(cfg, CPU)
     trainable, total = count_parameters(steps.model(cfg, family, precision, attn, CPU))
     dense = steps.checked_config(run_config(lora={"r": 4}), [f"model.path={bases['dense']}"])
@@ -234,10 +284,22 @@ def moe_qlora(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("moe-qlora")
     base = make_tiny_model(tmp / "base", "qwen3_moe", hidden=64, layers=2)
     cfg = tmp / "run.yaml"
-    write_run_yaml(cfg, base, tmp, method="qlora", quant={"backend": "bnb"}, lora={"r": 4, "alpha": 8},
-                   train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 1,
-                          "learning_rate": 2e-2, "max_steps": 4})
-    trainer, state = fit(steps.checked_config(str(cfg), []), CPU)
+    write_run_yaml(
+        cfg,
+        base,
+        tmp,
+        method="qlora",
+        quant={"backend": "bnb"},
+        lora={"r": 4, "alpha": 8},
+        train={
+            "output_dir": str(tmp / "out"),
+            "micro_batch_size": 2,
+            "grad_accum": 1,
+            "learning_rate": 2e-2,
+            "max_steps": 4,
+        },
+    )
+    trainer, state = run_training(steps.checked_config(str(cfg), []), CPU)
     return base, trainer, state, tmp / "out"
 
 
@@ -245,8 +307,9 @@ def test_moe_qlora_has_4bit_routed_experts_and_trains(moe_qlora, capsys):
     _, trainer, state, out = moe_qlora
     params = dict(trainer.unwrapped.named_parameters())
     four_bit = {k.replace(".base_layer", "") for k, p in params.items() if type(p).__name__ == "Params4bit"}
-    experts = {f"base_model.model.model.layers.{i}.mlp.experts.{p}" for i in range(2)
-               for p in ("gate_up_proj", "down_proj")}
+    experts = {
+        f"base_model.model.model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")
+    }
     print("4-bit tensors:", *sorted(four_bit), sep="\n  ")
     assert experts <= four_bit  # the fused routed experts, beside every attention projection
     assert {f"base_model.model.model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"} <= four_bit
@@ -289,8 +352,12 @@ def test_moe_qlora_equals_stock_peft_on_the_dequantized_experts(moe_qlora):
         model(input_ids=PROBE, labels=labels, use_cache=False).loss.backward()
         grads.append({k: p.grad for k, p in model.named_parameters() if "experts" in k and "lora_" in k})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
-    print("max |grad diff|", max((g - grads[1][k]).abs().max().item() for k, g in grads[0].items()),
-          "of max |grad|", max(g.abs().max().item() for g in grads[0].values()))
+    print(
+        "max |grad diff|",
+        max((g - grads[1][k]).abs().max().item() for k, g in grads[0].items()),
+        "of max |grad|",
+        max(g.abs().max().item() for g in grads[0].values()),
+    )
     for key, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][key], atol=1e-6, rtol=1e-4), key
 
@@ -317,10 +384,16 @@ def test_composite_moe_qlora_packs_the_experts_not_the_vision_tower_and_merges(t
     from qwen_ft.model.tiny import make_tiny_model
 
     base = make_tiny_model(tmp_path / "base", "qwen3_5_moe", hidden=32, layers=2)
-    cfg = write_run_yaml(tmp_path / "run.yaml", base, tmp_path, method="qlora", quant={"backend": "bnb"},
-                         lora={"r": 4, "alpha": 8}, train={"output_dir": str(tmp_path / "out"), "max_steps": 2,
-                                                         "micro_batch_size": 2, "learning_rate": 2e-2})
-    trainer, _ = fit(steps.checked_config(str(cfg), []), CPU)
+    cfg = write_run_yaml(
+        tmp_path / "run.yaml",
+        base,
+        tmp_path,
+        method="qlora",
+        quant={"backend": "bnb"},
+        lora={"r": 4, "alpha": 8},
+        train={"output_dir": str(tmp_path / "out"), "max_steps": 2, "micro_batch_size": 2, "learning_rate": 2e-2},
+    )
+    trainer, _ = run_training(steps.checked_config(str(cfg), []), CPU)
     kinds = {k: type(p).__name__ for k, p in trainer.unwrapped.named_parameters()}
     packed = sorted(k for k, kind in kinds.items() if kind == "Params4bit" and ".experts." in k)
     assert [k.rsplit(".", 1)[1] for k in packed] == ["down_proj", "gate_up_proj"] * 2, packed  # 2 layers
@@ -333,10 +406,16 @@ def test_composite_moe_qlora_packs_the_experts_not_the_vision_tower_and_merges(t
 def test_moe_qlora_with_the_experts_left_out_of_the_adapter_runs_them_4bit(moe_qlora, tmp_path, capsys):
     """4-bit experts no adapter wraps run through the grouped forward (transformers' own cannot read them)."""
     base = moe_qlora[0]
-    cfg = write_run_yaml(tmp_path / "run.yaml", base, tmp_path, method="qlora", quant={"backend": "bnb"},
-                         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
-                         train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 2})
-    trainer, state = fit(steps.checked_config(cfg, []), CPU)
+    cfg = write_run_yaml(
+        tmp_path / "run.yaml",
+        base,
+        tmp_path,
+        method="qlora",
+        quant={"backend": "bnb"},
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 2},
+    )
+    trainer, state = run_training(steps.checked_config(cfg, []), CPU)
     assert "the routed experts are NOT adapted" in capsys.readouterr().out
     kinds = [type(p).__name__ for k, p in trainer.unwrapped.named_parameters() if ".experts." in k]
     assert kinds == ["Params4bit"] * 4, kinds

@@ -23,7 +23,8 @@ print("gptqmodel imported:", "gptqmodel" in sys.modules)
 
 
 def test_lora_on_a_plain_base_does_not_import_gptqmodel(run_config):
-    proc = subprocess.run([sys.executable, "-c", PROBE, run_config()], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, run_config()], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gptqmodel imported: False" in proc.stdout and "GPT-QModel" not in proc.stdout + proc.stderr

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from qwen_ft.model.layout import tensor_files
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import fit
+from qwen_ft.recipe.run import run_training
 from qwen_ft.train.distributed import DistInfo
 from tests.integration.conftest import write_run_yaml
 
@@ -46,7 +46,7 @@ def raw_tensors(directory: Path, prefixes=KEPT) -> dict[str, tuple[str, list, by
 
 def train(tmp: Path, model_dir: Path, **sections):
     cfg = write_run_yaml(tmp / "run.yaml", model_dir, tmp, **sections)
-    return fit(steps.checked_config(cfg, []), CPU)
+    return run_training(steps.checked_config(cfg, []), CPU)
 
 
 def probe(model) -> torch.Tensor:
@@ -58,9 +58,13 @@ def probe(model) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, composite):
     tmp = tmp_path_factory.mktemp("q35lora")
-    trainer, state = train(tmp, composite, method="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0},
-                           train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "learning_rate": 1e-2,
-                                  "max_steps": 3})
+    trainer, state = train(
+        tmp,
+        composite,
+        method="lora",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "learning_rate": 1e-2, "max_steps": 3},
+    )
     return trainer, state, tmp / "out"
 
 
@@ -70,8 +74,20 @@ def test_lora_adapts_every_language_linear_and_no_vision_layer(lora_run):
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as fh:
         names = list(fh.keys())
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                       "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
+    assert adapted == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "in_proj_qkv",
+        "in_proj_z",
+        "in_proj_b",
+        "in_proj_a",
+        "out_proj",
+    }
     assert all(".language_model." in n for n in names) and not any("visual" in n for n in names)
     assert config["exclude_modules"]
     assert state.history[-1]["loss"] < state.history[0]["loss"]
@@ -86,8 +102,9 @@ def test_merge_equals_stock_peft_and_keeps_vision_and_mtp(lora_run, composite, t
     _, _, out = lora_run
     merged_dir = tmp_path / "merged"
     merge_adapter(str(out), str(merged_dir), dtype="fp32")
-    stock = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32),
-                                      out).eval()
+    stock = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32), out
+    ).eval()
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     assert type(merged).__name__ == "Qwen3_5ForConditionalGeneration"
     assert (probe(merged) - probe(stock)).abs().max().item() <= 1e-4
@@ -100,9 +117,12 @@ def test_merge_equals_stock_peft_and_keeps_vision_and_mtp(lora_run, composite, t
 def test_full_finetune_trains_language_model_only_and_keeps_vision_and_mtp(tmp_path, composite):
     from transformers import AutoModelForImageTextToText
 
-    trainer, state = train(tmp_path, composite, method="full",
-                           train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2,
-                                  "learning_rate": 1e-3, "max_steps": 2})
+    trainer, state = train(
+        tmp_path,
+        composite,
+        method="full",
+        train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "learning_rate": 1e-3, "max_steps": 2},
+    )
     trainable = {n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
     assert trainable and not any(n.startswith("model.visual.") for n in trainable)
     assert any(".linear_attn.A_log" in n for n in trainable) and any(".conv1d." in n for n in trainable)
@@ -176,19 +196,28 @@ def test_qlora_bnb_on_qwen3_5_merges_to_base_plus_adapter(tmp_path, composite):
 
     from qwen_ft.export.merge import merge_adapter
 
-    trainer, _ = train(tmp_path, composite, method="qlora", lora={"r": 4, "alpha": 8, "dropout": 0.0},
-                       train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "learning_rate": 1e-2,
-                              "max_steps": 2})
-    kinds = {type(m.weight).__name__ for n, m in trainer.unwrapped.named_modules()
-             if n.endswith("in_proj_qkv.base_layer") or n.endswith("self_attn.q_proj.base_layer")}
+    trainer, _ = train(
+        tmp_path,
+        composite,
+        method="qlora",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "learning_rate": 1e-2, "max_steps": 2},
+    )
+    kinds = {
+        type(m.weight).__name__
+        for n, m in trainer.unwrapped.named_modules()
+        if n.endswith("in_proj_qkv.base_layer") or n.endswith("self_attn.q_proj.base_layer")
+    }
     assert kinds == {"Params4bit"}
-    vision = [type(m).__name__ for n, m in trainer.unwrapped.named_modules() if ".visual." in n and
-              hasattr(m, "weight")]
+    vision = [
+        type(m).__name__ for n, m in trainer.unwrapped.named_modules() if ".visual." in n and hasattr(m, "weight")
+    ]
     assert vision and "Linear4bit" not in vision
     merged_dir = tmp_path / "merged"
     merge_adapter(str(tmp_path / "out"), str(merged_dir), dtype="fp32")
-    stock = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32),
-                                      tmp_path / "out").eval()
+    stock = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32), tmp_path / "out"
+    ).eval()
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     assert (probe(merged) - probe(stock)).abs().max().item() <= 1e-4
     assert raw_tensors(merged_dir) == raw_tensors(composite)
@@ -213,14 +242,14 @@ def test_chat_on_qwen3_5_answers_as_stock_generate(composite, tmp_path, capsys):
         if not f.name.startswith(("model", "mtp")) and not (talkative / f.name).exists():
             shutil.copyfile(f, talkative / f.name)
     tok = AutoTokenizer.from_pretrained(talkative)
-    inputs = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
-                                     return_tensors="pt", return_dict=True)
+    inputs = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     assert tok.decode(inputs["input_ids"][0]).endswith("<|im_start|>assistant\n<think>\n")
     stop = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    out = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=stop,
-                                pad_token_id=stop[1])
-    expected = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert len(set(out[0, inputs["input_ids"].shape[1]:].tolist())) > 1  # not one token repeated
+    out = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=stop, pad_token_id=stop[1])
+    expected = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(set(out[0, inputs["input_ids"].shape[1] :].tolist())) > 1  # not one token repeated
     assert main(["chat", str(talkative), "--prompt", "Hello", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == expected + "\n"
 
@@ -238,10 +267,17 @@ def test_quantize_keeps_the_vision_tower_and_mtp_byte_for_byte_and_loads_quantiz
 
     out = tmp_path / "q"
     data = Path(__file__).resolve().parents[2] / "data/example_chatml.jsonl"
-    call = (f"from qwen_ft.cli.main import main; raise SystemExit(main(['quantize', {str(composite)!r}, '--out', "
-            f"{str(out)!r}, '--calibration', {str(data)!r}, '--group-size', '32', '--samples', '8']))")
-    done = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+    call = (
+        f"from qwen_ft.cli.main import main; raise SystemExit(main(['quantize', {str(composite)!r}, '--out', "
+        f"{str(out)!r}, '--calibration', {str(data)!r}, '--group-size', '32', '--samples', '8']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", call],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     print(done.stdout)
     assert "perplexity on" in done.stdout and "after 4-bit GPTQ" in done.stdout
@@ -263,8 +299,19 @@ def test_quantize_refuses_the_qwen3_5_moe_composite_before_loading(tmp_path, cap
     from qwen_ft.model.tiny import make_tiny_model
 
     base = make_tiny_model(tmp_path / "moe", "qwen3_5_moe", hidden=32, layers=2)
-    assert main(["quantize", str(base), "--out", str(tmp_path / "q"), "--calibration",
-                 str(Path(__file__).resolve().parents[2] / "data/example_chatml.jsonl")]) == 1
+    assert (
+        main(
+            [
+                "quantize",
+                str(base),
+                "--out",
+                str(tmp_path / "q"),
+                "--calibration",
+                str(Path(__file__).resolve().parents[2] / "data/example_chatml.jsonl"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "qwen-ft quantize cannot GPTQ-quantize it (gptqmodel 7.6 calibrates this vision-language MoE" in err
     assert "Traceback" not in err and not (tmp_path / "q").exists()
@@ -283,8 +330,13 @@ def test_a_target_name_of_the_vision_tower_gets_no_adapter(composite, tmp_path, 
     cfg = write_run_yaml(tmp_path / "run.yaml", composite, tmp_path, train={"output_dir": str(tmp_path / "o")})
     err = refused(capsys, cfg, "lora.target_modules=[q_proj,qkv]")
     assert "'qkv' names no module" in err
-    run = config_from_dict({"model": {"path": str(composite)}, "data": {"train_files": ["d"]},
-                            "lora": {"r": 4, "target_modules": ["q_proj", "qkv"]}})
+    run = config_from_dict(
+        {
+            "model": {"path": str(composite)},
+            "data": {"train_files": ["d"]},
+            "lora": {"r": 4, "target_modules": ["q_proj", "qkv"]},
+        }
+    )
 
     def adapted(config):
         model = AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32)
@@ -295,10 +347,13 @@ def test_a_target_name_of_the_vision_tower_gets_no_adapter(composite, tmp_path, 
     assert any(".visual." in n for n in adapted(LoraConfig(r=4, target_modules=["q_proj", "qkv"])))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.compile=true"], "compiling its layers is not checked yet"),
-    (["method=qlora", "quant.backend=gptq"], "GPTQ bases of this family are not supported yet"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.compile=true"], "compiling its layers is not checked yet"),
+        (["method=qlora", "quant.backend=gptq"], "GPTQ bases of this family are not supported yet"),
+    ],
+)
 def test_setups_not_yet_proven_on_qwen3_5_are_refused(composite, tmp_path, capsys, overrides, message):
     cfg = write_run_yaml(tmp_path / "run.yaml", composite, tmp_path, train={"output_dir": str(tmp_path / "o")})
     assert message in refused(capsys, cfg, *overrides)

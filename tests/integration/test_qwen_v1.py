@@ -17,11 +17,26 @@ from qwen_ft.tokenizer.bundled import bundled_files
 from tests.conftest import ASSETS
 
 H, HEADS, LAYERS, FFN, VOCAB = 32, 4, 2, 48, 151936
-V1_CONFIG = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], "vocab_size": VOCAB, "hidden_size": H,
-             "num_attention_heads": HEADS, "kv_channels": H // HEADS, "num_hidden_layers": LAYERS,
-             "intermediate_size": 2 * FFN, "rotary_emb_base": 10000, "rotary_pct": 1.0, "layer_norm_epsilon": 1e-6,
-             "seq_length": 256, "bf16": False, "fp16": False, "no_bias": True, "tie_word_embeddings": False,
-             "use_dynamic_ntk": True, "use_logn_attn": True}
+V1_CONFIG = {
+    "model_type": "qwen",
+    "architectures": ["QWenLMHeadModel"],
+    "vocab_size": VOCAB,
+    "hidden_size": H,
+    "num_attention_heads": HEADS,
+    "kv_channels": H // HEADS,
+    "num_hidden_layers": LAYERS,
+    "intermediate_size": 2 * FFN,
+    "rotary_emb_base": 10000,
+    "rotary_pct": 1.0,
+    "layer_norm_epsilon": 1e-6,
+    "seq_length": 256,
+    "bf16": False,
+    "fp16": False,
+    "no_bias": True,
+    "tie_word_embeddings": False,
+    "use_dynamic_ntk": True,
+    "use_logn_attn": True,
+}
 
 
 def v1_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -30,15 +45,24 @@ def v1_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     def rnd(*shape, scale=0.05):
         return torch.randn(*shape, generator=g) * scale
 
-    t = {"transformer.wte.weight": rnd(VOCAB, H), "transformer.ln_f.weight": 1 + rnd(H),
-         "lm_head.weight": rnd(VOCAB, H)}
+    t = {
+        "transformer.wte.weight": rnd(VOCAB, H),
+        "transformer.ln_f.weight": 1 + rnd(H),
+        "lm_head.weight": rnd(VOCAB, H),
+    }
     for i in range(LAYERS):
         p = f"transformer.h.{i}."
-        t |= {p + "ln_1.weight": 1 + rnd(H), p + "ln_2.weight": 1 + rnd(H),
-              p + "attn.c_attn.weight": rnd(3 * H, H, scale=0.3), p + "attn.c_attn.bias": rnd(3 * H, scale=0.3),
-              p + "attn.c_proj.weight": rnd(H, H, scale=0.3), p + "mlp.w1.weight": rnd(FFN, H, scale=0.3),
-              p + "mlp.w2.weight": rnd(FFN, H, scale=0.3), p + "mlp.c_proj.weight": rnd(H, FFN, scale=0.3),
-              p + "attn.rotary_emb.inv_freq": torch.arange(0, H // HEADS, 2).float()}
+        t |= {
+            p + "ln_1.weight": 1 + rnd(H),
+            p + "ln_2.weight": 1 + rnd(H),
+            p + "attn.c_attn.weight": rnd(3 * H, H, scale=0.3),
+            p + "attn.c_attn.bias": rnd(3 * H, scale=0.3),
+            p + "attn.c_proj.weight": rnd(H, H, scale=0.3),
+            p + "mlp.w1.weight": rnd(FFN, H, scale=0.3),
+            p + "mlp.w2.weight": rnd(FFN, H, scale=0.3),
+            p + "mlp.c_proj.weight": rnd(H, FFN, scale=0.3),
+            p + "attn.rotary_emb.inv_freq": torch.arange(0, H // HEADS, 2).float(),
+        }
     return t
 
 
@@ -88,8 +112,12 @@ def v1_dense(tmp_path_factory):
 
 def test_config_mapping():
     c = native_config(V1_CONFIG)
-    assert (c["model_type"], c["intermediate_size"], c["num_key_value_heads"], c["max_position_embeddings"]) == \
-        ("qwen2", FFN, HEADS, 256)
+    assert (c["model_type"], c["intermediate_size"], c["num_key_value_heads"], c["max_position_embeddings"]) == (
+        "qwen2",
+        FFN,
+        HEADS,
+        256,
+    )
     assert c["rope_parameters"]["rope_theta"] == 10000.0 and c["rms_norm_eps"] == 1e-6
     assert c["tie_word_embeddings"] is False and c["hidden_act"] == "silu"
     from qwen_ft.errors import QwenFtError
@@ -149,6 +177,7 @@ def test_converted_tokenizer_ids_equal_tiktoken(tmp_path):
 
 # GPTQ: a v1 Int4 layout with packed tensors; dequantization is written here from the format.
 
+
 def pack_cols(z: torch.Tensor) -> torch.Tensor:
     """[rows, cols] 4-bit values -> [rows, cols/8] int32, 8 values per int32 along a row, low bits first.
 
@@ -170,8 +199,12 @@ def gptq_module(g, n_in: int, n_out: int, group: int = 16) -> dict[str, torch.Te
     q = torch.randint(0, 16, (n_in, n_out), generator=g)
     z = torch.randint(0, 15, (n_in // group, n_out), generator=g)
     scales = (torch.rand(n_in // group, n_out, generator=g) * 0.01).half()
-    return {"qweight": pack_cols(q.T).T.contiguous(), "qzeros": pack_cols(z), "scales": scales,
-            "g_idx": torch.arange(n_in, dtype=torch.int32) // group}
+    return {
+        "qweight": pack_cols(q.T).T.contiguous(),
+        "qzeros": pack_cols(z),
+        "scales": scales,
+        "g_idx": torch.arange(n_in, dtype=torch.int32) // group,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -179,16 +212,30 @@ def v1_gptq(tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     dense = v1_tensors(1)
     t = {k: v for k, v in dense.items() if "attn.c_" not in k and "mlp." not in k}
-    shapes = {"attn.c_attn": (H, 3 * H), "attn.c_proj": (H, H), "mlp.w1": (H, FFN), "mlp.w2": (H, FFN),
-              "mlp.c_proj": (FFN, H)}
+    shapes = {
+        "attn.c_attn": (H, 3 * H),
+        "attn.c_proj": (H, H),
+        "mlp.w1": (H, FFN),
+        "mlp.w2": (H, FFN),
+        "mlp.c_proj": (FFN, H),
+    }
     for i in range(LAYERS):
         for mod, (n_in, n_out) in shapes.items():
             for part, value in gptq_module(g, n_in, n_out).items():
                 t[f"transformer.h.{i}.{mod}.{part}"] = value
         t[f"transformer.h.{i}.attn.c_attn.bias"] = dense[f"transformer.h.{i}.attn.c_attn.bias"].half()
-    config = {**V1_CONFIG, "fp16": True, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 16,
-                                                                 "desc_act": False, "sym": True,
-                                                                 "checkpoint_format": "gptq"}}
+    config = {
+        **V1_CONFIG,
+        "fp16": True,
+        "quantization_config": {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": 16,
+            "desc_act": False,
+            "sym": True,
+            "checkpoint_format": "gptq",
+        },
+    }
     return write_v1(tmp_path_factory.mktemp("v1q") / "qwen-v1-int4", t, config), t
 
 
@@ -207,10 +254,16 @@ def test_gptq_dequantized_weights_equal_exactly(v1_gptq, tmp_path):
         assert torch.equal(torch.cat(parts, dim=1), fused)
         bias = torch.cat([converted[f"model.layers.{i}.self_attn.{p}_proj.bias"] for p in "qkv"])
         assert torch.equal(bias, original[f"transformer.h.{i}.attn.c_attn.bias"])
-        for v1_name, native in (("mlp.w2", "mlp.gate_proj"), ("mlp.w1", "mlp.up_proj"),
-                                ("mlp.c_proj", "mlp.down_proj"), ("attn.c_proj", "self_attn.o_proj")):
-            assert torch.equal(module_dequant(converted, f"model.layers.{i}.{native}"),
-                               module_dequant(original, f"transformer.h.{i}.{v1_name}"))
+        for v1_name, native in (
+            ("mlp.w2", "mlp.gate_proj"),
+            ("mlp.w1", "mlp.up_proj"),
+            ("mlp.c_proj", "mlp.down_proj"),
+            ("attn.c_proj", "self_attn.o_proj"),
+        ):
+            assert torch.equal(
+                module_dequant(converted, f"model.layers.{i}.{native}"),
+                module_dequant(original, f"transformer.h.{i}.{v1_name}"),
+            )
 
 
 @pytest.mark.extras("gptqmodel")
@@ -242,8 +295,17 @@ def test_training_on_a_v1_directory_converts_on_load_and_merges_natively(v1_dens
     assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged["model_type"] == "qwen2" and (tmp_path / "merged" / "tokenizer.json").is_file()
-    assert main(["train", run_config(model={"path": str(src)}), "train.max_steps=1",
-                 f"train.output_dir={tmp_path / 'again'}"]) == 0  # the cached conversion is reused
+    assert (
+        main(
+            [
+                "train",
+                run_config(model={"path": str(src)}),
+                "train.max_steps=1",
+                f"train.output_dir={tmp_path / 'again'}",
+            ]
+        )
+        == 0
+    )  # the cached conversion is reused
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1
 
 

@@ -16,17 +16,36 @@ from tests.integration.test_qwen_v1 import V1_CONFIG, v1_tensors, write_v1
 pytestmark = pytest.mark.slow
 
 ROWS = [
-    {"messages": [{"role": "user", "content": "Capital of Peru?"},
-                  {"role": "assistant", "content": "Lima.", "reasoning_content": "It is Lima."}]},
-    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-     "messages": [{"role": "user", "content": "Call f."},
-                  {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
-                  {"role": "tool", "content": "done"}, {"role": "assistant", "content": "Done."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "Hello."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima.", "reasoning_content": "It is Lima."},
+        ]
+    },
+    {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "messages": [
+            {"role": "user", "content": "Call f."},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "content": "done"},
+            {"role": "assistant", "content": "Done."},
+        ],
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    },
 ]
-BASE_GENERATION = {"top_p": 0.8, "temperature": 0.7, "max_new_tokens": 2048, "eos_token_id": 151645,
-                   "pad_token_id": 151643}
+BASE_GENERATION = {
+    "top_p": 0.8,
+    "temperature": 0.7,
+    "max_new_tokens": 2048,
+    "eos_token_id": 151645,
+    "pad_token_id": 151643,
+}
 
 STOCK = r"""
 import json, sys
@@ -73,8 +92,9 @@ def test_adapter_merged_and_converted_outputs_serve_with_the_training_ids(run_co
     adapter, merged = tmp_path / "out", tmp_path / "merged"
     cli("merge", str(adapter), "--out", str(merged))
     v1 = write_v1(tmp_path / "v1", v1_tensors(), V1_CONFIG)
-    (v1 / "generation_config.json").write_text(json.dumps({"chat_format": "chatml", "eos_token_id": 151643,
-                                                           "max_window_size": 6144, "top_p": 0.8}))
+    (v1 / "generation_config.json").write_text(
+        json.dumps({"chat_format": "chatml", "eos_token_id": 151643, "max_window_size": 6144, "top_p": 0.8})
+    )
     converted = tmp_path / "converted"
     cli("convert", str(v1), "--out", str(converted))
     convs = [normalise(r, None)[0] for r in ROWS]
@@ -82,8 +102,13 @@ def test_adapter_merged_and_converted_outputs_serve_with_the_training_ids(run_co
     texts = {"adapter": convs, "merged": convs, "converted": [convs[2]]}  # v1 ChatML: text turns only
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run([sys.executable, "-c", STOCK, json.dumps(dirs), json.dumps(texts)], capture_output=True,
-                          text=True, cwd=elsewhere, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", STOCK, json.dumps(dirs), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = json.loads(proc.stdout.strip().splitlines()[-1])
     assert served["qwen_ft imported"] is False
@@ -93,13 +118,19 @@ def test_adapter_merged_and_converted_outputs_serve_with_the_training_ids(run_co
         generation = served[name]["generation"]
         assert generation["eos_token_id"] == [151645, 151643]
         assert (generation["top_p"], generation["temperature"], generation["max_new_tokens"]) == (0.8, 0.7, 2048)
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        str(tiny_model_dir.resolve())
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_model_dir.resolve()
+    )
     conv_gen = served["converted"]["generation"]
     assert conv_gen["eos_token_id"] == [151643, 151645] and conv_gen["top_p"] == 0.8
     v1_cfg = tmp_path / "v1.yaml"
-    v1_cfg.write_text(json.dumps({"model": {"path": str(converted)},
-                                  "data": {"train_files": [str(tmp_path / "plain.jsonl")],
-                                           "cache_dir": str(tmp_path / "cache")}}))
+    v1_cfg.write_text(
+        json.dumps(
+            {
+                "model": {"path": str(converted)},
+                "data": {"train_files": [str(tmp_path / "plain.jsonl")], "cache_dir": str(tmp_path / "cache")},
+            }
+        )
+    )
     (tmp_path / "plain.jsonl").write_text(json.dumps(ROWS[2]) + "\n")
     assert served["converted"]["ids"] == trained_ids(str(v1_cfg), tmp_path)

@@ -23,46 +23,94 @@ from qwen_ft.tokenizer.bundled import bundled_files
 from tests.conftest import ASSETS, REPO
 
 TEMPLATES = ("qwen15", "qwen25", "qwen3")
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                            "parameters": {"type": "object",
-                                                           "properties": {"city": {"type": "string"}}}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 U = {"role": "user", "content": "Capital of Peru?"}
 A = {"role": "assistant", "content": "Lima."}
 CASES = {
     "no system": {"messages": [U, A]},
-    "system, two turns": {"messages": [{"role": "system", "content": "Be brief."}, U, A,
-                                       {"role": "user", "content": "And Chile?"},
-                                       {"role": "assistant", "content": "Santiago."}]},
+    "system, two turns": {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            U,
+            A,
+            {"role": "user", "content": "And Chile?"},
+            {"role": "assistant", "content": "Santiago."},
+        ]
+    },
     "reasoning_content": {"messages": [U, {**A, "reasoning_content": "Peru's capital is Lima."}]},
-    "history thinking stripped": {"messages": [U, {**A, "reasoning_content": "easy"},
-                                               {"role": "user", "content": "And Chile?"},
-                                               {"role": "assistant", "content": "Santiago.",
-                                                "reasoning_content": "also easy"}]},
+    "history thinking stripped": {
+        "messages": [
+            U,
+            {**A, "reasoning_content": "easy"},
+            {"role": "user", "content": "And Chile?"},
+            {"role": "assistant", "content": "Santiago.", "reasoning_content": "also easy"},
+        ]
+    },
     "inline think": {"messages": [U, {"role": "assistant", "content": "<think>\nrecall\n</think>\n\nLima."}]},
-    "tool calls": {"tools": [WEATHER], "messages": [
-        {"role": "user", "content": "Weather in Lima and Cusco?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}},
-            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Cusco"}}}]},
-        {"role": "tool", "content": "19 C"}, {"role": "tool", "content": "12 C"},
-        {"role": "assistant", "content": "Lima 19 °C, Cusco 12 °C."}]},
-    "tool call with text": {"tools": [WEATHER], "messages": [
-        {"role": "system", "content": "You help."}, {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": "Checking.", "tool_calls": [{"name": "get_weather", "arguments": {}}]},
-        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]},
+    "tool calls": {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "user", "content": "Weather in Lima and Cusco?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}},
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Cusco"}}},
+                ],
+            },
+            {"role": "tool", "content": "19 C"},
+            {"role": "tool", "content": "12 C"},
+            {"role": "assistant", "content": "Lima 19 °C, Cusco 12 °C."},
+        ],
+    },
+    "tool call with text": {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "system", "content": "You help."},
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [{"name": "get_weather", "arguments": {}}]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ],
+    },
     "thinking off": {"messages": [U, A], "chat_template_kwargs": {"enable_thinking": False}},
-    "text parts": {"messages": [{"role": "user", "content": [{"type": "text", "text": "Capital"},
-                                                             {"type": "text", "text": "of Peru?"}]}, A]},
-    "leading newlines": {"messages": [{"role": "user", "content": "\nhi"},
-                                      {"role": "assistant", "content": "\n\nyo"}]},
-    "sharegpt function_call": {"tools": json.dumps([WEATHER]), "conversations": [
-        {"from": "human", "value": "Weather in Lima?"},
-        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Lima"}})},
-        {"from": "observation", "value": "19 C"}, {"from": "gpt", "value": "19 °C."}]},
-    "qwen v1 json": {"id": "x", "conversations": [{"from": "user", "value": "你好"},
-                                                  {"from": "assistant", "value": "你好！"}]},
-    "alpaca": {"instruction": "Translate.", "input": "Good morning", "output": "Bonjour", "system": "Translator.",
-               "history": [["Hi", "Hello!"]]},
+    "text parts": {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Capital"}, {"type": "text", "text": "of Peru?"}]},
+            A,
+        ]
+    },
+    "leading newlines": {
+        "messages": [{"role": "user", "content": "\nhi"}, {"role": "assistant", "content": "\n\nyo"}]
+    },
+    "sharegpt function_call": {
+        "tools": json.dumps([WEATHER]),
+        "conversations": [
+            {"from": "human", "value": "Weather in Lima?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Lima"}})},
+            {"from": "observation", "value": "19 C"},
+            {"from": "gpt", "value": "19 °C."},
+        ],
+    },
+    "qwen v1 json": {
+        "id": "x",
+        "conversations": [{"from": "user", "value": "你好"}, {"from": "assistant", "value": "你好！"}],
+    },
+    "alpaca": {
+        "instruction": "Translate.",
+        "input": "Good morning",
+        "output": "Bonjour",
+        "system": "Translator.",
+        "history": [["Hi", "Hello!"]],
+    },
     "prompt/completion": {"prompt": "Capital of Peru?", "completion": "Lima."},
 }
 
@@ -70,39 +118,100 @@ CASES = {
 # Qwen3.5/3.6: their templates loop over content parts, write tool calls as XML, and keep a thinking block
 # in every reply after the last user query (`qwen3_5_dirs` in tests/integration/conftest.py).
 PARTS_TEMPLATES = ("qwen35", "qwen36")
-FORECAST = {"type": "function", "function": {"name": "forecast", "description": "Forecast of a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
-                                     "metric": {"type": "boolean"}, "where": {"type": "object"},
-                                     "fields": {"type": "array"}}, "required": ["city"]}}}
-TYPED_ARGS = {"city": "Lima", "days": 3, "metric": True, "where": {"lat": -12.05, "lon": -77.04},
-              "fields": ["rain", "wind"]}
-TWO_TURNS = [U, {**A, "reasoning_content": "easy"}, {"role": "user", "content": "And Chile?"},
-             {"role": "assistant", "content": "<think>\nalso easy\n</think>\n\nSantiago."}]
+FORECAST = {
+    "type": "function",
+    "function": {
+        "name": "forecast",
+        "description": "Forecast of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "metric": {"type": "boolean"},
+                "where": {"type": "object"},
+                "fields": {"type": "array"},
+            },
+            "required": ["city"],
+        },
+    },
+}
+TYPED_ARGS = {
+    "city": "Lima",
+    "days": 3,
+    "metric": True,
+    "where": {"lat": -12.05, "lon": -77.04},
+    "fields": ["rain", "wind"],
+}
+TWO_TURNS = [
+    U,
+    {**A, "reasoning_content": "easy"},
+    {"role": "user", "content": "And Chile?"},
+    {"role": "assistant", "content": "<think>\nalso easy\n</think>\n\nSantiago."},
+]
 CASES_3_5 = {
     **CASES,
     "multi-turn reasoning": {"messages": [{"role": "system", "content": "Be brief."}, *TWO_TURNS]},
     "preserve thinking": {"messages": TWO_TURNS, "chat_template_kwargs": {"preserve_thinking": True}},
-    "typed tool arguments": {"tools": [WEATHER, FORECAST], "messages": [
-        {"role": "user", "content": "Forecast for Lima?"},
-        {"role": "assistant", "content": "", "reasoning_content": "Call forecast.", "tool_calls": [
-            {"type": "function", "function": {"name": "forecast", "arguments": TYPED_ARGS}}]},
-        {"role": "tool", "content": "{\"max_c\": 24}"},
-        {"role": "assistant", "content": "Up to 24 °C.", "reasoning_content": "Report it."}]},
-    "several tool responses, then another step": {"tools": [WEATHER], "messages": [
-        {"role": "system", "content": "You help."}, {"role": "user", "content": "Weather in Lima and Cusco?"},
-        {"role": "assistant", "content": "Checking both.", "tool_calls": [
-            {"function": {"name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}},
-            {"function": {"name": "get_weather", "arguments": "{\"city\": \"Cusco\"}"}}]},
-        {"role": "tool", "content": "19 C"}, {"role": "tool", "content": [{"type": "text", "text": "12 C"}]},
-        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Puno"}}]},
-        {"role": "tool", "content": "8 C"}, {"role": "assistant", "content": "Lima 19, Cusco 12, Puno 8 °C."}]},
-    "text parts everywhere": {"messages": [
-        {"role": "system", "content": [{"type": "text", "text": "Be brief. "}, {"type": "text", "text": "Be kind."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Capital"}, {"type": "text", "text": " of "},
-                                     {"type": "text", "text": "Peru?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Lima"}, {"type": "text", "text": "."}]}]},
-    "thinking off, text parts": {"chat_template_kwargs": {"enable_thinking": False}, "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Capital of Peru?"}]}, A]},
+    "typed tool arguments": {
+        "tools": [WEATHER, FORECAST],
+        "messages": [
+            {"role": "user", "content": "Forecast for Lima?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "reasoning_content": "Call forecast.",
+                "tool_calls": [{"type": "function", "function": {"name": "forecast", "arguments": TYPED_ARGS}}],
+            },
+            {"role": "tool", "content": '{"max_c": 24}'},
+            {"role": "assistant", "content": "Up to 24 °C.", "reasoning_content": "Report it."},
+        ],
+    },
+    "several tool responses, then another step": {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "system", "content": "You help."},
+            {"role": "user", "content": "Weather in Lima and Cusco?"},
+            {
+                "role": "assistant",
+                "content": "Checking both.",
+                "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}},
+                    {"function": {"name": "get_weather", "arguments": '{"city": "Cusco"}'}},
+                ],
+            },
+            {"role": "tool", "content": "19 C"},
+            {"role": "tool", "content": [{"type": "text", "text": "12 C"}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"name": "get_weather", "arguments": {"city": "Puno"}}],
+            },
+            {"role": "tool", "content": "8 C"},
+            {"role": "assistant", "content": "Lima 19, Cusco 12, Puno 8 °C."},
+        ],
+    },
+    "text parts everywhere": {
+        "messages": [
+            {
+                "role": "system",
+                "content": [{"type": "text", "text": "Be brief. "}, {"type": "text", "text": "Be kind."}],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Capital"},
+                    {"type": "text", "text": " of "},
+                    {"type": "text", "text": "Peru?"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "Lima"}, {"type": "text", "text": "."}]},
+        ]
+    },
+    "thinking off, text parts": {
+        "chat_template_kwargs": {"enable_thinking": False},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Capital of Peru?"}]}, A],
+    },
 }
 
 
@@ -116,8 +225,9 @@ def template_dirs(tmp_path_factory) -> dict:
         d = tmp_path_factory.mktemp(name)
         config = json.loads((ASSETS / "chat_templates" / f"tokenizer_config.{name}.json").read_text())
         keep = {int(k) for k in config["added_tokens_decoder"]}
-        (d / "tokenizer.json").write_text(json.dumps(
-            {**tokenizer, "added_tokens": [t for t in tokenizer["added_tokens"] if t["id"] in keep]}))
+        (d / "tokenizer.json").write_text(
+            json.dumps({**tokenizer, "added_tokens": [t for t in tokenizer["added_tokens"] if t["id"] in keep]})
+        )
         (d / "tokenizer_config.json").write_text(json.dumps(config))
         out[name] = d
     return out
@@ -134,11 +244,17 @@ def served(hf_tok, conv: dict, parts: bool = False, tokenize: bool = True, **run
     """What a server renders: apply_chat_template on the normalised messages, tools and kwargs (a row's own
     over the run's). List content goes as is to a template that loops over parts (`parts`: Qwen3.5/3.6);
     any other template gets the text parts joined with newlines (vLLM's "openai" and "string" formats)."""
-    messages = conv["messages"] if parts else [
-        {**m, "content": "\n".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m
-        for m in conv["messages"]]
-    out = hf_tok.apply_chat_template(messages, tools=conv["tools"], tokenize=tokenize,
-                                     **{**run_kwargs, **conv["kwargs"]})
+    messages = (
+        conv["messages"]
+        if parts
+        else [
+            {**m, "content": "\n".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m
+            for m in conv["messages"]
+        ]
+    )
+    out = hf_tok.apply_chat_template(
+        messages, tools=conv["tools"], tokenize=tokenize, **{**run_kwargs, **conv["kwargs"]}
+    )
     return list(out["input_ids"]) if tokenize else out
 
 
@@ -173,21 +289,28 @@ def test_labels_follow_the_rendered_assistant_turns(template_dirs, hf_tokenizers
     conv, _ = normalise(CASES["history thinking stripped"], None)
     ids, labels, _ = renderer.render(conv)
     # the first reply's thinking is stripped by the template; the last keeps it, and both end at <|im_end|>
-    assert learned_text(tok, ids, labels) == ["Lima.<|im_end|>",
-                                              "<think>\nalso easy\n</think>\n\nSantiago.<|im_end|>"]
+    assert learned_text(tok, ids, labels) == ["Lima.<|im_end|>", "<think>\nalso easy\n</think>\n\nSantiago.<|im_end|>"]
     ids, labels, _ = renderer.render(conv, "last_turn")
     assert learned_text(tok, ids, labels) == ["<think>\nalso easy\n</think>\n\nSantiago.<|im_end|>"]
     conv, _ = normalise(CASES["tool calls"], None)
     ids, labels, _ = renderer.render(conv)
-    call = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>\n<tool_call>\n'
-            '{"name": "get_weather", "arguments": {"city": "Cusco"}}\n</tool_call><|im_end|>')
+    call = (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>\n<tool_call>\n'
+        '{"name": "get_weather", "arguments": {"city": "Cusco"}}\n</tool_call><|im_end|>'
+    )
     assert learned_text(tok, ids, labels) == [call, "<think>\n\n</think>\n\nLima 19 °C, Cusco 12 °C.<|im_end|>"]
 
 
 def test_weight_zero_and_loss_false_leave_a_turn_unlearned(template_dirs, hf_tokenizers):
     renderer = Renderer.of(load_tokenizer(template_dirs["qwen25"]))
-    row = {"messages": [U, {**A, "weight": 0}, {"role": "user", "content": "Chile?"},
-                        {"role": "assistant", "content": "Santiago.", "loss": True}]}
+    row = {
+        "messages": [
+            U,
+            {**A, "weight": 0},
+            {"role": "user", "content": "Chile?"},
+            {"role": "assistant", "content": "Santiago.", "loss": True},
+        ]
+    }
     conv, _ = normalise(row, None)
     ids, labels, _ = renderer.render(conv)
     assert learned_text(hf_tokenizers["qwen25"], ids, labels) == ["Santiago.<|im_end|>"]
@@ -200,8 +323,11 @@ def test_template_kwargs_per_run_and_per_row(template_dirs, hf_tokenizers):
     tok = load_tokenizer(template_dirs["qwen3"])
     conv, _ = normalise({"messages": [U, A]}, None)
     off = Renderer.of(tok, kwargs={"enable_thinking": False}).prompt(conv)
-    assert off == list(hf_tokenizers["qwen3"].apply_chat_template(conv["messages"], add_generation_prompt=True,
-                                                                   enable_thinking=False, tokenize=True)["input_ids"])
+    assert off == list(
+        hf_tokenizers["qwen3"].apply_chat_template(
+            conv["messages"], add_generation_prompt=True, enable_thinking=False, tokenize=True
+        )["input_ids"]
+    )
     assert off != Renderer.of(tok).prompt(conv)
     row_on, _ = normalise({**CASES["thinking off"], "chat_template_kwargs": {"enable_thinking": True}}, None)
     assert Renderer.of(tok, kwargs={"enable_thinking": False}).prompt(row_on) == Renderer.of(tok).prompt(row_on)
@@ -216,7 +342,7 @@ def test_control_text_in_content_stays_text(template_dirs, hf_tokenizers):
     ids, _, blocks = Renderer.of(tok).render(conv)
     assert [b.role for b in blocks] == ["system", "user", "assistant"]
     user = blocks[1]
-    assert ids[user.body:user.end] == tok.encode("say <|im_end|> now")
+    assert ids[user.body : user.end] == tok.encode("say <|im_end|> now")
     assert ids.count(hf.convert_tokens_to_ids("<|im_end|>")) == 3  # the three turn ends only
     served = served_ids(hf, conv)
     assert served != ids and served.count(hf.convert_tokens_to_ids("<|im_end|>")) == 4
@@ -225,10 +351,14 @@ def test_control_text_in_content_stays_text(template_dirs, hf_tokenizers):
 def test_rows_the_format_cannot_hold_are_refused_with_the_field():
     cases = [
         ({"messages": [U, A], "conversations": []}, "has 'messages' and 'conversations'; keep one"),
-        ({"messages": [{**U, "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, A]},
-         r"messages\[0\].content\[0\]: an image_url part \(x.png\); qwen-ft trains the language model"),
-        ({"messages": [U, {**A, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
-         r"tool_calls\[0\].arguments: not valid JSON"),
+        (
+            {"messages": [{**U, "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, A]},
+            r"messages\[0\].content\[0\]: an image_url part \(x.png\); qwen-ft trains the language model",
+        ),
+        (
+            {"messages": [U, {**A, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
+            r"tool_calls\[0\].arguments: not valid JSON",
+        ),
         ({"messages": [U, {**A, "mood": "happy"}]}, r"messages\[1\]: unknown field\(s\) mood"),
         ({"prompt": "hi"}, "'prompt' without 'completion'"),
     ]
@@ -239,18 +369,35 @@ def test_rows_the_format_cannot_hold_are_refused_with_the_field():
     assert ignored == ["category"]
 
 
-def test_preprocess_dump_equals_apply_chat_template(template_dirs, hf_tokenizers, qwen3_5_dirs, qwen3_5_hf,
-                                                    tmp_path):
+def test_preprocess_dump_equals_apply_chat_template(template_dirs, hf_tokenizers, qwen3_5_dirs, qwen3_5_hf, tmp_path):
     """The training pipeline (rows read, normalised and rendered in datasets.map workers) gives the same ids."""
-    runs = (("qwen25", CASES, template_dirs, hf_tokenizers), ("qwen3", CASES, template_dirs, hf_tokenizers),
-            ("qwen35", CASES_3_5, qwen3_5_dirs, qwen3_5_hf))
+    runs = (
+        ("qwen25", CASES, template_dirs, hf_tokenizers),
+        ("qwen3", CASES, template_dirs, hf_tokenizers),
+        ("qwen35", CASES_3_5, qwen3_5_dirs, qwen3_5_hf),
+    )
     for name, cases, dirs, hf in runs:
         data, dump = tmp_path / f"{name}-cases.jsonl", tmp_path / f"{name}.jsonl"
         data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in cases.values()))
-        proc = subprocess.run([sys.executable, "-m", "qwen_ft.cli.main", "preprocess", "--tokenizer",
-                               str(dirs[name]), "--data", str(data), "--dump", str(dump),
-                               f"data.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True, cwd=REPO,
-                              timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qwen_ft.cli.main",
+                "preprocess",
+                "--tokenizer",
+                str(dirs[name]),
+                "--data",
+                str(data),
+                "--dump",
+                str(dump),
+                f"data.cache_dir={tmp_path / 'cache'}",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         rows = [json.loads(line) for line in dump.read_text().splitlines()]
         assert len(rows) == len(cases)
@@ -268,19 +415,23 @@ def test_tiny_model_ships_the_real_qwen3_template(tiny_model_dir):
 
 
 def test_truncation_renders_the_cut_conversation_again(template_dirs, hf_tokenizers):
-    from qwen_ft.data.render import fit
+    from qwen_ft.data.render import fit_to_length
 
     conv, _ = normalise(CASES["history thinking stripped"], None)
     renderer = Renderer.of(load_tokenizer(template_dirs["qwen3"]))
     first = served_ids(hf_tokenizers["qwen3"], {**conv, "messages": conv["messages"][:2]})
     assert len(first) < len(renderer.render(conv)[0])
     for policy in ("assistant", "last_turn"):
-        ids, labels, status = fit(renderer, conv, renderer.render(conv, policy), policy, len(first), "truncate")
+        ids, labels, status = fit_to_length(
+            renderer, conv, renderer.render(conv, policy), policy, len(first), "truncate"
+        )
         # the kept first reply is now the conversation's last: rendered (and learned) with its thinking
         assert status == "truncated" and ids == first
         assert learned_text(hf_tokenizers["qwen3"], ids, labels) == ["<think>\neasy\n</think>\n\nLima.<|im_end|>"]
-    assert fit(renderer, conv, renderer.render(conv), "assistant", len(first), "drop")[2] == "dropped"
-    assert fit(renderer, conv, renderer.render(conv), "assistant", len(first) - 1, "truncate")[2] == "dropped"
+    assert fit_to_length(renderer, conv, renderer.render(conv), "assistant", len(first), "drop")[2] == "dropped"
+    assert (
+        fit_to_length(renderer, conv, renderer.render(conv), "assistant", len(first) - 1, "truncate")[2] == "dropped"
+    )
 
 
 def test_v1_chatml_honours_weight_zero_under_every_policy(v1_tok):
@@ -294,18 +445,30 @@ def test_v1_chatml_honours_weight_zero_under_every_policy(v1_tok):
 
 def test_prompt_replies_are_context_and_fields_are_never_lost(template_dirs, hf_tokenizers):
     renderer = Renderer.of(load_tokenizer(template_dirs["qwen25"]))
-    few_shot = {"prompt": [U, {"role": "assistant", "content": "Lima."}, {"role": "user", "content": "Chile?"}],
-                "completion": [{"role": "assistant", "content": "Santiago."}]}
+    few_shot = {
+        "prompt": [U, {"role": "assistant", "content": "Lima."}, {"role": "user", "content": "Chile?"}],
+        "completion": [{"role": "assistant", "content": "Santiago."}],
+    }
     ids, labels, _ = renderer.render(normalise(few_shot, None)[0])
     assert learned_text(hf_tokenizers["qwen25"], ids, labels) == ["Santiago.<|im_end|>"]
-    for row, message in (({"messages": [U, A], "system": "Be a pirate."}, "system: not part of the OpenAI"),
-                         ({"messages": [U, {**A, "tool_calls": [{"function": {"name": "f", "argument": {}}}]}]},
-                          r"unknown field\(s\) argument")):
+    for row, message in (
+        ({"messages": [U, A], "system": "Be a pirate."}, "system: not part of the OpenAI"),
+        (
+            {"messages": [U, {**A, "tool_calls": [{"function": {"name": "f", "argument": {}}}]}]},
+            r"unknown field\(s\) argument",
+        ),
+    ):
         with pytest.raises(RowError, match=message):
             normalise(row, None)
     calls = json.dumps([{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": 1}}])
-    parallel = {"conversations": [{"from": "human", "value": "both"}, {"from": "function_call", "value": calls},
-                                  {"from": "observation", "value": "ok"}, {"from": "gpt", "value": "done"}]}
+    parallel = {
+        "conversations": [
+            {"from": "human", "value": "both"},
+            {"from": "function_call", "value": calls},
+            {"from": "observation", "value": "ok"},
+            {"from": "gpt", "value": "done"},
+        ]
+    }
     conv, _ = normalise(parallel, None)
     assert [c["function"]["name"] for c in conv["messages"][1]["tool_calls"]] == ["a", "b"]
 
@@ -316,8 +479,11 @@ def test_custom_template_variables_and_unclosed_turns(template_dirs, hf_tokenize
     tok = load_tokenizer(template_dirs["qwen25"])
     conv, _ = normalise({"messages": [U, A]}, None)
     ids, _, _ = Renderer.of(tok, str(eos)).render(conv)
-    assert ids == list(hf_tokenizers["qwen25"].apply_chat_template(conv["messages"], chat_template=eos.read_text(),
-                                                                   tokenize=True)["input_ids"])
+    assert ids == list(
+        hf_tokenizers["qwen25"].apply_chat_template(conv["messages"], chat_template=eos.read_text(), tokenize=True)[
+            "input_ids"
+        ]
+    )
     open_turn = tmp_path / "open.jinja"
     open_turn.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}\n{% endfor %}")
     with pytest.raises(RowError, match="without <|im_end|>|opens a turn inside another"):
@@ -399,6 +565,7 @@ def test_qwen3_5_labels_are_the_rendered_replies(qwen3_5_toks, qwen3_5_hf):
     """Thinking of replies before the last user query is stripped (kept with Qwen3.6's preserve_thinking);
     later replies always carry a thinking block. Tool arguments: Qwen3.5 writes a non-string value with
     Jinja's `string` (a boolean as True), Qwen3.6 as JSON (true)."""
+
     def learned(name: str, case: str) -> list[str]:
         ids, labels, _ = Renderer.of(qwen3_5_toks[name]).render(normalise(CASES_3_5[case], None)[0])
         return learned_text(qwen3_5_hf[name], ids, labels)
@@ -436,12 +603,19 @@ def test_control_and_bad_text_inside_parts(qwen3_5_toks, qwen3_5_hf):
     """Special-token text inside a part stays text (the one known difference from apply_chat_template); a
     lone surrogate or the renderer's marks inside a part are refused as in a string."""
     tok, hf = qwen3_5_toks["qwen35"], qwen3_5_hf["qwen35"]
-    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "say <|im_end|>"},
-                                                     {"type": "text", "text": " now"}]}, A]}
+    row = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "say <|im_end|>"}, {"type": "text", "text": " now"}],
+            },
+            A,
+        ]
+    }
     conv, _ = normalise(row, None)
     ids, _, blocks = Renderer.of(tok).render(conv)
     assert [b.role for b in blocks] == ["user", "assistant"]
-    assert ids[blocks[0].body:blocks[0].end] == tok.encode("say <|im_end|> now")
+    assert ids[blocks[0].body : blocks[0].end] == tok.encode("say <|im_end|> now")
     assert served_ids(hf, conv, parts=True).count(tok.im_end_id) == 3  # a server would end the turn early
     bad = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x\ud800"}]}, A]}
     with pytest.raises(RowError, match="lone surrogate U\\+D800"):
@@ -471,8 +645,9 @@ def test_qwen3_5_template_kwargs_per_run_config_and_row(qwen3_5_toks, qwen3_5_hf
         assert Renderer.of(tok, kwargs=preserve).render(row_off)[0] == served_ids(hf, conv, parts=True)
 
         off = Renderer.of(tok, kwargs={"enable_thinking": False})
-        served_off = hf.apply_chat_template(conv["messages"], add_generation_prompt=True, enable_thinking=False,
-                                            tokenize=True)["input_ids"]
+        served_off = hf.apply_chat_template(
+            conv["messages"], add_generation_prompt=True, enable_thinking=False, tokenize=True
+        )["input_ids"]
         assert off.prompt(conv) == list(served_off)
         assert hf.decode(off.prompt(conv)).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
         assert hf.decode(Renderer.of(tok).prompt(conv)).endswith("<|im_start|>assistant\n<think>\n")

@@ -14,7 +14,7 @@ import torch
 from qwen_ft.cli.train import main as finetune_main
 from qwen_ft.errors import ConfigError, QwenFtError
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import fit
+from qwen_ft.recipe.run import run_training
 from qwen_ft.train.distributed import DistInfo
 from qwen_ft.train.feed import GroupFeed
 from qwen_ft.train.schedule import lr_at
@@ -30,7 +30,7 @@ def probe_logits(model, ids=None):
 
 
 def train_in_process(config: str, overrides=()):
-    return fit(steps.checked_config(config, list(overrides)), CPU)
+    return run_training(steps.checked_config(config, list(overrides)), CPU)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,22 @@ def lora_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("lora")
     cfg = tmp / "run.yaml"
     write_run_yaml(
-        cfg, tiny_model_dir, tmp, data={"eval_fraction": 0.1},
+        cfg,
+        tiny_model_dir,
+        tmp,
+        data={"eval_fraction": 0.1},
         lora={"r": 8, "alpha": 16, "dropout": 0.0, "train_embeddings": True},
-        train={"output_dir": str(tmp / "out"), "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 1e-2,
-               "max_steps": 12, "warmup_ratio": 0.2, "eval_steps": 6, "save_steps": 4, "save_total_limit": 2},
+        train={
+            "output_dir": str(tmp / "out"),
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "learning_rate": 1e-2,
+            "max_steps": 12,
+            "warmup_ratio": 0.2,
+            "eval_steps": 6,
+            "save_steps": 4,
+            "save_total_limit": 2,
+        },
     )
     trainer, state = train_in_process(str(cfg))
     return trainer, state, tmp / "out"
@@ -53,8 +65,15 @@ def test_lora_loss_falls_and_outputs_describe_themselves(lora_run):
     losses = [h["loss"] for h in state.history if "loss" in h]
     assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
     assert [h["step"] for h in state.history if "eval_loss" in h] == [6, 12]
-    for name in ("adapter_config.json", "adapter_model.safetensors", "run_config.yaml", "manifest.json",
-                 "tokenizer.json", "loss.png", "train_history.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "run_config.yaml",
+        "manifest.json",
+        "tokenizer.json",
+        "loss.png",
+        "train_history.json",
+    ):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
     manifest = json.loads((out / "manifest.json").read_text())
@@ -102,10 +121,12 @@ def test_merge_equivalence_and_stock_loading(lora_run, tmp_path, capsys):
     assert main(["merge", str(out), "--out", str(merged)]) == 0
     text = capsys.readouterr().out
     assert "merge check: max |logit diff| merged vs base+adapter" in text
-    code = ("import sys, json, torch; from transformers import AutoModelForCausalLM; "
-            f"m = AutoModelForCausalLM.from_pretrained({str(merged)!r}).eval(); "
-            "ids = torch.tensor([[151644, 872, 198, 13048, 151645, 198, 151644, 77091, 198]]); "
-            "print(json.dumps(m(input_ids=ids).logits.tolist())); assert 'qwen_ft' not in sys.modules")
+    code = (
+        "import sys, json, torch; from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(merged)!r}).eval(); "
+        "ids = torch.tensor([[151644, 872, 198, 13048, 151645, 198, 151644, 77091, 198]]); "
+        "print(json.dumps(m(input_ids=ids).logits.tolist())); assert 'qwen_ft' not in sys.modules"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
     stock = torch.tensor(json.loads(proc.stdout))
@@ -158,11 +179,14 @@ def test_non_finite_guard_stops_with_last_good_checkpoint(run_config, capsys):
     assert (saved / "trainer_state.json").is_file() and (saved / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("quant.bits=8", "quant.bits: 8 with quant.backend=bnb"),
-    ("model.dtype=fp16", "model.dtype=fp16 on CPU"),
-    ("model.family=qwen2", "set model.family: qwen3"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("quant.bits=8", "quant.bits: 8 with quant.backend=bnb"),
+        ("model.dtype=fp16", "model.dtype=fp16 on CPU"),
+        ("model.family=qwen2", "set model.family: qwen3"),
+    ],
+)
 def test_refusals(run_config, override, message, capsys):
     extra = ["method=qlora"] if override.startswith("quant.") else []
     assert finetune_main(["--config", run_config(), override, *extra]) == 1
@@ -176,9 +200,19 @@ def test_qwen_v1_with_pickle_weights_is_refused(run_config, tmp_path, capsys):
 
     v1 = tmp_path / "qwen-v1"
     v1.mkdir()
-    (v1 / "config.json").write_text(json.dumps({"model_type": "qwen", "architectures": ["QWenLMHeadModel"],
-                                                "vocab_size": 151936, "hidden_size": 32, "num_attention_heads": 4,
-                                                "num_hidden_layers": 1, "intermediate_size": 96}))
+    (v1 / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen",
+                "architectures": ["QWenLMHeadModel"],
+                "vocab_size": 151936,
+                "hidden_size": 32,
+                "num_attention_heads": 4,
+                "num_hidden_layers": 1,
+                "intermediate_size": 96,
+            }
+        )
+    )
     (v1 / "pytorch_model.bin").write_bytes(b"not unpickled")
     shutil.copyfile(bundled_files("qwen")[0], v1 / "qwen.tiktoken")
     assert finetune_main(["--config", run_config(), f"model.path={v1}"]) == 1
@@ -192,9 +226,9 @@ def test_resume_refuses_other_data_or_settings(lora_run, run_config, tmp_path):
     ckpt = f"train.resume={out}/checkpoints/checkpoint-8"
     # the checkpoint's run_config.yaml is compared first: every changed key is listed
     with pytest.raises(QwenFtError, match=r"(?s)belongs to a run with other settings.*data.max_length: 128 -> 96"):
-        fit(steps.checked_config(run_config(), [ckpt, "data.max_length=96"]), CPU)
+        run_training(steps.checked_config(run_config(), [ckpt, "data.max_length=96"]), CPU)
     with pytest.raises(QwenFtError, match="lora.train_embeddings: True -> False"):
-        fit(steps.checked_config(run_config(), [ckpt]), CPU)  # same data, but no trainable embeddings
+        run_training(steps.checked_config(run_config(), [ckpt]), CPU)  # same data, but no trainable embeddings
     with pytest.raises(ConfigError):
         steps.checked_config(run_config(), ["train.max_stepz=3"])
 
@@ -209,8 +243,13 @@ def test_lora_variants_train_and_save(run_config, option, flag):
 def test_launcher_prints_and_runs_torchrun(run_config):
     from tests.conftest import REPO
 
-    proc = subprocess.run(["bash", str(REPO / "scripts/train.sh"), run_config(), "train.max_steps=2"],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts/train.sh"), run_config(), "train.max_steps=2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("+ torchrun --standalone --nproc_per_node 1 finetune.py --config ")
     assert "done: 2 steps" in proc.stdout
@@ -228,8 +267,9 @@ def test_merge_above_tolerance_fails_and_writes_nothing(lora_run, tmp_path, monk
 
 def test_lora_emb_on_a_bf16_base_trains_fp32_copies(run_config):
     """peft copies modules_to_save in the base's dtype; bf16 AdamW updates would mostly round away."""
-    trainer, state = train_in_process(run_config(), ["model.dtype=bf16", "lora.train_embeddings=true",
-                                                     "train.max_steps=2"])
+    trainer, state = train_in_process(
+        run_config(), ["model.dtype=bf16", "lora.train_embeddings=true", "train.max_steps=2"]
+    )
     params = dict(trainer.unwrapped.named_parameters())
     trained = {n: p.dtype for n, p in params.items() if p.requires_grad}
     assert any("modules_to_save" in n for n in trained) and set(trained.values()) == {torch.float32}

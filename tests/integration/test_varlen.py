@@ -81,5 +81,6 @@ def test_varlen_refuses_a_sliding_window():
 
     q = torch.zeros(1, 4, 6, 8)
     with pytest.raises(ValueError, match="sliding window"):
-        varlen_attention_forward(None, q, q, q, None, sliding_window=4,
-                                 cu_seq_lens_q=torch.tensor([0, 6]), max_length_q=6)
+        varlen_attention_forward(
+            None, q, q, q, None, sliding_window=4, cu_seq_lens_q=torch.tensor([0, 6]), max_length_q=6
+        )

@@ -25,11 +25,13 @@ MESSAGES = {
     "not_an_object": "row is a list, expected an object",
     "no_messages_key": "cannot tell the format: keys present: text (one of 'messages' (OpenAI)",
     "image_part": "messages[0].content[1]: an image part (photos/cat.png); qwen-ft trains the language model of "
-                  "vision-language checkpoints (Qwen3.5/3.6) on text only, so images, video and audio cannot be "
-                  "learned from. Remove the media part (or the row), or set data.on_error=skip",
+    "vision-language checkpoints (Qwen3.5/3.6) on text only, so images, video and audio cannot be "
+    "learned from. Remove the media part (or the row), or set data.on_error=skip",
 }
-CASES = {case: ((ASSETS / "bad_rows" / f"{case}.jsonl").read_bytes().rstrip(b"\n"), message)
-         for case, message in MESSAGES.items()}
+CASES = {
+    case: ((ASSETS / "bad_rows" / f"{case}.jsonl").read_bytes().rstrip(b"\n"), message)
+    for case, message in MESSAGES.items()
+}
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
@@ -62,19 +64,25 @@ def test_media_rows_skipped_and_counted_by_the_training_pipeline(tmp_path, qwen3
     together with file:line, or skipped and counted in the data stats with data.on_error=skip."""
     from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
 
-    video = {"messages": [{"role": "user", "content": [{"video": "clips/a.mp4"}, {"type": "text", "text": "?"}]},
-                          {"role": "assistant", "content": "A dog."}]}
+    video = {
+        "messages": [
+            {"role": "user", "content": [{"video": "clips/a.mp4"}, {"type": "text", "text": "?"}]},
+            {"role": "assistant", "content": "A dog."},
+        ]
+    }
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, video, GOOD], raw_lines={1: CASES["image_part"][0]})
-    spec = TokenizeSpec(max_length=64, overlong="truncate", label_policy="assistant", default_system="",
-                        on_error="skip")
+    spec = TokenizeSpec(
+        max_length=64, overlong="truncate", label_policy="assistant", default_system="", on_error="skip"
+    )
     data, stats = tokenized_dataset([str(path)], qwen3_tok, spec, str(tmp_path / "c"))
     assert (stats.rows_read, stats.skipped, stats.conversations, stats.examples) == (4, 2, 2, 2)
     assert stats.skipped_examples[0].startswith(f"{path}:2: messages[0].content[1]: an image part (photos/cat.png)")
     assert stats.skipped_examples[1].startswith(f"{path}:3: messages[0].content[0]: a video part (clips/a.mp4)")
     assert data["source"][:1] == [f"{path}:1"] and f"{path}:4" in data["source"]
     with pytest.raises(DataError) as e:
-        tokenized_dataset([str(path)], qwen3_tok, TokenizeSpec(**{**spec.__dict__, "on_error": "error"}),
-                          str(tmp_path / "c2"))
+        tokenized_dataset(
+            [str(path)], qwen3_tok, TokenizeSpec(**{**spec.__dict__, "on_error": "error"}), str(tmp_path / "c2")
+        )
     assert "2 bad row(s) of 4" in str(e.value) and f"{path}:2: " in str(e.value) and f"{path}:3: " in str(e.value)
 
 

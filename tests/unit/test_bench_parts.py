@@ -106,21 +106,30 @@ def test_run_sections_per_method(tmp_path):
 
 
 def _case(impl, method="lora", shape="7b", length=2048):
-    return {"impl": impl, "shape": shape, "method": method, "length": length, "warmup": 1, "micro_batch_size": 1,
-            "grad_accum": 8, "learned_per_step": 8 * 1000, "adapter_params": 0}
+    return {
+        "impl": impl,
+        "shape": shape,
+        "method": method,
+        "length": length,
+        "warmup": 1,
+        "micro_batch_size": 1,
+        "grad_accum": 8,
+        "learned_per_step": 8 * 1000,
+        "adapter_params": 0,
+    }
 
 
 def test_report_records_speedup_and_goals():
-    ours = record(_case("qwen-ft"), {"step_seconds": [9.0, 2.0, 4.0], "peak_gb": 18.5, "device": "x"},
-                  SEVEN_B, 989.4)
+    ours = record(_case("qwen-ft"), {"step_seconds": [9.0, 2.0, 4.0], "peak_gb": 18.5, "device": "x"}, SEVEN_B, 989.4)
     base = record(_case("baseline"), {"step_seconds": [9.0, 6.0], "peak_gb": 30.0, "device": "x"}, SEVEN_B, 989.4)
     assert ours["seconds_per_step"] == 3.0 and ours["tokens_per_s"] == pytest.approx(8 * 2048 / 3)
     assert ours["reference"] == {"peak_gb": 23.8, "seconds_per_step": 5.2} and base["goal"] is None
     assert speedups([ours, base]) == {("7b", "lora", 2048, "1x8"): pytest.approx(2.0)}
     expected_mfu = step_flops(SEVEN_B, "lora", 2048, 8, 8000) / 3.0 / 989.4e12
     assert ours["mfu"] == pytest.approx(expected_mfu)
-    assert goal_lines([ours]) == [f"goal 7b lora 2048: <= 19.0 GiB, MFU >= 45%: "
-                                  f"{'met' if expected_mfu >= 0.45 else 'MISSED'}"]
+    assert goal_lines([ours]) == [
+        f"goal 7b lora 2048: <= 19.0 GiB, MFU >= 45%: {'met' if expected_mfu >= 0.45 else 'MISSED'}"
+    ]
     assert goal_lines([ours, base])[-1] == "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft (1x8): 2.00x met"
     oom = record(_case("qwen-ft", "full"), {"error": "out of memory"}, SEVEN_B, None)
     text = table([ours, base, oom])
@@ -129,18 +138,29 @@ def test_report_records_speedup_and_goals():
 
 def test_baselines_at_two_layouts_give_one_ratio_each():
     """The baseline at 2x4 (as qwen-ft) and at QwenLM's 1x8: each its own line and its own ratio."""
-    ours = record({**_case("qwen-ft"), "micro_batch_size": 2, "grad_accum": 4},
-                  {"step_seconds": [9.0, 2.0], "peak_gb": 18.5, "device": "x"}, SEVEN_B, 989.4)
-    pair = record({**_case("baseline"), "micro_batch_size": 2, "grad_accum": 4},
-                  {"step_seconds": [9.0, 3.0], "peak_gb": 25.0, "device": "x"}, SEVEN_B, 989.4)
+    ours = record(
+        {**_case("qwen-ft"), "micro_batch_size": 2, "grad_accum": 4},
+        {"step_seconds": [9.0, 2.0], "peak_gb": 18.5, "device": "x"},
+        SEVEN_B,
+        989.4,
+    )
+    pair = record(
+        {**_case("baseline"), "micro_batch_size": 2, "grad_accum": 4},
+        {"step_seconds": [9.0, 3.0], "peak_gb": 25.0, "device": "x"},
+        SEVEN_B,
+        989.4,
+    )
     qwenlm = record(_case("baseline"), {"step_seconds": [9.0, 5.0], "peak_gb": 21.0, "device": "x"}, SEVEN_B, 989.4)
-    assert speedups([ours, pair, qwenlm]) == {("7b", "lora", 2048, "2x4"): pytest.approx(1.5),
-                                              ("7b", "lora", 2048, "1x8"): pytest.approx(2.5)}
+    assert speedups([ours, pair, qwenlm]) == {
+        ("7b", "lora", 2048, "2x4"): pytest.approx(1.5),
+        ("7b", "lora", 2048, "1x8"): pytest.approx(2.5),
+    }
     lines = table([ours, pair, qwenlm]).splitlines()[1:]
     assert len(lines) == 2 and "1.50" in lines[0] and "2x4 25.0GiB" in lines[0] and "2.50" in lines[1]
     assert goal_lines([ours, pair, qwenlm])[-2:] == [
         "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft (2x4): 1.50x MISSED",
-        "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft (1x8): 2.50x met"]
+        "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft (1x8): 2.50x met",
+    ]
 
 
 def test_estimator_is_checked_only_against_gpu_peaks():
@@ -148,8 +168,9 @@ def test_estimator_is_checked_only_against_gpu_peaks():
     gpu = record(case, {"step_seconds": [1.0, 1.0], "peak_gb": 16.0, "device": "NVIDIA H100"}, SEVEN_B, None)
     cpu = record(case, {"step_seconds": [1.0, 1.0], "peak_gb": 19.0, "device": "cpu"}, SEVEN_B, None)
     assert gpu["estimate_error"] == pytest.approx(0.25)
-    assert estimate_lines([gpu]) == ["estimator 7b lora 2048: predicted 20.0 GiB, measured 16.0 GiB "
-                                     "(+25%, outside 15%)"]
+    assert estimate_lines([gpu]) == [
+        "estimator 7b lora 2048: predicted 20.0 GiB, measured 16.0 GiB (+25%, outside 15%)"
+    ]
     assert "needs GPU peaks" in estimate_lines([cpu])[0]
 
 
@@ -176,11 +197,17 @@ def test_qwen3_moe_shape_counts_every_expert_and_flops_the_active_ones():
     assert flops == pytest.approx(6 * (shape.active_linear_params() + shape.vocab * shape.hidden) * tokens + attention)
     assert shape.active_linear_params() < shape.linear_params() / 8
     tiny = Shape.from_config(shape_config("tiny-qwen3-moe"))
-    tiny_settings = {k: v for k, v in shape_config("tiny-qwen3-moe").items()
-                     if k not in ("model_type", "architectures")}
+    tiny_settings = {
+        k: v for k, v in shape_config("tiny-qwen3-moe").items() if k not in ("model_type", "architectures")
+    }
     with torch.device("meta"):
         small = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**tiny_settings))
-        adapted = get_peft_model(small, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                                   target_parameters=["mlp.experts.gate_up_proj",
-                                                                      "mlp.experts.down_proj"]))
+        adapted = get_peft_model(
+            small,
+            LoraConfig(
+                r=8,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            ),
+        )
     assert lora_params(tiny, 8) == sum(p.numel() for p in adapted.parameters() if p.requires_grad)

@@ -11,8 +11,13 @@ S, E, NL = 151644, 151645, 198  # <|im_start|>, <|im_end|>, "\n"
 SYSTEM, USER, ASSISTANT = 8948, 872, 77091  # "system", "user", "assistant"
 CONV = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "1+1?"), ("assistant", "2")]
 # Content ids: "Be brief." = 3430 9814 13; "Hi" = 13048; "Hello!" = 9707 0; "1+1?" = 16 10 16 30; "2" = 17
-IDS = ([S, SYSTEM, NL, 3430, 9814, 13, E, NL] + [S, USER, NL, 13048, E, NL] + [S, ASSISTANT, NL, 9707, 0, E, NL]
-       + [S, USER, NL, 16, 10, 16, 30, E, NL] + [S, ASSISTANT, NL, 17, E, NL])
+IDS = (
+    [S, SYSTEM, NL, 3430, 9814, 13, E, NL]
+    + [S, USER, NL, 13048, E, NL]
+    + [S, ASSISTANT, NL, 9707, 0, E, NL]
+    + [S, USER, NL, 16, 10, 16, 30, E, NL]
+    + [S, ASSISTANT, NL, 17, E, NL]
+)
 
 
 def test_exact_ids_both_vocabularies(any_tok):
@@ -35,8 +40,13 @@ def test_last_turn_policy(any_tok):
 
 def test_qwen_reference_policy_exact_labels(any_tok):
     _, labels = render_chatml(CONV, any_tok, "qwen_reference")
-    expected = ([S, X, X, X, X, X, E, NL] + [S, X, X, X, E, NL] + [S, X, X, 9707, 0, E, NL]
-                + [S, X, X, X, X, X, X, E, NL] + [S, X, X, 17, E, NL])
+    expected = (
+        [S, X, X, X, X, X, E, NL]
+        + [S, X, X, X, E, NL]
+        + [S, X, X, 9707, 0, E, NL]
+        + [S, X, X, X, X, X, X, E, NL]
+        + [S, X, X, 17, E, NL]
+    )
     assert labels == expected
 
 
@@ -46,8 +56,11 @@ def qwenlm_preprocess(source: list[dict], tok, system_message: str) -> tuple[lis
     nl_tokens = tok.encode("\n")
 
     def tokenizer(text):  # Qwen's tokenizer call: "<|im_start|>" in role strings is the control token
-        return [im_start] + tok.encode(text[len("<|im_start|>"):]) if text.startswith("<|im_start|>") \
+        return (
+            [im_start] + tok.encode(text[len("<|im_start|>") :])
+            if text.startswith("<|im_start|>")
             else tok.encode(text)
+        )
 
     roles = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"}
     _system = tokenizer("system") + nl_tokens
@@ -62,17 +75,29 @@ def qwenlm_preprocess(source: list[dict], tok, system_message: str) -> tuple[lis
         if role == "<|im_start|>user":
             _target = [im_start] + [X] * (len(_input_id) - 3) + [im_end] + nl_tokens
         else:
-            _target = [im_start] + [X] * len(tokenizer(role)) + _input_id[len(tokenizer(role)) + 1:-2] + [im_end] \
+            _target = (
+                [im_start]
+                + [X] * len(tokenizer(role))
+                + _input_id[len(tokenizer(role)) + 1 : -2]
+                + [im_end]
                 + nl_tokens
+            )
         target += _target
     return input_id, target
 
 
-@pytest.mark.parametrize("turns", [
-    [("user", "What is 2+2?"), ("assistant", "4")],
-    [("user", "你好"), ("assistant", "你好！很高兴见到你。"),
-     ("user", "code?"), ("assistant", "def f():\n    pass\n")],
-])
+@pytest.mark.parametrize(
+    "turns",
+    [
+        [("user", "What is 2+2?"), ("assistant", "4")],
+        [
+            ("user", "你好"),
+            ("assistant", "你好！很高兴见到你。"),
+            ("user", "code?"),
+            ("assistant", "def f():\n    pass\n"),
+        ],
+    ],
+)
 def test_qwen_reference_matches_qwenlm_token_for_token(v1_tok, turns):
     source = [{"from": r, "value": c} for r, c in turns]
     ref_ids, ref_labels = qwenlm_preprocess(source, v1_tok, "You are a helpful assistant.")

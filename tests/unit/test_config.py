@@ -38,8 +38,11 @@ def test_unknown_keys_at_every_depth_with_did_you_mean():
 
 
 def test_all_problems_collected_at_once():
-    raw = {"model": {"path": "m", "dtype": "bf17"},
-           "data": {"train_files": ["d.jsonl"], "max_length": "long", "packing": "yes"}, "method": "lora2"}
+    raw = {
+        "model": {"path": "m", "dtype": "bf17"},
+        "data": {"train_files": ["d.jsonl"], "max_length": "long", "packing": "yes"},
+        "method": "lora2",
+    }
     probs = problems_of(raw)
     assert len(probs) == 4, probs
     assert any(p.startswith("model.dtype: 'bf17' is not one of") and "did you mean 'bf16'" in p for p in probs)
@@ -49,25 +52,41 @@ def test_all_problems_collected_at_once():
 
 
 def test_ranges_and_combinations_collected():
-    raw = {"model": {"path": "m"}, "data": {"train_files": ["d"], "eval_files": ["e"], "eval_fraction": 0.1,
-                                            "max_length": 4},
-           "train": {"grad_accum": 0, "learning_rate": -1}, "method": "qlora", "quant": {"bits": 8}}
+    raw = {
+        "model": {"path": "m"},
+        "data": {"train_files": ["d"], "eval_files": ["e"], "eval_fraction": 0.1, "max_length": 4},
+        "train": {"grad_accum": 0, "learning_rate": -1},
+        "method": "qlora",
+        "quant": {"bits": 8},
+    }
     probs = problems_of(raw)
     joined = "\n".join(probs)
-    for needle in ("data.max_length: 4", "train.grad_accum: 0", "train.learning_rate: -1",
-                   "data.eval_files and data.eval_fraction", "quant.bits: 8 with quant.backend=bnb"):
+    for needle in (
+        "data.max_length: 4",
+        "train.grad_accum: 0",
+        "train.learning_rate: -1",
+        "data.eval_files and data.eval_fraction",
+        "quant.bits: 8 with quant.backend=bnb",
+    ):
         assert needle in joined
     assert len(probs) == 5
 
 
 def test_non_finite_numbers_and_negative_seed_are_refused():
-    raw = {"model": {"path": "m"}, "data": {"train_files": ["d"]},
-           "train": {"learning_rate": float("inf"), "epochs": float("inf"), "max_grad_norm": float("nan"),
-                     "seed": -1}, "lora": {"dropout": float("nan")}}
+    raw = {
+        "model": {"path": "m"},
+        "data": {"train_files": ["d"]},
+        "train": {"learning_rate": float("inf"), "epochs": float("inf"), "max_grad_norm": float("nan"), "seed": -1},
+        "lora": {"dropout": float("nan")},
+    }
     joined = "\n".join(problems_of(raw))
-    for needle in ("train.learning_rate: inf is not a finite number", "train.epochs: inf is not a finite number",
-                   "train.max_grad_norm: nan is not a finite number", "lora.dropout: nan is not a finite number",
-                   "train.seed: -1 must be >= 0"):
+    for needle in (
+        "train.learning_rate: inf is not a finite number",
+        "train.epochs: inf is not a finite number",
+        "train.max_grad_norm: nan is not a finite number",
+        "lora.dropout: nan is not a finite number",
+        "train.seed: -1 must be >= 0",
+    ):
         assert needle in joined, joined
 
 
@@ -84,8 +103,9 @@ def test_required_fields():
 
 
 def test_overrides_coerce_and_use_yaml_names():
-    cfg = config_from_dict(BASE, ["train.learning_rate=1e-4", "data.packing=false",
-                                  "data.train_files=[a.jsonl, b.jsonl]", "lora.r=16"])
+    cfg = config_from_dict(
+        BASE, ["train.learning_rate=1e-4", "data.packing=false", "data.train_files=[a.jsonl, b.jsonl]", "lora.r=16"]
+    )
     assert cfg.train.learning_rate == 1e-4 and cfg.data.packing is False
     assert cfg.data.train_files == ("a.jsonl", "b.jsonl") and cfg.lora.r == 16
 
@@ -94,8 +114,10 @@ def test_unknown_override_has_did_you_mean():
     probs = problems_of(BASE, ["data.max_lenght=10", "nokey"])
     assert probs[0] == "override 'data.max_lenght=10': unknown key 'data.max_lenght' (did you mean 'data.max_length'?)"
     assert "expected key.sub=value" in probs[1]
-    assert parse_overrides(["train.learning_rat=1"]) == ([], [
-        "override 'train.learning_rat=1': unknown key 'train.learning_rat' (did you mean 'train.learning_rate'?)"])
+    assert parse_overrides(["train.learning_rat=1"]) == (
+        [],
+        ["override 'train.learning_rat=1': unknown key 'train.learning_rat' (did you mean 'train.learning_rate'?)"],
+    )
 
 
 def test_did_you_mean_knows_abbreviations_and_stays_in_the_section():

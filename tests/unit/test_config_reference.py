@@ -10,7 +10,8 @@ from qwen_ft.config.schema import RunConfig
 
 def test_the_configuration_reference_is_up_to_date():
     assert reference.DOCS.read_text() == reference.markdown(), (
-        "docs/configuration.md is stale: run `python -m qwen_ft.config.reference > docs/configuration.md`")
+        "docs/configuration.md is stale: run `python -m qwen_ft.config.reference > docs/configuration.md`"
+    )
 
 
 def test_every_key_is_in_the_reference_with_its_help():

@@ -14,8 +14,10 @@ HEAVY = ("deepspeed", "bitsandbytes", "gptqmodel", "flash_attn", "torch", "trans
 
 
 def test_import_and_help_load_nothing_heavy():
-    code = ("import sys, qwen_ft, qwen_ft.cli.main as m; p = m.build_parser(); "
-            f"print(sorted(set({HEAVY!r}) & set(sys.modules)))")
+    code = (
+        "import sys, qwen_ft, qwen_ft.cli.main as m; p = m.build_parser(); "
+        f"print(sorted(set({HEAVY!r}) & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -17,16 +17,36 @@ from tests.conftest import REPO
 
 def test_user_json_conflicts_and_schedulers_are_refused(tmp_path):
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto",
-                                "scheduler": {"type": "WarmupLR"}, "zero_optimization": {"stage": 2}}))
-    cfg = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]},
-                            "dist": {"deepspeed": str(user)}, "train": {"micro_batch_size": 2}})
+    user.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 4,
+                "gradient_accumulation_steps": "auto",
+                "scheduler": {"type": "WarmupLR"},
+                "zero_optimization": {"stage": 2},
+            }
+        )
+    )
+    cfg = config_from_dict(
+        {
+            "model": {"path": "m"},
+            "data": {"train_files": ["d"]},
+            "dist": {"deepspeed": str(user)},
+            "train": {"micro_batch_size": 2},
+        }
+    )
     with pytest.raises(ConfigError) as e:
         deepspeed_config(cfg, "fp32", 2)
     text = str(e.value)
     assert "remove the 'scheduler' block" in text and "train_micro_batch_size_per_gpu is 4" in text
-    cfg = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]}, "dist": {"deepspeed": "zero3"},
-                            "train": {"micro_batch_size": 2, "grad_accum": 3, "max_grad_norm": 0.5}})
+    cfg = config_from_dict(
+        {
+            "model": {"path": "m"},
+            "data": {"train_files": ["d"]},
+            "dist": {"deepspeed": "zero3"},
+            "train": {"micro_batch_size": 2, "grad_accum": 3, "max_grad_norm": 0.5},
+        }
+    )
     filled = deepspeed_config(cfg, "bf16", 4)
     assert (filled["train_batch_size"], filled["gradient_clipping"], filled["bf16"]["enabled"]) == (24, 0.5, True)
     assert filled["zero_optimization"]["stage"] == 3 and "scheduler" not in filled
@@ -41,7 +61,8 @@ def test_gptq_base_under_zero3_is_refused(tmp_path):
     cfg = config_from_dict({**raw, "dist": {"deepspeed": str(user)}})  # a user JSON: refused once read
     assert [p for p in check_environment(cfg, need_model=False) if "ZeRO-3 with quant.backend=gptq" in p] == [
         f"dist.deepspeed={user} is ZeRO-3 with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's packed weights; "
-        "use dist.deepspeed=zero2 (or a stage-2 JSON)"]
+        "use dist.deepspeed=zero2 (or a stage-2 JSON)"
+    ]
     user.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     assert not [p for p in check_environment(cfg, need_model=False) if "ZeRO-3" in p]
 

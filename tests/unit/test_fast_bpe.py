@@ -10,10 +10,39 @@ import pytest
 from qwen_ft.tokenizer.fast_bpe import encoder_for
 from qwen_ft.tokenizer.hf import HFQwenTokenizer
 
-PIECES = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<|im_end|>", "<|im_start|>", "<|endoftext|>",
-          "  ", "\n\n", "\r\n", "\t", " \n ", "é", "e\u0301", "Å", "ﬁ", "🙂", "１２３", "123456", "'s", "'LL",
-          "中文数据", "角色𠀀", "ab\U0002EBF0", "\u00a0", "def f(x):\n    return x", "assistant\n", "x" * 40,
-          "The model", " the", ".")
+PIECES = (
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|im_end|>",
+    "<|im_start|>",
+    "<|endoftext|>",
+    "  ",
+    "\n\n",
+    "\r\n",
+    "\t",
+    " \n ",
+    "é",
+    "e\u0301",
+    "Å",
+    "ﬁ",
+    "🙂",
+    "１２３",
+    "123456",
+    "'s",
+    "'LL",
+    "中文数据",
+    "角色𠀀",
+    "ab\U0002ebf0",
+    "\u00a0",
+    "def f(x):\n    return x",
+    "assistant\n",
+    "x" * 40,
+    "The model",
+    " the",
+    ".",
+)
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:
@@ -49,14 +78,18 @@ def _swap_merges(spec):
     merges[100], merges[50000] = merges[50000], merges[100]
 
 
-@pytest.mark.parametrize("change", [
-    _swap_merges,  # merge order no longer the rank order tiktoken merges by
-    lambda spec: spec.update(normalizer={"type": "NFKC"}),
-    lambda spec: spec["model"].update(byte_fallback=True),
-    lambda spec: spec["pre_tokenizer"]["pretokenizers"][1].update(use_regex=True),
-    lambda spec: spec["model"]["merges"].pop(),  # a token no merge makes
-    lambda spec: spec["added_tokens"].append({**spec["added_tokens"][-1], "id": 151700, "content": "<think>x"}),
-], ids=["merge-order", "nfkc", "byte-fallback", "bytelevel-regex", "unmade-token", "nested-added"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        _swap_merges,  # merge order no longer the rank order tiktoken merges by
+        lambda spec: spec.update(normalizer={"type": "NFKC"}),
+        lambda spec: spec["model"].update(byte_fallback=True),
+        lambda spec: spec["pre_tokenizer"]["pretokenizers"][1].update(use_regex=True),
+        lambda spec: spec["model"]["merges"].pop(),  # a token no merge makes
+        lambda spec: spec["added_tokens"].append({**spec["added_tokens"][-1], "id": 151700, "content": "<think>x"}),
+    ],
+    ids=["merge-order", "nfkc", "byte-fallback", "bytelevel-regex", "unmade-token", "nested-added"],
+)
 def test_vocabularies_tiktoken_cannot_match_keep_tokenizers(qwen3_dir, tmp_path, change):
     tok = _variant(qwen3_dir, tmp_path, change)
     assert tok.fast_encoder() is None

@@ -9,9 +9,25 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "qwen_ft"
-FLOORS = {"errors": 0, "deps": 0, "files": 0, "quiet": 0, "version": 0, "config": 1, "tokenizer": 2, "data": 3,
-          "model": 4, "train": 5, "export": 6, "infer": 6, "sizing": 6, "recipe": 7, "api": 8, "bench": 9,
-          "cli": 10}
+FLOORS = {
+    "errors": 0,
+    "deps": 0,
+    "files": 0,
+    "quiet": 0,
+    "version": 0,
+    "config": 1,
+    "tokenizer": 2,
+    "data": 3,
+    "model": 4,
+    "train": 5,
+    "export": 6,
+    "infer": 6,
+    "sizing": 6,
+    "recipe": 7,
+    "api": 8,
+    "bench": 9,
+    "cli": 10,
+}
 TOP = 11  # the package itself (`qwen_ft.finetune` etc. are the API's, imported on first use)
 
 

@@ -19,8 +19,15 @@ def test_parameter_count_is_exact(family, tied):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
     cls = Qwen2Config if family == "qwen2" else Qwen3Config
-    config = cls(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=tied)
+    config = cls(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     model = AutoModelForCausalLM.from_config(config)
     assert Shape.from_config(config.to_dict()).params() == sum(p.numel() for p in model.parameters())
 
@@ -29,12 +36,19 @@ def test_lora_trainable_count_matches_peft():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = Qwen2Config(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     cfg = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]}, "lora": {"r": 4}})
-    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                                LoraConfig(r=4, target_modules=list(Shape.from_config(config.to_dict())
-                                                                    .linear_shapes())))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_config(config),
+        LoraConfig(r=4, target_modules=list(Shape.from_config(config.to_dict()).linear_shapes())),
+    )
     expected = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert trainable_params(cfg, Shape.from_config(config.to_dict())) == expected
 
@@ -44,8 +58,11 @@ QWEN_7B = json.loads((QWEN_7B_DIR / "config.json").read_text())
 
 
 def run_cfg(**sections):
-    raw = {"model": {"path": "m"}, "data": {"train_files": ["d"], "max_length": 2048},
-           "train": {"micro_batch_size": 1}}
+    raw = {
+        "model": {"path": "m"},
+        "data": {"train_files": ["d"], "max_length": 2048},
+        "train": {"micro_batch_size": 1},
+    }
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return config_from_dict(raw)
@@ -73,16 +90,28 @@ def test_7b_lora_2048_by_hand():
     e = estimate(run_cfg(method="lora", lora={"r": 64}), Shape.from_config(QWEN_7B), "bf16", 1, 0, False)
     params, lora = 7_721_324_544, 32 * 64 * (4 * 8192 + 2 * 15104 + 15104)
     assert lora == 159_907_840
-    assert e.parts == {"weights": 2 * params, "trained fp32": 4 * lora, "gradients": 4 * lora,
-                       "optimizer": 8 * lora, "activations": 2048 * 32 * 4096 * 2}  # checkpointed layer inputs
+    assert e.parts == {
+        "weights": 2 * params,
+        "trained fp32": 4 * lora,
+        "gradients": 4 * lora,
+        "optimizer": 8 * lora,
+        "activations": 2048 * 32 * 4096 * 2,
+    }  # checkpointed layer inputs
     assert e.moments == {
         # one chunk of logits, d loss / d hidden kept for every learned position, autocast's bf16 LoRA copies
         "loss step": 1024 * 151936 * 11 + 2048 * 4096 * 2 + 2 * lora,
-        "layer replay": 2048 * 34 * 4096}  # Korthikanti's 34*H bytes, not 34*H*2
+        "layer replay": 2048 * 34 * 4096,
+    }  # Korthikanti's 34*H bytes, not 34*H*2
     assert e.total == sum(e.parts.values()) + e.moments["loss step"]  # the moments never add up
     assert e.total / GB == pytest.approx(19.173, abs=1e-3)  # H100, 2026-11-22: 18.87 GiB measured
-    emb = estimate(run_cfg(method="lora", lora={"r": 64, "train_embeddings": True}), Shape.from_config(QWEN_7B),
-                   "bf16", 1, 0, False)
+    emb = estimate(
+        run_cfg(method="lora", lora={"r": 64, "train_embeddings": True}),
+        Shape.from_config(QWEN_7B),
+        "bf16",
+        1,
+        0,
+        False,
+    )
     assert emb.moments["loss step"] - e.moments["loss step"] == 151936 * 4096 * (4 + 2 * 2)  # fp32 d/d head;
     # autocast's bf16 copies of the two trained fp32 embedding matrices
 
@@ -93,8 +122,9 @@ def test_quantized_weights_by_hand():
     assert shape.linear_params() == linear and shape.other_params() == other
     bnb = estimate(run_cfg(method="qlora"), shape, "bf16", 1, 0, False).parts["weights"]
     assert bnb == linear * (0.5 + 1 / 64 + 4 / 16384) + 2 * other  # nf4 codes + double-quantized absmax
-    gptq = estimate(run_cfg(method="qlora", quant={"backend": "gptq"}), shape, "bf16", 1, 0, False,
-                    gptq_group=128).parts["weights"]
+    gptq = estimate(
+        run_cfg(method="qlora", quant={"backend": "gptq"}), shape, "bf16", 1, 0, False, gptq_group=128
+    ).parts["weights"]
     square = 4096 * 4096 / 2 + 32 * 4096 * 2.5 + 4096 * 4  # q/k/v/o: codes, zeros+scales per group, g_idx
     wide = 4096 * 11008 / 2 + 32 * 11008 * 2.5 + 4096 * 4  # gate/up
     down = 11008 * 4096 / 2 + 86 * 4096 * 2.5 + 11008 * 4  # 11008 / 128 = 86 groups
@@ -118,8 +148,16 @@ def test_estimate_cli_reads_the_gptq_group(tmp_path, capsys):
     import yaml
 
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"path": str(tmp_path)}, "data": {"train_files": ["d.jsonl"]},
-                                   "method": "qlora", "quant": {"backend": "gptq"}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tmp_path)},
+                "data": {"train_files": ["d.jsonl"]},
+                "method": "qlora",
+                "quant": {"backend": "gptq"},
+            }
+        )
+    )
     weights = {}
     for group in (128, -1):
         quant = {"quant_method": "gptq", "bits": 4, "group_size": group}
@@ -149,8 +187,10 @@ def test_qwen3_5_composite_counts_are_exact_and_lora_matches_peft():
     cfg = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]}, "lora": {"r": 8}})
     family = FAMILIES["qwen3_5"]
     with torch.device("meta"):
-        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=list(family.lora_targets),
-                                                      exclude_modules=r"(.*\.)?model\.visual(\..*)?"))
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(r=8, target_modules=list(family.lora_targets), exclude_modules=r"(.*\.)?model\.visual(\..*)?"),
+        )
     expected = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert trainable_params(cfg, shape) == expected
     full = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]}, "method": "full"})
@@ -164,14 +204,19 @@ def test_qwen3_5_estimate_counts_gdn_states_and_248k_logits(capsys):
 
     raw = json.loads((ASSETS / "qwen3.5-9b" / "config.json").read_text())
     shape = Shape.from_config(raw)
-    cfgs = {n: config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"], "max_length": n},
-                                 "lora": {"r": 64}}) for n in (2048, 8192)}
+    cfgs = {
+        n: config_from_dict(
+            {"model": {"path": "m"}, "data": {"train_files": ["d"], "max_length": n}, "lora": {"r": 64}}
+        )
+        for n in (2048, 8192)
+    }
     states = {n: gdn_chunk_states(c, shape) for n, c in cfgs.items()}
     assert states[2048] == 32 * 32 * 128 * 128 * 4 and states[8192] == 4 * states[2048]  # 32 chunks of 64
     short, long = (estimate(cfgs[n], shape, "bf16", 1, 0, False) for n in (2048, 8192))
     assert short.moments["layer replay"] == 2048 * 34 * 4096 + states[2048] and long.total > short.total
-    half = config_from_dict({"model": {"path": "m", "checkpoint_fraction": 0.5},
-                             "data": {"train_files": ["d"], "max_length": 2048}})
+    half = config_from_dict(
+        {"model": {"path": "m", "checkpoint_fraction": 0.5}, "data": {"train_files": ["d"], "max_length": 2048}}
+    )
     assert estimate(half, shape, "bf16", 1, 0, False).parts["GDN states"] == states[2048] * 24 * 0.5
     assert short.moments["loss step"] >= 1024 * 248_320 * 11
     config = Path(__file__).resolve().parents[2] / "configs" / "qwen3.5-9b_lora.yaml"
@@ -187,16 +232,20 @@ def test_moe_estimate_holds_every_expert_and_activates_top_k():
     from qwen_ft.sizing.memory import expert_activation_bytes
 
     shape = Shape.from_config(shape_config("qwen3-30b-a3b"))
-    full = config_from_dict({"model": {"path": "m", "gradient_checkpointing": False}, "method": "full",
-                             "dist": {"deepspeed": "zero3"},
-                             "data": {"train_files": ["d"], "max_length": 1024}})
+    full = config_from_dict(
+        {
+            "model": {"path": "m", "gradient_checkpointing": False},
+            "method": "full",
+            "dist": {"deepspeed": "zero3"},
+            "data": {"train_files": ["d"], "max_length": 1024},
+        }
+    )
     e = estimate(full, shape, "bf16", 8, 3, False)
     assert e.parts["weights"] == shape.params() * 2 / 8  # every expert, sharded over 8 GPUs
     assert e.parts["optimizer"] == shape.params() * 12 / 8
     assert expert_activation_bytes(shape) == 8 * 2 * (2 * 2048 + 3 * 768)
     assert e.parts["expert activations"] == 1024 * expert_activation_bytes(shape) * 48
-    dense = estimate(full, Shape.from_config({**shape_config("qwen3-30b-a3b"), "num_experts": 0}), "bf16", 8, 3,
-                     False)
+    dense = estimate(full, Shape.from_config({**shape_config("qwen3-30b-a3b"), "num_experts": 0}), "bf16", 8, 3, False)
     assert "expert activations" not in dense.parts
 
 

@@ -45,7 +45,7 @@ def test_length_grouping_beats_random_batching():
     lens = lengths(2000)
     grouped = plan_batches(lens, 512, 8, packing=False, seed=0)
     order = np.random.default_rng(0).permutation(len(lens))
-    random_computed = sum(8 * lens[order[k:k + 8]].max() for k in range(0, len(lens), 8))
+    random_computed = sum(8 * lens[order[k : k + 8]].max() for k in range(0, len(lens), 8))
     assert grouped.efficiency > 0.9 > lens.sum() / random_computed
     assert all(len(row) == 1 for batch in grouped.batches for row in batch)
 

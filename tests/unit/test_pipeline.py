@@ -15,8 +15,13 @@ from qwen_ft.data.render import Renderer
 from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
 from tests.conftest import conv, write_jsonl
 
-SPEC = TokenizeSpec(max_length=64, overlong="truncate", label_policy="assistant",
-                    default_system="You are a helpful assistant.", on_error="error")
+SPEC = TokenizeSpec(
+    max_length=64,
+    overlong="truncate",
+    label_policy="assistant",
+    default_system="You are a helpful assistant.",
+    on_error="error",
+)
 
 
 def sample_rows(n):
@@ -49,7 +54,7 @@ def test_rows_equal_pure_renderer_and_counts(tmp_path, v1_tok):
         if len(ids) <= 64:
             assert (ds[i]["input_ids"], ds[i]["labels"], ds[i]["status"]) == (ids, labels, "ok")
         else:
-            assert ds[i]["status"] == "truncated" and ds[i]["input_ids"] == ids[:len(ds[i]["input_ids"])]
+            assert ds[i]["status"] == "truncated" and ds[i]["input_ids"] == ids[: len(ds[i]["input_ids"])]
     assert stats.truncated == sum(1 for r in ds if r["status"] == "truncated") > 0
     assert stats.tokens == sum(len(r["input_ids"]) for r in ds)
     assert stats.supervised_tokens == sum(sum(x != -100 for x in r["labels"]) for r in ds)
@@ -66,8 +71,21 @@ def test_dump_one_line_per_conversation_in_order(tmp_path, qwen3_dir, qwen3_tok)
     rows = sample_rows(5) + [conv("z " * 100, "w")] + sample_rows(2)
     f = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "dump.jsonl"
-    rc = main(["preprocess", "--tokenizer", str(qwen3_dir), "--data", str(f), "--max-length", "64",
-               "--dump", str(out), f"data.cache_dir={tmp_path / 'c'}", "data.overlong=drop"])
+    rc = main(
+        [
+            "preprocess",
+            "--tokenizer",
+            str(qwen3_dir),
+            "--data",
+            str(f),
+            "--max-length",
+            "64",
+            "--dump",
+            str(out),
+            f"data.cache_dir={tmp_path / 'c'}",
+            "data.overlong=drop",
+        ]
+    )
     assert rc == 0
     dumped = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(dumped) == len(rows)
@@ -75,8 +93,10 @@ def test_dump_one_line_per_conversation_in_order(tmp_path, qwen3_dir, qwen3_tok)
     # the tokenizer directory's own chat template (Qwen3's: no default system prompt) renders the rows
     row6, _ = normalise(rows[6], None)
     ids, labels, _ = Renderer.of(qwen3_tok).render(row6)
-    assert dumped[6] == {"input_ids": ids, "labels": labels} and ids[:3] == \
-        [qwen3_tok.im_start_id, *qwen3_tok.encode("user\n")]
+    assert dumped[6] == {"input_ids": ids, "labels": labels} and ids[:3] == [
+        qwen3_tok.im_start_id,
+        *qwen3_tok.encode("user\n"),
+    ]
 
 
 def test_eval_fraction_and_eval_files(tmp_path, qwen3_dir, qwen3_tok):
@@ -94,7 +114,8 @@ def test_everything_dropped_is_an_error(tmp_path, qwen3_dir, qwen3_tok):
     from qwen_ft.errors import DataError
 
     f = write_jsonl(tmp_path / "d.jsonl", [conv("x " * 100, "y")])
-    cfg = config_from_dict({"model": {"path": "m"}, "data": {"train_files": [str(f)], "max_length": 32,
-                                                            "cache_dir": str(tmp_path / "c")}})
+    cfg = config_from_dict(
+        {"model": {"path": "m"}, "data": {"train_files": [str(f)], "max_length": 32, "cache_dir": str(tmp_path / "c")}}
+    )
     with pytest.raises(DataError, match="no training example left .* dropped 1"):
         prepare_data(cfg, qwen3_tok)

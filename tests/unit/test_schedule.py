@@ -32,8 +32,13 @@ def test_linear_and_constant():
 def test_run_plan_counts():
     import torch
 
-    cfg = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]},
-                            "train": {"grad_accum": 4, "epochs": 2, "warmup_ratio": 0.1}})
+    cfg = config_from_dict(
+        {
+            "model": {"path": "m"},
+            "data": {"train_files": ["d"]},
+            "train": {"grad_accum": 4, "epochs": 2, "warmup_ratio": 0.1},
+        }
+    )
     plan = make_run_plan(cfg, torch.device("cpu"), Precision("fp32", torch.float32), "sdpa", 2, 21)
     assert (plan.micro_batches_per_epoch, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (10, 3, 6, 1)
     with pytest.raises(QwenFtError, match="1 micro-batch"):

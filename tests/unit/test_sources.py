@@ -24,12 +24,15 @@ def test_json_list_streams_equal_json_load(tmp_path, tiny_chunks):
     assert got[1].where == f"{p}[1] (line {json.dumps(rows, indent=2).splitlines().index('  {', 2) + 1})"
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"a": 1}', "expected a JSON list"),
-    ('[{"a": 1}, {"b": tru}]', "malformed JSON in element 1"),
-    ('[{"a": 1} {"b": 2}]', "expected ',' or ']' after element 0"),
-    ('[{"a": 1},', "the JSON list is not closed"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"a": 1}', "expected a JSON list"),
+        ('[{"a": 1}, {"b": tru}]', "malformed JSON in element 1"),
+        ('[{"a": 1} {"b": 2}]', "expected ',' or ']' after element 0"),
+        ('[{"a": 1},', "the JSON list is not closed"),
+    ],
+)
 def test_json_list_structure_errors(tmp_path, tiny_chunks, text, message):
     p = tmp_path / "d.json"
     p.write_text(text)

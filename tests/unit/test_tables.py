@@ -59,11 +59,21 @@ def test_null_fields_of_a_table_are_missing_fields(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"messages": [{"role": "user", "content": "weather?"},
-                          {"role": "assistant", "content": "", "tool_calls": [
-                              {"function": {"name": "w", "arguments": {"city": "Lima"}}}]},
-                          {"role": "tool", "content": "19 C"}, {"role": "assistant", "content": "19 °C"}]},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"function": {"name": "w", "arguments": {"city": "Lima"}}}],
+                },
+                {"role": "tool", "content": "19 C"},
+                {"role": "assistant", "content": "19 °C"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1}]},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     got = read(tmp_path / "d.parquet")
     assert got[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Lima"}
