@@ -85,3 +85,11 @@ def copy_into(files: Iterable[str | Path], out: str | Path, root: str | Path | N
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, target)
     return out
+
+
+def writable(path: Path) -> bool:
+    """The directory exists and is writable, or its nearest existing ancestor is (it can be created)."""
+    for d in (path, *path.absolute().parents):
+        if d.exists():
+            return d.is_dir() and os.access(d, os.W_OK | os.X_OK)
+    return False

@@ -7,8 +7,8 @@ import re
 
 from qwen_ft.config.load import config_from_dict, load_config
 from qwen_ft.config.schema import RunConfig
-from qwen_ft.config.validate import check_environment
 from qwen_ft.errors import ConfigError, QwenFtError
+from qwen_ft.recipe.preflight import check_environment
 
 
 def add_data_source_arguments(p: argparse.ArgumentParser) -> None:

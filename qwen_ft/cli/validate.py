@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from qwen_ft.config.load import dump_config, load_config
-from qwen_ft.config.validate import check_environment
 from qwen_ft.errors import ConfigError
+from qwen_ft.recipe.preflight import check_environment
 
 HELP = "check a config (and overrides); print the resolved config or all errors"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen_ft import deps
 from qwen_ft.config.schema import RunConfig
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero2_offload", "zero3_offload")
@@ -150,10 +149,10 @@ def zero3_conflicts(cfg: RunConfig) -> list[str]:
 def is_zero3(cfg: RunConfig) -> bool:
     """dist.deepspeed is a ZeRO-3 preset or a readable JSON with stage 3."""
     ds = cfg.dist.deepspeed
-    return ds in ("zero3", "zero3_offload") or (ds.endswith(".json") and Path(ds).is_file() and _json_stage(ds) == 3)
+    return ds in ("zero3", "zero3_offload") or (ds.endswith(".json") and Path(ds).is_file() and json_stage(ds) == 3)
 
 
-def _json_stage(path: str) -> int:
+def json_stage(path: str) -> int:
     """ZeRO stage of a user DeepSpeed JSON (0 when unreadable: deepspeed_config reports that later)."""
     import json
 
@@ -181,60 +180,3 @@ def required_extras(cfg: RunConfig) -> list[tuple[str, str]]:
     if cfg.model.attn_implementation == "flash_attention_2":
         need.append(("flash_attn", "model.attn_implementation=flash_attention_2"))
     return need
-
-
-def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
-    """Problems between the config and this machine: missing paths and missing optional packages."""
-    problems = []
-    if need_model and not Path(cfg.model.path).is_dir():
-        problems.append(f"model.path: {cfg.model.path!r} is not a directory; point it at a local checkpoint")
-    tok = Path(cfg.tokenizer_path)
-    if not tok.is_dir():
-        problems.append(f"tokenizer.path: {str(tok)!r} is not a directory (defaults to model.path)")
-    for key in ("train_files", "eval_files"):
-        for f in getattr(cfg.data, key):
-            if not Path(f).exists():
-                problems.append(f"data.{key}: {missing_data_message(f)}")
-    for key, value in (("train.output_dir", cfg.train.output_dir), ("data.cache_dir", cfg.data.cache_dir)):
-        if not _writable(Path(value)):
-            problems.append(f"{key}: {value!r} cannot be written by this user; choose a directory you can write")
-    ds = cfg.dist.deepspeed
-    if ds.endswith(".json") and not Path(ds).is_file():
-        problems.append(f"dist.deepspeed: file {ds!r} not found")
-    elif ds.endswith(".json") and _json_stage(ds) == 3:
-        problems += zero3_conflicts(cfg)
-    problems += [deps.missing_message(name, why) for name, why in required_extras(cfg) if not deps.is_available(name)]
-    if cfg.train.loss_kernel == "liger" and not _has_cuda():
-        problems.append(
-            "train.loss_kernel: liger, but this machine has no CUDA GPU (Liger's kernel runs on CUDA "
-            "tensors); set train.loss_kernel: auto"
-        )
-    return problems
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _writable(path: Path) -> bool:
-    """The directory exists and is writable, or its nearest existing ancestor is (it can be created)."""
-    import os
-
-    for d in (path, *path.absolute().parents):
-        if d.exists():
-            return d.is_dir() and os.access(d, os.W_OK | os.X_OK)
-    return False
-
-
-def missing_data_message(name: str) -> str:
-    """Why a data path that does not exist cannot be read; a hub-style name is told the toolkit is offline."""
-    import re
-
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).suffix:
-        return (
-            f"data file {name!r} not found; it looks like a dataset name on a hub, and qwen-ft works offline: "
-            "it never downloads data. Download the dataset yourself and list its local files"
-        )
-    return f"data file {name!r} not found; check data.train_files / data.eval_files"

@@ -11,10 +11,13 @@ import codecs
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen_ft.data.schema import RawRow
 from qwen_ft.errors import DataError
+
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import DataConfig
 
 CHUNK = 1 << 20
 MAX_ELEMENT = 256 << 20  # a single .json element larger than this is treated as malformed
@@ -141,7 +144,6 @@ def iter_rows(path: str | Path, parse: bool = True) -> Iterator[RawRow]:
     Raises:
         DataError: missing file, unsupported extension, or a dataset name from a hub.
     """
-    from qwen_ft.config.validate import missing_data_message
     from qwen_ft.data import tables
 
     p = Path(path)
@@ -163,3 +165,32 @@ def iter_rows(path: str | Path, parse: bool = True) -> Iterator[RawRow]:
             "directory written by datasets' save_to_disk"
         )
     return readers[p.suffix](p)
+
+
+def missing_data_message(name: str) -> str:
+    """Why a data path that does not exist cannot be read; a hub-style name is told the toolkit is offline."""
+    import re
+
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).suffix:
+        return (
+            f"data file {name!r} not found; it looks like a dataset name on a hub, and qwen-ft works offline: "
+            "it never downloads data. Download the dataset yourself and list its local files"
+        )
+    return f"data file {name!r} not found; check data.train_files / data.eval_files"
+
+
+def file_problems(data: DataConfig) -> list[str]:
+    """Data files that do not exist, and a cache directory this user cannot write."""
+    from qwen_ft.files import writable
+
+    problems = [
+        f"data.{key}: {missing_data_message(f)}"
+        for key in ("train_files", "eval_files")
+        for f in getattr(data, key)
+        if not Path(f).exists()
+    ]
+    if not writable(Path(data.cache_dir)):
+        problems.append(
+            f"data.cache_dir: {data.cache_dir!r} cannot be written by this user; choose a directory you can write"
+        )
+    return problems

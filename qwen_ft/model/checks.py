@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from qwen_ft.model.quant import gptq_settings
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import ModelConfig, RunConfig
     from qwen_ft.model.families import Family
     from qwen_ft.tokenizer import ChatTokenizer
 
@@ -33,6 +33,16 @@ def pickle_weights_problem(path: str | Path, where: str, opt_in: str) -> str | N
         "default (torch.load can run code); convert them to safetensors (save_pretrained(..., "
         f"safe_serialization=True) where you trust the files), or {opt_in}"
     )
+
+
+def location_problems(model: ModelConfig, tokenizer_path: str, need_model: bool = True) -> list[str]:
+    """model.path and the tokenizer directory must be local directories."""
+    problems = []
+    if need_model and not Path(model.path).is_dir():
+        problems.append(f"model.path: {model.path!r} is not a directory; point it at a local checkpoint")
+    if not Path(tokenizer_path).is_dir():
+        problems.append(f"tokenizer.path: {tokenizer_path!r} is not a directory (defaults to model.path)")
+    return problems
 
 
 def checkpoint_problems(cfg: RunConfig) -> list[str]:

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_ft.config.load import config_from_dict, config_to_dict, dump_config, load_config
 from qwen_ft.config.schema import RunConfig
-from qwen_ft.config.validate import check_environment
 from qwen_ft.errors import ConfigError, QwenFtError
+from qwen_ft.recipe.preflight import check_environment
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, local_main_first, print0, wrap_ddp
 

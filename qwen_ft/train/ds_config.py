@@ -125,3 +125,15 @@ def offloads_optimizer(ds_config: dict) -> bool:
     """True when the optimizer state lives on the CPU (needs DeepSpeedCPUAdam)."""
     device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device not in (None, "none")
+
+
+def file_problems(cfg: RunConfig) -> list[str]:
+    """A dist.deepspeed JSON that is missing, or whose ZeRO-3 stage conflicts with the rest of the config."""
+    from qwen_ft.config.validate import json_stage, zero3_conflicts
+
+    ds = cfg.dist.deepspeed
+    if ds.endswith(".json") and not Path(ds).is_file():
+        return [f"dist.deepspeed: file {ds!r} not found"]
+    if ds.endswith(".json") and json_stage(ds) == 3:
+        return zero3_conflicts(cfg)
+    return []

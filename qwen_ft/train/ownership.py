@@ -178,3 +178,12 @@ def check_same_run(ckpt: Path, now: dict[str, Any], defaults: dict[str, Any] | N
             + "\nRestore these settings to resume, or start a new run in "
             "another output_dir (or with train.overwrite_output_dir: true)"
         )
+
+
+def output_dir_problems(output_dir: str) -> list[str]:
+    """train.output_dir must be a directory this user can write (or create)."""
+    from qwen_ft.files import writable
+
+    if writable(Path(output_dir)):
+        return []
+    return [f"train.output_dir: {output_dir!r} cannot be written by this user; choose a directory you can write"]

@@ -11,8 +11,9 @@ import yaml
 from qwen_ft.cli.main import main
 from qwen_ft.config.load import config_from_dict, dump_config, load_config, parse_overrides
 from qwen_ft.config.schema import RunConfig
-from qwen_ft.config.validate import check_environment, required_extras
+from qwen_ft.config.validate import required_extras
 from qwen_ft.errors import ConfigError
+from qwen_ft.recipe.preflight import check_environment
 
 BASE = {"model": {"path": "m"}, "data": {"train_files": ["d.jsonl"]}}
 

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from qwen_ft.config.load import config_from_dict
-from qwen_ft.config.validate import check_environment
 from qwen_ft.errors import ConfigError
+from qwen_ft.recipe.preflight import check_environment
 from qwen_ft.train.ds_config import deepspeed_config, preset, read_base
 from tests.conftest import REPO
 

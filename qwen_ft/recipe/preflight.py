@@ -1,0 +1,37 @@
+"""Problems between a config and this machine, found before any work: each layer checks its own subject
+(the checkpoint and tokenizer directories in model/, the data files and cache in data/, the output
+directory and DeepSpeed JSON in train/), and the optional packages the config turns on."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qwen_ft import deps
+
+if TYPE_CHECKING:
+    from qwen_ft.config.schema import RunConfig
+
+
+def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
+    """Every such problem of `cfg` at once (`need_model=False`: commands that load no model)."""
+    from qwen_ft.config.validate import required_extras
+    from qwen_ft.data.sources import file_problems as data_problems
+    from qwen_ft.model.checks import location_problems
+    from qwen_ft.train import ds_config
+    from qwen_ft.train.ownership import output_dir_problems
+
+    problems = location_problems(cfg.model, cfg.tokenizer_path, need_model) + data_problems(cfg.data)
+    problems += output_dir_problems(cfg.train.output_dir) + ds_config.file_problems(cfg)
+    problems += [deps.missing_message(name, why) for name, why in required_extras(cfg) if not deps.is_available(name)]
+    return problems + _loss_kernel_problems(cfg.train.loss_kernel)
+
+
+def _loss_kernel_problems(kernel: str) -> list[str]:
+    import torch
+
+    if kernel != "liger" or torch.cuda.is_available():
+        return []
+    return [
+        "train.loss_kernel: liger, but this machine has no CUDA GPU (Liger's kernel runs on CUDA tensors); set "
+        "train.loss_kernel: auto"
+    ]
