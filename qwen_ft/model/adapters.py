@@ -9,7 +9,7 @@ import torch
 from qwen_ft.model.families import Family, under
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import LoraConfig, RunConfig
 
 
 DEFAULT_DROPOUT = 0.05
@@ -28,7 +28,7 @@ def lora_config(cfg: RunConfig, family: Family):
         task_type="CAUSAL_LM",
         r=lo.r,
         lora_alpha=lo.alpha,
-        lora_dropout=lora_dropout(cfg, family),
+        lora_dropout=lora_dropout(cfg.lora, family),
         target_modules=modules or None,
         target_parameters=parameters or None,
         use_rslora=lo.rslora,
@@ -39,14 +39,14 @@ def lora_config(cfg: RunConfig, family: Family):
     )
 
 
-def lora_dropout(cfg: RunConfig, family: Family) -> float:
+def lora_dropout(lora: LoraConfig, family: Family) -> float:
     """lora.dropout, or its default: 0.05, and 0 where parameters are adapted (peft's ParamWrapper
     takes no dropout; an explicit value > 0 there is refused by model/checks.py)."""
     from qwen_ft.model.experts import split_targets
 
-    if cfg.lora.dropout is not None:
-        return cfg.lora.dropout
-    return 0.0 if split_targets(cfg.lora.target_modules, family)[1] else DEFAULT_DROPOUT
+    if lora.dropout is not None:
+        return lora.dropout
+    return 0.0 if split_targets(lora.target_modules, family)[1] else DEFAULT_DROPOUT
 
 
 def frozen_pattern(family: Family) -> str | None:

@@ -58,7 +58,7 @@ def checkpoint_problems(cfg: RunConfig) -> list[str]:
         if any(found):
             return [f for f in found if f]
     if cfg.model.trust_remote_code:
-        return [_remote_code_problem(cfg)]
+        return [_remote_code_problem(cfg.model)]
     gptq = gptq_settings(cfg.model.path)
     family = _family_or_none(cfg.model.path)  # an unknown type is reported by the family check itself
     targets = _target_problems(cfg, family) + _hybrid_problems(cfg, family) + _moe_quant_problems(cfg, family)
@@ -239,18 +239,18 @@ def _gptq_experts_problems(path: str) -> list[str]:
     return [problem] if problem else []
 
 
-def _remote_code_problem(cfg: RunConfig) -> str:
+def _remote_code_problem(model: ModelConfig) -> str:
     """trust_remote_code never overrides a family rule: every family qwen-ft trains loads natively."""
     from qwen_ft.errors import QwenFtError
     from qwen_ft.model.families import resolve_family
 
     try:
-        family = resolve_family("auto", cfg.model.path).name
+        family = resolve_family("auto", model.path).name
     except QwenFtError as e:
         return f"model.trust_remote_code: true, but {e}"
     how = "is converted to the native Qwen2 layout" if family == "qwen" else "is supported by transformers natively"
     return (
-        f"model.trust_remote_code: true with {cfg.model.path}, a {family} checkpoint, which {how}; "
+        f"model.trust_remote_code: true with {model.path}, a {family} checkpoint, which {how}; "
         "set model.trust_remote_code: false (qwen-ft runs no checkpoint code)"
     )
 

@@ -16,12 +16,12 @@ from qwen_ft.errors import QwenFtError
 from qwen_ft.model.load import DTYPES, Precision, enable_gradient_checkpointing
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import QuantConfig, RunConfig
 
 
-def compute_dtype(cfg: RunConfig, precision: Precision) -> torch.dtype:
+def compute_dtype(quant: QuantConfig, precision: Precision) -> torch.dtype:
     """quant.compute_dtype, `auto` meaning the run's precision."""
-    name = cfg.quant.compute_dtype
+    name = quant.compute_dtype
     return precision.dtype if name == "auto" else DTYPES[name]
 
 
@@ -64,7 +64,7 @@ def load_bnb_base(cfg: RunConfig, precision: Precision, attn: str, device: torch
 
     from qwen_ft.model.families import model_class, resolve_family
 
-    dtype = compute_dtype(cfg, precision)
+    dtype = compute_dtype(cfg.quant, precision)
     q = cfg.quant
     # a composite checkpoint's vision tower is not trained: it stays as it is, unquantized
     frozen = list(resolve_family(cfg.model.family, cfg.model.path).frozen)  # matched from the module name's start
@@ -100,7 +100,7 @@ def quantize_experts(model, cfg: RunConfig, precision: Precision):
     if not found:
         return model
     experts.never_a_loop(model)
-    dtype = compute_dtype(cfg, precision)
+    dtype = compute_dtype(cfg.quant, precision)
     if cfg.quant.backend == "bnb":
         experts_4bit.quantize(model, found, cfg.quant, dtype)
     else:
@@ -125,7 +125,7 @@ def load_gptq_base(cfg: RunConfig, precision: Precision, attn: str, device: torc
     return from_gptq_checkpoint(
         cfg.model.path,
         int(settings.get("bits", cfg.quant.bits)),
-        compute_dtype(cfg, precision),
+        compute_dtype(cfg.quant, precision),
         _device_map(device),
         attn_implementation=attn,
         trust_remote_code=cfg.model.trust_remote_code,

@@ -188,7 +188,7 @@ def backend(
     from qwen_ft.train.schedule import build_optimizer
 
     if ds_config is None:
-        optimizer = build_optimizer(unwrapped, cfg)
+        optimizer = build_optimizer(unwrapped, cfg.train)
         return TorchBackend(
             wrap_ddp(unwrapped, dist), unwrapped, optimizer, precision, dist.device, cfg.train.max_grad_norm
         )
@@ -204,7 +204,7 @@ def run_plan(
     from qwen_ft.train.plan import make_run_plan
 
     n = len(first_epoch.batches)
-    plan = make_run_plan(cfg, dist.device, precision, attn, dist.world, n, family.packing == "gdn")
+    plan = make_run_plan(cfg.train, dist.device, precision, attn, dist.world, n, family.packing == "gdn")
     if n % dist.world:
         print0(
             dist,

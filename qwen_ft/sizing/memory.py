@@ -19,7 +19,7 @@ from qwen_ft.model.load import checkpointed_layers
 from qwen_ft.model.shape import Shape, lora_params, nf4_bytes_per_weight
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import QuantConfig, RunConfig
 
 GB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -49,20 +49,20 @@ def trainable_params(cfg: RunConfig, shape: Shape) -> int:
 def weight_bytes(cfg: RunConfig, shape: Shape, dtype: str, gptq_group: int = 128) -> float:
     """Model weights as held on the GPU."""
     if cfg.method == "qlora":
-        return quantized_linear_bytes(cfg, shape, gptq_group) + shape.other_params() * BYTES[dtype]
+        return quantized_linear_bytes(cfg.quant, shape, gptq_group) + shape.other_params() * BYTES[dtype]
     if cfg.method == "full" and cfg.dist.deepspeed == "none":
         return shape.params() * 4.0  # fp32 master weights, autocast forward
     return shape.params() * BYTES[dtype]
 
 
-def quantized_linear_bytes(cfg: RunConfig, shape: Shape, gptq_group: int) -> float:
+def quantized_linear_bytes(quant: QuantConfig, shape: Shape, gptq_group: int) -> float:
     """The decoder's linear layers quantized. bitsandbytes: 4-bit codes plus an fp32 absmax per 64
     weights, or with double quantization an 8-bit absmax per 64 and an fp32 scale per 256 of those.
     GPTQ: packed codes, packed zeros and fp16 scales per group of each output column, int32 g_idx
     per input row."""
-    if cfg.quant.backend == "bnb":
-        return shape.linear_params() * nf4_bytes_per_weight(cfg.quant.double_quant)
-    code = cfg.quant.bits / 8
+    if quant.backend == "bnb":
+        return shape.linear_params() * nf4_bytes_per_weight(quant.double_quant)
+    code = quant.bits / 8
 
     def packed(i: int, o: int) -> float:
         return i * o * code + -(-i // gptq_group) * o * (code + 2) + i * 4

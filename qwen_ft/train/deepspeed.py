@@ -38,7 +38,7 @@ def initialize(cfg: RunConfig, model, ds_config: dict):
     deepspeed = import_deepspeed()
     from qwen_ft.train.schedule import build_optimizer
 
-    optimizer = build_optimizer(model, cfg, cpu_offload=offloads_optimizer(ds_config))
+    optimizer = build_optimizer(model, cfg.train, cpu_offload=offloads_optimizer(ds_config))
     if zero_stage(ds_config) == 3:
         moe_blocks_whole(deepspeed, model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)

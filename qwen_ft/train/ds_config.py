@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from qwen_ft.errors import ConfigError
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import RunConfig, TrainConfig
 
 PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
 _OFFLOAD = {"device": "cpu", "pin_memory": True}
@@ -73,9 +73,8 @@ def read_base(choice: str) -> tuple[dict, str]:
         raise ConfigError([f"dist.deepspeed: {path}:{e.lineno}: invalid JSON ({e.msg})"]) from None
 
 
-def owned_values(cfg: RunConfig, precision: str, world: int) -> dict[tuple[str, ...], object]:
-    """The DeepSpeed keys whose values come from the YAML."""
-    t = cfg.train
+def owned_values(t: TrainConfig, precision: str, world: int) -> dict[tuple[str, ...], object]:
+    """The DeepSpeed keys whose values come from the YAML's train section."""
     return {
         ("train_micro_batch_size_per_gpu",): t.micro_batch_size,
         ("gradient_accumulation_steps",): t.grad_accum,
@@ -100,7 +99,7 @@ def deepspeed_config(cfg: RunConfig, precision: str, world: int) -> dict:
                 f"{source}: remove the '{block}' block; train.scheduler / train.learning_rate and AdamW "
                 "settings in the YAML are the only source of truth"
             )
-    for path, value in owned_values(cfg, precision, world).items():
+    for path, value in owned_values(cfg.train, precision, world).items():
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})

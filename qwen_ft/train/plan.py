@@ -12,7 +12,7 @@ from qwen_ft.errors import QwenFtError
 from qwen_ft.model.load import Precision
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def rank_batches(batches: list, rank: int, world: int) -> list:
 
 
 def make_run_plan(
-    cfg: RunConfig,
+    t: TrainConfig,
     device: torch.device,
     precision: Precision,
     attn: str,
@@ -56,7 +56,6 @@ def make_run_plan(
             f"{n_batches} micro-batch(es) for {world} processes; add data, lower "
             "train.micro_batch_size, or use fewer processes"
         )
-    t = cfg.train
     steps_per_epoch = math.ceil(per_rank / t.grad_accum)
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
     warmup = math.ceil(t.warmup_ratio * total)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import TrainConfig
 
 
 def lr_at(step: int, peak: float, total: int, warmup: int, kind: str) -> float:
@@ -32,7 +32,7 @@ def lr_at(step: int, peak: float, total: int, warmup: int, kind: str) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups(model, cfg: RunConfig) -> list[dict]:
+def param_groups(model, train: TrainConfig) -> list[dict]:
     """Trainable parameters in two groups: weight decay on matrices, none on biases, norms and other 1-d tensors.
 
     Under ZeRO-3 a parameter's local tensor is empty; its real rank is in `ds_shape`.
@@ -43,16 +43,16 @@ def param_groups(model, cfg: RunConfig) -> list[dict]:
         if p.requires_grad:
             ndim = len(getattr(p, "ds_shape", p.shape))
             (decay if ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model, cfg: RunConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
-    """AdamW over `param_groups(model, cfg)`: DeepSpeed's CPU AdamW when ZeRO offloads the optimizer,
+def build_optimizer(model, train: TrainConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `param_groups(model, train)`: DeepSpeed's CPU AdamW when ZeRO offloads the optimizer,
     else torch's, with the fused kernel when every trained tensor is on a GPU (one launch per step
     instead of several per tensor)."""
-    groups = param_groups(model, cfg)
-    hyper: dict[str, Any] = {"lr": cfg.train.learning_rate, "betas": (0.9, cfg.train.adam_beta2), "eps": 1e-8}
+    groups = param_groups(model, train)
+    hyper: dict[str, Any] = {"lr": train.learning_rate, "betas": (0.9, train.adam_beta2), "eps": 1e-8}
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

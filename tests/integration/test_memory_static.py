@@ -55,7 +55,7 @@ def test_static_memory_is_exact(qwen2_dir, emb):
     for p in trained:
         p.grad = torch.ones_like(p)
     assert unique_bytes(p.grad for p in trained) == predicted["gradients"]
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg.train)
     optimizer.step()
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
     assert unique_bytes(state) == predicted["optimizer"]

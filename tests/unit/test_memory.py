@@ -266,7 +266,7 @@ def test_gptq_moe_weights_count_every_expert_packed():
     no_experts = replace(shape, moe=replace(shape.moe, experts=0))
     up = 2048 * 768 / 2 + 16 * 768 * 2.5 + 2048 * 4  # gate or up: codes, zeros+scales per group, g_idx
     down = 768 * 2048 / 2 + 6 * 2048 * 2.5 + 768 * 4
-    experts = quantized_linear_bytes(gptq, shape, 128) - quantized_linear_bytes(gptq, no_experts, 128)
+    experts = quantized_linear_bytes(gptq.quant, shape, 128) - quantized_linear_bytes(gptq.quant, no_experts, 128)
     assert experts == 48 * 128 * (2 * up + down)
     print(f"experts {experts / 2**30:.1f} GiB packed")
     assert 14 * 2**30 < experts < 16 * 2**30

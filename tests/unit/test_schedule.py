@@ -39,10 +39,10 @@ def test_run_plan_counts():
             "train": {"grad_accum": 4, "epochs": 2, "warmup_ratio": 0.1},
         }
     )
-    plan = make_run_plan(cfg, torch.device("cpu"), Precision("fp32", torch.float32), "sdpa", 2, 21)
+    plan = make_run_plan(cfg.train, torch.device("cpu"), Precision("fp32", torch.float32), "sdpa", 2, 21)
     assert (plan.micro_batches_per_epoch, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (10, 3, 6, 1)
     with pytest.raises(QwenFtError, match="1 micro-batch"):
-        make_run_plan(cfg, torch.device("cpu"), Precision("fp32", torch.float32), "sdpa", 2, 1)
+        make_run_plan(cfg.train, torch.device("cpu"), Precision("fp32", torch.float32), "sdpa", 2, 1)
 
 
 def test_rank_batches_are_disjoint_and_equal():
