@@ -186,12 +186,14 @@ def tokenize_batch(batch: dict, renderer: RendererOnce, spec: TokenizeSpec) -> d
 
 
 def _parse(text: str, default_system: str):
-    """(conversation, ignored row fields) of one row's JSON text, or its RowError."""
-    from qwen_ft.data.formats import normalise
+    """(conversation, ignored row fields) of one row's JSON text, or its RowError: the row parsed as
+    `conversations.read_conversations` parses it (`formats.parse_row`)."""
+    from qwen_ft.data.formats import parse_row
     from qwen_ft.data.schema import RowError
 
     try:
-        return normalise(json.loads(text), default_system)
+        parsed = parse_row(json.loads(text), "", default_system)
+        return parsed.conv, list(parsed.ignored)
     except json.JSONDecodeError as e:
         return RowError(f"malformed JSON at column {e.colno}: {e.msg}")
     except RowError as e:
