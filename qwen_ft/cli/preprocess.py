@@ -33,13 +33,13 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     tok = load_tokenizer(cfg.tokenizer_path)
-    data = prepare_data(cfg, tok)
+    data = prepare_data(cfg.data, tok, cfg.train.seed)
     s = data.stats
     print(
         f"data: {', '.join(cfg.data.train_files)} (cache {s.cache}: {s.cache_path}), rendered by "
         f"{template_source(cfg, tok)}"
     )
-    print(format_stats(s, plan_for(cfg, data), cfg))
+    print(format_stats(s, plan_for(cfg.data, cfg.train, data), cfg.data, cfg.train.micro_batch_size))
     if args.dump:
         n = dump(load_shards(s.cache_path, s.shards), args.dump)
         print(f"wrote {n:,} conversations to {args.dump}")

@@ -9,7 +9,7 @@ import argparse
 
 from qwen_ft.config.load import dump_config, load_config
 from qwen_ft.errors import ConfigError
-from qwen_ft.recipe.preflight import check_environment
+from qwen_ft.recipe.preflight import run_problems
 
 HELP = "check a config (and overrides); print the resolved config or all errors"
 
@@ -25,9 +25,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate; ConfigError propagates to the CLI's error handler (exit 1)."""
     cfg = load_config(args.config, args.overrides)
     if not args.no_env:
-        from qwen_ft.model.checks import checkpoint_problems
-
-        problems = check_environment(cfg) + checkpoint_problems(cfg)
+        problems = run_problems(cfg)
         if problems:
             raise ConfigError(problems, source=args.config)
     print(dump_config(cfg), end="")

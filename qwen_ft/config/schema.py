@@ -201,6 +201,16 @@ class DistConfig:
 
 
 @dataclass(frozen=True)
+class MethodSpec:
+    """What is trained, with the sections that say how: what the model layer and the memory estimate read
+    of a run (`RunConfig.method_spec`); not a YAML section of its own."""
+
+    name: Literal["full", "lora", "qlora"]
+    lora: LoraConfig
+    quant: QuantConfig
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One fine-tuning run."""
 
@@ -217,3 +227,8 @@ class RunConfig:
     def tokenizer_path(self) -> str:
         """The tokenizer directory: tokenizer.path, else model.path."""
         return self.tokenizer.path or self.model.path
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        """`method` with the lora and quant sections."""
+        return MethodSpec(self.method, self.lora, self.quant)

@@ -146,6 +146,12 @@ def zero3_conflicts(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def zero3_json_conflicts(cfg: RunConfig) -> list[str]:
+    """`zero3_conflicts` of a dist.deepspeed JSON at stage 3 (the presets' are part of `validate_config`)."""
+    ds = cfg.dist.deepspeed
+    return zero3_conflicts(cfg) if ds.endswith(".json") and Path(ds).is_file() and json_stage(ds) == 3 else []
+
+
 def is_zero3(cfg: RunConfig) -> bool:
     """dist.deepspeed is a ZeRO-3 preset or a readable JSON with stage 3."""
     ds = cfg.dist.deepspeed

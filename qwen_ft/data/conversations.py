@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from qwen_ft.data.formats import parse_row
-from qwen_ft.data.schema import Conversation, RowError
-from qwen_ft.data.sources import iter_rows
+from qwen_ft.data.schema import Conversation, RawRow, RowError
+from qwen_ft.data.sources import decoded, iter_rows
 from qwen_ft.errors import DataError
 
 MAX_SHOWN = 20
@@ -46,6 +46,19 @@ class ReadReport:
         return "\n".join(f"  {e}" for e in self.errors + tail)
 
 
+def conversation_of(raw: RawRow, default_system: str | None) -> Conversation:
+    """The one step from a row read from a file (decoded or still JSON text) to a validated conversation;
+    training's tokenizing workers and every reader of conversations take it.
+
+    Raises:
+        RowError: the row is not JSON or not a conversation (the message names the field and the fix).
+    """
+    raw = decoded(raw)
+    if raw.error is not None:
+        raise RowError(raw.error)
+    return parse_row(raw.value, raw.where, default_system)
+
+
 def read_conversations(
     files: Sequence[str], default_system: str | None, on_error: str, report: ReadReport
 ) -> Iterator[Conversation]:
@@ -58,11 +71,8 @@ def read_conversations(
     for path in files:
         for raw in iter_rows(path):
             report.rows += 1
-            if raw.error is not None:
-                report.add_error(f"{raw.where}: {raw.error}")
-                continue
             try:
-                conv = parse_row(raw.value, raw.where, default_system)
+                conv = conversation_of(raw, default_system)
             except RowError as e:
                 report.add_error(f"{raw.where}: {e}")
                 continue

@@ -15,7 +15,7 @@ from qwen_ft.errors import DataError
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import DataConfig, TrainConfig
 
 
 @dataclass
@@ -51,13 +51,12 @@ def _split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     return ds.select(np.sort(order[n_eval:])), ds.select(np.sort(order[:n_eval]))
 
 
-def prepare_data(cfg: RunConfig, tok) -> PreparedData:
-    """Tokenize (or load from cache) the train and eval data of `cfg`.
+def prepare_data(d: DataConfig, tok, seed: int) -> PreparedData:
+    """Tokenize (or load from cache) the train and eval data of `d` (an eval_fraction held out with `seed`).
 
     Raises:
         DataError: when no example survives validation and length checks.
     """
-    d = cfg.data
     spec = TokenizeSpec.from_config(d, tok)
     full, stats = tokenized_dataset(d.train_files, tok, spec, d.cache_dir, d.num_proc)
     train, eval_ds = _kept(full), None
@@ -73,34 +72,32 @@ def prepare_data(cfg: RunConfig, tok) -> PreparedData:
     elif d.eval_fraction > 0:
         if len(train) < 2:
             raise DataError("data.eval_fraction needs at least 2 examples; set it to 0 or add data")
-        train, eval_ds = _split(train, d.eval_fraction, cfg.train.seed)
+        train, eval_ds = _split(train, d.eval_fraction, seed)
     return PreparedData(train, eval_ds, stats)
 
 
-def plan_for(cfg: RunConfig, data: PreparedData, epoch: int = 0, split: str = "train") -> BatchPlan:
-    """The batch plan of one epoch of `split` under the config's packing settings."""
-    return plan_batches(
-        data.lengths(split), cfg.data.max_length, cfg.train.micro_batch_size, cfg.data.packing, cfg.train.seed, epoch
-    )
+def plan_for(d: DataConfig, train: TrainConfig, data: PreparedData, epoch: int = 0, split: str = "train") -> BatchPlan:
+    """The batch plan of one epoch of `split` under the config's length, packing and micro-batch settings."""
+    return plan_batches(data.lengths(split), d.max_length, train.micro_batch_size, d.packing, train.seed, epoch)
 
 
-def format_stats(stats: DataStats, plan: BatchPlan | None, cfg: RunConfig) -> str:
+def format_stats(stats: DataStats, plan: BatchPlan | None, d: DataConfig, micro_batch_size: int) -> str:
     """Human-readable preprocessing report."""
     tok, sup = stats.tokens, stats.supervised_tokens
     lines = [
         ("conversations read", f"{stats.rows_read:,}"),
         ("skipped (bad rows)", f"{stats.skipped:,}"),
-        (f"dropped (> {cfg.data.max_length} tokens)", f"{stats.dropped:,}"),
+        (f"dropped (> {d.max_length} tokens)", f"{stats.dropped:,}"),
         ("truncated at a turn", f"{stats.truncated:,}"),
         ("examples", f"{stats.examples:,}"),
         ("tokens", f"{tok:,}"),
         ("supervised tokens", f"{sup:,} ({100 * sup / max(tok, 1):.1f}%)"),
     ]
     if plan is not None:
-        mode = "packed rows" if cfg.data.packing else "rows (no packing)"
+        mode = "packed rows" if d.packing else "rows (no packing)"
         lines += [
             (mode, f"{plan.rows:,}"),
-            ("padding efficiency", f"{100 * plan.efficiency:.1f}% (micro_batch_size {cfg.train.micro_batch_size})"),
+            ("padding efficiency", f"{100 * plan.efficiency:.1f}% (micro_batch_size {micro_batch_size})"),
         ]
     width = max(len(k) for k, _ in lines)
     out = [f"  {k:<{width}}  {v}" for k, v in lines]

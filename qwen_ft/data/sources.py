@@ -42,13 +42,17 @@ def iter_jsonl(path: Path, parse: bool = True) -> Iterator[RawRow]:
                 continue
             if not text.strip():
                 continue
-            if not parse:
-                yield RawRow(where, text=text)
-                continue
-            try:
-                yield RawRow(where, value=json.loads(text))
-            except json.JSONDecodeError as e:
-                yield RawRow(where, error=f"malformed JSON at column {e.colno}: {e.msg}")
+            yield RawRow(where, text=text) if not parse else decoded(RawRow(where, text=text))
+
+
+def decoded(raw: RawRow) -> RawRow:
+    """`raw` with its JSON text decoded into `value`, or with the reason it is not JSON as its error."""
+    if raw.text is None:
+        return raw
+    try:
+        return RawRow(raw.where, value=json.loads(raw.text))
+    except json.JSONDecodeError as e:
+        return RawRow(raw.where, error=f"malformed JSON at column {e.colno}: {e.msg}")
 
 
 class _Stream:

@@ -154,7 +154,8 @@ def tokenize_batch(batch: dict, renderer: RendererOnce, spec: TokenizeSpec) -> d
     from qwen_ft.data.render import fit_to_length
     from qwen_ft.data.schema import RowError
 
-    parsed = [_parse(text, spec.default_system) for text in batch["row"]]
+    rows = zip(batch["row"], batch["source"], strict=True)
+    parsed = [_parse(text, where, spec.default_system) for text, where in rows]
     convs = [p[0] for p in parsed if not isinstance(p, RowError)]
     rendered_iter = iter(renderer.get().render_many(convs, spec.label_policy))
     out: dict[str, list] = {
@@ -185,17 +186,15 @@ def tokenize_batch(batch: dict, renderer: RendererOnce, spec: TokenizeSpec) -> d
     return out
 
 
-def _parse(text: str, default_system: str):
-    """(conversation, ignored row fields) of one row's JSON text, or its RowError: the row parsed as
-    `conversations.read_conversations` parses it (`formats.parse_row`)."""
-    from qwen_ft.data.formats import parse_row
-    from qwen_ft.data.schema import RowError
+def _parse(text: str, source: str, default_system: str):
+    """(conversation, ignored row fields) of one row's JSON text, or its RowError: the row taken through
+    `conversations.conversation_of`, as every reader of conversations takes it."""
+    from qwen_ft.data.conversations import conversation_of
+    from qwen_ft.data.schema import RawRow, RowError
 
     try:
-        parsed = parse_row(json.loads(text), "", default_system)
+        parsed = conversation_of(RawRow(source, text=text), default_system)
         return parsed.conv, list(parsed.ignored)
-    except json.JSONDecodeError as e:
-        return RowError(f"malformed JSON at column {e.colno}: {e.msg}")
     except RowError as e:
         return e
 

@@ -230,7 +230,7 @@ def quantized_base(src: Path, manifest: dict):
 
     cfg = _trained_config(src, manifest)
     load = load_bnb_base if cfg.quant.backend == "bnb" else load_gptq_base
-    return load(cfg, _CPU_FP32, "sdpa", torch.device("cpu")).eval()
+    return load(cfg.model, cfg.quant, _CPU_FP32, "sdpa", torch.device("cpu")).eval()
 
 
 def adapter_on_quantized_base(src: Path, manifest: dict):
@@ -240,7 +240,8 @@ def adapter_on_quantized_base(src: Path, manifest: dict):
     from qwen_ft.model.quant import quantize_experts
 
     model = PeftModel.from_pretrained(quantized_base(src, manifest), src)
-    return quantize_experts(model, _trained_config(src, manifest), _CPU_FP32).eval()
+    cfg = _trained_config(src, manifest)
+    return quantize_experts(model, cfg.quant, cfg.model.path, _CPU_FP32).eval()
 
 
 def _trained_config(src: Path, manifest: dict):

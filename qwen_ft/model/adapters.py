@@ -9,26 +9,25 @@ import torch
 from qwen_ft.model.families import Family, under
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import LoraConfig, RunConfig
+    from qwen_ft.config.schema import LoraConfig, MethodSpec
 
 
 DEFAULT_DROPOUT = 0.05
 
 
-def lora_config(cfg: RunConfig, family: Family):
+def lora_config(lo: LoraConfig, family: Family):
     """peft LoraConfig from the run config and the family registry: module targets, and on a mixture of
     experts the fused experts as parameter targets (model/experts.py)."""
     from peft import LoraConfig
 
     from qwen_ft.model.experts import split_targets
 
-    lo = cfg.lora
     modules, parameters = split_targets(lo.target_modules, family)
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=lo.r,
         lora_alpha=lo.alpha,
-        lora_dropout=lora_dropout(cfg.lora, family),
+        lora_dropout=lora_dropout(lo, family),
         target_modules=modules or None,
         target_parameters=parameters or None,
         use_rslora=lo.rslora,
@@ -59,21 +58,21 @@ def frozen_pattern(family: Family) -> str | None:
     return "|".join(rf"(.*\.)?{re.escape(prefix)}(\..*)?" for prefix in family.frozen)
 
 
-def apply_method(model, cfg: RunConfig, family: Family):
+def apply_method(model, method: MethodSpec, family: Family, seed: int):
     """Return the model to train: the base itself (full) or a PeftModel (lora).
 
     The adapters' initial values follow train.seed from here, whatever loading drew from the
     generator before (ZeRO-3's zero.Init builds Qwen3.5's layers for real, drawing their A_log init;
     a plain load builds them on the meta device and draws nothing)."""
-    torch.manual_seed(cfg.train.seed)
-    if cfg.method == "full":
+    torch.manual_seed(seed)
+    if method.name == "full":
         for name, p in model.named_parameters():
             p.requires_grad_(not under(name, family.frozen))  # frozen towers stay out of the optimizer
         return model
     from peft import get_peft_model
 
     with gptq_dispatch_only_for_gptq(model):
-        model = get_peft_model(model, lora_config(cfg, family))
+        model = get_peft_model(model, lora_config(method.lora, family))
     trainable_in_fp32(model)
     if family.moe:
         from qwen_ft.model.experts import install

@@ -14,33 +14,48 @@ from qwen_ft.model.families import Family
 from qwen_ft.model.load import Precision, enable_gradient_checkpointing, load_base_model
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import MethodSpec, ModelConfig, QuantConfig
 
 
-def build_model(cfg: RunConfig, family: Family, precision: Precision, attn: str, device: torch.device):
-    """Load the base and apply the method.
+def build_model(
+    base: ModelConfig,
+    method: MethodSpec,
+    family: Family,
+    precision: Precision,
+    attn: str,
+    device: torch.device,
+    *,
+    packing: bool,
+    seed: int,
+):
+    """Load the base and apply the method (adapters initialised from `seed`); `packing`: rows hold
+    several conversations.
 
     Full fine-tuning keeps fp32 master weights (the forward runs under autocast); LoRA keeps the
     frozen base in the run's dtype and peft keeps the adapters in fp32.
     """
     from qwen_ft.model.attention import flattens, model_attn_name
 
-    mixed = cfg.data.packing or flattens(attn)  # several conversations in one row reach the layers
+    mixed = packing or flattens(attn)  # several conversations in one row reach the layers
     attn = model_attn_name(attn)
-    if cfg.method == "qlora":
-        return _build_qlora(cfg, family, precision, attn, device, mixed)
-    weights = torch.float32 if cfg.method == "full" else precision.dtype
-    model = load_base_model(cfg.model.path, weights, attn, cfg.model.trust_remote_code)
+    if method.name == "qlora":
+        from qwen_ft.model.quant import quantize_experts
+
+        model = _quantized_base(base, method.quant, precision, attn, device)
+        keep_packed_apart(model, family, mixed)
+        return quantize_experts(apply_method(model, method, family, seed), method.quant, base.path, precision)
+    weights = torch.float32 if method.name == "full" else precision.dtype
+    model = load_base_model(base.path, weights, attn, base.trust_remote_code)
     model.config.use_cache = False  # packed rows are exact only without the KV cache
     keep_packed_apart(model, family, mixed)
     if family.moe:
         from qwen_ft.model.experts import never_a_loop
 
         never_a_loop(model)
-    if cfg.model.recomputed_fraction > 0:
-        enable_gradient_checkpointing(model, cfg.method != "full", cfg.model.recomputed_fraction)
-    model = apply_method(model, cfg, family)
-    if cfg.model.compile:
+    if base.recomputed_fraction > 0:
+        enable_gradient_checkpointing(model, method.name != "full", base.recomputed_fraction)
+    model = apply_method(model, method, family, seed)
+    if base.compile:
         compile_decoder_layers(model)
     return model.to(device)
 
@@ -68,14 +83,12 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
-def _build_qlora(cfg: RunConfig, family: Family, precision: Precision, attn: str, device: torch.device, mixed: bool):
-    """Quantized base (placed on `device` while loading) + k-bit preparation + LoRA."""
-    from qwen_ft.model.quant import load_bnb_base, load_gptq_base, prepare_for_kbit, quantize_experts
+def _quantized_base(base: ModelConfig, quant: QuantConfig, precision: Precision, attn: str, device: torch.device):
+    """The quantized base (placed on `device` while loading), prepared for k-bit training."""
+    from qwen_ft.model.quant import load_bnb_base, load_gptq_base, prepare_for_kbit
 
-    load = load_bnb_base if cfg.quant.backend == "bnb" else load_gptq_base
-    model = prepare_for_kbit(load(cfg, precision, attn, device), cfg.model.recomputed_fraction)
-    keep_packed_apart(model, family, mixed)
-    return quantize_experts(apply_method(model, cfg, family), cfg, precision)
+    load = load_bnb_base if quant.backend == "bnb" else load_gptq_base
+    return prepare_for_kbit(load(base, quant, precision, attn, device), base.recomputed_fraction)
 
 
 def keep_packed_apart(model, family: Family, mixed: bool) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from qwen_ft.model.quant import gptq_settings
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import ModelConfig, RunConfig
+    from qwen_ft.config.schema import MethodSpec, ModelConfig
     from qwen_ft.model.families import Family
     from qwen_ft.tokenizer import ChatTokenizer
 
@@ -45,28 +45,30 @@ def location_problems(model: ModelConfig, tokenizer_path: str, need_model: bool 
     return problems
 
 
-def checkpoint_problems(cfg: RunConfig) -> list[str]:
-    """Problems between method/quant settings and the checkpoint at model.path."""
-    if not (Path(cfg.model.path) / "config.json").is_file():
+def checkpoint_problems(base: ModelConfig, method: MethodSpec, zero3: str | None) -> list[str]:
+    """Problems between the method (with its lora/quant settings) and the checkpoint at model.path;
+    `zero3`: the dist.deepspeed setting when it is ZeRO-3, else None."""
+    if not (Path(base.path) / "config.json").is_file():
         return []  # reported by the environment check
-    unreadable = _config_json_problem(cfg.model.path)
+    unreadable = _config_json_problem(base.path)
     if unreadable:
         return [unreadable]
-    if not cfg.model.allow_pickle_weights:
-        dirs = [("model.path", cfg.model.path), ("quant.original_base", cfg.quant.original_base)]
+    if not base.allow_pickle_weights:
+        dirs = [("model.path", base.path), ("quant.original_base", method.quant.original_base)]
         found = [pickle_weights_problem(p, key, "set model.allow_pickle_weights: true") for key, p in dirs if p]
         if any(found):
             return [f for f in found if f]
-    if cfg.model.trust_remote_code:
-        return [_remote_code_problem(cfg.model)]
-    gptq = gptq_settings(cfg.model.path)
-    family = _family_or_none(cfg.model.path)  # an unknown type is reported by the family check itself
-    targets = _target_problems(cfg, family) + _hybrid_problems(cfg, family) + _moe_quant_problems(cfg, family)
-    if cfg.method == "qlora":
-        return targets + _qlora_problems(cfg, gptq)
+    if base.trust_remote_code:
+        return [_remote_code_problem(base)]
+    gptq = gptq_settings(base.path)
+    family = _family_or_none(base.path)  # an unknown type is reported by the family check itself
+    targets = _target_problems(method, base.path, family) + _hybrid_problems(base, method, family)
+    targets += _moe_quant_problems(method, base.path, family, zero3)
+    if method.name == "qlora":
+        return targets + _qlora_problems(method, base.path, gptq)
     if gptq is not None:
         return [
-            f"model.path: {cfg.model.path} is a GPTQ checkpoint, whose weights cannot be trained directly; "
+            f"model.path: {base.path} is a GPTQ checkpoint, whose weights cannot be trained directly; "
             "use method=qlora with quant.backend=gptq (or a full-precision checkpoint)"
         ]
     return targets
@@ -107,27 +109,28 @@ def _family_or_none(path: str) -> Family | None:
         return None
 
 
-def _target_problems(cfg: RunConfig, family: Family | None) -> list[str]:
+def _target_problems(method: MethodSpec, path: str, family: Family | None) -> list[str]:
     """lora.target_modules must each name modules (peft matches by name suffix) or, on a mixture of
     experts, parameters of this checkpoint; parameter targets take no LoRA dropout."""
-    if cfg.method == "full" or family is None:
+    lo = method.lora
+    if method.name == "full" or family is None:
         return []
     from qwen_ft.model.experts import split_targets
 
     problems = []
-    if cfg.lora.dropout and split_targets(cfg.lora.target_modules, family)[1]:
+    if lo.dropout and split_targets(lo.target_modules, family)[1]:
         problems.append(
-            f"lora.dropout: {cfg.lora.dropout} with the routed experts (or router) adapted: peft's "
+            f"lora.dropout: {lo.dropout} with the routed experts (or router) adapted: peft's "
             "target_parameters adapters (ParamWrapper) cannot apply dropout, since the adapter is added "
             "to the weight, not to the layer's output; set lora.dropout: 0 (or leave it unset), or leave "
             "the experts out of lora.target_modules"
         )
-    if not cfg.lora.target_modules:
+    if not lo.target_modules:
         return problems
-    modules, parameters = _loaded_names(cfg.model.path, family)
+    modules, parameters = _loaded_names(path, family)
     if not modules:
         return problems  # no safetensors to read names from (a v1 directory is converted first)
-    found = (_unmatched(t, cfg.model.path, modules, parameters) for t in cfg.lora.target_modules)
+    found = (_unmatched(t, path, modules, parameters) for t in lo.target_modules)
     return problems + [p for p in found if p]
 
 
@@ -174,17 +177,17 @@ def _unmatched(target: str, path: str, modules: set[str], parameters: set[str]) 
     )
 
 
-def _hybrid_problems(cfg: RunConfig, family: Family | None) -> list[str]:
+def _hybrid_problems(base: ModelConfig, method: MethodSpec, family: Family | None) -> list[str]:
     """Setups not yet proven on the Gated DeltaNet families, refused rather than run unchecked."""
     if family is None or family.packing != "gdn":
         return []
     problems = []
-    if cfg.method == "qlora" and cfg.quant.backend == "gptq":
+    if method.name == "qlora" and method.quant.backend == "gptq":
         problems.append(
-            f"quant.backend=gptq with {cfg.model.path}, {family.note}: GPTQ bases of this family are not "
+            f"quant.backend=gptq with {base.path}, {family.note}: GPTQ bases of this family are not "
             "supported yet; use quant.backend=bnb on the full-precision checkpoint"
         )
-    if cfg.model.compile:
+    if base.compile:
         problems.append(
             f"model.compile: true with {family.note}: compiling its layers is not checked yet (packed "
             "batches change the Gated DeltaNet layout from batch to batch); set model.compile: false"
@@ -192,23 +195,21 @@ def _hybrid_problems(cfg: RunConfig, family: Family | None) -> list[str]:
     return problems
 
 
-def _moe_quant_problems(cfg: RunConfig, family: Family | None) -> list[str]:
+def _moe_quant_problems(method: MethodSpec, path: str, family: Family | None, zero3: str | None) -> list[str]:
     """Q-LoRA on a mixture of experts quantizes the routed experts too. bitsandbytes packs them after
     loading (model/experts_4bit.py), which ZeRO-3 would already have partitioned; a GPTQ base must hold
     them as per-expert quantized linears (model/gptq_experts.py), checked from the tensor names."""
-    from qwen_ft.config.validate import is_zero3
-
-    if family is None or not family.moe or cfg.method != "qlora":
+    if family is None or not family.moe or method.name != "qlora":
         return []
-    if cfg.quant.backend == "bnb" and not is_zero3(cfg):
+    if method.quant.backend == "bnb" and not zero3:
         return []
-    if cfg.quant.backend == "bnb":
+    if method.quant.backend == "bnb":
         return [
-            f"method=qlora with dist.deepspeed={cfg.dist.deepspeed} (ZeRO-3) on {family.note}: ZeRO-3 partitions the "
+            f"method=qlora with dist.deepspeed={zero3} (ZeRO-3) on {family.note}: ZeRO-3 partitions the "
             "fused experts while loading, before qwen-ft can quantize them to 4 bits; use dist.deepspeed=zero2 (each "
             "GPU holds the 4-bit model) or method=lora with ZeRO-3"
         ]
-    return _gptq_experts_problems(cfg.model.path)
+    return _gptq_experts_problems(path)
 
 
 def _gptq_experts_problems(path: str) -> list[str]:
@@ -255,27 +256,27 @@ def _remote_code_problem(model: ModelConfig) -> str:
     )
 
 
-def _qlora_problems(cfg: RunConfig, gptq: dict | None) -> list[str]:
-    q, problems = cfg.quant, []
+def _qlora_problems(method: MethodSpec, path: str, gptq: dict | None) -> list[str]:
+    q, problems = method.quant, []
     if q.backend == "gptq" and gptq is None:
         problems.append(
-            f"quant.backend=gptq but {cfg.model.path} has no GPTQ quantization_config; "
+            f"quant.backend=gptq but {path} has no GPTQ quantization_config; "
             "use quant.backend=bnb to quantize a full-precision checkpoint on load"
         )
     if q.backend == "bnb" and gptq is not None:
-        problems.append(f"quant.backend=bnb but {cfg.model.path} is already GPTQ-quantized; use quant.backend=gptq")
+        problems.append(f"quant.backend=bnb but {path} is already GPTQ-quantized; use quant.backend=gptq")
     if q.backend == "gptq" and gptq is not None:
         if int(gptq.get("bits", q.bits)) != q.bits:
             problems.append(
                 f"quant.bits: {q.bits} but the checkpoint is {gptq.get('bits')}-bit GPTQ; "
                 f"set quant.bits={gptq.get('bits')}"
             )
-        if cfg.lora.train_embeddings and gptq.get("lm_head"):
+        if method.lora.train_embeddings and gptq.get("lm_head"):
             problems.append(
                 "lora.train_embeddings: true but this GPTQ checkpoint quantizes lm_head, which cannot "
                 "be trained; set lora.train_embeddings=false"
             )
-    if cfg.method == "qlora" and q.original_base and not (Path(q.original_base) / "config.json").is_file():
+    if method.name == "qlora" and q.original_base and not (Path(q.original_base) / "config.json").is_file():
         problems.append(f"quant.original_base: {q.original_base!r} is not a checkpoint directory")
     return problems
 

@@ -16,7 +16,7 @@ from qwen_ft.errors import QwenFtError
 from qwen_ft.model.load import DTYPES, Precision, enable_gradient_checkpointing
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import QuantConfig, RunConfig
+    from qwen_ft.config.schema import ModelConfig, QuantConfig
 
 
 def compute_dtype(quant: QuantConfig, precision: Precision) -> torch.dtype:
@@ -57,17 +57,16 @@ def _device_map(device: torch.device) -> dict | None:
     return None if is_deepspeed_zero3_enabled() else {"": str(device)}
 
 
-def load_bnb_base(cfg: RunConfig, precision: Precision, attn: str, device: torch.device):
+def load_bnb_base(base: ModelConfig, q: QuantConfig, precision: Precision, attn: str, device: torch.device):
     """Load model.path quantized to 4 bits by bitsandbytes (nf4/fp4, optional double quantization)."""
     deps.require("bnb", "method=qlora with quant.backend=bnb")
     from transformers import BitsAndBytesConfig
 
     from qwen_ft.model.families import model_class, resolve_family
 
-    dtype = compute_dtype(cfg.quant, precision)
-    q = cfg.quant
+    dtype = compute_dtype(q, precision)
     # a composite checkpoint's vision tower is not trained: it stays as it is, unquantized
-    frozen = list(resolve_family(cfg.model.family, cfg.model.path).frozen)  # matched from the module name's start
+    frozen = list(resolve_family(base.family, base.path).frozen)  # matched from the module name's start
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -76,20 +75,20 @@ def load_bnb_base(cfg: RunConfig, precision: Precision, attn: str, device: torch
         bnb_4bit_quant_storage=dtype,
         llm_int8_skip_modules=["lm_head", *frozen] if frozen else None,
     )
-    model = model_class(cfg.model.path).from_pretrained(
-        cfg.model.path,
+    model = model_class(base.path).from_pretrained(
+        base.path,
         quantization_config=config,
         dtype=dtype,
         attn_implementation=attn,
         device_map=_device_map(device),
         local_files_only=True,
-        trust_remote_code=cfg.model.trust_remote_code,
+        trust_remote_code=base.trust_remote_code,
     )
     _disable_cpu_repack(model)
     return model
 
 
-def quantize_experts(model, cfg: RunConfig, precision: Precision):
+def quantize_experts(model, quant: QuantConfig, path: str, precision: Precision):
     """The fused routed experts of a mixture of experts quantized too, after peft has wrapped them (peft
     sizes its per-expert adapters from their 3-D shape): on a bitsandbytes base packed to 4 bits
     (model/experts_4bit.py), on a GPTQ base replaced by the checkpoint's per-expert quantized linears
@@ -100,35 +99,35 @@ def quantize_experts(model, cfg: RunConfig, precision: Precision):
     if not found:
         return model
     experts.never_a_loop(model)
-    dtype = compute_dtype(cfg.quant, precision)
-    if cfg.quant.backend == "bnb":
-        experts_4bit.quantize(model, found, cfg.quant, dtype)
+    dtype = compute_dtype(quant, precision)
+    if quant.backend == "bnb":
+        experts_4bit.quantize(model, found, quant, dtype)
     else:
-        gptq_experts.attach(model, found, cfg.model.path, gptq_settings(cfg.model.path) or {}, dtype)
+        gptq_experts.attach(model, found, path, gptq_settings(path) or {}, dtype)
     experts.install(model)  # quantized experts run only through qwen-ft's grouped forward
     return model
 
 
-def load_gptq_base(cfg: RunConfig, precision: Precision, attn: str, device: torch.device):
+def load_gptq_base(base: ModelConfig, quant: QuantConfig, precision: Precision, attn: str, device: torch.device):
     """Load an existing GPTQ checkpoint through transformers + gptqmodel with a kernel that can train.
 
     Raises:
         QwenFtError: model.path holds no GPTQ quantization settings.
     """
     deps.require("gptq", "method=qlora with quant.backend=gptq")
-    settings = gptq_settings(cfg.model.path)
+    settings = gptq_settings(base.path)
     if settings is None:
         raise QwenFtError(
-            f"quant.backend=gptq but {cfg.model.path} has no GPTQ quantization_config "
+            f"quant.backend=gptq but {base.path} has no GPTQ quantization_config "
             "(config.json) or quantize_config.json; use quant.backend=bnb for a full-precision base"
         )
     return from_gptq_checkpoint(
-        cfg.model.path,
-        int(settings.get("bits", cfg.quant.bits)),
-        compute_dtype(cfg.quant, precision),
+        base.path,
+        int(settings.get("bits", quant.bits)),
+        compute_dtype(quant, precision),
         _device_map(device),
         attn_implementation=attn,
-        trust_remote_code=cfg.model.trust_remote_code,
+        trust_remote_code=base.trust_remote_code,
     )
 
 

@@ -12,16 +12,30 @@ if TYPE_CHECKING:
     from qwen_ft.config.schema import RunConfig
 
 
+def run_problems(cfg: RunConfig) -> list[str]:
+    """Everything that stops `cfg` from running here: the environment, and the method against the checkpoint."""
+    return check_environment(cfg) + method_problems(cfg)
+
+
+def method_problems(cfg: RunConfig) -> list[str]:
+    """The method and its settings against the checkpoint at model.path (model/checks.py)."""
+    from qwen_ft.config.validate import is_zero3
+    from qwen_ft.model.checks import checkpoint_problems
+
+    return checkpoint_problems(cfg.model, cfg.method_spec, cfg.dist.deepspeed if is_zero3(cfg) else None)
+
+
 def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
     """Every such problem of `cfg` at once (`need_model=False`: commands that load no model)."""
-    from qwen_ft.config.validate import required_extras
+    from qwen_ft.config.validate import required_extras, zero3_json_conflicts
     from qwen_ft.data.sources import file_problems as data_problems
     from qwen_ft.model.checks import location_problems
     from qwen_ft.train import ds_config
     from qwen_ft.train.ownership import output_dir_problems
 
     problems = location_problems(cfg.model, cfg.tokenizer_path, need_model) + data_problems(cfg.data)
-    problems += output_dir_problems(cfg.train.output_dir) + ds_config.file_problems(cfg)
+    problems += output_dir_problems(cfg.train.output_dir) + ds_config.file_problems(cfg.dist)
+    problems += zero3_json_conflicts(cfg)
     problems += [deps.missing_message(name, why) for name, why in required_extras(cfg) if not deps.is_available(name)]
     return problems + _loss_kernel_problems(cfg.train.loss_kernel)
 

@@ -44,7 +44,8 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainSta
     backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)
     state = steps.resume_state(cfg, backend, data, dist, ckpt)
     trainer = loop.TrainingRun(
-        cfg,
+        cfg.train,
+        cfg.data,
         plan,
         dist,
         backend,
@@ -70,7 +71,7 @@ def run_training(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainStat
     lock = steps.lock_output_dir(cfg, dist)
     try:
         trainer, state = build_trainer(cfg, dist)
-        c = trainer.cfg.train
+        c = trainer.train
         logger = RunLogger(c.output_dir, trainer.plan.total_steps, state.step, dist.is_main, c.logging_steps)
         state = loop.run(trainer, state, logger)
         steps.save_final(trainer, state)
@@ -78,7 +79,7 @@ def run_training(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainStat
     finally:
         if lock is not None:
             lock.release()
-    print0(dist, steps.summary(trainer.cfg, state))
+    print0(dist, steps.summary(cfg.train.output_dir, state))
     return trainer, state
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from qwen_ft.config.load import config_from_dict, config_to_dict, dump_config, load_config
 from qwen_ft.config.schema import RunConfig
 from qwen_ft.errors import ConfigError, QwenFtError
-from qwen_ft.recipe.preflight import check_environment
+from qwen_ft.recipe.preflight import run_problems
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, local_main_first, print0, wrap_ddp
 
@@ -31,13 +31,11 @@ if TYPE_CHECKING:
 def checked_config(config: str | Path | RunConfig, overrides: list[str]) -> RunConfig:
     """Load (or take), validate and check the config against this machine; refuse what this version
     cannot run."""
-    from qwen_ft.model.checks import checkpoint_problems
-
     if isinstance(config, RunConfig):
         cfg, source = config_from_dict(config_to_dict(config), overrides, source="RunConfig"), "RunConfig"
     else:
         cfg, source = load_config(str(config), overrides), str(config)
-    problems = check_environment(cfg) + checkpoint_problems(cfg)
+    problems = run_problems(cfg)
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
@@ -94,10 +92,10 @@ def tokenizer_and_data(
     tok = load_tokenizer(cfg.tokenizer_path)
     check_vocabulary(family, tok, cfg.tokenizer_path, cfg.model.path)
     with local_main_first(dist):
-        data = prepare_data(cfg, tok)
+        data = prepare_data(cfg.data, tok, cfg.train.seed)
     print0(dist, f"data ({data.stats.cache}: {data.stats.cache_path}), rendered by {template_source(cfg, tok)}")
-    first = plan_for(cfg, data)
-    print0(dist, format_stats(data.stats, first, cfg))
+    first = plan_for(cfg.data, cfg.train, data)
+    print0(dist, format_stats(data.stats, first, cfg.data, cfg.train.micro_batch_size))
     return tok, data, first
 
 
@@ -116,7 +114,7 @@ def deepspeed(cfg: RunConfig, precision: Precision, dist: DistInfo) -> tuple[dic
     from qwen_ft.train.distributed import single_process_group
     from qwen_ft.train.ds_config import deepspeed_config, zero_stage
 
-    ds = deepspeed_config(cfg, precision.name, dist.world)  # ZeRO-3 conflicts: config/validate.py
+    ds = deepspeed_config(cfg.dist, cfg.train, precision.name, dist.world)  # ZeRO-3 conflicts: config/validate.py
     import_deepspeed()
     single_process_group(dist)
     if zero_stage(ds) != 3:
@@ -134,7 +132,9 @@ def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist:
     from qwen_ft.model.build import build_model
 
     torch.manual_seed(cfg.train.seed)  # adapter init and dropout follow train.seed (same on every rank)
-    unwrapped = build_model(cfg, family, precision, attn, dist.device)
+    unwrapped = build_model(
+        cfg.model, cfg.method_spec, family, precision, attn, dist.device, packing=cfg.data.packing, seed=cfg.train.seed
+    )
     trainable, total = count_parameters(unwrapped)
     print0(
         dist,
@@ -194,7 +194,7 @@ def backend(
         )
     from qwen_ft.train.deepspeed import initialize
 
-    return DeepSpeedBackend(initialize(cfg, unwrapped, ds_config), unwrapped, dist.rank)
+    return DeepSpeedBackend(initialize(cfg.train, unwrapped, ds_config), unwrapped, dist.rank)
 
 
 def run_plan(
@@ -296,14 +296,14 @@ def save_final(trainer: TrainingRun, state: ck.TrainState) -> None:
     """Final weights and description in output_dir itself (main process), with the loss history."""
     import json
 
-    out = Path(trainer.cfg.train.output_dir)
+    out = Path(trainer.train.output_dir)
     trainer.save_fn(out)
     if trainer.dist.is_main:
         (out / "train_history.json").write_text(json.dumps(state.history, indent=1))
     barrier(trainer.dist)
 
 
-def summary(cfg: RunConfig, state: ck.TrainState) -> str:
+def summary(output_dir: str, state: ck.TrainState) -> str:
     """Closing lines: loss before/after and where things are."""
     losses = [h["loss"] for h in state.history if "loss" in h]
     evals = [h["eval_loss"] for h in state.history if "eval_loss" in h]
@@ -311,4 +311,4 @@ def summary(cfg: RunConfig, state: ck.TrainState) -> str:
         raise QwenFtError("no training step was run; check train.max_steps / train.epochs")
     text = f"done: {state.step} steps, train loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     text += f", eval loss {evals[-1]:.4f}" if evals else ""
-    return text + f"; model in {cfg.train.output_dir} (loss plot: loss.png, TensorBoard: tensorboard/)"
+    return text + f"; model in {output_dir} (loss plot: loss.png, TensorBoard: tensorboard/)"

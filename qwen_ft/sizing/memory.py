@@ -19,7 +19,7 @@ from qwen_ft.model.load import checkpointed_layers
 from qwen_ft.model.shape import Shape, lora_params, nf4_bytes_per_weight
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import QuantConfig, RunConfig
+    from qwen_ft.config.schema import MethodSpec, QuantConfig, RunConfig
 
 GB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -38,19 +38,20 @@ class Estimate:
         return sum(self.parts.values()) + max(self.moments.values(), default=0.0)
 
 
-def trainable_params(cfg: RunConfig, shape: Shape) -> int:
+def trainable_params(method: MethodSpec, shape: Shape) -> int:
     """Parameters the optimizer updates."""
-    if cfg.method == "full":
+    if method.name == "full":
         return shape.params() - shape.frozen_params  # a vision tower is held, not trained
-    emb = (1 if shape.tied else 2) * shape.vocab * shape.hidden if cfg.lora.train_embeddings else 0
-    return lora_params(shape, cfg.lora.r, cfg.lora.target_modules) + emb
+    lo = method.lora
+    emb = (1 if shape.tied else 2) * shape.vocab * shape.hidden if lo.train_embeddings else 0
+    return lora_params(shape, lo.r, lo.target_modules) + emb
 
 
-def weight_bytes(cfg: RunConfig, shape: Shape, dtype: str, gptq_group: int = 128) -> float:
-    """Model weights as held on the GPU."""
-    if cfg.method == "qlora":
-        return quantized_linear_bytes(cfg.quant, shape, gptq_group) + shape.other_params() * BYTES[dtype]
-    if cfg.method == "full" and cfg.dist.deepspeed == "none":
+def weight_bytes(method: MethodSpec, deepspeed: bool, shape: Shape, dtype: str, gptq_group: int = 128) -> float:
+    """Model weights as held on the GPU (`deepspeed`: DeepSpeed holds the module in `dtype`)."""
+    if method.name == "qlora":
+        return quantized_linear_bytes(method.quant, shape, gptq_group) + shape.other_params() * BYTES[dtype]
+    if method.name == "full" and not deepspeed:
         return shape.params() * 4.0  # fp32 master weights, autocast forward
     return shape.params() * BYTES[dtype]
 
@@ -86,12 +87,13 @@ def estimate(
     cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, offload: bool, gptq_group: int = 128
 ) -> Estimate:
     """Predicted peak bytes per GPU for `cfg` on `world` GPUs under ZeRO `stage` (0: none)."""
-    t = trainable_params(cfg, shape)
+    t = trainable_params(cfg.method_spec, shape)
     full_ds = cfg.method == "full" and stage > 0
     grad_bytes = BYTES[dtype] if full_ds else 4  # adapters and plain full training keep fp32 grads
     optim = t * (8 + (4 if full_ds and dtype != "fp32" else 0))  # Adam moments (+ fp32 master under DS)
     e = Estimate()
-    e.parts["weights"] = weight_bytes(cfg, shape, dtype, gptq_group) / (world if stage == 3 else 1)
+    held = weight_bytes(cfg.method_spec, cfg.dist.deepspeed != "none", shape, dtype, gptq_group)
+    e.parts["weights"] = held / (world if stage == 3 else 1)
     if cfg.method != "full":  # fp32 LoRA weights and, for LoRA (emb), the fp32 trained copies of embeddings/head
         e.parts["trained fp32"] = t * 4.0 / (world if stage == 3 else 1)
     e.parts["gradients"] = t * grad_bytes / (world if stage >= 2 else 1)
@@ -105,7 +107,8 @@ def estimate(
         e.parts["expert activations"] = (
             tokens * expert_activation_bytes(shape) * (shape.layers - recomputed) * shape.moe.layers / shape.layers
         )
-    states = gdn_chunk_states(cfg, shape)  # per GDN layer, kept like its other activations
+    # per GDN layer, kept like its other activations
+    states = gdn_chunk_states(cfg.data.max_length, cfg.train.micro_batch_size, shape)
     if shape.gdn and recomputed < shape.layers:
         e.parts["GDN states"] = states * shape.gdn.layers * (1 - recomputed / shape.layers)
     e.moments["loss step"] = _loss_step_bytes(cfg, shape, dtype, stage, tokens, t)
@@ -121,15 +124,16 @@ def expert_activation_bytes(shape: Shape) -> int:
     return 0 if m is None else m.top_k * 2 * (2 * shape.hidden + 3 * m.intermediate)
 
 
-def gdn_chunk_states(cfg: RunConfig, shape: Shape) -> float:
+def gdn_chunk_states(max_length: int, rows: int, shape: Shape) -> float:
     """Bytes of one Gated DeltaNet layer's recurrent states kept for backward: the chunked delta rule
-    holds an fp32 state per 64-token chunk of each row (a [v_heads, k_dim, v_dim] matrix each)."""
+    holds an fp32 state per 64-token chunk of each of the micro-batch's `rows` (a [v_heads, k_dim, v_dim]
+    matrix each)."""
     from qwen_ft.model.shape import GDN_CHUNK
 
     if shape.gdn is None:
         return 0.0
-    chunks = -(-cfg.data.max_length // GDN_CHUNK)
-    return float(cfg.train.micro_batch_size * chunks * shape.gdn.state_bytes())
+    chunks = -(-max_length // GDN_CHUNK)
+    return float(rows * chunks * shape.gdn.state_bytes())
 
 
 def _loss_step_bytes(cfg: RunConfig, shape: Shape, dtype: str, stage: int, tokens: int, trained: int) -> float:
@@ -175,7 +179,7 @@ def estimate_run(cfg: RunConfig, gpus: int = 1, dtype: str = "bf16") -> RunEstim
     checkpoint_config = read_checkpoint_config(cfg.model.path)
     shape = Shape.from_config(checkpoint_config)
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else dtype
-    ds = deepspeed_config(cfg, dtype, gpus) if cfg.dist.deepspeed != "none" else {}
+    ds = deepspeed_config(cfg.dist, cfg.train, dtype, gpus) if cfg.dist.deepspeed != "none" else {}
     group = checkpoint_config.get("quantization_config", {}).get("group_size") or 128
     group = group if group > 0 else 1 << 30  # -1: one group spans each column's whole input
     e = estimate(cfg, shape, dtype, gpus, zero_stage(ds), offloads_optimizer(ds), gptq_group=group)

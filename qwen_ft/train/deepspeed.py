@@ -11,7 +11,7 @@ from qwen_ft import deps
 from qwen_ft.train.ds_config import offloads_optimizer, zero_stage
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import TrainConfig
 
 
 def import_deepspeed():
@@ -30,7 +30,7 @@ def import_deepspeed():
     return deepspeed
 
 
-def initialize(cfg: RunConfig, model, ds_config: dict):
+def initialize(train: TrainConfig, model, ds_config: dict):
     """deepspeed.initialize with qwen-ft's AdamW (DeepSpeedCPUAdam when the optimizer is offloaded).
 
     No DeepSpeed scheduler is created: the loop sets the learning rate of every step itself.
@@ -38,7 +38,7 @@ def initialize(cfg: RunConfig, model, ds_config: dict):
     deepspeed = import_deepspeed()
     from qwen_ft.train.schedule import build_optimizer
 
-    optimizer = build_optimizer(model, cfg.train, cpu_offload=offloads_optimizer(ds_config))
+    optimizer = build_optimizer(model, train, cpu_offload=offloads_optimizer(ds_config))
     if zero_stage(ds_config) == 3:
         moe_blocks_whole(deepspeed, model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)

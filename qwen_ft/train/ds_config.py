@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from qwen_ft.errors import ConfigError
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig, TrainConfig
+    from qwen_ft.config.schema import DistConfig, TrainConfig
 
 PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
 _OFFLOAD = {"device": "cpu", "pin_memory": True}
@@ -85,13 +85,13 @@ def owned_values(t: TrainConfig, precision: str, world: int) -> dict[tuple[str, 
     }
 
 
-def deepspeed_config(cfg: RunConfig, precision: str, world: int) -> dict:
+def deepspeed_config(dist: DistConfig, train: TrainConfig, precision: str, world: int) -> dict:
     """The DeepSpeed config for this run.
 
     Raises:
         ConfigError: every conflict between the JSON and the YAML, at once.
     """
-    base, source = read_base(cfg.dist.deepspeed)
+    base, source = read_base(dist.deepspeed)
     out, problems = copy.deepcopy(base), []
     for block in ("scheduler", "optimizer"):
         if block in base:
@@ -99,7 +99,7 @@ def deepspeed_config(cfg: RunConfig, precision: str, world: int) -> dict:
                 f"{source}: remove the '{block}' block; train.scheduler / train.learning_rate and AdamW "
                 "settings in the YAML are the only source of truth"
             )
-    for path, value in owned_values(cfg.train, precision, world).items():
+    for path, value in owned_values(train, precision, world).items():
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -126,13 +126,7 @@ def offloads_optimizer(ds_config: dict) -> bool:
     return device not in (None, "none")
 
 
-def file_problems(cfg: RunConfig) -> list[str]:
-    """A dist.deepspeed JSON that is missing, or whose ZeRO-3 stage conflicts with the rest of the config."""
-    from qwen_ft.config.validate import json_stage, zero3_conflicts
-
-    ds = cfg.dist.deepspeed
-    if ds.endswith(".json") and not Path(ds).is_file():
-        return [f"dist.deepspeed: file {ds!r} not found"]
-    if ds.endswith(".json") and json_stage(ds) == 3:
-        return zero3_conflicts(cfg)
-    return []
+def file_problems(dist: DistConfig) -> list[str]:
+    """A dist.deepspeed JSON that is missing (what a readable one's ZeRO stage rules out is config/validate.py's)."""
+    ds = dist.deepspeed
+    return [f"dist.deepspeed: file {ds!r} not found"] if ds.endswith(".json") and not Path(ds).is_file() else []

@@ -28,14 +28,15 @@ from qwen_ft.train.schedule import lr_at, set_lr
 from qwen_ft.train.verify import write_manifest
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import DataConfig, TrainConfig
 
 
 @dataclass
 class TrainingRun:
     """Everything the loop needs, built elsewhere (this class loads nothing)."""
 
-    cfg: RunConfig
+    train: TrainConfig
+    data_config: DataConfig  # lengths, packing
     plan: RunPlan
     dist: DistInfo
     backend: Backend  # TorchBackend or DeepSpeedBackend: forward module, backward, step, resume state
@@ -48,7 +49,8 @@ class TrainingRun:
 
     def epoch_batches(self, epoch: int) -> list:
         """This rank's micro-batches of `epoch` (a fresh, seeded plan per epoch)."""
-        return rank_batches(plan_for(self.cfg, self.data, epoch).batches, self.dist.rank, self.dist.world)
+        plan = plan_for(self.data_config, self.train, self.data, epoch)
+        return rank_batches(plan.batches, self.dist.rank, self.dist.world)
 
     def tensors(self, rows: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:
         """Collate one planned micro-batch onto the device (from pinned memory, without waiting)."""
@@ -69,7 +71,7 @@ class TrainingRun:
         return collate(
             [[lookup[i] for i in row] for row in rows],
             self.pad_id,
-            self.cfg.data.packing,
+            self.data_config.packing,
             flattens(self.plan.attn),
             self.plan.segments,
         )
@@ -99,7 +101,7 @@ def group_at(tr: TrainingRun, position: tuple[int, int], cache: dict) -> tuple[l
             del cache[old]
         cache[epoch] = tr.epoch_batches(epoch)
     batches = cache[epoch]
-    group = batches[offset : offset + tr.cfg.train.grad_accum]
+    group = batches[offset : offset + tr.train.grad_accum]
     offset += len(group)
     return group, ((epoch + 1, 0) if offset >= len(batches) else (epoch, offset))
 
@@ -167,7 +169,7 @@ def eval_share(batches: list, rank: int, world: int) -> list[tuple[list, bool]]:
 
 def evaluate(tr: TrainingRun) -> float:
     """Mean token loss over the whole eval set, each batch counted once across processes."""
-    full = plan_for(tr.cfg, tr.data, 0, "eval")
+    full = plan_for(tr.data_config, tr.train, tr.data, 0, "eval")
     loss_sum = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
     count = 0
     tr.unwrapped.eval()
@@ -229,7 +231,7 @@ def guard(
         return
     tr.backend.discard()
     state.epoch, state.batch_offset = position
-    path = save_checkpoint(tr, state, root, tr.cfg.train.save_total_limit + 1)
+    path = save_checkpoint(tr, state, root, tr.train.save_total_limit + 1)
     raise QwenFtError(
         f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {state.step + 1} "
         f"(loss {loss}, grad norm {grad_norm}); stopped without applying it. The last good state is saved in "
@@ -339,7 +341,7 @@ def one_step(
     non-finite guard rewinds to it) and when the step began (speed counts waiting for data).
     """
     hosts, position, t0 = taken
-    c, root = tr.cfg.train, Path(tr.cfg.train.output_dir) / "checkpoints"
+    c, root = tr.train, Path(tr.train.output_dir) / "checkpoints"
     lr = lr_at(state.step, c.learning_rate, tr.plan.total_steps, tr.plan.warmup_steps, c.scheduler)
     set_lr(tr.optimizer, lr)
     loss, n_inputs, extra = train_step(tr, hosts)

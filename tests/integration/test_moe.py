@@ -205,7 +205,7 @@ def test_full_finetune_saves_the_base_layout(tmp_path, bases):
             "router_aux_loss_coef": 0.0,
         },
     )
-    out = Path(trainer.cfg.train.output_dir)
+    out = Path(trainer.train.output_dir)
     assert shapes(out) == shapes(base)
     assert "aux_loss" not in state.history[-1]  # switched off
     saved = model_class(out).from_pretrained(out).eval()
@@ -215,9 +215,9 @@ def test_full_finetune_saves_the_base_layout(tmp_path, bases):
 
 def problems(base: Path, *overrides: str) -> list[str]:
     from qwen_ft.config.load import config_from_dict
-    from qwen_ft.model.checks import checkpoint_problems
+    from qwen_ft.recipe.preflight import method_problems
 
-    return checkpoint_problems(config_from_dict({}, [f"model.path={base}", "data.train_files=[x.jsonl]", *overrides]))
+    return method_problems(config_from_dict({}, [f"model.path={base}", "data.train_files=[x.jsonl]", *overrides]))
 
 
 def test_bad_expert_targets_are_refused_naming_the_fix(bases, tiny_model_dir):

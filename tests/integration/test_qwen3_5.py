@@ -128,7 +128,7 @@ def test_full_finetune_trains_language_model_only_and_keeps_vision_and_mtp(tmp_p
     assert any(".linear_attn.A_log" in n for n in trainable) and any(".conv1d." in n for n in trainable)
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in optimized for p in trainer.unwrapped.model.visual.parameters())
-    out = Path(trainer.cfg.train.output_dir)
+    out = Path(trainer.train.output_dir)
     assert raw_tensors(out) == raw_tensors(composite)
     assert set(tensor_files(out)) == set(tensor_files(composite))
     saved = AutoModelForImageTextToText.from_pretrained(out).eval()
@@ -342,7 +342,7 @@ def test_a_target_name_of_the_vision_tower_gets_no_adapter(composite, tmp_path, 
         model = AutoModelForImageTextToText.from_pretrained(composite, dtype=torch.float32)
         return {n for n, _ in get_peft_model(model, config).named_modules() if n.endswith("lora_A")}
 
-    ours = adapted(lora_config(run, FAMILIES["qwen3_5"]))
+    ours = adapted(lora_config(run.lora, FAMILIES["qwen3_5"]))
     assert ours and not any(".visual." in n for n in ours)
     assert any(".visual." in n for n in adapted(LoraConfig(r=4, target_modules=["q_proj", "qkv"])))
 

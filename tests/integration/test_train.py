@@ -161,7 +161,7 @@ def test_full_finetune_saves_loadable_model(run_config, tiny_model_dir):
     trainer, state = train_in_process(run_config(method="full", train={"learning_rate": 2e-3}))
     losses = [h["loss"] for h in state.history]
     assert losses[-1] < losses[0]
-    out = Path(trainer.cfg.train.output_dir)
+    out = Path(trainer.train.output_dir)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     trainer.unwrapped.eval()
@@ -236,7 +236,7 @@ def test_resume_refuses_other_data_or_settings(lora_run, run_config, tmp_path):
 @pytest.mark.parametrize("option, flag", [("lora.rslora=true", "use_rslora"), ("lora.dora=true", "use_dora")])
 def test_lora_variants_train_and_save(run_config, option, flag):
     trainer, state = train_in_process(run_config(), [option, "train.max_steps=2"])
-    config = json.loads((Path(trainer.cfg.train.output_dir) / "adapter_config.json").read_text())
+    config = json.loads((Path(trainer.train.output_dir) / "adapter_config.json").read_text())
     assert config[flag] is True and all(math.isfinite(h["loss"]) for h in state.history)
 
 

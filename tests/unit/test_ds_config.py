@@ -36,7 +36,7 @@ def test_user_json_conflicts_and_schedulers_are_refused(tmp_path):
         }
     )
     with pytest.raises(ConfigError) as e:
-        deepspeed_config(cfg, "fp32", 2)
+        deepspeed_config(cfg.dist, cfg.train, "fp32", 2)
     text = str(e.value)
     assert "remove the 'scheduler' block" in text and "train_micro_batch_size_per_gpu is 4" in text
     cfg = config_from_dict(
@@ -47,7 +47,7 @@ def test_user_json_conflicts_and_schedulers_are_refused(tmp_path):
             "train": {"micro_batch_size": 2, "grad_accum": 3, "max_grad_norm": 0.5},
         }
     )
-    filled = deepspeed_config(cfg, "bf16", 4)
+    filled = deepspeed_config(cfg.dist, cfg.train, "bf16", 4)
     assert (filled["train_batch_size"], filled["gradient_clipping"], filled["bf16"]["enabled"]) == (24, 0.5, True)
     assert filled["zero_optimization"]["stage"] == 3 and "scheduler" not in filled
 

@@ -48,7 +48,7 @@ def test_an_error_in_the_thread_surfaces_in_take():
 def test_the_group_peeked_after_a_take_is_the_next_take_across_epochs():
     """As the loop does it: take a group, then peek at the one after it (which may plan the next epoch)."""
     planned = {e: [[e * 10 + i] for i in range(5)] for e in range(3)}  # 5 micro-batches per epoch
-    tr = SimpleNamespace(epoch_batches=lambda e: planned[e], cfg=SimpleNamespace(train=SimpleNamespace(grad_accum=2)))
+    tr = SimpleNamespace(epoch_batches=lambda e: planned[e], train=SimpleNamespace(grad_accum=2))
     state, cache, taken, peeked = SimpleNamespace(epoch=0, batch_offset=0), {}, [], []
     for _ in range(7):
         taken.append(loop.next_group(tr, state, cache))

@@ -50,7 +50,7 @@ def test_lora_trainable_count_matches_peft():
         LoraConfig(r=4, target_modules=list(Shape.from_config(config.to_dict()).linear_shapes())),
     )
     expected = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert trainable_params(cfg, Shape.from_config(config.to_dict())) == expected
+    assert trainable_params(cfg.method_spec, Shape.from_config(config.to_dict())) == expected
 
 
 QWEN_7B_DIR = ASSETS / "qwen1.5-7b"  # config.json only: the estimator reads nothing else
@@ -192,9 +192,10 @@ def test_qwen3_5_composite_counts_are_exact_and_lora_matches_peft():
             LoraConfig(r=8, target_modules=list(family.lora_targets), exclude_modules=r"(.*\.)?model\.visual(\..*)?"),
         )
     expected = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert trainable_params(cfg, shape) == expected
+    assert trainable_params(cfg.method_spec, shape) == expected
     full = config_from_dict({"model": {"path": "m"}, "data": {"train_files": ["d"]}, "method": "full"})
-    assert trainable_params(full, shape) == shape.params() - shape.frozen_params  # the tower is not trained
+    # the tower is not trained
+    assert trainable_params(full.method_spec, shape) == shape.params() - shape.frozen_params
 
 
 def test_qwen3_5_estimate_counts_gdn_states_and_248k_logits(capsys):
@@ -210,7 +211,7 @@ def test_qwen3_5_estimate_counts_gdn_states_and_248k_logits(capsys):
         )
         for n in (2048, 8192)
     }
-    states = {n: gdn_chunk_states(c, shape) for n, c in cfgs.items()}
+    states = {n: gdn_chunk_states(c.data.max_length, c.train.micro_batch_size, shape) for n, c in cfgs.items()}
     assert states[2048] == 32 * 32 * 128 * 128 * 4 and states[8192] == 4 * states[2048]  # 32 chunks of 64
     short, long = (estimate(cfgs[n], shape, "bf16", 1, 0, False) for n in (2048, 8192))
     assert short.moments["layer replay"] == 2048 * 34 * 4096 + states[2048] and long.total > short.total

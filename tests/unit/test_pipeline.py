@@ -102,11 +102,13 @@ def test_dump_one_line_per_conversation_in_order(tmp_path, qwen3_dir, qwen3_tok)
 def test_eval_fraction_and_eval_files(tmp_path, qwen3_dir, qwen3_tok):
     f = write_jsonl(tmp_path / "d.jsonl", sample_rows(20))
     base = {"model": {"path": str(qwen3_dir)}, "data": {"train_files": [str(f)], "cache_dir": str(tmp_path / "c")}}
-    data = prepare_data(config_from_dict(base, ["data.eval_fraction=0.25"]), qwen3_tok)
+    cfg = config_from_dict(base, ["data.eval_fraction=0.25"])
+    data = prepare_data(cfg.data, qwen3_tok, cfg.train.seed)
     assert (len(data.train), len(data.eval)) == (15, 5)
     assert not set(data.train["source"]) & set(data.eval["source"])
     e = write_jsonl(tmp_path / "e.jsonl", sample_rows(3))
-    data = prepare_data(config_from_dict(base, [f"data.eval_files=[{e}]"]), qwen3_tok)
+    cfg = config_from_dict(base, [f"data.eval_files=[{e}]"])
+    data = prepare_data(cfg.data, qwen3_tok, cfg.train.seed)
     assert (len(data.train), len(data.eval)) == (20, 3)
 
 
@@ -118,4 +120,4 @@ def test_everything_dropped_is_an_error(tmp_path, qwen3_dir, qwen3_tok):
         {"model": {"path": "m"}, "data": {"train_files": [str(f)], "max_length": 32, "cache_dir": str(tmp_path / "c")}}
     )
     with pytest.raises(DataError, match="no training example left .* dropped 1"):
-        prepare_data(cfg, qwen3_tok)
+        prepare_data(cfg.data, qwen3_tok, cfg.train.seed)
