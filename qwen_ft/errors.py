@@ -10,6 +10,9 @@ from __future__ import annotations
 class QwenFtError(Exception):
     """A problem the user can fix; its message says what, where and how."""
 
+    prefix = "error"  # the CLI prints "{prefix}: {message}" and exits with `exit_code`
+    exit_code = 1
+
 
 class ConfigError(QwenFtError):
     """One or more config problems, collected and raised together."""
@@ -26,3 +29,10 @@ class DataError(QwenFtError):
 
 class MissingDependency(QwenFtError):
     """An optional package needed by the requested feature is not installed."""
+
+
+class Preempted(QwenFtError):
+    """The run was asked to stop (SIGTERM, SIGUSR1, SIGINT) and did, after saving a checkpoint to resume from."""
+
+    prefix = "stopped"
+    exit_code = 75  # EX_TEMPFAIL: not a failure of the run, try again (a scheduler may requeue on it)

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except QwenFtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"{e.prefix}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

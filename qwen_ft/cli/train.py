@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except QwenFtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"{e.prefix}: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

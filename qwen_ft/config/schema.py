@@ -188,6 +188,11 @@ class TrainConfig:
     save_steps: int = opt(0, "checkpoint every N steps; 0: only at the end")
     save_total_limit: int = opt(2, "keep the newest K checkpoints")
     resume: str = opt("none", "none, auto (newest checkpoint in output_dir that verifies), or a checkpoint path")
+    resume_data: Literal["continue", "restart"] = opt(
+        "continue",
+        "on resume: continue the data where the checkpoint stopped (refused when the data changed since), or "
+        "restart it from its beginning (new data files allowed; weights, optimizer and step kept)",
+    )
     overwrite_output_dir: bool = opt(
         False, "a new run into an output_dir holding another run's outputs clears them first (refused otherwise)"
     )

@@ -46,6 +46,7 @@ class DataStats:
     ignored_fields: dict[str, int] = dataclasses.field(default_factory=dict)  # row field -> rows holding it
     cache: Literal["built", "hit"] | None = None  # how this load got the cache entry
     cache_path: str = ""  # the cache entry's directory
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # tokenize.cache_inputs of this load
     eval: DataStats | None = None  # the eval files' own stats (data.eval_files)
 
     def to_dict(self) -> dict[str, Any]:

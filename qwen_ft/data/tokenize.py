@@ -12,6 +12,7 @@ second run with the same inputs memory-maps the cache instead of tokenizing agai
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ from qwen_ft.data.conversations import ReadReport
 from qwen_ft.data.stats import DataStats
 from qwen_ft.data.template import ChatTemplate
 from qwen_ft.errors import DataError
-from qwen_ft.files import atomic_dir, clean_stale_temps
+from qwen_ft.files import atomic_dir, clean_stale_temps, digest_problems, write_digests
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 TEMPLATE_VERSION = "template-v3"  # bump when rendering or masking changes, to invalidate caches
 CACHE_FORMAT = 3  # bump when the layout of a cache entry changes
+CACHE_FILES = "cache_files.json"  # sizes and digests of an entry's files, written last
 WRITE_BATCH = 1000
 
 
@@ -90,7 +92,7 @@ class RendererOnce:
         return {"tok": self.tok, "spec": self.spec, "_built": None}
 
 
-def file_digest(path: str) -> str:
+def content_digest(path: str) -> str:
     """sha256 of a file's bytes, streamed; of a directory (save_to_disk), of every file in it by name."""
     h = hashlib.sha256()
     p = Path(path)
@@ -102,17 +104,43 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def cache_key(files: Sequence[str], tokenizer_fingerprint: str, spec: TokenizeSpec) -> str:
-    """Key of the tokenized cache: file contents, tokenizer, template and settings."""
-    payload = {
-        "files": [file_digest(f) for f in files],
+def cache_inputs(files: Sequence[str], tokenizer_fingerprint: str, spec: TokenizeSpec) -> dict[str, Any]:
+    """What the tokenized rows depend on: file contents, tokenizer, template and settings (the cache key's
+    payload; `paths` names the files for people and is no part of the key)."""
+    return {
+        "files": [content_digest(f) for f in files],
         "tokenizer": tokenizer_fingerprint,
         "template": TEMPLATE_VERSION,
         "renderer": _renderer_versions(),
         "format": CACHE_FORMAT,
         "spec": asdict(spec),
+        "paths": [str(f) for f in files],
     }
+
+
+def cache_key(inputs: dict[str, Any]) -> str:
+    """Key of the tokenized cache entry of `cache_inputs`."""
+    payload = {k: v for k, v in inputs.items() if k != "paths"}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def input_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two `cache_inputs`, in words (empty: the same rows)."""
+    if before.get("paths") != now.get("paths") or len(before.get("files", [])) != len(now["files"]):
+        return [f"data files {before.get('paths')} -> {now['paths']}"]
+    out = [
+        f"data file {path} changed since then (its content differs)"
+        for path, old, new in zip(now["paths"], before["files"], now["files"], strict=True)
+        if old != new
+    ]
+    if before.get("tokenizer") != now["tokenizer"]:
+        out.append(f"the tokenizer changed (fingerprint {before.get('tokenizer')} -> {now['tokenizer']})")
+    for name in ("template", "renderer", "format"):
+        if before.get(name) != now[name]:
+            out.append(f"the rendering changed ({name}: {before.get(name)} -> {now[name]})")
+    old_spec, new_spec = before.get("spec") or {}, now["spec"]
+    changed = [k for k in new_spec if old_spec.get(k) != new_spec[k]]
+    return out + [f"data setting {k}: {old_spec.get(k)!r} -> {new_spec[k]!r}"[:300] for k in changed]
 
 
 def _renderer_versions() -> str:
@@ -326,10 +354,13 @@ def tokenized_dataset(
         (datasets.Dataset with input_ids/labels/n_supervised/status/source, its DataStats with
         cache = "hit" or "built" and cache_path).
     """
-    key = cache_key(files, tok.fingerprint, spec)
+    inputs = cache_inputs(files, tok.fingerprint, spec)
+    key = cache_key(inputs)
     final = Path(cache_dir) / key
     if Path(cache_dir).is_dir():
         clean_stale_temps(cache_dir)  # left by runs killed while tokenizing
+    if (final / "stats.json").is_file():
+        _drop_if_damaged(final)
     if not (final / "stats.json").is_file():
         # A complete cache entry or none; another builder's complete entry (shared filesystem) wins.
         with atomic_dir(final, complete=lambda d: (d / "stats.json").is_file()) as work:
@@ -338,11 +369,26 @@ def tokenized_dataset(
                 if name not in built.shards:
                     os.remove(work / name)
             (work / "stats.json").write_text(json.dumps(built.to_dict(), indent=1))
+            write_digests(work, CACHE_FILES, whole=True)  # checked on every hit: ids are never read damaged
         hit: Literal["built", "hit"] = "built"
     else:
         hit = "hit"
     stats = DataStats.from_dict(json.loads((final / "stats.json").read_text()), hit, str(final))
-    return load_shards(final, stats.shards), stats
+    return load_shards(final, stats.shards), dataclasses.replace(stats, inputs=inputs)
+
+
+def _drop_if_damaged(entry: Path) -> None:
+    """Remove a cache entry whose files do not match the digests recorded when it was written (a
+    truncated or altered shard, or an entry from before they were recorded), saying so: it is built
+    again instead of being trained on."""
+    import shutil
+    import sys
+
+    damaged = digest_problems(entry, CACHE_FILES, whole=True)
+    if damaged:
+        what = "; ".join(damaged[:3])
+        print(f"data: tokenized cache {entry} is damaged ({what}); building it again", file=sys.stderr)
+        shutil.rmtree(entry)
 
 
 def load_shards(entry: str | Path, shards: list[str]) -> Dataset:

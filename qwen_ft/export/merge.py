@@ -9,13 +9,13 @@ looser, dtype-appropriate tolerance.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qwen_ft.errors import QwenFtError
+from qwen_ft.files import atomic_dir
 from qwen_ft.model.load import DTYPES, resolve_dtype
 
 # Max |logit diff| allowed, relative to max(1, max |reference logit|).
@@ -127,7 +127,9 @@ def merge_adapter(
             f"merge check failed: max |logit diff| {merge_diff:.3g} (fp32), {cast_diff:.3g} ({name}); "
             f"tolerance {tol:.3g}; nothing written"
         )
-    _save(merged, tok, src, Path(out_dir), manifest, base_path)
+    needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+    with atomic_dir(out_dir, needed=needed) as tmp:  # killed or out of room midway: no half-written model
+        _save(merged, tok, src, tmp, manifest, base_path)
     return MergeReport(Path(out_dir), name, merge_diff, cast_diff, tol, merged_into, *quantized)
 
 
@@ -154,7 +156,8 @@ def check_weights(adapter: Path, manifest: dict, base: str | None, allow: bool) 
 
 def check_out(out: Path, adapter: Path, manifest: dict, base: str | None, overwrite: bool) -> None:
     """Refuse, before anything is read or written, an --out that is the adapter, a base, or (without
-    `overwrite`) any directory that already holds a model; with `overwrite` such a directory is cleared.
+    `overwrite`) any directory that already holds a model; with `overwrite` such a directory is replaced
+    whole once the merged model is complete.
 
     Raises:
         QwenFtError: naming the directory and the fix.
@@ -178,8 +181,6 @@ def check_out(out: Path, adapter: Path, manifest: dict, base: str | None, overwr
             f"--out {out} already holds a model ({', '.join(holds)}); choose a new directory, or pass "
             "--overwrite to replace it"
         )
-    if holds:
-        shutil.rmtree(out)
 
 
 def merge_base(src: Path, manifest: dict, base: str | None):

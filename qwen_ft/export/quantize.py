@@ -17,6 +17,7 @@ from qwen_ft.data.render import Renderer
 from qwen_ft.data.schema import RowError
 from qwen_ft.errors import QwenFtError
 from qwen_ft.export.quality import load_conversations, perplexity
+from qwen_ft.files import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -166,12 +167,13 @@ def quantize_model(
     del dense
     samples = [r[0][:max_length] for r in Renderer.of(tok).render_many(calib) if not isinstance(r, RowError)]
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
-    _per_layer_logs_into(Path(out_dir) / "quant_logs")
-    with _without_processor(model_dir):
-        model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group_size))
-    model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples], batch_size=1)
-    model.save(out_dir)
-    _in_base_layout(model_dir, out_dir)
-    tok.save_files(out_dir)  # the vocabulary files qwen-ft reads, whatever gptqmodel wrote
-    after = perplexity(_quantized(out_dir).eval(), tok, held, max_length)
+    with atomic_dir(out_dir) as tmp:  # killed or out of room midway: no half-written model at out_dir
+        _per_layer_logs_into(tmp / "quant_logs")
+        with _without_processor(model_dir):
+            model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group_size))
+        model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples], batch_size=1)
+        model.save(str(tmp))
+        _in_base_layout(model_dir, str(tmp))
+        tok.save_files(tmp)  # the vocabulary files qwen-ft reads, whatever gptqmodel wrote
+        after = perplexity(_quantized(str(tmp)).eval(), tok, held, max_length)
     return QuantizeReport(Path(out_dir), len(samples), len(held), before, after)

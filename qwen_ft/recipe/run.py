@@ -64,16 +64,23 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainSta
 
 def run_training(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
     """Build everything for `cfg` and train; returns (trainer, final TrainState)."""
+    from qwen_ft.errors import Preempted
     from qwen_ft.train import loop
     from qwen_ft.train.distributed import print0
     from qwen_ft.train.logging import RunLogger
+    from qwen_ft.train.preempt import StopRequests
 
     lock = steps.lock_output_dir(cfg, dist)
     try:
         trainer, state = build_trainer(cfg, dist)
         c = trainer.train
         logger = RunLogger(c.output_dir, trainer.plan.total_steps, state.step, dist.is_main, c.logging_steps)
-        state = loop.run(trainer, state, logger)
+        try:
+            with StopRequests() as stop:  # SIGTERM, SIGUSR1, SIGINT: stop after the step with a checkpoint
+                state = loop.run(trainer, state, logger, stop)
+        except Preempted:
+            logger.close(state.history)  # TensorBoard and the plot hold every step up to the stop
+            raise
         steps.save_final(trainer, state)
         logger.close(state.history)
     finally:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from qwen_ft.config.load import config_from_dict, config_to_dict, dump_config, load_config
 from qwen_ft.config.schema import RunConfig
 from qwen_ft.errors import ConfigError, QwenFtError
+from qwen_ft.files import no_room
 from qwen_ft.recipe.preflight import run_problems
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, local_main_first, print0, wrap_ddp
@@ -256,16 +257,22 @@ def resume_state(
     cfg: RunConfig, backend: Backend, data: PreparedData, dist: DistInfo, ckpt: Path | None
 ) -> ck.TrainState:
     """The TrainState: fresh, or restored (weights, optimizer, RNG) from `ckpt`."""
-    from qwen_ft.train.resume import check_same_data
+    from qwen_ft.train.resume import check_same_data, data_changes
 
-    key = Path(data.stats.cache_path).name
+    key, inputs = Path(data.stats.cache_path).name, data.stats.inputs
     if ckpt is None:
         if cfg.train.resume == "auto":
             print0(dist, f"resume: no intact checkpoint in {cfg.train.output_dir}/checkpoints; starting fresh")
-        return ck.TrainState(data_key=key)
-    check_same_data(ck.read_state(ckpt), key, ckpt)
+        return ck.TrainState(data_key=key, data_inputs=inputs)
+    changes = data_changes(ck.read_state(ckpt), key, inputs)
+    if cfg.train.resume_data == "continue":
+        check_same_data(changes, ckpt)
     state = backend.load_state(ckpt, cfg.method)
     print0(dist, f"resume: from {ckpt} at step {state.step}")
+    if cfg.train.resume_data == "restart":
+        state.epoch, state.batch_offset, state.data_key, state.data_inputs = 0, 0, key, inputs
+        why = f" ({'; '.join(changes)})" if changes else ""
+        print0(dist, f"resume: train.resume_data=restart: the data starts over at step {state.step}{why}")
     return state
 
 
@@ -293,13 +300,37 @@ def saver(
 
 
 def save_final(trainer: TrainingRun, state: ck.TrainState) -> None:
-    """Final weights and description in output_dir itself (main process), with the loss history."""
+    """Final weights and description in output_dir itself (main process), with the loss history. They are
+    written into a temporary directory and moved into place once complete: a save that fails (a full
+    disk) leaves no half-written weights in output_dir, only the last checkpoint to resume from."""
     import json
+    import os
+    import shutil
 
-    out = Path(trainer.train.output_dir)
-    trainer.save_fn(out)
-    if trainer.dist.is_main:
-        (out / "train_history.json").write_text(json.dumps(state.history, indent=1))
+    from qwen_ft.files import flush_tree
+    from qwen_ft.train.saving import save_failed_message
+
+    out, main = Path(trainer.train.output_dir), trainer.dist.is_main
+    tmp = out / f".final.tmp-{os.getpid()}"  # only the main process writes; the others gather weights
+    try:
+        if main:
+            tmp.mkdir()
+        barrier(trainer.dist)
+        trainer.save_fn(tmp)
+        if main:
+            (tmp / "train_history.json").write_text(json.dumps(state.history, indent=1))
+            flush_tree(tmp)
+            for f in sorted(tmp.iterdir()):
+                if (out / f.name).is_dir():
+                    shutil.rmtree(out / f.name)  # a directory is replaced whole (additional_chat_templates/)
+                os.replace(f, out / f.name)
+    except Exception as e:
+        if not isinstance(e, OSError) and no_room(e) is None:
+            raise
+        raise QwenFtError(save_failed_message(out, e, ck.list_checkpoints(out / "checkpoints"))) from None
+    finally:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
     barrier(trainer.dist)
 
 

@@ -37,6 +37,7 @@ class TrainState:
     epoch: int = 0
     batch_offset: int = 0  # micro-batches of `epoch` already consumed by this rank
     data_key: str = ""  # tokenized-data cache key: resuming on other data is refused
+    data_inputs: dict = field(default_factory=dict)  # what the key is made of (data/tokenize.cache_inputs)
     history: list[dict] = field(default_factory=list)
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+
+from qwen_ft.files import no_room, room_for
+
+# a full disk while logging: training stops there, its last checkpoint intact
+FULL = "Free space, then resume with train.resume: auto"
+PLOT = "The trained model is saved in full; only the plot is missing (its data is train_history.json)"
 
 
 class RunLogger:
@@ -26,7 +33,9 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            with room_for(self.out / "tensorboard", FULL):
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            quiet_writer_thread()
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         """Record optimizer step `step` (1-based). Every `every` steps (train.logging_steps) and at the
@@ -40,9 +49,10 @@ class RunLogger:
             return
         logged = window_mean(self.window)
         self.window = []
-        for key, value in logged.items():
-            if key != "step":
-                self.tb.add_scalar(f"train/{key}", value, step)
+        with room_for(self.out / "tensorboard", FULL):
+            for key, value in logged.items():
+                if key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, step)
         aux = {"aux": f"{logged['aux_loss']:.4f}"} if "aux_loss" in logged else {}
         self.bar.set_postfix(
             loss=f"{logged['loss']:.4f}", **aux, lr=f"{logged['lr']:.2e}", tok_s=f"{logged['tokens_per_s']:.0f}"
@@ -51,7 +61,8 @@ class RunLogger:
     def eval(self, step: int, loss: float) -> None:
         """Record an eval loss."""
         if self.tb is not None:  # enabled
-            self.tb.add_scalar("eval/loss", loss, step)
+            with room_for(self.out / "tensorboard", FULL):
+                self.tb.add_scalar("eval/loss", loss, step)
             self.bar.write(f"step {step}: eval loss {loss:.4f}")
 
     def close(self, history: list[dict]) -> None:
@@ -59,8 +70,26 @@ class RunLogger:
         if self.tb is None:  # not enabled
             return
         self.bar.close()
-        self.tb.close()
-        plot_losses(history, self.out / "loss.png")
+        with room_for(self.out / "tensorboard", FULL):
+            self.tb.close()
+        with room_for(self.out / "loss.png", PLOT):
+            plot_losses(history, self.out / "loss.png")
+
+
+def quiet_writer_thread() -> None:
+    """TensorBoard writes in a thread of its own; when the disk is full that thread prints a traceback,
+    then the next write in the training loop raises the same error, which `room_for` reports. Only that
+    thread's out-of-room traceback is left unprinted (once per process)."""
+    previous = threading.excepthook
+    if getattr(previous, "qwen_ft", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread" or no_room(args.exc_value) is None:
+            previous(args)
+
+    hook.qwen_ft = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def window_mean(window: list[dict[str, float]]) -> dict[str, float]:

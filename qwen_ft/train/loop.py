@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,18 +13,18 @@ import torch
 
 from qwen_ft.data.collate import collate
 from qwen_ft.data.prepare import PreparedData, plan_for
-from qwen_ft.errors import QwenFtError
-from qwen_ft.files import commit_dir
+from qwen_ft.errors import Preempted, QwenFtError
 from qwen_ft.model.attention import flattens
 from qwen_ft.train import checkpoint as ck
-from qwen_ft.train.distributed import DistInfo, all_reduce_sum, barrier
+from qwen_ft.train.distributed import DistInfo, all_reduce_sum
 from qwen_ft.train.feed import GroupFeed, pinned
 from qwen_ft.train.loss import causal_lm_loss
 from qwen_ft.train.plan import RunPlan, rank_batches
+from qwen_ft.train.preempt import StopRequests, resume_command
 from qwen_ft.train.protocols import Backend, LossFn, Saver, StepLogger
 from qwen_ft.train.router import RouterLoss
+from qwen_ft.train.saving import save_checkpoint
 from qwen_ft.train.schedule import lr_at, set_lr
-from qwen_ft.train.verify import write_manifest
 
 if TYPE_CHECKING:
     from qwen_ft.config.schema import DataConfig, TrainConfig
@@ -185,34 +184,6 @@ def evaluate(tr: TrainingRun) -> float:
     return total / max(1.0, n_counted)
 
 
-def save_checkpoint(tr: TrainingRun, state: ck.TrainState, root: Path, keep: int) -> Path:
-    """Atomic checkpoint under root/checkpoint-{step}: every rank writes its part into a temporary
-    directory, then the main process renames it into place."""
-    final, tmp = root / f"checkpoint-{state.step}", root / f".tmp-checkpoint-{state.step}"
-    try:
-        if tr.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier(tr.dist)
-        tr.save_fn(tmp)
-        tr.backend.save_state(tmp, state, tr.dist.is_main)
-        barrier(tr.dist)
-        if tr.dist.is_main:
-            write_manifest(tmp)  # sizes and hashes, last: a checkpoint without it never verifies
-            commit_dir(tmp, final)
-            ck.prune(root, keep)
-    except OSError as e:  # a full disk, a lost mount: stop with the last good checkpoint intact
-        shutil.rmtree(tmp, ignore_errors=True)
-        found = ck.list_checkpoints(root)
-        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved before"
-        raise QwenFtError(
-            f"saving {final} failed: {e}; {last}. Free space (or fix the directory), then resume "
-            "with train.resume: auto"
-        ) from None
-    barrier(tr.dist)
-    return final
-
-
 def guard(
     tr: TrainingRun, state: ck.TrainState, values: tuple[float, float], root: Path, position: tuple[int, int]
 ) -> None:
@@ -315,8 +286,13 @@ def weights_guard(tr: TrainingRun, state: ck.TrainState, lr: float, root: Path) 
     )
 
 
-def run(tr: TrainingRun, state: ck.TrainState, logger: StepLogger) -> ck.TrainState:
-    """Train until plan.total_steps, checkpointing and evaluating as configured."""
+def run(tr: TrainingRun, state: ck.TrainState, logger: StepLogger, stop: StopRequests | None = None) -> ck.TrainState:
+    """Train until plan.total_steps, checkpointing and evaluating as configured; a stop signal (`stop`)
+    ends it after the step it arrives in, with a checkpoint of that step.
+
+    Raises:
+        Preempted: stopped by a signal, naming the checkpoint and the command that resumes it.
+    """
     cache: dict = {}
     tr.backend.module.train()
     with GroupFeed(tr.host_group, tr.plan.device) as feed:
@@ -326,10 +302,32 @@ def run(tr: TrainingRun, state: ck.TrainState, logger: StepLogger) -> ck.TrainSt
             if state.step + 1 < tr.plan.total_steps:
                 feed.prepare(group_at(tr, (state.epoch, state.batch_offset), cache)[0])
             one_step(tr, state, (hosts, position, t0), logger)
+            if stop is not None and state.step < tr.plan.total_steps:
+                stop_if_asked(tr, state, stop)
     if tr.data.eval is not None and not any(h.get("step") == state.step and "eval_loss" in h for h in state.history):
         state.history.append({"step": state.step, "eval_loss": evaluate(tr)})
         logger.eval(state.step, state.history[-1]["eval_loss"])
     return state
+
+
+def stop_if_asked(tr: TrainingRun, state: ck.TrainState, stop: StopRequests) -> None:
+    """After a step: when any process got a stop signal, all save this step's checkpoint (unless the
+    step just saved one) and stop.
+
+    Raises:
+        Preempted: naming the signal, the checkpoint and the command that resumes from it.
+    """
+    name = stop.agreed(tr.dist)
+    if name is None:
+        return
+    c, root = tr.train, Path(tr.train.output_dir) / "checkpoints"
+    path = root / f"checkpoint-{state.step}"
+    if not (c.save_steps and state.step % c.save_steps == 0):  # the same test on every process
+        path = save_checkpoint(tr, state, root, c.save_total_limit)
+    raise Preempted(
+        f"{name} after step {state.step} of {tr.plan.total_steps}: saved {path}. Resume with: "
+        f"{resume_command(tr.dist.world)}"
+    )
 
 
 def one_step(

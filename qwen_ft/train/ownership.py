@@ -30,6 +30,7 @@ SAFE_TO_CHANGE = {
     "train.save_steps",
     "train.save_total_limit",
     "train.resume",
+    "train.resume_data",
     "train.overwrite_output_dir",
     "data.cache_dir",
     "data.num_proc",
@@ -130,17 +131,23 @@ def claim_fresh(output_dir: str | Path, overwrite: bool) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
+# the data a run reads: another is allowed on resume with train.resume_data: restart
+DATA_FILES = {"data.train_files", "data.eval_files"}
+
+
 def config_diff(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
-    """`key: saved -> now` for every leaf that differs and is not safe to change on resume.
+    """`key: saved -> now` for every leaf that differs and is not safe to change on resume (nor, with
+    train.resume_data: restart, one of the data files).
 
     `defaults` (the schema's, as a config dict): a key that a checkpoint written by an older
     qwen-ft lacks counts as its default then, since it did not exist and that is what ran.
     """
     out = []
     old, new, base = _leaves(saved), _leaves(now), _leaves(defaults or {})
+    safe = SAFE_TO_CHANGE | (DATA_FILES if new.get("train.resume_data") == "restart" else set())
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, base.get(key, "(absent)")), new.get(key, "(absent)")
-        if a != b and key not in SAFE_TO_CHANGE:
+        if a != b and key not in safe:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
 

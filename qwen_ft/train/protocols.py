@@ -16,6 +16,7 @@ import torch
 
 if TYPE_CHECKING:
     from qwen_ft.train.checkpoint import TrainState
+    from qwen_ft.train.distributed import DistInfo
 
 
 class Backend(Protocol):
@@ -99,3 +100,11 @@ class StepLogger(Protocol):
     def step(self, step: int, metrics: dict[str, float], /) -> None: ...
 
     def eval(self, step: int, loss: float, /) -> None: ...
+
+
+class SavedRun(Protocol):
+    """What a checkpoint save reads of the training run (loop.TrainingRun)."""
+
+    dist: DistInfo
+    backend: Backend
+    save_fn: Saver

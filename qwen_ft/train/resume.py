@@ -42,14 +42,26 @@ def resume_path(resume: str, output_dir: str, say: Callable[[str], None] = print
     return path
 
 
-def check_same_data(state: ck.TrainState, data_key: str, ckpt: Path) -> None:
-    """Refuse to resume on different data: the saved position would point into other examples.
+def data_changes(state: ck.TrainState, data_key: str, inputs: dict) -> list[str]:
+    """What changed in the data since the checkpoint of `state` (empty: the same tokenized rows, so
+    its data position points at the same examples)."""
+    from qwen_ft.data.tokenize import input_changes
+
+    if not state.data_key or state.data_key == data_key:
+        return []
+    found = input_changes(state.data_inputs, inputs) if state.data_inputs else []
+    return found or [f"the tokenized data (cache key {state.data_key}, now {data_key})"]
+
+
+def check_same_data(changes: list[str], ckpt: Path) -> None:
+    """Refuse to continue on different data: the saved position would point into other examples.
 
     Raises:
-        QwenFtError: the tokenized data differs from the checkpoint's.
+        QwenFtError: naming what changed.
     """
-    if state.data_key and state.data_key != data_key:
+    if changes:
         raise QwenFtError(
-            f"{ckpt} was trained on different data or data settings (cache key {state.data_key}, now "
-            f"{data_key}); resume with the same data, or start fresh with train.resume=none"
+            f"{ckpt} was trained on other data; since then:\n  " + "\n  ".join(changes) + "\nResume with the "
+            "same data, or set train.resume_data: restart to start the new data from its beginning (weights, "
+            "optimizer and step kept), or start fresh with train.resume: none"
         )

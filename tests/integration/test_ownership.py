@@ -1,9 +1,8 @@
-"""Output directories have an owner, resume continues only the same run, checkpoints are verified, a
-failed save loses nothing, and non-finite weights are never saved as the last good state."""
+"""Output directories have an owner, resume continues only the same run, checkpoints are verified, and
+non-finite weights are never saved as the last good state (a failed save: test_disk_full.py, real faults)."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -107,25 +106,6 @@ def test_resume_skips_damaged_checkpoints_and_refuses_a_named_one(run_config, tm
     assert "checkpoint-1 at step 1" in proc.stdout  # the newest that verifies
 
 
-def test_a_failed_save_stops_cleanly_and_keeps_the_last_good_checkpoint(run_config, tmp_path, monkeypatch):
-    config = run_config(train={"max_steps": 3, "save_steps": 1})
-    real = ck.save_resume_state
-    calls = []
-
-    def disk_full(out, state, optimizer):
-        calls.append(out)
-        if len(calls) == 2:
-            (out / "optimizer.safetensors").write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(out, state, optimizer)
-
-    monkeypatch.setattr(ck, "save_resume_state", disk_full)
-    with pytest.raises(QwenFtError, match=r"saving .*checkpoint-2 failed: \[Errno 28\] No space left on device"):
-        train(config)
-    root = tmp_path / "out" / "checkpoints"
-    assert [p.name for p in root.iterdir()] == ["checkpoint-1"]  # no temporary directory left behind
-
-
 @pytest.mark.parametrize("spoil", ["inf_everywhere", "one_nan"])
 def test_non_finite_weights_stop_the_run_without_saving_them(run_config, tmp_path, monkeypatch, spoil):
     """An optimizer step that overflows a weight (injected: the second step writes inf into one LoRA
@@ -154,3 +134,28 @@ def test_non_finite_weights_stop_the_run_without_saving_them(run_config, tmp_pat
     with pytest.raises(QwenFtError, match=r"non-finite weights after step 2 \(learning rate .*checkpoint-1"):
         train(config)
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["checkpoint-1"]
+
+
+def test_resume_after_the_data_changed_is_refused_naming_it_unless_told_to_restart(run_config, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data.jsonl"
+    shutil.copyfile(REPO / "data/example_chatml.jsonl", data)
+    config = run_config(data={"train_files": [str(data)]}, train={"max_steps": 2, "save_steps": 1, "resume": "auto"})
+    train(config)
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[1:] + lines[:1]))  # the same rows in another order: other examples at each position
+    refused = rf"(?s)trained on other data.*data file {data} changed since then.*resume_data: restart"
+    with pytest.raises(QwenFtError, match=refused):
+        train(config, "train.max_steps=3")
+    capsys.readouterr()
+    _, state = train(config, "train.max_steps=3", "train.resume_data=restart")
+    out = capsys.readouterr().out
+    assert state.step == 3 and "the data starts over at step 1 (data file" in out, out
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(lines[:40]))
+    with pytest.raises(QwenFtError, match=r"data.train_files"):  # another file: a changed setting
+        train(config, "train.max_steps=4", f"data.train_files=[{other}]")
+    _, state = train(config, "train.max_steps=4", f"data.train_files=[{other}]", "train.resume_data=restart")
+    assert state.step == 4

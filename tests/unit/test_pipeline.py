@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -40,6 +41,34 @@ def test_cache_hit_and_key_changes(tmp_path, qwen3_tok):
     _, s4 = tokenized_dataset([str(f)], qwen3_tok, SPEC, cache)
     assert len({s1.cache_path, s3.cache_path, s4.cache_path}) == 3
     assert s4.cache == "built" and s4.conversations == 21
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered"])
+def test_a_damaged_cache_is_found_by_its_digests_and_built_again(tmp_path, qwen3_tok, capfd, damage):
+    """A real truncated (or altered: one id byte flipped) Arrow shard is never read as ids: the digests
+    recorded when the entry was written do not match, the entry is built again, with a message."""
+    from pathlib import Path
+
+    f = write_jsonl(tmp_path / "d.jsonl", sample_rows(20))
+    cache = str(tmp_path / "cache")
+    ds1, s1 = tokenized_dataset([str(f)], qwen3_tok, SPEC, cache)
+    ids = ds1["input_ids"]
+    del ds1  # the shard is memory-mapped while the dataset lives
+    shard = Path(s1.cache_path) / s1.shards[0]
+    size = shard.stat().st_size
+    if damage == "truncated":
+        os.truncate(shard, size - 100)
+    else:
+        data = bytearray(shard.read_bytes())
+        data[size // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    ds2, s2 = tokenized_dataset([str(f)], qwen3_tok, SPEC, cache)
+    err = capfd.readouterr().err
+    assert s2.cache == "built" and s2.cache_path == s1.cache_path, err
+    assert f"tokenized cache {s1.cache_path} is damaged ({s1.shards[0]}" in err and "building it again" in err
+    assert ds2["input_ids"] == ids
+    _, s3 = tokenized_dataset([str(f)], qwen3_tok, SPEC, cache)
+    assert s3.cache == "hit"
 
 
 def test_rows_equal_pure_renderer_and_counts(tmp_path, v1_tok):

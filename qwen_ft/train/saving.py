@@ -1,0 +1,50 @@
+"""Checkpoints written whole or not at all: every rank writes its part into a temporary directory, the
+main process renames it into place; a save that fails (a full disk) stops the run with the last good
+checkpoint intact."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from qwen_ft.errors import QwenFtError
+from qwen_ft.files import commit_dir, no_room, room_message, tree_bytes
+from qwen_ft.train import checkpoint as ck
+from qwen_ft.train.distributed import barrier
+from qwen_ft.train.protocols import SavedRun
+from qwen_ft.train.verify import write_manifest
+
+
+def save_checkpoint(tr: SavedRun, state: ck.TrainState, root: Path, keep: int) -> Path:
+    """Atomic checkpoint under root/checkpoint-{step}: every rank writes its part into a temporary
+    directory, then the main process renames it into place."""
+    final, tmp = root / f"checkpoint-{state.step}", root / f".tmp-checkpoint-{state.step}"
+    try:
+        if tr.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(tr.dist)
+        tr.save_fn(tmp)
+        tr.backend.save_state(tmp, state, tr.dist.is_main)
+        barrier(tr.dist)
+        if tr.dist.is_main:
+            write_manifest(tmp)  # sizes and hashes, last: a checkpoint without it never verifies
+            commit_dir(tmp, final)
+            ck.prune(root, keep)
+    except Exception as e:  # a full disk (OSError, or SafetensorError from safetensors' writer), a lost mount
+        if not isinstance(e, OSError) and no_room(e) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QwenFtError(save_failed_message(final, e, ck.list_checkpoints(root))) from None
+    barrier(tr.dist)
+    return final
+
+
+def save_failed_message(path: Path, error: Exception, saved: list[Path]) -> str:
+    """What a failed save says: the path and why (for want of room: the space needed, as much as the
+    last checkpoint took, and free), the last good checkpoint and how to go on."""
+    code = no_room(error)
+    needed = tree_bytes(saved[-1]) if saved else None
+    why = room_message(path, code, needed) if code is not None else f"saving {path} failed: {error}"
+    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved before"
+    return f"{why}; {last}. Free space (or fix the directory), then resume with train.resume: auto"

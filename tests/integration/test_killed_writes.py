@@ -1,0 +1,61 @@
+"""`kill -9` in the middle of writing a merged model: what is left at --out is nothing, or the complete
+model that was there before, never a half-written one that loads; the rerun works and removes what the
+killed process left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def merge(adapter: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "qwen_ft.cli.main", "merge", str(adapter), "--out", str(out), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def kill_while_writing(proc: subprocess.Popen, out: Path) -> Path:
+    """SIGKILL the merge as soon as its temporary output directory has a file in it; returns that directory."""
+    deadline = time.time() + 240
+    while True:
+        temps = [p for p in out.parent.glob(f".{out.name}.tmp-*") if any(p.iterdir())]
+        if temps:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return temps[0]
+        assert proc.poll() is None and time.time() < deadline, "the merge ended before it could be killed"
+        time.sleep(0.0005)
+
+
+def finished(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_merge_killed_midway_leaves_nothing_or_the_previous_model(run_config, tmp_path):
+    from qwen_ft.cli.main import main
+
+    assert main(["train", run_config(train={"max_steps": 1})]) == 0
+    adapter, out = tmp_path / "out", tmp_path / "merged"
+
+    left = kill_while_writing(merge(adapter, out), out)
+    assert not out.exists()  # nothing that could be loaded as the merged model
+    finished(merge(adapter, out))
+    assert not left.exists() and (out / "model.safetensors").is_file()  # the rerun removed the leftover
+
+    before = files(out)
+    kill_while_writing(merge(adapter, out, "--overwrite"), out)
+    assert files(out) == before  # the previous complete model, byte for byte
