@@ -1,7 +1,7 @@
 """Cross-field rules for a RunConfig. Pure: returns every problem, mutates nothing.
 
-`validate_config` checks what the config says on its own; `check_environment` checks it
-against this machine (paths exist, optional packages installed). Both return lists so the
+`validate_config` checks what the config says on its own; the checks against this machine (paths,
+optional packages, the DeepSpeed JSON) are composed in `recipe/preflight.py`. All return lists so the
 caller can report everything in one go.
 """
 
