@@ -48,8 +48,8 @@ def room_message(path: str | Path, code: int, needed: int | None = None) -> str:
 
 def size(n: float) -> str:
     """Bytes for people: 8.0 KiB, 1.5 MiB, 14.1 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:,.1f} {unit}"
         n /= 1024
     return f"{n:,.1f} GiB"

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 from qwen_ft.config.load import config_from_dict, config_to_dict, dump_config, load_config
 from qwen_ft.config.schema import RunConfig
 from qwen_ft.errors import ConfigError, QwenFtError
-from qwen_ft.files import no_room
 from qwen_ft.recipe.preflight import run_problems
 from qwen_ft.train import checkpoint as ck
 from qwen_ft.train.distributed import DistInfo, barrier, init_distributed, local_main_first, print0, wrap_ddp
@@ -308,26 +307,23 @@ def save_final(trainer: TrainingRun, state: ck.TrainState) -> None:
     import shutil
 
     from qwen_ft.files import flush_tree
-    from qwen_ft.train.saving import save_failed_message
+    from qwen_ft.train.saving import failed_saves_stop
 
     out, main = Path(trainer.train.output_dir), trainer.dist.is_main
     tmp = out / f".final.tmp-{os.getpid()}"  # only the main process writes; the others gather weights
     try:
-        if main:
-            tmp.mkdir()
-        barrier(trainer.dist)
-        trainer.save_fn(tmp)
-        if main:
-            (tmp / "train_history.json").write_text(json.dumps(state.history, indent=1))
-            flush_tree(tmp)
-            for f in sorted(tmp.iterdir()):
-                if (out / f.name).is_dir():
-                    shutil.rmtree(out / f.name)  # a directory is replaced whole (additional_chat_templates/)
-                os.replace(f, out / f.name)
-    except Exception as e:
-        if not isinstance(e, OSError) and no_room(e) is None:
-            raise
-        raise QwenFtError(save_failed_message(out, e, ck.list_checkpoints(out / "checkpoints"))) from None
+        with failed_saves_stop(out, out / "checkpoints"):
+            if main:
+                tmp.mkdir()
+            barrier(trainer.dist)
+            trainer.save_fn(tmp)
+            if main:
+                (tmp / "train_history.json").write_text(json.dumps(state.history, indent=1))
+                flush_tree(tmp)
+                for f in sorted(tmp.iterdir()):
+                    if (out / f.name).is_dir():
+                        shutil.rmtree(out / f.name)  # a directory is replaced whole (additional_chat_templates/)
+                    os.replace(f, out / f.name)
     finally:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from qwen_ft.files import no_room, room_for
 
-# a full disk while logging: training stops there, its last checkpoint intact
 FULL = "Free space, then resume with train.resume: auto"
 PLOT = "The trained model is saved in full; only the plot is missing (its data is train_history.json)"
 
@@ -33,9 +32,13 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            with room_for(self.out / "tensorboard", FULL):
+            with self._writing_tensorboard():
                 self.tb = SummaryWriter(str(self.out / "tensorboard"))
             quiet_writer_thread()
+
+    def _writing_tensorboard(self):
+        """A full disk while logging stops training there, its last checkpoint intact."""
+        return room_for(self.out / "tensorboard", FULL)
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         """Record optimizer step `step` (1-based). Every `every` steps (train.logging_steps) and at the
@@ -49,7 +52,7 @@ class RunLogger:
             return
         logged = window_mean(self.window)
         self.window = []
-        with room_for(self.out / "tensorboard", FULL):
+        with self._writing_tensorboard():
             for key, value in logged.items():
                 if key != "step":
                     self.tb.add_scalar(f"train/{key}", value, step)
@@ -61,7 +64,7 @@ class RunLogger:
     def eval(self, step: int, loss: float) -> None:
         """Record an eval loss."""
         if self.tb is not None:  # enabled
-            with room_for(self.out / "tensorboard", FULL):
+            with self._writing_tensorboard():
                 self.tb.add_scalar("eval/loss", loss, step)
             self.bar.write(f"step {step}: eval loss {loss:.4f}")
 
@@ -70,7 +73,7 @@ class RunLogger:
         if self.tb is None:  # not enabled
             return
         self.bar.close()
-        with room_for(self.out / "tensorboard", FULL):
+        with self._writing_tensorboard():
             self.tb.close()
         with room_for(self.out / "loss.png", PLOT):
             plot_losses(history, self.out / "loss.png")

@@ -5,6 +5,8 @@ checkpoint intact."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from qwen_ft.errors import QwenFtError
@@ -19,7 +21,7 @@ def save_checkpoint(tr: SavedRun, state: ck.TrainState, root: Path, keep: int) -
     """Atomic checkpoint under root/checkpoint-{step}: every rank writes its part into a temporary
     directory, then the main process renames it into place."""
     final, tmp = root / f"checkpoint-{state.step}", root / f".tmp-checkpoint-{state.step}"
-    try:
+    with failed_saves_stop(final, root, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         if tr.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -31,13 +33,23 @@ def save_checkpoint(tr: SavedRun, state: ck.TrainState, root: Path, keep: int) -
             write_manifest(tmp)  # sizes and hashes, last: a checkpoint without it never verifies
             commit_dir(tmp, final)
             ck.prune(root, keep)
-    except Exception as e:  # a full disk (OSError, or SafetensorError from safetensors' writer), a lost mount
-        if not isinstance(e, OSError) and no_room(e) is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise QwenFtError(save_failed_message(final, e, ck.list_checkpoints(root))) from None
     barrier(tr.dist)
     return final
+
+
+@contextmanager
+def failed_saves_stop(path: Path, checkpoints: Path, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """A save into `path` that fails for want of room (OSError, or SafetensorError from safetensors'
+    writer) or for another OSError (a lost mount) stops the run with one error naming the newest checkpoint
+    under `checkpoints`, after `cleanup`; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if not isinstance(e, OSError) and no_room(e) is None:
+            raise
+        if cleanup is not None:
+            cleanup()
+        raise QwenFtError(save_failed_message(path, e, ck.list_checkpoints(checkpoints))) from None
 
 
 def save_failed_message(path: Path, error: Exception, saved: list[Path]) -> str:
