@@ -36,3 +36,8 @@ class Preempted(QwenFtError):
 
     prefix = "stopped"
     exit_code = 75  # EX_TEMPFAIL: not a failure of the run, try again (a scheduler may requeue on it)
+
+
+class RankLost(QwenFtError):
+    """Another process of a multi-process run died or hangs; the message names its rank and the checkpoint
+    to resume from."""

@@ -12,7 +12,7 @@ linear layers, fp32, gradient checkpointing, one epoch. Each tool runs in its ow
 tools alternate round by round, and the figures are:
 - process_s: the whole process (imports, load, tokenization, training; qwen-ft also saves its
   adapter, the peers save nothing), timed from outside;
-- train_s: the training loop alone (qwen-ft's `loop.run`; `Trainer.train()` for the others).
+- train_s: the training loop alone (qwen-ft's `loop.train`; `Trainer.train()` for the others).
 
 The contenders, as their users run them:
 - qwen-ft: `finetune.py` with packing, micro-batch 1 x accumulation 4;
@@ -57,7 +57,7 @@ def conversations(root: Path) -> list[list[dict]]:
 
 
 def run_qwen_ft(root: Path, work: Path, max_len: int) -> float:
-    """`finetune.py` on a fresh cache (tokenization counted); returns the seconds of `loop.run`."""
+    """`finetune.py` on a fresh cache (tokenization counted); returns the seconds of `loop.train`."""
     import yaml
 
     from qwen_ft.cli.train import main
@@ -87,7 +87,7 @@ def run_qwen_ft(root: Path, work: Path, max_len: int) -> float:
         },
     }
     (work / "run.yaml").write_text(yaml.safe_dump(cfg))
-    seconds, plain = [], loop.run
+    seconds, plain = [], loop.train
 
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
@@ -96,12 +96,12 @@ def run_qwen_ft(root: Path, work: Path, max_len: int) -> float:
         finally:
             seconds.append(time.perf_counter() - t0)
 
-    loop.run = timed
+    loop.train = timed
     try:
         if main(["--config", str(work / "run.yaml")]) != 0:
             raise SystemExit("qwen-ft failed")
     finally:
-        loop.run = plain
+        loop.train = plain
     return seconds[0]
 
 

@@ -3,7 +3,7 @@
 Run: python scripts/profile_step.py CONFIG [key=value ...] [--json OUT.json] [--trace OUT.trace.json]
 
 One warm-up step, then one profiled step (forward, backward, clip, optimizer) through
-`build_trainer` and the loop's own `train_step`. Prints the top kernels (device time on a GPU,
+`build_run` and the loop's own `train_step`. Prints the top kernels (device time on a GPU,
 operator self time on a CPU), the split into GEMM / attention / elementwise / copies+casts /
 other, how busy the device was, and the number of host syncs: on a GPU, the calls that made the
 host wait for the device (CUDA's sync debug mode counts them in a third step, with the Python line
@@ -145,7 +145,7 @@ def print_report(rep: dict) -> None:
 
 
 def one_step(tr, state, cache) -> None:
-    """One optimizer step exactly as loop.run takes it (minus logging and checkpoints)."""
+    """One optimizer step exactly as loop.train takes it (minus logging and checkpoints)."""
     from qwen_ft.train import loop
 
     loop.train_step(tr, tr.host_group(loop.next_group(tr, state, cache)))
@@ -186,10 +186,10 @@ def profile(config: str, overrides: list[str], trace: str | None) -> dict:
     from torch.profiler import ProfilerActivity
 
     from qwen_ft.recipe import steps
-    from qwen_ft.recipe.run import build_trainer
+    from qwen_ft.recipe.run import build_run
 
     dist = steps.distributed()
-    tr, state = build_trainer(steps.checked_config(config, overrides), dist)
+    tr, state = build_run(steps.checked_config(config, overrides), dist)
     on_gpu = tr.plan.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     cache: dict = {}

@@ -93,3 +93,14 @@ def conv(*turns: str, system: str | None = None) -> dict:
     msgs = [{"role": "system", "content": system}] if system else []
     msgs += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     return {"messages": msgs}
+
+
+def chatml_render(messages: list[tuple[str, str]], tok, policy: str = "assistant") -> tuple[list[int], list[int]]:
+    """(ids, labels) of (role, content) pairs through the library's one renderer, as Qwen v1 ChatML
+    (a Renderer without a template), every reply learned."""
+    from qwen_ft.data.render import Renderer
+
+    learn = [True] * sum(r == "assistant" for r, _ in messages)
+    conv = {"messages": [{"role": r, "content": c} for r, c in messages], "learn": learn}
+    ids, labels, _ = Renderer(tok, None).render(conv, policy)  # type: ignore[arg-type]
+    return ids, labels

@@ -1,7 +1,7 @@
 """One benchmark case in its own process (so peak memory is this case's alone).
 
 Run by `qwen-ft bench`: python -m qwen_ft.bench.worker CASE.json; writes case["result"].
-qwen-ft cases go through the training code itself (build_trainer + loop.run); baseline cases
+qwen-ft cases go through the training code itself (build_run + loop.train); baseline cases
 through transformers' Trainer + peft.
 """
 
@@ -36,13 +36,13 @@ class ClockLogger:
 def run_qwen_ft(case: dict, dist) -> StepClock:
     """case["steps"] optimizer steps of the real training loop; nothing is saved."""
     from qwen_ft.recipe import steps
-    from qwen_ft.recipe.run import build_trainer
+    from qwen_ft.recipe.run import build_run
     from qwen_ft.train import loop
 
-    trainer, state = build_trainer(steps.checked_config(case["config"], case["overrides"]), dist)
+    trainer, state = build_run(steps.checked_config(case["config"], case["overrides"]), dist)
     clock = StepClock(dist.device)
     clock.restart()
-    loop.run(trainer, state, ClockLogger(clock))
+    loop.train(trainer, state, ClockLogger(clock))
     return clock
 
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     s = data.stats
     print(
         f"data: {', '.join(cfg.data.train_files)} (cache {s.cache}: {s.cache_path}), rendered by "
-        f"{template_source(cfg, tok)}"
+        f"{template_source(cfg.data, tok)}"
     )
     print(format_stats(s, plan_for(cfg.data, cfg.train, data), cfg.data, cfg.train.micro_batch_size))
     if args.dump:

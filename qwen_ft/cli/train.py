@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     """`qwen-ft train` entry."""
     from qwen_ft.api import load_config
     from qwen_ft.cli.args import hide_unused_stacks
-    from qwen_ft.config.validate import required_extras
+    from qwen_ft.recipe.preflight import required_extras
     from qwen_ft.recipe.run import finetune
 
     hide_unused_stacks(args, {name for name, _ in required_extras(load_config(args.config, args.overrides))})

@@ -117,7 +117,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraSettings:
     """LoRA adapter settings (method: lora or qlora)."""
 
     r: int = opt(8, "LoRA rank")
@@ -196,6 +196,11 @@ class TrainConfig:
     overwrite_output_dir: bool = opt(
         False, "a new run into an output_dir holding another run's outputs clears them first (refused otherwise)"
     )
+    collective_timeout: int = opt(
+        300,
+        "seconds a process waits in a collective (gradient all-reduce, barrier) for the others; past it, or at "
+        "once when another process dies, the run stops naming the rank that is gone",
+    )
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,7 @@ class MethodSpec:
     of a run (`RunConfig.method_spec`); not a YAML section of its own."""
 
     name: Literal["full", "lora", "qlora"]
-    lora: LoraConfig
+    lora: LoraSettings
     quant: QuantConfig
 
 
@@ -223,7 +228,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer location")
     data: DataConfig = opt(DataConfig(), "data files and preprocessing")
     method: Literal["full", "lora", "qlora"] = opt("lora", "what is trained")
-    lora: LoraConfig = opt(LoraConfig(), "adapter settings")
+    lora: LoraSettings = opt(LoraSettings(), "adapter settings")
     quant: QuantConfig = opt(QuantConfig(), "quantized base settings")
     train: TrainConfig = opt(TrainConfig(), "optimisation")
     dist: DistConfig = opt(DistConfig(), "distribution")

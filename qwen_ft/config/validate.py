@@ -39,6 +39,7 @@ def _ranges(cfg: RunConfig) -> list[str]:
         (t.eval_steps >= 0, f"train.eval_steps: {t.eval_steps} must be >= 0"),
         (t.save_steps >= 0, f"train.save_steps: {t.save_steps} must be >= 0"),
         (t.save_total_limit >= 1, f"train.save_total_limit: {t.save_total_limit} must be >= 1"),
+        (t.collective_timeout >= 1, f"train.collective_timeout: {t.collective_timeout} must be >= 1 (seconds)"),
         (lo.r >= 1, f"lora.r: {lo.r} must be >= 1"),
         (lo.alpha > 0, f"lora.alpha: {lo.alpha} must be > 0"),
         (lo.dropout is None or 0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)"),
@@ -146,43 +147,6 @@ def zero3_conflicts(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def zero3_json_conflicts(cfg: RunConfig) -> list[str]:
-    """`zero3_conflicts` of a dist.deepspeed JSON at stage 3 (the presets' are part of `validate_config`)."""
-    ds = cfg.dist.deepspeed
-    return zero3_conflicts(cfg) if ds.endswith(".json") and Path(ds).is_file() and json_stage(ds) == 3 else []
-
-
-def is_zero3(cfg: RunConfig) -> bool:
-    """dist.deepspeed is a ZeRO-3 preset or a readable JSON with stage 3."""
-    ds = cfg.dist.deepspeed
-    return ds in ("zero3", "zero3_offload") or (ds.endswith(".json") and Path(ds).is_file() and json_stage(ds) == 3)
-
-
-def json_stage(path: str) -> int:
-    """ZeRO stage of a user DeepSpeed JSON (0 when unreadable: deepspeed_config reports that later)."""
-    import json
-
-    try:
-        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
-    except (OSError, ValueError, AttributeError, TypeError):
-        return 0
-
-
 def validate_config(cfg: RunConfig) -> list[str]:
     """Every problem with the config itself (no filesystem or package checks)."""
     return _required(cfg) + _ranges(cfg) + _combinations(cfg)
-
-
-def required_extras(cfg: RunConfig) -> list[tuple[str, str]]:
-    """(extra, why) for each optional package the config turns on."""
-    need = []
-    if cfg.dist.deepspeed != "none":
-        need.append(("deepspeed", f"dist.deepspeed={cfg.dist.deepspeed}"))
-    if cfg.method == "qlora":
-        extra = "bnb" if cfg.quant.backend == "bnb" else "gptq"
-        need.append((extra, f"method=qlora with quant.backend={cfg.quant.backend}"))
-    if cfg.train.loss_kernel == "liger":
-        need.append(("liger", "train.loss_kernel=liger"))
-    if cfg.model.attn_implementation == "flash_attention_2":
-        need.append(("flash_attn", "model.attn_implementation=flash_attention_2"))
-    return need

@@ -107,7 +107,8 @@ def labels_of(ids: list[int], blocks: list[Block], learn: list[bool], policy: Po
     if len(replies) != len(learn):
         raise RowError(
             f"the chat template renders {len(replies)} assistant turn(s) for {len(learn)} assistant "
-            "message(s), so per-message learning cannot be matched; check the messages' roles"
+            "message(s), so per-message learning cannot be matched; check the messages' roles",
+            "template",
         )
     for j, b in enumerate(replies):
         if learn[j] and (policy != "last_turn" or j == len(replies) - 1):
@@ -148,48 +149,3 @@ def assemble(
     ]
     flags = learn if learn is not None else [True] * list(roles).count("assistant")
     return input_ids, labels_of(input_ids, chatml_blocks(list(roles), content_ids, framing), flags, policy)
-
-
-def render_chatml(
-    messages: list[tuple[str, str]] | list[dict], tok: _Encoder, policy: Policy = "assistant"
-) -> tuple[list[int], list[int]]:
-    """Render a conversation as ChatML (input_ids, labels).
-
-    Args:
-        messages: (role, content) pairs or {"role", "content"} dicts, system message included; content
-            is a string or a list of text parts (`as_text`).
-        tok: a tokenizer with `encode` (ordinary text) and `im_start_id`/`im_end_id`.
-        policy: label policy (see module docstring).
-
-    Returns:
-        input_ids and labels.
-    """
-    pairs = [(m["role"], m["content"]) if isinstance(m, dict) else m for m in messages]
-    roles = [r for r, _ in pairs]
-    return assemble(roles, [tok.encode(as_text(c)) for _, c in pairs], Framing.of(tok), policy)
-
-
-def fit_length(
-    roles: tuple[str, ...] | list[str], content_ids: list[list[int]], framing: Framing, max_length: int, overlong: str
-) -> tuple[int, str]:
-    """How many leading messages to keep so the rendering fits `max_length`.
-
-    `truncate` cuts at a turn boundary after an assistant reply, so no kept reply loses its
-    `<|im_end|>`; `drop` keeps nothing when the conversation is too long.
-
-    Returns:
-        (number of messages to keep, status) with status "ok", "truncated" or "dropped"
-        (0 messages when dropped: not even the first reply fits, or overlong=drop).
-    """
-    total, best = 0, 0
-    for i, (role, content) in enumerate(zip(roles, content_ids, strict=True)):
-        total += framing.message_length(role, len(content))
-        if total > max_length:
-            break
-        if role == "assistant":
-            best = i + 1
-    else:
-        return len(roles), "ok"
-    if overlong == "drop" or best == 0:
-        return 0, "dropped"
-    return best, "truncated"

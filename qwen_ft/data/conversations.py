@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from qwen_ft.data.formats import parse_row
-from qwen_ft.data.schema import Conversation, RawRow, RowError
+from qwen_ft.data.schema import KINDS, Conversation, RawRow, RowError
 from qwen_ft.data.sources import decoded, iter_rows
 from qwen_ft.errors import DataError
 
@@ -19,20 +19,35 @@ MAX_SHOWN = 20
 SHOWN_IN_STATS = 5
 
 
+def by_kind(kinds: dict[str, list]) -> list[str]:
+    """One line per kind of bad row (ReadReport.kinds): how many, and where the first is."""
+    return [f"{n:,} {KINDS.get(k, k)} (first at {first})" for k, (n, first) in sorted(kinds.items())]
+
+
 @dataclass
 class ReadReport:
-    """Counts of rows seen and rows refused while reading, and of row fields left out."""
+    """Counts of rows seen and rows refused while reading (by kind, with the first row of each), and of
+    row fields left out."""
 
     rows: int = 0
     skipped: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the first MAX_SHOWN messages, in file order
+    kinds: dict[str, list] = field(default_factory=dict)  # KINDS key -> [rows, "file:line" of the first]
     ignored_fields: dict[str, int] = field(default_factory=dict)  # top-level field -> rows that had it
 
-    def add_error(self, message: str) -> None:
-        """Count one bad row; keep the first MAX_SHOWN messages."""
-        self.skipped += 1
-        if len(self.errors) < MAX_SHOWN:
-            self.errors.append(message)
+    def add_error(self, where: str, error: RowError) -> None:
+        """Count one bad row."""
+        self.add_errors(error.kind, 1, where, [f"{where}: {error}"])
+
+    def add_errors(self, kind: str, count: int, first: str, messages: list[str]) -> None:
+        """Count `count` bad rows of one kind, the first of them at `first`; keep the first MAX_SHOWN messages."""
+        self.skipped += count
+        self.errors += messages[: MAX_SHOWN - len(self.errors)]
+        self.kinds.setdefault(kind, [0, first])[0] += count
+
+    def count_ignored(self, name: str, rows: int = 1) -> None:
+        """`rows` more rows held the top-level field `name`, which no format reads."""
+        self.ignored_fields[name] = self.ignored_fields.get(name, 0) + rows
 
     def shown(self) -> list[str]:
         """The first few messages, with how many more there were (for the data report)."""
@@ -40,10 +55,22 @@ class ReadReport:
         return self.errors[:SHOWN_IN_STATS] + ([f"... and {more} more"] if more > 0 else [])
 
     def error_text(self) -> str:
-        """The kept messages, plus how many more there were."""
+        """The counts by kind, then the kept messages and how many more there were."""
         more = self.skipped - len(self.errors)
         tail = [f"... and {more} more"] if more > 0 else []
-        return "\n".join(f"  {e}" for e in self.errors + tail)
+        return "\n".join([f"  {line}" for line in by_kind(self.kinds)] + [f"  {e}" for e in self.errors + tail])
+
+    def refuse(self, on_error: str) -> None:
+        """Under data.on_error=error, every bad row is reported at once, the first named first.
+
+        Raises:
+            DataError: when any row was bad and on_error is "error".
+        """
+        if self.skipped and on_error == "error":
+            raise DataError(
+                f"{self.skipped} bad row(s) of {self.rows}; the first: {self.errors[0]}\n{self.error_text()}\n"
+                "Fix them, or set data.on_error=skip to skip and count them."
+            )
 
 
 def conversation_of(raw: RawRow, default_system: str | None) -> Conversation:
@@ -55,7 +82,7 @@ def conversation_of(raw: RawRow, default_system: str | None) -> Conversation:
     """
     raw = decoded(raw)
     if raw.error is not None:
-        raise RowError(raw.error)
+        raise RowError(raw.error, raw.kind)
     return parse_row(raw.value, raw.where, default_system)
 
 
@@ -74,13 +101,9 @@ def read_conversations(
             try:
                 conv = conversation_of(raw, default_system)
             except RowError as e:
-                report.add_error(f"{raw.where}: {e}")
+                report.add_error(raw.where, e)
                 continue
             for name in conv.ignored:
-                report.ignored_fields[name] = report.ignored_fields.get(name, 0) + 1
+                report.count_ignored(name)
             yield conv
-    if report.skipped and on_error == "error":
-        raise DataError(
-            f"{report.skipped} bad row(s) of {report.rows}:\n{report.error_text()}\n"
-            "Fix them, or set data.on_error=skip to skip and count them."
-        )
+    report.refuse(on_error)

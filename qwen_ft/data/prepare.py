@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qwen_ft.data.conversations import by_kind
 from qwen_ft.data.packing import BatchPlan, plan_batches
 from qwen_ft.data.stats import DataStats
 from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
@@ -101,6 +102,7 @@ def format_stats(stats: DataStats, plan: BatchPlan | None, d: DataConfig, micro_
         ]
     width = max(len(k) for k, _ in lines)
     out = [f"  {k:<{width}}  {v}" for k, v in lines]
+    out += [f"  skipped: {line}" for line in by_kind(stats.skipped_kinds)]
     for kind, examples in (("skipped", stats.skipped_examples), ("dropped", stats.dropped_examples)):
         out += [f"  {kind}: {e}" for e in examples]
     if stats.dropped > len(stats.dropped_examples):

@@ -81,7 +81,8 @@ class Renderer:
                     RowError(
                         str(e)
                         if isinstance(e, ValueError)
-                        else f"the chat template ({self.source}) cannot render this row: {e}"
+                        else f"the chat template ({self.source}) cannot render this row: {e}",
+                        "template",
                     )
                 )
         texts = [s for segs in segments if not isinstance(segs, RowError) for s in segs if isinstance(s, str)]
@@ -98,7 +99,7 @@ class Renderer:
         except RowError as e:
             return e
         except ValueError as e:
-            return RowError(str(e))
+            return RowError(str(e), "template")
 
     def _caught(self, conv, policy):
         try:
@@ -123,7 +124,8 @@ class Renderer:
                 raise RowError(
                     f"messages[{i}]: tools and reasoning need a chat template, and this Qwen v1 "
                     "tokenizer has none; train on the converted checkpoint (qwen-ft convert) with a "
-                    "data.chat_template that renders them"
+                    "data.chat_template that renders them",
+                    "template",
                 )
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]

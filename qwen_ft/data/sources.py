@@ -38,6 +38,7 @@ def iter_jsonl(path: Path, parse: bool = True) -> Iterator[RawRow]:
                     where,
                     error=f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
                     "re-encode the file as UTF-8",
+                    kind="encoding",
                 )
                 continue
             if not text.strip():

@@ -16,6 +16,7 @@ STORED = (
     "rows_read",
     "skipped",
     "skipped_examples",
+    "skipped_kinds",
     "shards",
     "conversations",
     "dropped",
@@ -35,6 +36,7 @@ class DataStats:
     rows_read: int  # conversations (rows) read from the files, bad ones included
     skipped: int  # bad rows skipped (data.on_error=skip)
     skipped_examples: list[str]  # the first few skip messages
+    skipped_kinds: dict[str, list]  # kind of bad row (schema.KINDS) -> [rows, "file:line" of the first]
     shards: list[str]  # Arrow files of the cache entry, in order
     conversations: int  # valid conversations tokenized
     dropped: int  # conversations left out as longer than data.max_length (kept in the cache, marked)

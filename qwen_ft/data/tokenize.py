@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwen_ft.data.chatml import IGNORE_INDEX, Policy
-from qwen_ft.data.conversations import ReadReport
+from qwen_ft.data.conversations import MAX_SHOWN, ReadReport
 from qwen_ft.data.stats import DataStats
 from qwen_ft.data.template import ChatTemplate
 from qwen_ft.errors import DataError
@@ -36,9 +36,10 @@ if TYPE_CHECKING:
     from qwen_ft.data.render import Renderer
 
 TEMPLATE_VERSION = "template-v3"  # bump when rendering or masking changes, to invalidate caches
-CACHE_FORMAT = 3  # bump when the layout of a cache entry changes
+CACHE_FORMAT = 4  # bump when the layout of a cache entry changes
 CACHE_FILES = "cache_files.json"  # sizes and digests of an entry's files, written last
 WRITE_BATCH = 1000
+TALLY_ROWS = 65536  # rows per slice when counting the tokenized rows
 
 
 @dataclass(frozen=True)
@@ -150,68 +151,67 @@ def _renderer_versions() -> str:
     return f"transformers {version('transformers')}, jinja2 {version('jinja2')}"
 
 
-def _write_rows(files, out: Path) -> ReadReport:
-    """Stage 1: the rows' JSON text -> Arrow stream file, in batches (undecodable rows are counted).
+def _write_rows(files, out: Path) -> int:
+    """Stage 1: the rows' JSON text -> Arrow stream file, in batches; returns the number of rows. A row
+    that is not text keeps its place with its error, so stage 2 reports every bad row in file order.
     Parsing, checking and rendering each row happen in stage 2's parallel workers."""
     import pyarrow as pa
     from tqdm.auto import tqdm
 
     from qwen_ft.data.sources import iter_rows
 
-    schema = pa.schema([("row", pa.string()), ("source", pa.string())])
-    report = ReadReport()
-    cols: dict[str, list] = {"row": [], "source": []}
+    schema = pa.schema([(name, pa.string()) for name in ("row", "source", "read_error", "read_kind")])
+    n = 0
+    cols: dict[str, list] = {name: [] for name in schema.names}
     rows = (raw for path in files for raw in iter_rows(path, parse=False))
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for raw in tqdm(rows, desc="reading", unit=" row", disable=None, mininterval=1.0):
-            report.rows += 1
-            if raw.error is not None:
-                report.add_error(f"{raw.where}: {raw.error}")
-                continue
-            cols["row"].append(raw.text if raw.text is not None else json.dumps(raw.value))  # ASCII: no surrogates
-            cols["source"].append(raw.where)
-            if len(cols["source"]) >= WRITE_BATCH:
+            n += 1
+            text = raw.text if raw.text is not None or raw.error else json.dumps(raw.value)  # ASCII: no surrogates
+            values = (text, raw.where, raw.error, raw.kind if raw.error else None)
+            for name, value in zip(schema.names, values, strict=True):
+                cols[name].append(value)
+            if n % WRITE_BATCH == 0:
                 writer.write_table(pa.table(cols, schema=schema))
                 cols = {k: [] for k in cols}
         writer.write_table(pa.table(cols, schema=schema))
-    return report
+    return n
+
+
+COLUMNS = ("input_ids", "labels", "n_supervised", "status", "error", "kind", "ignored")
 
 
 def tokenize_batch(batch: dict, renderer: RendererOnce, spec: TokenizeSpec) -> dict:
     """Stage 2 (a `datasets.map` function): render and length-check a batch of conversations."""
+    from qwen_ft.data.schema import RowError
+
+    rows = zip(batch["row"], batch["source"], batch["read_error"], batch["read_kind"], strict=True)
+    parsed = [
+        RowError(error, kind) if error else _parse(text, where, spec.default_system)
+        for text, where, error, kind in rows
+    ]
+    convs = [p[0] for p in parsed if not isinstance(p, RowError)]
+    rendered = iter(renderer.get().render_many(convs, spec.label_policy))
+    out: dict[str, list] = {name: [] for name in COLUMNS}
+    for p in parsed:
+        row = _row_of(p if isinstance(p, RowError) else next(rendered), p, renderer, spec)
+        for name, value in zip(COLUMNS, row, strict=True):
+            out[name].append(value)
+    return out
+
+
+def _row_of(rendered, parsed, renderer: RendererOnce, spec: TokenizeSpec) -> tuple:
+    """One output row (the COLUMNS) of a parsed row and its rendering, or of the RowError of either."""
     from qwen_ft.data.render import fit_to_length
     from qwen_ft.data.schema import RowError
 
-    rows = zip(batch["row"], batch["source"], strict=True)
-    parsed = [_parse(text, where, spec.default_system) for text, where in rows]
-    convs = [p[0] for p in parsed if not isinstance(p, RowError)]
-    rendered_iter = iter(renderer.get().render_many(convs, spec.label_policy))
-    out: dict[str, list] = {
-        "input_ids": [],
-        "labels": [],
-        "n_supervised": [],
-        "status": [],
-        "error": [],
-        "ignored": [],
-    }
-    for p in parsed:
-        error, ignored = "", [] if isinstance(p, RowError) else p[1]
-        rendered = p if isinstance(p, RowError) else next(rendered_iter)
-        ids: list[int]
-        labels: list[int]
-        if isinstance(rendered, RowError):
-            ids, labels, status, error = [], [], "error", str(rendered)
-        else:
-            ids, labels, status = fit_to_length(
-                renderer.get(), p[0], rendered, spec.label_policy, spec.max_length, spec.overlong
-            )
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["n_supervised"].append(len(labels) - labels.count(IGNORE_INDEX))
-        out["status"].append(status)
-        out["error"].append(error)
-        out["ignored"].append(ignored)
-    return out
+    if isinstance(rendered, RowError):
+        return [], [], 0, "error", str(rendered), rendered.kind, []
+    conv, ignored = parsed
+    ids, labels, status = fit_to_length(
+        renderer.get(), conv, rendered, spec.label_policy, spec.max_length, spec.overlong
+    )
+    return ids, labels, len(labels) - labels.count(IGNORE_INDEX), status, "", "", ignored
 
 
 def _parse(text: str, source: str, default_system: str):
@@ -238,6 +238,7 @@ def _features():
             "n_supervised": Value("int32"),
             "status": Value("string"),
             "error": Value("string"),
+            "kind": Value("string"),
             "ignored": List(Value("string")),
             "source": Value("string"),
         }
@@ -248,57 +249,44 @@ def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: 
     """Run both stages into `work`; returns the stats."""
     from datasets import Dataset
 
-    report = _write_rows(files, work / "rows.arrow")
+    report = ReadReport(rows=_write_rows(files, work / "rows.arrow"))
     rows = Dataset.from_file(str(work / "rows.arrow"))
     if len(rows) == 0:
-        _refuse_bad_rows(report, spec)
         raise DataError(no_conversations_message(files, report))
     mapped = rows.map(
         functools.partial(tokenize_batch, renderer=RendererOnce(tok, spec), spec=spec),
         batched=True,
         batch_size=256,
         num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
-        remove_columns=["row"],
+        remove_columns=["row", "read_error", "read_kind"],
         features=_features(),
         cache_file_name=str(work / "data.arrow"),
         new_fingerprint="tok-" + work.name,
         desc="tokenizing",
     )
     shards = [Path(f["filename"]).name for f in mapped.cache_files]  # one per process with num_proc > 1
-    for where, message in _render_errors(mapped.data):
-        report.add_error(f"{where}: {message}")
-    _refuse_bad_rows(report, spec)
+    counts = _tally(mapped.data, report)
+    report.refuse(spec.on_error)
     if report.skipped == report.rows:
         raise DataError(no_conversations_message(files, report))
+    _count_ignored(mapped.data, report)
     return DataStats(
         rows_read=report.rows,
         skipped=report.skipped,
         skipped_examples=report.shown(),
+        skipped_kinds=report.kinds,
         shards=shards,
-        ignored_fields=_ignored_fields(mapped.data),
-        **_counts(mapped.data),
+        ignored_fields=report.ignored_fields,
+        **counts,
     )
 
 
-def _refuse_bad_rows(report: ReadReport, spec: TokenizeSpec) -> None:
-    """With data.on_error=error every bad row is listed at once.
-
-    Raises:
-        DataError: when any row was bad.
-    """
-    if report.skipped and spec.on_error == "error":
-        raise DataError(
-            f"{report.skipped} bad row(s) of {report.rows}:\n{report.error_text()}\n"
-            "Fix them, or set data.on_error=skip to skip and count them."
-        )
-
-
-def _ignored_fields(mapped) -> dict[str, int]:
+def _count_ignored(mapped, report: ReadReport) -> None:
     """Row fields no format reads (ids, metadata) -> rows that had them, counted in Arrow."""
     import pyarrow.compute as pc
 
-    counts = pc.value_counts(pc.list_flatten(mapped.column("ignored")))
-    return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
+    for c in pc.value_counts(pc.list_flatten(mapped.column("ignored"))).to_pylist():
+        report.count_ignored(str(c["values"]), int(c["counts"]))
 
 
 def no_conversations_message(files: Sequence[str], report: ReadReport) -> str:
@@ -311,38 +299,40 @@ def no_conversations_message(files: Sequence[str], report: ReadReport) -> str:
     )
 
 
-def _render_errors(mapped) -> list[tuple[str, str]]:
-    """(source, message) of every row the chat template could not render."""
-    import pyarrow.compute as pc
-
-    bad = pc.equal(mapped.column("status"), "error")
-    return list(
-        zip(
-            mapped.column("source").filter(bad).to_pylist(),
-            mapped.column("error").filter(bad).to_pylist(),
-            strict=True,
-        )
-    )
-
-
-def _counts(mapped) -> dict[str, Any]:
-    """Row, status and token counts (DataStats fields) computed in Arrow (no per-row Python objects)."""
+def _tally(mapped, report: ReadReport) -> dict[str, Any]:
+    """Row, status and token counts (DataStats fields), and the rows marked `status: error` added to `report`
+    by kind: one pass over the memory-mapped columns in slices, so memory stays flat however long the file."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    status = mapped.column("status")
-    dropped = pc.equal(status, "dropped")
-    kept = mapped.filter(pc.is_in(status, pa.array(["ok", "truncated"])))
-    total = lambda arr: int(pc.sum(arr).as_py() or 0)  # noqa: E731 - sum of an empty column is null
-    return {
-        "conversations": len(status) - total(pc.cast(pc.equal(status, "error"), "int64")),
-        "dropped": total(pc.cast(dropped, "int64")),
-        "dropped_examples": mapped.column("source").filter(dropped).slice(0, 5).to_pylist(),
-        "truncated": total(pc.cast(pc.equal(status, "truncated"), "int64")),
-        "examples": kept.num_rows,
-        "tokens": total(pc.list_value_length(kept.column("input_ids"))),
-        "supervised_tokens": total(kept.column("n_supervised")),
-    }
+    out: dict[str, Any] = dict.fromkeys(("conversations", "dropped", "truncated", "examples", "tokens"), 0)
+    out |= {"supervised_tokens": 0, "dropped_examples": []}
+    total = lambda arr: int(pc.sum(pc.cast(arr, "int64")).as_py() or 0)  # noqa: E731 - an empty sum is null
+    for batch in mapped.table.to_batches(max_chunksize=TALLY_ROWS):
+        status = batch.column("status")
+        kept, dropped = pc.is_in(status, pa.array(["ok", "truncated"])), pc.equal(status, "dropped")
+        out["conversations"] += len(status) - total(pc.equal(status, "error"))
+        out["dropped"] += total(dropped)
+        out["dropped_examples"] += (
+            batch.column("source").filter(dropped).to_pylist()[: 5 - len(out["dropped_examples"])]
+        )
+        out["truncated"] += total(pc.equal(status, "truncated"))
+        out["examples"] += total(kept)
+        out["tokens"] += total(pc.list_value_length(batch.column("input_ids")).filter(kept))
+        out["supervised_tokens"] += total(batch.column("n_supervised").filter(kept))
+        _add_bad_rows(batch.filter(pc.equal(status, "error")), report)
+    return out
+
+
+def _add_bad_rows(bad, report: ReadReport) -> None:
+    """Count a slice's rows marked `status: error` by kind; keep the first messages in file order."""
+    import pyarrow.compute as pc
+
+    shown = bad.slice(0, max(0, MAX_SHOWN - len(report.errors))).to_pylist()
+    report.errors += [f"{r['source']}: {r['error']}" for r in shown]
+    for kind in pc.unique(bad.column("kind")).to_pylist():
+        of_kind = bad.filter(pc.equal(bad.column("kind"), kind))
+        report.add_errors(kind, of_kind.num_rows, of_kind.column("source")[0].as_py(), [])
 
 
 def tokenized_dataset(

@@ -63,13 +63,13 @@ def resolve_base(adapter_dir: Path, manifest: dict, base: str | None) -> Path:
 
 
 def probe_ids(tok) -> torch.Tensor:
-    """A short ChatML prompt in the model's vocabulary."""
+    """A short ChatML prompt in the model's vocabulary, rendered as training renders Qwen v1 ChatML."""
     from qwen_ft.config.schema import DEFAULT_SYSTEM
-    from qwen_ft.data.chatml import Framing, assemble
+    from qwen_ft.data.render import Renderer
 
-    framing = Framing.of(tok)
     msgs = [("system", DEFAULT_SYSTEM), ("user", "Hello! 1 + 1 = ? 你好"), ("assistant", "2")]
-    ids, _ = assemble([r for r, _ in msgs], [tok.encode(c) for _, c in msgs], framing)
+    conv = {"messages": [{"role": r, "content": c} for r, c in msgs], "learn": [True]}
+    ids, _, _ = Renderer(tok, None).render(conv)
     return torch.tensor([ids])
 
 

@@ -9,13 +9,13 @@ import torch
 from qwen_ft.model.families import Family, under
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import LoraConfig, MethodSpec
+    from qwen_ft.config.schema import LoraSettings, MethodSpec
 
 
 DEFAULT_DROPOUT = 0.05
 
 
-def lora_config(lo: LoraConfig, family: Family):
+def lora_config(lo: LoraSettings, family: Family):
     """peft LoraConfig from the run config and the family registry: module targets, and on a mixture of
     experts the fused experts as parameter targets (model/experts.py)."""
     from peft import LoraConfig
@@ -38,7 +38,7 @@ def lora_config(lo: LoraConfig, family: Family):
     )
 
 
-def lora_dropout(lora: LoraConfig, family: Family) -> float:
+def lora_dropout(lora: LoraSettings, family: Family) -> float:
     """lora.dropout, or its default: 0.05, and 0 where parameters are adapted (peft's ParamWrapper
     takes no dropout; an explicit value > 0 there is refused by model/checks.py)."""
     from qwen_ft.model.experts import split_targets
@@ -75,9 +75,9 @@ def apply_method(model, method: MethodSpec, family: Family, seed: int):
         model = get_peft_model(model, lora_config(method.lora, family))
     trainable_in_fp32(model)
     if family.moe:
-        from qwen_ft.model.experts import install
+        from qwen_ft.model.experts import install_lora_experts
 
-        install(model)  # adapted experts run through the grouped matmuls, not per-expert weights
+        install_lora_experts(model)  # adapted experts run through the grouped matmuls, not per-expert weights
     return model
 
 

@@ -100,11 +100,11 @@ def keep_packed_apart(model, family: Family, mixed: bool) -> None:
     """
     if family.packing != "gdn" or not mixed:
         return
-    from qwen_ft.model.linear_attention import install
+    from qwen_ft.model.linear_attention import install_packed_gdn
 
     kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
     expected = sum(kind == "linear_attention" for kind in kinds)
-    found = install(model)
+    found = install_packed_gdn(model)
     if found != expected:
         raise QwenFtError(
             f"data.packing: true (or a flattening attention kernel), but only {found} of the {expected} "
@@ -134,7 +134,7 @@ def load_trained_weights(model, ckpt: Path, method: str) -> None:
         return
     state = {}
     for f in sorted(ckpt.glob("*.safetensors")):
-        if f.name not in ("optimizer.safetensors", "rng.safetensors"):
+        if f.name != "optimizer.safetensors" and not f.name.startswith("rng"):  # rng.safetensors, rng-rankN
             state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tensors the class itself skips on load (Qwen3.5's mtp.*, copied into outputs from the base)

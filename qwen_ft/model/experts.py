@@ -72,10 +72,10 @@ def implementation(model: torch.nn.Module) -> str:
     name = str(experts[0].config._experts_implementation)
     if name != "grouped_mm":
         return name
-    from qwen_ft.model.experts_4bit import compute_dtype, describe
+    from qwen_ft.model.experts_4bit import describe, weight_compute_dtype
 
     w = experts[0].gate_up_proj
-    kernel = _grouped_kernel_runs(w.device, compute_dtype(w))
+    kernel = _grouped_kernel_runs(w.device, weight_compute_dtype(w))
     name = "grouped_mm (torch kernel)" if kernel else "grouped_mm (transformers' grouped fallback)"
     return name + (f", {describe(w)}" if describe(w) else "")
 
@@ -104,7 +104,7 @@ def _grouped_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
     return bool(_can_use_grouped_mm(x, w, torch.tensor([2], device=device, dtype=torch.int32)))
 
 
-def install(model: torch.nn.Module) -> int:
+def install_lora_experts(model: torch.nn.Module) -> int:
     """Run every LoRA-wrapped experts module of `model` through `lora_experts_forward` (idempotent);
     returns how many are."""
     from peft.tuners.lora.layer import ParamWrapper
@@ -211,13 +211,13 @@ def _projection(x: torch.Tensor, weight: torch.Tensor, lora, offsets: torch.Tens
     """x·Wₑᵀ per expert group, plus scaling·(x·Aₑᵀ)·Bₑᵀ when the parameter is adapted."""
     from transformers.integrations.moe import _grouped_mm
 
-    from qwen_ft.model.experts_4bit import compute_dtype, grouped_linear
+    from qwen_ft.model.experts_4bit import grouped_linear, weight_compute_dtype
 
     out = grouped_linear(x, weight, offsets)
     if lora is None:
         return out
     a_t, b_t, scaling = lora
-    dtype = compute_dtype(weight)
+    dtype = weight_compute_dtype(weight)
     grouped = _grouped_mm if _aligned(a_t.shape[-1], weight.device, dtype) else _grouped_fallback
     low = grouped(x, a_t.to(dtype), offs=offsets)
     return out + grouped(low, b_t.to(dtype), offs=offsets) * scaling

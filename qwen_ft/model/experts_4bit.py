@@ -46,7 +46,7 @@ def describe(weight: Any) -> str:
     return "4-bit experts dequantized per layer" if is_4bit(weight) else ""
 
 
-def compute_dtype(weight: Any) -> torch.dtype:
+def weight_compute_dtype(weight: Any) -> torch.dtype:
     """The dtype a (possibly quantized) expert weight is used in."""
     if is_4bit(weight):
         return weight.quant_state.dtype

@@ -49,7 +49,7 @@ def is_gdn(module: torch.nn.Module) -> bool:
     return type(module).__name__.endswith("GatedDeltaNet")
 
 
-def install(model: torch.nn.Module) -> int:
+def install_packed_gdn(model: torch.nn.Module) -> int:
     """Make every GDN layer of `model` honour collate's segment indices (idempotent); returns how many
     GDN layers do, those wrapped before included."""
     count = 0

@@ -104,7 +104,7 @@ def quantize_experts(model, quant: QuantConfig, path: str, precision: Precision)
         experts_4bit.quantize(model, found, quant, dtype)
     else:
         gptq_experts.attach(model, found, path, gptq_settings(path) or {}, dtype)
-    experts.install(model)  # quantized experts run only through qwen-ft's grouped forward
+    experts.install_lora_experts(model)  # quantized experts run only through qwen-ft's grouped forward
     return model
 
 

@@ -19,25 +19,40 @@ def run_problems(cfg: RunConfig) -> list[str]:
 
 def method_problems(cfg: RunConfig) -> list[str]:
     """The method and its settings against the checkpoint at model.path (model/checks.py)."""
-    from qwen_ft.config.validate import is_zero3
     from qwen_ft.model.checks import checkpoint_problems
+    from qwen_ft.train.ds_config import is_zero3
 
-    return checkpoint_problems(cfg.model, cfg.method_spec, cfg.dist.deepspeed if is_zero3(cfg) else None)
+    return checkpoint_problems(cfg.model, cfg.method_spec, cfg.dist.deepspeed if is_zero3(cfg.dist) else None)
 
 
 def check_environment(cfg: RunConfig, need_model: bool = True) -> list[str]:
     """Every such problem of `cfg` at once (`need_model=False`: commands that load no model)."""
-    from qwen_ft.config.validate import required_extras, zero3_json_conflicts
+    from qwen_ft.config.validate import zero3_conflicts
     from qwen_ft.data.sources import file_problems as data_problems
     from qwen_ft.model.checks import location_problems
     from qwen_ft.train import ds_config
     from qwen_ft.train.ownership import output_dir_problems
 
     problems = location_problems(cfg.model, cfg.tokenizer_path, need_model) + data_problems(cfg.data)
-    problems += output_dir_problems(cfg.train.output_dir) + ds_config.file_problems(cfg.dist)
-    problems += zero3_json_conflicts(cfg)
+    problems += output_dir_problems(cfg.train.output_dir) + ds_config.json_file_problems(cfg.dist)
+    problems += zero3_conflicts(cfg) if ds_config.is_zero3_json(cfg.dist) else []  # the presets': validate_config
     problems += [deps.missing_message(name, why) for name, why in required_extras(cfg) if not deps.is_available(name)]
     return problems + _loss_kernel_problems(cfg.train.loss_kernel)
+
+
+def required_extras(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(extra, why) for each optional package the config turns on."""
+    need = []
+    if cfg.dist.deepspeed != "none":
+        need.append(("deepspeed", f"dist.deepspeed={cfg.dist.deepspeed}"))
+    if cfg.method == "qlora":
+        extra = "bnb" if cfg.quant.backend == "bnb" else "gptq"
+        need.append((extra, f"method=qlora with quant.backend={cfg.quant.backend}"))
+    if cfg.train.loss_kernel == "liger":
+        need.append(("liger", "train.loss_kernel=liger"))
+    if cfg.model.attn_implementation == "flash_attention_2":
+        need.append(("flash_attn", "model.attn_implementation=flash_attention_2"))
+    return need
 
 
 def _loss_kernel_problems(kernel: str) -> list[str]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwen_ft.config.schema import RunConfig
+from qwen_ft.config.schema import RunConfig, TrainConfig
 from qwen_ft.recipe import steps
 from qwen_ft.train.distributed import DistInfo
 
@@ -30,8 +30,8 @@ class RunResult:
     model_path: Path  # the final weights (an adapter directory for LoRA/Q-LoRA): output_dir itself
 
 
-def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
-    """Everything a run needs, built in order: returns (trainer, TrainState: fresh or resumed)."""
+def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
+    """Everything a run needs, built in order: returns (the TrainingRun, its TrainState: fresh or resumed)."""
     from qwen_ft.train import loop
 
     cfg = steps.native_checkpoint(cfg, dist)
@@ -43,7 +43,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainSta
     plan = steps.run_plan(cfg, dist, first_epoch, precision, attn, family)
     backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)
     state = steps.resume_state(cfg, backend, data, dist, ckpt)
-    trainer = loop.TrainingRun(
+    tr = loop.TrainingRun(
         cfg.train,
         cfg.data,
         plan,
@@ -53,41 +53,47 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainSta
         data,
         tok.endoftext_id,
         steps.saver(cfg, unwrapped, tok, family, backend, dist),
-        steps.loss_function(cfg, unwrapped, ds_config),
-        steps.router_loss(cfg, unwrapped, family, dist),
+        steps.loss_function(cfg.train, unwrapped, ds_config),
+        steps.router_loss(cfg.train, unwrapped, family, dist),
     )
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout:
     # whatever runs a step next (the loop, scripts/profile_step.py) must run the training step.
     backend.module.train()
-    return trainer, state
+    return tr, state
 
 
 def run_training(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
-    """Build everything for `cfg` and train; returns (trainer, final TrainState)."""
+    """Build everything for `cfg` and train; returns (the TrainingRun, its final TrainState)."""
     from qwen_ft.errors import Preempted
     from qwen_ft.train import loop
     from qwen_ft.train.distributed import print0
     from qwen_ft.train.logging import RunLogger
+    from qwen_ft.train.peers import lost_rank_error
     from qwen_ft.train.preempt import StopRequests
 
-    lock = steps.lock_output_dir(cfg, dist)
+    lock = steps.lock_output_dir(cfg.train, dist)
     try:
-        trainer, state = build_trainer(cfg, dist)
-        c = trainer.train
-        logger = RunLogger(c.output_dir, trainer.plan.total_steps, state.step, dist.is_main, c.logging_steps)
+        tr, state = build_run(cfg, dist)
+        c = tr.train
+        logger = RunLogger(c.output_dir, tr.plan.total_steps, state.step, dist.is_main, c.logging_steps)
         try:
             with StopRequests() as stop:  # SIGTERM, SIGUSR1, SIGINT: stop after the step with a checkpoint
-                state = loop.run(trainer, state, logger, stop)
+                state = loop.train(tr, state, logger, stop)
         except Preempted:
             logger.close(state.history)  # TensorBoard and the plot hold every step up to the stop
             raise
-        steps.save_final(trainer, state)
+        steps.save_final(tr, state)
         logger.close(state.history)
+    except RuntimeError as e:  # a collective failed: say which rank is gone
+        lost = lost_rank_error(e, dist, cfg.train.output_dir, cfg.train.collective_timeout)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if lock is not None:
             lock.release()
     print0(dist, steps.summary(cfg.train.output_dir, state))
-    return trainer, state
+    return tr, state
 
 
 def finetune(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...] = ()) -> RunResult:
@@ -100,17 +106,17 @@ def finetune(config: str | Path | RunConfig, overrides: list[str] | tuple[str, .
     from qwen_ft.train.distributed import shutdown
 
     cfg = steps.checked_config(config, list(overrides))
-    dist = steps.distributed()
+    dist = steps.distributed(cfg.train)
     try:
         _, state = run_training(cfg, dist)
     finally:
         shutdown(dist)
-    return result_of(cfg, state)
+    return result_of(cfg.train, state)
 
 
-def result_of(cfg: RunConfig, state: TrainState) -> RunResult:
+def result_of(train: TrainConfig, state: TrainState) -> RunResult:
     """The RunResult of a finished TrainState."""
     losses = [h["loss"] for h in state.history if "loss" in h]
     evals = [h["eval_loss"] for h in state.history if "eval_loss" in h]
-    out = Path(cfg.train.output_dir)
+    out = Path(train.output_dir)
     return RunResult(out, state.step, losses[0], losses[-1], evals[-1] if evals else None, out)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen_ft.config.load import config_from_dict, config_to_dict, dump_config, load_config
-from qwen_ft.config.schema import RunConfig
+from qwen_ft.config.schema import DataConfig, RunConfig, TrainConfig
 from qwen_ft.errors import ConfigError, QwenFtError
 from qwen_ft.recipe.preflight import run_problems
 from qwen_ft.train import checkpoint as ck
@@ -41,9 +41,9 @@ def checked_config(config: str | Path | RunConfig, overrides: list[str]) -> RunC
     return cfg
 
 
-def distributed() -> DistInfo:
-    """Join the torchrun job (or run alone)."""
-    return init_distributed()
+def distributed(train: TrainConfig | None = None) -> DistInfo:
+    """Join the torchrun job (or run alone), its collectives bounded by train.collective_timeout."""
+    return init_distributed(train.collective_timeout if train else 300)
 
 
 def native_checkpoint(cfg: RunConfig, dist: DistInfo) -> RunConfig:
@@ -93,17 +93,17 @@ def tokenizer_and_data(
     check_vocabulary(family, tok, cfg.tokenizer_path, cfg.model.path)
     with local_main_first(dist):
         data = prepare_data(cfg.data, tok, cfg.train.seed)
-    print0(dist, f"data ({data.stats.cache}: {data.stats.cache_path}), rendered by {template_source(cfg, tok)}")
+    print0(dist, f"data ({data.stats.cache}: {data.stats.cache_path}), rendered by {template_source(cfg.data, tok)}")
     first = plan_for(cfg.data, cfg.train, data)
     print0(dist, format_stats(data.stats, first, cfg.data, cfg.train.micro_batch_size))
     return tok, data, first
 
 
-def template_source(cfg: RunConfig, tok: ChatTokenizer) -> str:
+def template_source(data: DataConfig, tok: ChatTokenizer) -> str:
     """Where the chat template that renders the data comes from (said once per run)."""
     from qwen_ft.data.render import Renderer
 
-    return Renderer.of(tok, cfg.data.chat_template).source
+    return Renderer.of(tok, data.chat_template).source
 
 
 def deepspeed(cfg: RunConfig, precision: Precision, dist: DistInfo) -> tuple[dict[str, Any] | None, object]:
@@ -163,14 +163,14 @@ def experts_line(cfg: RunConfig, family: Family, unwrapped: torch.nn.Module) -> 
     return text + f"; LoRA on {', '.join(t for t in adapted if 'experts.' in t)}{router}"
 
 
-def router_loss(cfg: RunConfig, unwrapped: torch.nn.Module, family: Family, dist: DistInfo):
+def router_loss(train: TrainConfig, unwrapped: torch.nn.Module, family: Family, dist: DistInfo):
     """The router's load-balancing loss of a mixture of experts (None: dense, or switched off)."""
     if not family.moe:
         return None
     from qwen_ft.train.router import RouterLoss, router_coef
 
-    coef = router_coef(cfg.train.router_aux_loss_coef, unwrapped)
-    source = "train.router_aux_loss_coef" if cfg.train.router_aux_loss_coef is not None else "the checkpoint's"
+    coef = router_coef(train.router_aux_loss_coef, unwrapped)
+    source = "train.router_aux_loss_coef" if train.router_aux_loss_coef is not None else "the checkpoint's"
     if coef == 0:
         print0(dist, f"router loss: off ({source} router_aux_loss_coef is 0)")
         return None
@@ -189,9 +189,8 @@ def backend(
 
     if ds_config is None:
         optimizer = build_optimizer(unwrapped, cfg.train)
-        return TorchBackend(
-            wrap_ddp(unwrapped, dist), unwrapped, optimizer, precision, dist.device, cfg.train.max_grad_norm
-        )
+        model = wrap_ddp(unwrapped, dist)
+        return TorchBackend(model, unwrapped, optimizer, precision, dist.device, cfg.train.max_grad_norm, dist.rank)
     from qwen_ft.train.deepspeed import initialize
 
     return DeepSpeedBackend(initialize(cfg.train, unwrapped, ds_config), unwrapped, dist.rank)
@@ -219,21 +218,21 @@ def run_plan(
     return plan
 
 
-def loss_function(cfg: RunConfig, unwrapped: torch.nn.Module, ds_config: dict[str, Any] | None) -> LossFn:
+def loss_function(train: TrainConfig, unwrapped: torch.nn.Module, ds_config: dict[str, Any] | None) -> LossFn:
     """Chunked output layer + cross-entropy unless disabled or under ZeRO-3 (partitioned head weights)."""
     from qwen_ft.train.ds_config import zero_stage
     from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss
 
-    if cfg.train.loss_chunk_tokens == 0 or zero_stage(ds_config or {}) == 3:
+    if train.loss_chunk_tokens == 0 or zero_stage(ds_config or {}) == 3:
         return causal_lm_loss
-    return ChunkedLoss(unwrapped, cfg.train.loss_chunk_tokens, kernel=cfg.train.loss_kernel)
+    return ChunkedLoss(unwrapped, train.loss_chunk_tokens, kernel=train.loss_kernel)
 
 
-def lock_output_dir(cfg: RunConfig, dist: DistInfo) -> OutputLock | None:
+def lock_output_dir(train: TrainConfig, dist: DistInfo) -> OutputLock | None:
     """The main process locks train.output_dir for the run (a second run into it is refused)."""
     from qwen_ft.train.ownership import OutputLock
 
-    return OutputLock(cfg.train.output_dir).acquire() if dist.is_main else None
+    return OutputLock(train.output_dir).acquire() if dist.is_main else None
 
 
 def resume_checkpoint(cfg: RunConfig, dist: DistInfo) -> Path | None:
@@ -284,7 +283,9 @@ def saver(
     from qwen_ft.model.families import checkpoint_model_type
     from qwen_ft.model.layout import BaseLayout
 
-    manifest = ck.build_manifest(cfg, family.name, checkpoint_model_type(cfg.model.path))
+    manifest = ck.build_manifest(
+        cfg.model, cfg.method_spec, cfg.tokenizer_path, family.name, checkpoint_model_type(cfg.model.path)
+    )
     text = dump_config(cfg)
     override = find_template(tok.directory, cfg.data.chat_template) if cfg.data.chat_template else None
     layout = BaseLayout.of(cfg.model.path, family)

@@ -83,7 +83,7 @@ def quantized_linear_bytes(quant: QuantConfig, shape: Shape, gptq_group: int) ->
 LOGIT_BYTES = {"fused": 11, "plain": 13}
 
 
-def estimate(
+def estimate_peak(
     cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, offload: bool, gptq_group: int = 128
 ) -> Estimate:
     """Predicted peak bytes per GPU for `cfg` on `world` GPUs under ZeRO `stage` (0: none)."""
@@ -111,7 +111,9 @@ def estimate(
     states = gdn_chunk_states(cfg.data.max_length, cfg.train.micro_batch_size, shape)
     if shape.gdn and recomputed < shape.layers:
         e.parts["GDN states"] = states * shape.gdn.layers * (1 - recomputed / shape.layers)
-    e.moments["loss step"] = _loss_step_bytes(cfg, shape, dtype, stage, tokens, t)
+    e.moments["loss step"] = _loss_step_bytes(
+        cfg.train.loss_chunk_tokens, cfg.method_spec, shape, dtype, stage, tokens, t
+    )
     if recomputed:  # one layer's activations while backward replays it
         e.moments["layer replay"] = tokens * per_layer + states
     return e
@@ -136,17 +138,20 @@ def gdn_chunk_states(max_length: int, rows: int, shape: Shape) -> float:
     return float(rows * chunks * shape.gdn.state_bytes())
 
 
-def _loss_step_bytes(cfg: RunConfig, shape: Shape, dtype: str, stage: int, tokens: int, trained: int) -> float:
-    """One chunk of logits, plus autocast's cache of 16-bit copies of the fp32 weights it used."""
-    chunked = cfg.train.loss_chunk_tokens and stage != 3
-    rows = min(cfg.train.loss_chunk_tokens, tokens) if chunked else tokens
+def _loss_step_bytes(
+    chunk_tokens: int, method: MethodSpec, shape: Shape, dtype: str, stage: int, tokens: int, trained: int
+) -> float:
+    """One chunk of logits (train.loss_chunk_tokens), plus autocast's cache of 16-bit copies of the fp32
+    weights it used."""
+    chunked = chunk_tokens and stage != 3
+    rows = min(chunk_tokens, tokens) if chunked else tokens
     logits = rows * shape.vocab * LOGIT_BYTES["fused" if chunked else "plain"]
     if chunked:  # the fused loss keeps d/d hidden of every learned position (and d/d head, fp32, when trained)
-        head_trained = cfg.method == "full" or cfg.lora.train_embeddings
+        head_trained = method.name == "full" or method.lora.train_embeddings
         logits += tokens * shape.hidden * BYTES[dtype] + (shape.vocab * shape.hidden * 4 if head_trained else 0)
     if dtype == "fp32" or stage > 0:  # no autocast (DeepSpeed casts the module itself)
         return logits
-    fp32_weights = shape.params() if cfg.method == "full" else trained
+    fp32_weights = shape.params() if method.name == "full" else trained
     return logits + fp32_weights * 2
 
 
@@ -182,7 +187,7 @@ def estimate_run(cfg: RunConfig, gpus: int = 1, dtype: str = "bf16") -> RunEstim
     ds = deepspeed_config(cfg.dist, cfg.train, dtype, gpus) if cfg.dist.deepspeed != "none" else {}
     group = checkpoint_config.get("quantization_config", {}).get("group_size") or 128
     group = group if group > 0 else 1 << 30  # -1: one group spans each column's whole input
-    e = estimate(cfg, shape, dtype, gpus, zero_stage(ds), offloads_optimizer(ds), gptq_group=group)
+    e = estimate_peak(cfg, shape, dtype, gpus, zero_stage(ds), offloads_optimizer(ds), gptq_group=group)
     return RunEstimate(shape, cfg.method, dtype, gpus, zero_stage(ds), offloads_optimizer(ds), e)
 
 

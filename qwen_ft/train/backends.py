@@ -31,8 +31,9 @@ class TorchBackend:
         precision: Precision,
         device: torch.device,
         max_grad_norm: float,
+        rank: int = 0,
     ):
-        self.module, self.unwrapped, self.optimizer = model, unwrapped, optimizer
+        self.module, self.unwrapped, self.optimizer, self.rank = model, unwrapped, optimizer, rank
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
         self.max_grad_norm = max_grad_norm or float("inf")
         self.autocast_dtype = None if precision.name == "fp32" else precision.dtype
@@ -90,13 +91,18 @@ class TorchBackend:
         return None
 
     def save_state(self, out: Path, state: ck.TrainState, is_main: bool) -> None:
+        """The main process writes the optimizer, its RNG and the TrainState; the others their own RNG."""
         if is_main:
             ck.save_resume_state(out, state, self.optimizer)
+        else:
+            ck.save_rank_rng(out, self.rank)
 
     def load_state(self, ckpt: Path, method: str) -> ck.TrainState:
         from qwen_ft.model.build import load_trained_weights
 
         state = ck.load_resume_state(ckpt, self.optimizer)
+        if self.rank:
+            ck.load_rank_rng(ckpt, self.rank)
         load_trained_weights(self.unwrapped, ckpt, method)
         return state
 
@@ -145,17 +151,13 @@ class DeepSpeedBackend:
 
     def save_state(self, out: Path, state: ck.TrainState, is_main: bool) -> None:
         """DeepSpeed's partitioned checkpoint (every rank), per-rank RNG, and the TrainState."""
-        from safetensors.torch import save_file
-
         self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False)
-        save_file({"cpu": torch.get_rng_state()}, str(out / f"rng-rank{self.rank}.safetensors"))
+        ck.save_rank_rng(out, self.rank)
         if is_main:
             ck.write_state_json(out, state)
 
     def load_state(self, ckpt: Path, method: str) -> ck.TrainState:
         """Restore weights, optimizer partitions and RNG (DeepSpeed's files are torch pickles it wrote itself)."""
-        from safetensors.torch import load_file
-
         self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_lr_scheduler_states=False)
-        torch.set_rng_state(load_file(str(ckpt / f"rng-rank{self.rank}.safetensors"))["cpu"])
+        ck.load_rank_rng(ckpt, self.rank)
         return ck.read_state(ckpt)

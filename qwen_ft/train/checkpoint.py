@@ -23,7 +23,7 @@ from qwen_ft.model.layout import BaseLayout, add_base_tensors, trained_state
 from qwen_ft.version import __version__
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import RunConfig
+    from qwen_ft.config.schema import MethodSpec, ModelConfig
 
 STATE_FILE = "trainer_state.json"
 CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -41,29 +41,29 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def build_manifest(cfg: RunConfig, family: str, model_type: str) -> dict:
+def build_manifest(model: ModelConfig, method: MethodSpec, tokenizer_path: str, family: str, model_type: str) -> dict:
     """What produced these weights: base checkpoint, family, method, library versions."""
     import peft
     import transformers
 
-    base = Path(cfg.model.path).resolve()
+    base, quant = Path(model.path).resolve(), method.quant
     return {
         "qwen_ft_version": __version__,
         "base_model": {"path": str(base), "fingerprint": model_fingerprint(base)},
         "family": family,
         "model_type": model_type,
-        "method": cfg.method,
-        "dtype": cfg.model.dtype,
-        "tokenizer_path": str(Path(cfg.tokenizer_path).resolve()),
+        "method": method.name,
+        "dtype": model.dtype,
+        "tokenizer_path": str(Path(tokenizer_path).resolve()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "quant": None
-        if cfg.method != "qlora"
+        if method.name != "qlora"
         else {
-            "backend": cfg.quant.backend,
-            "bits": cfg.quant.bits,
-            "quant_type": cfg.quant.quant_type,
-            "double_quant": cfg.quant.double_quant,
-            "original_base": str(Path(cfg.quant.original_base).resolve()) if cfg.quant.original_base else None,
+            "backend": quant.backend,
+            "bits": quant.bits,
+            "quant_type": quant.quant_type,
+            "double_quant": quant.double_quant,
+            "original_base": str(Path(quant.original_base).resolve()) if quant.original_base else None,
         },
     }
 
@@ -123,6 +123,31 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
         for k, v in state.items()
     }
     return tensors, sd["param_groups"]
+
+
+def save_rank_rng(out: Path, rank: int) -> None:
+    """This process's RNG (CPU, and its own GPU's) as rng-rank{rank}.safetensors: each rank of a run draws
+    its own dropout masks, so each must resume with its own state for the resumed run to equal the
+    uninterrupted one (rank 0's is also in rng.safetensors)."""
+    from safetensors.torch import save_file
+
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(out / f"rng-rank{rank}.safetensors"))
+
+
+def load_rank_rng(ckpt: Path, rank: int) -> None:
+    """Restore what `save_rank_rng` saved (a checkpoint from before it was written keeps rank 0's state)."""
+    from safetensors.torch import load_file
+
+    path = ckpt / f"rng-rank{rank}.safetensors"
+    if not path.is_file():
+        return
+    rng = load_file(str(path))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def save_resume_state(out: Path, state: TrainState, optimizer: torch.optim.Optimizer) -> None:

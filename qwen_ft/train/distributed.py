@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -25,8 +26,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; start a process group when there are several processes."""
+def init_distributed(timeout_s: int = 300) -> DistInfo:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; start a process group when there are several processes,
+    whose collectives give up after `timeout_s` seconds (train.collective_timeout) instead of torch's default."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -35,7 +37,7 @@ def init_distributed() -> DistInfo:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if cuda else "gloo")
+        tdist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local, device)
 
 

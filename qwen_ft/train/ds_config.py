@@ -120,13 +120,32 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def json_stage(path: str) -> int:
+    """ZeRO stage of a user DeepSpeed JSON (0 when unreadable: `deepspeed_config` reports that later)."""
+    try:
+        return zero_stage(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
+
+
+def is_zero3_json(dist: DistConfig) -> bool:
+    """dist.deepspeed is a readable JSON with stage 3 (the presets' stage is the config's own shape)."""
+    ds = dist.deepspeed
+    return ds.endswith(".json") and Path(ds).is_file() and json_stage(ds) == 3
+
+
+def is_zero3(dist: DistConfig) -> bool:
+    """dist.deepspeed is a ZeRO-3 preset or a readable JSON with stage 3."""
+    return dist.deepspeed in ("zero3", "zero3_offload") or is_zero3_json(dist)
+
+
 def offloads_optimizer(ds_config: dict) -> bool:
     """True when the optimizer state lives on the CPU (needs DeepSpeedCPUAdam)."""
     device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device not in (None, "none")
 
 
-def file_problems(dist: DistConfig) -> list[str]:
+def json_file_problems(dist: DistConfig) -> list[str]:
     """A dist.deepspeed JSON that is missing (what a readable one's ZeRO stage rules out is config/validate.py's)."""
     ds = dist.deepspeed
     return [f"dist.deepspeed: file {ds!r} not found"] if ds.endswith(".json") and not Path(ds).is_file() else []

@@ -286,7 +286,9 @@ def weights_guard(tr: TrainingRun, state: ck.TrainState, lr: float, root: Path) 
     )
 
 
-def run(tr: TrainingRun, state: ck.TrainState, logger: StepLogger, stop: StopRequests | None = None) -> ck.TrainState:
+def train(
+    tr: TrainingRun, state: ck.TrainState, logger: StepLogger, stop: StopRequests | None = None
+) -> ck.TrainState:
     """Train until plan.total_steps, checkpointing and evaluating as configured; a stop signal (`stop`)
     ends it after the step it arrives in, with a checkpoint of that step.
 

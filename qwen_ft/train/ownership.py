@@ -32,6 +32,7 @@ SAFE_TO_CHANGE = {
     "train.resume",
     "train.resume_data",
     "train.overwrite_output_dir",
+    "train.collective_timeout",
     "data.cache_dir",
     "data.num_proc",
     "model.attn_implementation",

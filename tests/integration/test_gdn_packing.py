@@ -13,7 +13,7 @@ import torch
 
 from qwen_ft.data.collate import collate
 from qwen_ft.model.attention import model_attn_name
-from qwen_ft.model.linear_attention import install
+from qwen_ft.model.linear_attention import install_packed_gdn
 from qwen_ft.train.loss import causal_lm_loss, model_inputs
 from tests.integration.test_packing_exact import VOCAB, examples
 
@@ -92,7 +92,7 @@ def test_restarting_positions_alone_leak_through_gdn_layers():
 @pytest.mark.parametrize("rows", [ROWS_1, ROWS_2], ids=["mb1", "mb2"])
 def test_packed_logits_equal_one_by_one(attn, rows):
     model = tiny_hybrid(attn).eval()
-    assert install(model) == 3
+    assert install_packed_gdn(model) == 3
     exs = examples([7, 12, 5, 9, 3])
     batch = collate([[exs[i] for i in r] for r in rows], 0, packed=True, flat=attn == "varlen", segments=True)
     stock = tiny_hybrid("sdpa").eval()  # same seed, same weights; conversations run alone, unpacked
@@ -104,7 +104,7 @@ def test_packed_step_loss_and_every_gradient_equal_one_by_one(rows):
     """One training step's summed loss and the gradient of every parameter, packed vs one conversation
     at a time (qwen-ft's own loss), in fp32."""
     model = tiny_hybrid().train()
-    install(model)
+    install_packed_gdn(model)
     exs = examples([7, 12, 5, 9, 3], seed=1)
 
     loss, n = causal_lm_loss(model, collate([[exs[i] for i in r] for r in rows], 0, packed=True, segments=True))

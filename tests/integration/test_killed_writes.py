@@ -59,3 +59,20 @@ def test_merge_killed_midway_leaves_nothing_or_the_previous_model(run_config, tm
     before = files(out)
     kill_while_writing(merge(adapter, out, "--overwrite"), out)
     assert files(out) == before  # the previous complete model, byte for byte
+
+
+@pytest.mark.extras("gptqmodel")
+def test_quantize_killed_midway_leaves_nothing_and_the_rerun_works(tmp_path):
+    from qwen_ft.model.tiny import make_tiny_model
+
+    dense, out = make_tiny_model(tmp_path / "dense", hidden=64, layers=1), tmp_path / "gptq"
+    calibration = ["--group-size", "32", "--samples", "16", "--calibration", str(REPO / "data/example_chatml.jsonl")]
+    cmd = [sys.executable, "-m", "qwen_ft.cli.main", "quantize", str(dense), "--out", str(out), *calibration]
+
+    def quantize() -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+    left = kill_while_writing(quantize(), out)  # its first file: gptqmodel's log, written while it quantizes
+    assert not out.exists()
+    finished(quantize())
+    assert not left.exists() and (out / "model.safetensors").is_file() and (out / "quantize_config.json").is_file()

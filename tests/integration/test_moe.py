@@ -109,10 +109,12 @@ def test_adapter_in_stock_peft_and_merge_equal_and_keep_the_base_layout(lora_run
     base = bases[family]
     stock = PeftModel.from_pretrained(model_class(base).from_pretrained(base, dtype=torch.float32), out).eval()
     trainer.unwrapped.eval()
-    from qwen_ft.model.experts import install
+    from qwen_ft.model.experts import install_lora_experts
 
     grouped = [m for m in trainer.unwrapped.modules() if getattr(m, "_qwen_ft_grouped", False)]
-    assert len(grouped) == LAYERS and install(trainer.unwrapped) == LAYERS  # every MoE layer, wrapped once
+    assert (
+        len(grouped) == LAYERS and install_lora_experts(trainer.unwrapped) == LAYERS
+    )  # every MoE layer, wrapped once
     reference = probe(stock)
     assert (probe(trainer.unwrapped) - reference).abs().max().item() <= 1e-5  # qwen-ft's grouped path
     with stock.disable_adapter():

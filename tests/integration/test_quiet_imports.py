@@ -14,10 +14,10 @@ pytestmark = pytest.mark.extras("gptqmodel")  # only meaningful where gptqmodel 
 
 PROBE = """
 import sys, torch
-from qwen_ft.recipe.run import build_trainer
+from qwen_ft.recipe.run import build_run
 from qwen_ft.recipe.steps import checked_config
 from qwen_ft.train.distributed import DistInfo
-build_trainer(checked_config(sys.argv[1], []), DistInfo(0, 1, 0, torch.device("cpu")))
+build_run(checked_config(sys.argv[1], []), DistInfo(0, 1, 0, torch.device("cpu")))
 print("gptqmodel imported:", "gptqmodel" in sys.modules)
 """
 

@@ -292,8 +292,8 @@ def test_prefetched_groups_train_exactly_as_groups_collated_in_place(run_config,
 
 def test_built_trainer_is_in_training_mode(run_config):
     """from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout;
-    scripts/profile_step.py runs steps straight from build_trainer, so it must train."""
-    from qwen_ft.recipe.run import build_trainer
+    scripts/profile_step.py runs steps straight from build_run, so it must train."""
+    from qwen_ft.recipe.run import build_run
 
-    tr, _ = build_trainer(steps.checked_config(run_config(), []), CPU)
+    tr, _ = build_run(steps.checked_config(run_config(), []), CPU)
     assert tr.backend.module.training and all(m.training for m in tr.unwrapped.modules())

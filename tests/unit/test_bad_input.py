@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,24 @@ MESSAGES = {
     "image_part": "messages[0].content[1]: an image part (photos/cat.png); qwen-ft trains the language model of "
     "vision-language checkpoints (Qwen3.5/3.6) on text only, so images, video and audio cannot be "
     "learned from. Remove the media part (or the row), or set data.on_error=skip",
+    "bad_tool_call": "messages[1].tool_calls[0].arguments: not valid JSON",
+    "bad_weight": "weight 0.5 / loss True: use weight 0 or 1",
+    "lone_surrogate": "text holds a lone surrogate U+D800",
+}
+# The kind (schema.KINDS) each bad row is counted under.
+KIND = {
+    "malformed_json": "json",
+    "unknown_role": "message",
+    "empty_content": "content",
+    "non_string_content": "content",
+    "no_assistant": "no_reply",
+    "non_utf8": "encoding",
+    "not_an_object": "format",
+    "no_messages_key": "format",
+    "image_part": "media",
+    "bad_tool_call": "tools",
+    "bad_weight": "field",
+    "lone_surrogate": "encoding",
 }
 CASES = {
     case: ((ASSETS / "bad_rows" / f"{case}.jsonl").read_bytes().rstrip(b"\n"), message)
@@ -55,7 +75,7 @@ def test_bad_row_skipped_and_counted(tmp_path, case):
 
 
 def test_every_bad_row_asset_has_its_message():
-    assert sorted(p.stem for p in (ASSETS / "bad_rows").glob("*.jsonl")) == sorted(MESSAGES)
+    assert sorted(p.stem for p in (ASSETS / "bad_rows").glob("*.jsonl")) == sorted(MESSAGES) == sorted(KIND)
     assert all(raw and b"\n" not in raw for raw, _ in CASES.values())  # one row each
 
 
@@ -84,6 +104,36 @@ def test_media_rows_skipped_and_counted_by_the_training_pipeline(tmp_path, qwen3
             [str(path)], qwen3_tok, TokenizeSpec(**{**spec.__dict__, "on_error": "error"}), str(tmp_path / "c2")
         )
     assert "2 bad row(s) of 4" in str(e.value) and f"{path}:2: " in str(e.value) and f"{path}:3: " in str(e.value)
+
+
+def test_training_pipeline_counts_bad_rows_by_kind_with_the_first_of_each(tmp_path, qwen3_tok, qwen3_dir):
+    """Every kind of bad row, twice, through the tokenizing workers: counted by kind with its first line under
+    on_error=skip; under on_error=error, refused naming the first broken row."""
+    import qwen_ft.tokenizer
+    from qwen_ft.data.schema import KINDS
+    from qwen_ft.data.template import find_template
+    from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
+
+    qwen35 = find_template(qwen3_dir, str(Path(qwen_ft.tokenizer.__file__).parent / "templates" / "qwen35.jinja"))
+    no_user = {"messages": [{"role": "assistant", "content": "x"}]}  # the Qwen3.5 template raises on it
+    bad = {**{case: raw for case, (raw, _) in CASES.items()}, "no_user": json.dumps(no_user).encode()}
+    kind = {**KIND, "no_user": "template"}
+    lines = {2 * i + 1: raw for i, raw in enumerate(list(bad.values()) * 2)}  # bad rows at even line numbers
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * (2 * len(lines) + 1), raw_lines=lines)
+    spec = TokenizeSpec(64, "truncate", "assistant", "", "skip", qwen35)
+    _, stats = tokenized_dataset([str(path)], qwen3_tok, spec, str(tmp_path / "c"))
+    first = {}
+    for line, case in zip(sorted(lines), list(bad) * 2, strict=True):
+        first.setdefault(kind[case], f"{path}:{line + 1}")
+    counts = {k: 2 * sum(v == k for v in kind.values()) for k in first}
+    assert stats.skipped_kinds == {k: [counts[k], first[k]] for k in first}
+    assert set(stats.skipped_kinds) == set(KINDS)  # every kind of refusal is exercised
+    assert (stats.rows_read, stats.skipped, stats.examples) == (4 * len(bad) + 1, 2 * len(bad), 2 * len(bad) + 1)
+    with pytest.raises(DataError) as e:
+        tokenized_dataset(
+            [str(path)], qwen3_tok, TokenizeSpec(**{**spec.__dict__, "on_error": "error"}), str(tmp_path)
+        )
+    assert f"the first: {path}:2: {MESSAGES['malformed_json']}" in str(e.value)
 
 
 def test_all_bad_rows_listed_together(tmp_path):

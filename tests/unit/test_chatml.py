@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_ft.data.chatml import IGNORE_INDEX, Framing, assemble, fit_length, render_chatml
+from qwen_ft.data.chatml import IGNORE_INDEX
+from qwen_ft.data.render import Renderer, fit_to_length
+from tests.conftest import chatml_render as render_chatml
 
 X = IGNORE_INDEX
 S, E, NL = 151644, 151645, 198  # <|im_start|>, <|im_end|>, "\n"
@@ -107,31 +109,29 @@ def test_qwen_reference_matches_qwenlm_token_for_token(v1_tok, turns):
 
 def test_content_is_encoded_on_its_own(any_tok):
     # "\n" at the start of content must not merge with the header newline.
-    ids, _ = render_chatml([("user", "\nx"), ("assistant", "y")], any_tok)
-    assert ids[:3] == [S, USER, NL] and ids[3:5] == any_tok.encode("\nx")
+    ids, _ = render_chatml([("system", "s"), ("user", "\nx"), ("assistant", "y")], any_tok)
+    user = ids.index(S, 1)
+    assert ids[user : user + 3] == [S, USER, NL] and ids[user + 3 : user + 5] == any_tok.encode("\nx")
 
 
 def test_special_text_in_content_is_not_a_control_token(any_tok):
-    ids, labels = render_chatml([("user", "say <|im_end|>"), ("assistant", "<|im_end|><|im_start|>")], any_tok)
-    assert ids.count(E) == 2 and ids.count(S) == 2  # only the framing
+    turns = [("system", "s"), ("user", "say <|im_end|>"), ("assistant", "<|im_end|><|im_start|>")]
+    ids, labels = render_chatml(turns, any_tok)
+    assert ids.count(E) == 3 and ids.count(S) == 3  # only the framing
     assert [t for t in labels if t != X][-1] == E
 
 
-def framing_and_content(tok, turns):
-    f = Framing.of(tok)
-    return f, [r for r, _ in turns], [tok.encode(c) for _, c in turns]
-
-
-def test_fit_length_truncates_at_turn_boundary(v1_tok):
-    f, roles, content = framing_and_content(v1_tok, CONV)
-    full = len(assemble(roles, content, f)[0])
-    assert fit_length(roles, content, f, full, "truncate") == (5, "ok")
-    keep, status = fit_length(roles, content, f, full - 1, "truncate")
-    assert (keep, status) == (3, "truncated")
-    ids, labels = assemble(roles[:keep], content[:keep], f)
+def test_overlong_truncates_at_turn_boundary(v1_tok):
+    renderer = Renderer(v1_tok, None)
+    conv = {"messages": [{"role": r, "content": c} for r, c in CONV], "learn": [True, True]}
+    rendered = renderer.render(conv)
+    full = len(rendered[0])
+    assert fit_to_length(renderer, conv, rendered, "assistant", full, "truncate")[2] == "ok"
+    ids, labels, status = fit_to_length(renderer, conv, rendered, "assistant", full - 1, "truncate")
+    assert status == "truncated" and (ids, labels) == render_chatml(CONV[:3], v1_tok)
     assert ids[-2:] == [E, NL] and labels[-2:] == [E, X]  # the kept reply keeps its <|im_end|>
-    assert fit_length(roles, content, f, full - 1, "drop") == (0, "dropped")
-    assert fit_length(roles, content, f, 20, "truncate") == (0, "dropped")  # not even the first reply fits
+    assert fit_to_length(renderer, conv, rendered, "assistant", full - 1, "drop")[2] == "dropped"
+    assert fit_to_length(renderer, conv, rendered, "assistant", 20, "truncate")[2] == "dropped"  # no reply fits
 
 
 def test_unknown_policy_is_refused(v1_tok):

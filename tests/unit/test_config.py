@@ -11,9 +11,8 @@ import yaml
 from qwen_ft.cli.main import main
 from qwen_ft.config.load import config_from_dict, dump_config, load_config, parse_overrides
 from qwen_ft.config.schema import RunConfig
-from qwen_ft.config.validate import required_extras
 from qwen_ft.errors import ConfigError
-from qwen_ft.recipe.preflight import check_environment
+from qwen_ft.recipe.preflight import check_environment, required_extras
 
 BASE = {"model": {"path": "m"}, "data": {"train_files": ["d.jsonl"]}}
 
@@ -212,3 +211,24 @@ def test_validate_cli_exit_codes(tmp_path, capsys):
     assert "did you mean 'train.seed'" in err and "Traceback" not in err
     assert main(["validate", str(good)]) == 1  # env check: model path 'm' does not exist
     assert "model.path: 'm' is not a directory" in capsys.readouterr().err
+
+
+def test_readme_model_table_names_shipped_configs_of_the_right_family():
+    """Each row of the README's models table names configs that exist, and whose model.family is one of the
+    row's model types (a row may shorten a sibling to its suffix, as `_qlora`)."""
+    import re
+
+    from qwen_ft.model.families import FAMILIES
+
+    readme = (SHIPPED[0].parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| Qwen")]
+    assert len(rows) >= 8
+    for row in rows:
+        cells = row.split("|")
+        names = re.findall(r"`(?:configs/)?([\w.\-]+\.yaml)", cells[-2])
+        assert names, row
+        types = set(re.findall(r"`(\w+)`", cells[2]))
+        for name in names:
+            cfg = load_config(SHIPPED[0].parent / name)
+            family = FAMILIES[cfg.model.family]
+            assert types & {cfg.model.family, *family.model_types}, (row, name)

@@ -9,12 +9,11 @@ import pytest
 
 from qwen_ft.cli.main import main
 from qwen_ft.config.load import config_from_dict
-from qwen_ft.data.chatml import render_chatml
 from qwen_ft.data.formats import normalise
 from qwen_ft.data.prepare import prepare_data
 from qwen_ft.data.render import Renderer
 from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
-from tests.conftest import conv, write_jsonl
+from tests.conftest import chatml_render, conv, write_jsonl
 
 SPEC = TokenizeSpec(
     max_length=64,
@@ -79,7 +78,7 @@ def test_rows_equal_pure_renderer_and_counts(tmp_path, v1_tok):
     assert stats.dropped_examples == [f"{f}:11"]
     for i in range(10):
         msgs = [("system", SPEC.default_system)] + [(m["role"], m["content"]) for m in rows[i]["messages"]]
-        ids, labels = render_chatml(msgs, v1_tok)
+        ids, labels = chatml_render(msgs, v1_tok)
         if len(ids) <= 64:
             assert (ds[i]["input_ids"], ds[i]["labels"], ds[i]["status"]) == (ids, labels, "ok")
         else:

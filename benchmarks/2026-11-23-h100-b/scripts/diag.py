@@ -4,13 +4,13 @@ from contextlib import nullcontext
 import torch
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "scripts"))
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import build_trainer
+from qwen_ft.recipe.run import build_run
 from qwen_ft.train import loop
 from qwen_ft.train.feed import GroupFeed
 import profile_step as ps
 
 cfg, out = sys.argv[1], sys.argv[2]
-tr, state = build_trainer(steps.checked_config(cfg, ["model.compile=true", "train.output_dir=/tmp/gc/diag"] + sys.argv[3:]),
+tr, state = build_run(steps.checked_config(cfg, ["model.compile=true", "train.output_dir=/tmp/gc/diag"] + sys.argv[3:]),
                           steps.distributed())
 dev = tr.plan.device
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -5,7 +5,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from qwen_ft.bench.run import BenchRequest, plan_cases, write_case
 from qwen_ft.recipe import steps
-from qwen_ft.recipe.run import build_trainer
+from qwen_ft.recipe.run import build_run
 from qwen_ft.train import loop
 from qwen_ft.train.feed import GroupFeed
 import profile_step as ps
@@ -14,7 +14,7 @@ out, mb, shape = sys.argv[1], int(sys.argv[2]), (sys.argv[3:] or ["7b"])[0]
 req = BenchRequest(shape=shape, methods=("lora",), lengths=(2048,), steps=8, warmup=0, baseline=False,
                    work_dir="/tmp/gc/bench", micro_batch=mb, overrides=("model.compile=true",))
 _, case = write_case(Path(req.work_dir), plan_cases(req, Path(req.work_dir))[0])
-tr, state = build_trainer(steps.checked_config(case["config"], ["model.compile=true", "train.output_dir=/tmp/gc/diag"]),
+tr, state = build_run(steps.checked_config(case["config"], ["model.compile=true", "train.output_dir=/tmp/gc/diag"]),
                           steps.distributed())
 GPU = tr.plan.device.type == "cuda"
 sync = torch.cuda.synchronize if GPU else (lambda: None)
