@@ -18,7 +18,7 @@ from pathlib import Path
 from qwen_ft.errors import RankLost
 from qwen_ft.train.distributed import DistInfo
 
-ANSWER_S = 10.0  # how long survivors wait for each other's answer
+ANSWER_S = 10.0  # how long survivors wait for each other's answer (at most train.collective_timeout)
 # gloo raises a plain RuntimeError whose message names its source file ("gloo/transport/tcp/pair.cc: Read error
 # ... Connection reset by peer", "... Timed out waiting 5000ms for recv"); NCCL and the stores raise DistError.
 COLLECTIVE_MARKS = ("gloo/", "nccl", "processgroup", "connection reset by peer", "connection closed by peer")
@@ -58,7 +58,7 @@ def lost_rank_error(
     if dist.world == 1 or not is_collective_failure(error):
         return None
     rank, world = dist.rank, dist.world
-    silent = silent_ranks(rank, world, wait_s)
+    silent = silent_ranks(rank, world, min(wait_s, timeout_s))  # survivors fail together, within the timeout
     if silent == []:
         return None
     who = (

@@ -35,7 +35,7 @@ def expected_kinds(rows: int) -> dict[str, list]:
 
 
 def test_dirty_file_counted_by_kind_with_bounded_memory(tmp_path):
-    small, large = run(tmp_path, 3_000), run(tmp_path, 60_000)
+    small, large = run(tmp_path, 2_000), run(tmp_path, 40_000)
     for result in (small, large):
         rows = result["rows"]
         got = {kind: [n, int(first.rsplit(":", 1)[1])] for kind, (n, first) in result["skipped_kinds"].items()}
