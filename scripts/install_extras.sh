@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the optional stacks reproducibly into the active environment (used by .ci/run):
-# bitsandbytes + GPTQ (Q-LoRA) and DeepSpeed. Both gptqmodel 7.6.0 and deepspeed 0.19.8 ship as sdists
+# bitsandbytes + GPTQ (Q-LoRA), DeepSpeed, and TRL (the preference objectives' test oracle). Both gptqmodel 7.6.0 and deepspeed 0.19.8 ship as sdists
 # that must build against the installed torch: with build isolation pip would fetch a CUDA torch to build.
 #
 # gptqmodel 7.7 needs torch >= 2.14.1; 7.6.0 works with torch 2.13 but declares pins (numpy==2.2.6, ...)
@@ -15,4 +15,6 @@ python -m pip install -q "threadpoolctl==3.8.0" "device-smi==0.5.7" "pypcre==0.6
   "logbar==0.4.15" "jinja2==3.1.6" "ninja==1.13.2" "defuser==0.0.28"
 python -m pip install -q --no-deps "torchao==0.18.0"
 python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
-python -c "import gptqmodel, bitsandbytes, optimum, deepspeed; print('extras: gptqmodel', gptqmodel.__version__, '| bitsandbytes', bitsandbytes.__version__, '| deepspeed', deepspeed.__version__)"
+# TRL 1.16: its requirements (accelerate, datasets, pandas, ...) are already here; --no-deps keeps them as they are
+python -m pip install -q --no-deps "trl==1.16.0"
+python -c "import gptqmodel, bitsandbytes, optimum, deepspeed, trl; print('extras: gptqmodel', gptqmodel.__version__, '| bitsandbytes', bitsandbytes.__version__, '| deepspeed', deepspeed.__version__, '| trl', trl.__version__)"

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     tok = load_tokenizer(cfg.tokenizer_path)
-    data = prepare_data(cfg.data, tok, cfg.train.seed)
+    data = prepare_data(cfg.data, tok, cfg.train.seed, cfg.objective)
     s = data.stats
     print(
         f"data: {', '.join(cfg.data.train_files)} (cache {s.cache}: {s.cache_path}), rendered by "

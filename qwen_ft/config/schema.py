@@ -204,6 +204,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PreferenceSettings:
+    """The preference objectives (`objective` other than sft), named as TRL names them, with TRL 1.16's defaults."""
+
+    beta: float = opt(0.1, "strength of the preference (DPO's KL weight; SimPO's reward scale)")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = opt(
+        "sigmoid", "DPO's loss: sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO)"
+    )
+    label_smoothing: float = opt(0.0, "robust DPO's and SimPO's assumed rate of flipped labels, in [0, 0.5)")
+    simpo_gamma: float = opt(0.5, "SimPO's target reward margin")
+    cpo_alpha: float = opt(
+        1.0, "SimPO: weight of the chosen completions' NLL added to the loss (TRL's CPO default; 0: the paper's SimPO)"
+    )
+
+
+@dataclass(frozen=True)
 class DistConfig:
     """Multi-process execution."""
 
@@ -228,6 +243,10 @@ class RunConfig:
     tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer location")
     data: DataConfig = opt(DataConfig(), "data files and preprocessing")
     method: Literal["full", "lora", "qlora"] = opt("lora", "what is trained")
+    objective: Literal["sft", "dpo", "simpo"] = opt(
+        "sft", "sft (learn the replies), dpo (chosen over rejected, against a reference), simpo (no reference)"
+    )
+    preference: PreferenceSettings = opt(PreferenceSettings(), "preference objective settings")
     lora: LoraSettings = opt(LoraSettings(), "adapter settings")
     quant: QuantConfig = opt(QuantConfig(), "quantized base settings")
     train: TrainConfig = opt(TrainConfig(), "optimisation")

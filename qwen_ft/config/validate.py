@@ -67,6 +67,10 @@ def _finite(cfg: RunConfig) -> list[str]:
         "train.router_aux_loss_coef": cfg.train.router_aux_loss_coef or 0.0,
         "data.eval_fraction": cfg.data.eval_fraction,
         "model.checkpoint_fraction": cfg.model.checkpoint_fraction,
+        **{
+            f"preference.{k}": getattr(cfg.preference, k)
+            for k in ("beta", "label_smoothing", "simpo_gamma", "cpo_alpha")
+        },
     }
     problems = [
         f"{key}: {value} is not a finite number; give a finite value"
@@ -118,10 +122,34 @@ def _combinations(cfg: RunConfig) -> list[str]:
         )
     if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
         problems.append(f"dist.deepspeed: {ds!r} is not one of {', '.join(DEEPSPEED_PRESETS)} nor a .json path")
+    problems += _preference_problems(cfg)
     if cfg.model.trust_remote_code and cfg.model.family not in ("auto", "qwen"):
         problems.append(
             f"model.trust_remote_code: true with model.family={cfg.model.family}; transformers supports this family "
             "natively, set trust_remote_code: false"
+        )
+    return problems
+
+
+def _preference_problems(cfg: RunConfig) -> list[str]:
+    """What the preference objectives do not run with yet, and their settings' ranges."""
+    if cfg.objective == "sft":
+        return []
+    p, problems = cfg.preference, []
+    if p.beta <= 0:
+        problems.append(f"preference.beta: {p.beta} must be > 0")
+    if not 0.0 <= p.label_smoothing < 0.5:
+        problems.append(f"preference.label_smoothing: {p.label_smoothing} must be in [0, 0.5)")
+    if cfg.objective == "dpo" and cfg.method == "full":
+        problems.append(
+            "objective: dpo with method: full; its reference (a frozen copy, or log-probs precomputed into the "
+            "data cache) is not built yet: use method: lora or qlora (the reference is the model without its "
+            "adapter), or objective: simpo, which needs none"
+        )
+    if cfg.dist.deepspeed != "none":
+        problems.append(
+            f"objective: {cfg.objective} with dist.deepspeed={cfg.dist.deepspeed}; preference tuning runs on one "
+            "process or under DDP (dist.deepspeed: none) for now"
         )
     return problems
 

@@ -63,6 +63,27 @@ def collate(
     return out
 
 
+def collate_pairs(
+    rows: Sequence[Sequence[dict]], pad_id: int, packed: bool, flat: bool = False, segments: bool = False
+) -> dict:
+    """`collate` for preference pairs (input_ids/labels of the chosen sequence, rejected_ids/rejected_labels):
+    each pair becomes its chosen then its rejected sequence, side by side in a packed row or in two rows
+    of their own, so sequence 2k is pair k's chosen and 2k+1 its rejected; `n_pairs` counts them."""
+    if packed or flat:
+        sequences = [[seq for pair in row for seq in _sides(pair)] for row in rows]
+    else:
+        sequences = [[seq] for row in rows for pair in row for seq in _sides(pair)]
+    out: dict = collate(sequences, pad_id, packed, flat, segments)
+    return {**out, "n_pairs": sum(len(row) for row in rows)}
+
+
+def _sides(pair: dict) -> list[dict]:
+    return [
+        {"input_ids": pair["input_ids"], "labels": pair["labels"]},
+        {"input_ids": pair["rejected_ids"], "labels": pair["rejected_labels"]},
+    ]
+
+
 def flatten(examples: Sequence[dict]) -> dict:
     """One row holding every example, no padding, with the varlen kernels' boundaries made here.
 

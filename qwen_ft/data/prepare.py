@@ -27,13 +27,19 @@ class PreparedData:
     eval: Dataset | None
     stats: DataStats  # of the train files (their eval split included); the eval files' in stats.eval
 
+    @property
+    def pairs(self) -> bool:
+        """The examples are preference pairs (a chosen and a rejected sequence each)."""
+        return "rejected_ids" in self.train.column_names
+
     def lengths(self, split: str = "train") -> np.ndarray:
-        """Token count of every example of `split`."""
+        """Token count of every example of `split` (of both sequences of a pair)."""
         import pyarrow.compute as pc
 
         ds = getattr(self, split)
         table = ds.with_format("arrow")[:]  # honours the selection of kept rows
-        return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+        columns = ("input_ids", "rejected_ids") if self.pairs else ("input_ids",)
+        return sum(pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False) for c in columns)
 
 
 def _kept(ds: Dataset) -> Dataset:
@@ -52,13 +58,14 @@ def _split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     return ds.select(np.sort(order[n_eval:])), ds.select(np.sort(order[:n_eval]))
 
 
-def prepare_data(d: DataConfig, tok, seed: int) -> PreparedData:
-    """Tokenize (or load from cache) the train and eval data of `d` (an eval_fraction held out with `seed`).
+def prepare_data(d: DataConfig, tok, seed: int, objective: str = "sft") -> PreparedData:
+    """Tokenize (or load from cache) the train and eval data of `d` (an eval_fraction held out with `seed`):
+    conversations, or preference pairs for a preference `objective`.
 
     Raises:
         DataError: when no example survives validation and length checks.
     """
-    spec = TokenizeSpec.from_config(d, tok)
+    spec = TokenizeSpec.from_config(d, tok, objective)
     full, stats = tokenized_dataset(d.train_files, tok, spec, d.cache_dir, d.num_proc)
     train, eval_ds = _kept(full), None
     if len(train) == 0:
@@ -78,8 +85,10 @@ def prepare_data(d: DataConfig, tok, seed: int) -> PreparedData:
 
 
 def plan_for(d: DataConfig, train: TrainConfig, data: PreparedData, epoch: int = 0, split: str = "train") -> BatchPlan:
-    """The batch plan of one epoch of `split` under the config's length, packing and micro-batch settings."""
-    return plan_batches(data.lengths(split), d.max_length, train.micro_batch_size, d.packing, train.seed, epoch)
+    """The batch plan of one epoch of `split` under the config's length, packing and micro-batch settings (a
+    pair's two sequences, each up to max_length, travel together: its rows hold twice as much)."""
+    width = d.max_length * (2 if data.pairs else 1)
+    return plan_batches(data.lengths(split), width, train.micro_batch_size, d.packing, train.seed, epoch)
 
 
 def format_stats(stats: DataStats, plan: BatchPlan | None, d: DataConfig, micro_batch_size: int) -> str:

@@ -22,6 +22,7 @@ KINDS = {
     "tools": "a malformed tool call or tool list",
     "field": "a bad weight, loss or chat_template_kwargs",
     "template": "the chat template cannot render it",
+    "pair": "a preference pair that teaches nothing or lacks a side",
 }
 
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from qwen_ft.data.render import Renderer
 
 TEMPLATE_VERSION = "template-v3"  # bump when rendering or masking changes, to invalidate caches
-CACHE_FORMAT = 4  # bump when the layout of a cache entry changes
+CACHE_FORMAT = 5  # bump when the layout of a cache entry changes
 CACHE_FILES = "cache_files.json"  # sizes and digests of an entry's files, written last
 WRITE_BATCH = 1000
 TALLY_ROWS = 65536  # rows per slice when counting the tokenized rows
@@ -53,10 +53,16 @@ class TokenizeSpec:
     on_error: Literal["error", "skip"]
     template: ChatTemplate | None = None  # the template (and its "tool_use" one); None: Qwen v1 ChatML
     template_kwargs: str = "{}"  # JSON, keys sorted
+    objective: str = "sft"  # sft: conversations; dpo, simpo: preference pairs (data/preference.py)
+
+    @property
+    def pairs(self) -> bool:
+        """Rows are preference pairs (a chosen and a rejected sequence each)."""
+        return self.objective != "sft"
 
     @classmethod
-    def from_config(cls, data: DataConfig, tok) -> TokenizeSpec:
-        """Spec from a DataConfig and the tokenizer whose template renders the data."""
+    def from_config(cls, data: DataConfig, tok, objective: str = "sft") -> TokenizeSpec:
+        """Spec from a DataConfig, the tokenizer whose template renders the data and the run's objective."""
         from qwen_ft.data.render import Renderer
 
         return cls(
@@ -67,6 +73,7 @@ class TokenizeSpec:
             data.on_error,
             Renderer.of(tok, data.chat_template).template,
             json.dumps(data.template_kwargs, sort_keys=True),
+            objective,
         )
 
     def renderer(self, tok) -> Renderer:
@@ -182,8 +189,13 @@ COLUMNS = ("input_ids", "labels", "n_supervised", "status", "error", "kind", "ig
 
 
 def tokenize_batch(batch: dict, renderer: RendererOnce, spec: TokenizeSpec) -> dict:
-    """Stage 2 (a `datasets.map` function): render and length-check a batch of conversations."""
+    """Stage 2 (a `datasets.map` function): render and length-check a batch of conversations (or pairs)."""
     from qwen_ft.data.schema import RowError
+
+    if spec.pairs:
+        from qwen_ft.data.preference import tokenize_pairs
+
+        return tokenize_pairs(batch, renderer, spec)
 
     rows = zip(batch["row"], batch["source"], batch["read_error"], batch["read_kind"], strict=True)
     parsed = [
@@ -227,14 +239,16 @@ def _parse(text: str, source: str, default_system: str):
         return e
 
 
-def _features():
+def _features(pairs: bool):
     from datasets import Features, List, Value
 
     ints = List(Value("int32"))
+    rejected = {"rejected_ids": ints, "rejected_labels": ints} if pairs else {}
     return Features(
         {
             "input_ids": ints,
             "labels": ints,
+            **rejected,
             "n_supervised": Value("int32"),
             "status": Value("string"),
             "error": Value("string"),
@@ -259,7 +273,7 @@ def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: 
         batch_size=256,
         num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
         remove_columns=["row", "read_error", "read_kind"],
-        features=_features(),
+        features=_features(spec.pairs),
         cache_file_name=str(work / "data.arrow"),
         new_fingerprint="tok-" + work.name,
         desc="tokenizing",
@@ -318,7 +332,8 @@ def _tally(mapped, report: ReadReport) -> dict[str, Any]:
         )
         out["truncated"] += total(pc.equal(status, "truncated"))
         out["examples"] += total(kept)
-        out["tokens"] += total(pc.list_value_length(batch.column("input_ids")).filter(kept))
+        for ids in ("input_ids", "rejected_ids") if "rejected_ids" in batch.schema.names else ("input_ids",):
+            out["tokens"] += total(pc.list_value_length(batch.column(ids)).filter(kept))
         out["supervised_tokens"] += total(batch.column("n_supervised").filter(kept))
         _add_bad_rows(batch.filter(pc.equal(status, "error")), report)
     return out

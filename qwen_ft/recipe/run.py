@@ -53,7 +53,7 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
         data,
         tok.endoftext_id,
         steps.saver(cfg, unwrapped, tok, family, backend, dist),
-        steps.loss_function(cfg.train, unwrapped, ds_config),
+        steps.loss_function(cfg.train, unwrapped, ds_config, cfg.objective, cfg.preference),
         steps.router_loss(cfg.train, unwrapped, family, dist),
     )
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout:

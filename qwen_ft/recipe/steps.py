@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen_ft.config.load import config_from_dict, config_to_dict, dump_config, load_config
-from qwen_ft.config.schema import DataConfig, RunConfig, TrainConfig
+from qwen_ft.config.schema import DataConfig, PreferenceSettings, RunConfig, TrainConfig
 from qwen_ft.errors import ConfigError, QwenFtError
 from qwen_ft.recipe.preflight import run_problems
 from qwen_ft.train import checkpoint as ck
@@ -92,7 +92,7 @@ def tokenizer_and_data(
     tok = load_tokenizer(cfg.tokenizer_path)
     check_vocabulary(family, tok, cfg.tokenizer_path, cfg.model.path)
     with local_main_first(dist):
-        data = prepare_data(cfg.data, tok, cfg.train.seed)
+        data = prepare_data(cfg.data, tok, cfg.train.seed, cfg.objective)
     print0(dist, f"data ({data.stats.cache}: {data.stats.cache_path}), rendered by {template_source(cfg.data, tok)}")
     first = plan_for(cfg.data, cfg.train, data)
     print0(dist, format_stats(data.stats, first, cfg.data, cfg.train.micro_batch_size))
@@ -218,10 +218,22 @@ def run_plan(
     return plan
 
 
-def loss_function(train: TrainConfig, unwrapped: torch.nn.Module, ds_config: dict[str, Any] | None) -> LossFn:
-    """Chunked output layer + cross-entropy unless disabled or under ZeRO-3 (partitioned head weights)."""
+def loss_function(
+    train: TrainConfig,
+    unwrapped: torch.nn.Module,
+    ds_config: dict[str, Any] | None,
+    objective: str = "sft",
+    preference: PreferenceSettings | None = None,
+) -> LossFn:
+    """Chunked output layer + cross-entropy unless disabled or under ZeRO-3 (partitioned head weights); for a
+    preference objective, its loss over the pairs' sequence log-probs."""
     from qwen_ft.train.ds_config import zero_stage
     from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss
+
+    if objective != "sft":
+        from qwen_ft.train.preference_loss import PreferenceLoss
+
+        return PreferenceLoss(unwrapped, objective, preference, train.loss_chunk_tokens)
 
     if train.loss_chunk_tokens == 0 or zero_stage(ds_config or {}) == 3:
         return causal_lm_loss

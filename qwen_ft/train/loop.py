@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qwen_ft.data.collate import collate
+from qwen_ft.data.collate import collate, collate_pairs
 from qwen_ft.data.prepare import PreparedData, plan_for
 from qwen_ft.errors import Preempted, QwenFtError
 from qwen_ft.model.attention import flattens
@@ -60,14 +60,13 @@ class TrainingRun:
         return [self.host_batch(rows) for rows in group]
 
     def host_batch(self, rows: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:
-        """Collate one planned micro-batch on the host."""
+        """Collate one planned micro-batch on the host (of preference pairs: `collate_pairs`)."""
         ds = getattr(self.data, split)
         flat = sorted({i for row in rows for i in row})
-        got = ds[flat]
-        lookup = {
-            i: {"input_ids": a, "labels": b} for i, a, b in zip(flat, got["input_ids"], got["labels"], strict=True)
-        }
-        return collate(
+        columns = ("input_ids", "labels", *(("rejected_ids", "rejected_labels") if self.data.pairs else ()))
+        got = ds.select_columns(list(columns))[flat]
+        lookup = {i: {c: got[c][k] for c in columns} for k, i in enumerate(flat)}
+        return (collate_pairs if self.data.pairs else collate)(
             [[lookup[i] for i in row] for row in rows],
             self.pad_id,
             self.data_config.packing,
@@ -124,7 +123,7 @@ def train_step(tr: TrainingRun, hosts: list[dict[str, torch.Tensor]]) -> tuple[f
     Returns:
         (language-model loss, input tokens, {"aux_loss": mean router loss} or {}) of the group.
     """
-    local = sum(int(b["learned_index"].numel()) for b in hosts)
+    local = sum(units(b) for b in hosts)
     n_tokens = max(1.0, all_reduce_sum([float(local)], tr.dist)[0])
     total = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
     aux_total = torch.zeros((), dtype=torch.float32, device=tr.plan.device)
@@ -144,7 +143,24 @@ def train_step(tr: TrainingRun, hosts: list[dict[str, torch.Tensor]]) -> tuple[f
             total += loss_sum.detach()
     sums = all_reduce_sum([total.item(), aux_total.item()], tr.dist)
     extra = {"aux_loss": sums[1] / n_tokens} if tr.router is not None else {}
-    return sums[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in hosts), extra
+    return sums[0] / n_tokens, sum(int(b["input_ids"].numel()) for b in hosts), extra | loss_metrics(tr, n_tokens)
+
+
+def loss_metrics(tr: TrainingRun, count: float) -> dict[str, float]:
+    """The loss function's own metrics (the preference objectives' rewards/* and logps/*), summed over the
+    group on every process and averaged over its `count` units; none for the plain loss."""
+    take = getattr(tr.loss_fn, "take_metrics", None)
+    sums = take() if take is not None else {}
+    if not sums:
+        return {}
+    names = sorted(sums)
+    totals = all_reduce_sum([sums[k] for k in names], tr.dist)
+    return {k: v / count for k, v in zip(names, totals, strict=True)}
+
+
+def units(batch: dict) -> int:
+    """What the loss of a batch is averaged over: its learned tokens, or its preference pairs."""
+    return int(batch["n_pairs"]) if "n_pairs" in batch else int(batch["learned_index"].numel())
 
 
 def router_capture(tr: TrainingRun):
@@ -180,6 +196,7 @@ def evaluate(tr: TrainingRun) -> float:
             if counted:
                 loss_sum, count = loss_sum + s.detach().float(), count + n
     tr.unwrapped.train()
+    loss_metrics(tr, 1.0)  # the eval batches' rewards are not the next step's (every process takes part)
     total, n_counted = all_reduce_sum([loss_sum.item(), float(count)], tr.dist)
     return total / max(1.0, n_counted)
 

@@ -1,0 +1,85 @@
+"""The preference objectives as a `LossFn` (train/protocols.py): per-sequence log-probs of packed
+chosen/rejected sequences, the reference's from the same batch, then the objective of
+`train/preference.py`.
+
+A micro-batch holds whole pairs: sequence 2k is pair k's chosen, 2k+1 its rejected (`collate_pairs`).
+Only completion tokens are learned, and collate never learns an example's first token, so each sequence's
+learned positions form one run of consecutive positions, and runs of different sequences are apart: the
+run a learned position belongs to is its sequence. The output layer runs only at those positions, a
+chunk at a time (under activation checkpointing while training), so no [tokens x vocabulary] logits
+are held. The reference of a LoRA run is the same model with its adapter switched off: no second copy.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from qwen_ft.train.loss import ChunkedLoss, model_inputs, with_learned_indices
+from qwen_ft.train.preference import PairLogps, dpo_losses, simpo_losses
+
+
+def learned_sequences(learned_index: torch.Tensor) -> torch.Tensor:
+    """For each learned position (collate's flat `learned_index`, ascending), the number of its sequence."""
+    gaps = (learned_index[1:] - learned_index[:-1]) > 1
+    return torch.cat([gaps.new_zeros(1, dtype=torch.long), gaps.long().cumsum(0)])
+
+
+class PreferenceLoss(ChunkedLoss):
+    """Summed per-pair preference loss of a micro-batch, and how many pairs that is."""
+
+    def __init__(self, unwrapped, objective: str, settings, chunk: int):
+        super().__init__(unwrapped, chunk or 1024, fused=False)
+        self.unwrapped, self.objective, self.settings = unwrapped, objective, settings
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def reference(self) -> AbstractContextManager[object]:
+        """The reference model: the policy with its adapter switched off (peft), under no_grad."""
+        if not hasattr(self.unwrapped, "disable_adapter"):
+            raise RuntimeError("a preference objective with a reference needs a LoRA or Q-LoRA model")
+        return self.unwrapped.disable_adapter()
+
+    def sequence_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs of each sequence of `batch`, and their token counts."""
+        model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
+        hidden, target = self._gather(batch)
+        parts = []
+        for start in range(0, int(target.numel()), self.chunk):
+            h, t = hidden[start : start + self.chunk], target[start : start + self.chunk]
+            grad = torch.is_grad_enabled() and h.requires_grad
+            parts.append(checkpoint(self._token_logps, h, t, use_reentrant=False) if grad else self._token_logps(h, t))
+        tokens = torch.cat(parts)
+        seq = learned_sequences(batch["learned_index"]).to(tokens.device)
+        n = 2 * batch["n_pairs"]
+        sums = tokens.new_zeros(n).index_add(0, seq, tokens)
+        return sums, torch.bincount(seq, minlength=n)
+
+    def _token_logps(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float()
+        return logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        batch = with_learned_indices(batch)
+        sums, lens = self.sequence_logps(model, batch)
+        policy = PairLogps(sums[0::2], sums[1::2], lens[0::2], lens[1::2])
+        s = self.settings
+        if self.objective == "simpo":
+            losses, metrics = simpo_losses(policy, s.beta, s.simpo_gamma, s.label_smoothing)
+            # TRL's CPO adds cpo_alpha x the chosen completions' mean NLL (per token, over the micro-batch)
+            nll = -policy.chosen.sum() / policy.chosen_len.sum().clamp(min=1)
+            losses = losses + s.cpo_alpha * nll
+        else:
+            with torch.no_grad(), self.reference():
+                ref_sums, _ = self.sequence_logps(self.unwrapped, batch)
+            reference = PairLogps(ref_sums[0::2], ref_sums[1::2], lens[0::2], lens[1::2])
+            losses, metrics = dpo_losses(policy, reference, s.beta, s.loss_type, s.label_smoothing)
+        for name, values in metrics.items():
+            self._sums[name] = self._sums.get(name, 0.0) + values.detach().float().sum()
+        return losses.sum(), int(batch["n_pairs"])
+
+    def take_metrics(self) -> dict[str, float]:
+        """The metrics summed over pairs since the last call (the loop divides by the pairs, over all processes)."""
+        sums, self._sums = self._sums, {}
+        return {k: float(v) for k, v in sums.items()}
