@@ -88,11 +88,15 @@ def flush_tree(root: Path) -> None:
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Flush every file of `tmp`, then rename it to `final` in one step (an old `final` is replaced)."""
+    """Flush every file of `tmp`, then rename it to `final`. An old `final` is renamed aside first and removed
+    after, so a kill at any moment leaves the old complete directory or the new one at `final`, never a
+    partly deleted one (what is left aside is a stale temporary, removed by the next run)."""
     flush_tree(tmp)
+    old = final.with_name(f".{final.name}.tmp-old-{os.getpid()}")
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from qwen_ft.data.formats import parse_row
 from qwen_ft.data.schema import KINDS, Conversation, RawRow, RowError
@@ -73,6 +74,18 @@ class ReadReport:
             )
 
 
+def row_value(raw: RawRow) -> Any:
+    """The decoded value of a row read from a file (decoded or still JSON text).
+
+    Raises:
+        RowError: the row is not text or not JSON.
+    """
+    raw = decoded(raw)
+    if raw.error is not None:
+        raise RowError(raw.error, raw.kind)
+    return raw.value
+
+
 def conversation_of(raw: RawRow, default_system: str | None) -> Conversation:
     """The one step from a row read from a file (decoded or still JSON text) to a validated conversation;
     training's tokenizing workers and every reader of conversations take it.
@@ -80,10 +93,7 @@ def conversation_of(raw: RawRow, default_system: str | None) -> Conversation:
     Raises:
         RowError: the row is not JSON or not a conversation (the message names the field and the fix).
     """
-    raw = decoded(raw)
-    if raw.error is not None:
-        raise RowError(raw.error, raw.kind)
-    return parse_row(raw.value, raw.where, default_system)
+    return parse_row(row_value(raw), raw.where, default_system)
 
 
 def read_conversations(

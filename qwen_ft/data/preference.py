@@ -174,16 +174,13 @@ def tokenize_pairs(batch: dict, renderer, spec) -> dict:
 
 
 def _pair_row(text: str | None, where: str, read: tuple[str | None, str | None], renderer, spec) -> tuple:
+    from qwen_ft.data.conversations import row_value
     from qwen_ft.data.schema import RawRow
-    from qwen_ft.data.sources import decoded
 
     try:
         if read[0]:
             raise RowError(read[0], read[1] or "json")
-        raw = decoded(RawRow(where, text=text))
-        if raw.error is not None:
-            raise RowError(raw.error, raw.kind)
-        pair = pair_of(raw.value, where, spec.default_system)
+        pair = pair_of(row_value(RawRow(where, text=text)), where, spec.default_system)
         sides, status = pair_rows(*render_pair(renderer, pair), spec.max_length, spec.overlong)
     except RowError as e:
         return [], [], [], [], 0, "error", str(e), e.kind, []

@@ -253,7 +253,11 @@ def resume_checkpoint(cfg: RunConfig, dist: DistInfo) -> Path | None:
     from qwen_ft.config.load import config_to_dict
     from qwen_ft.train.ownership import check_same_run, claim_fresh
     from qwen_ft.train.resume import resume_path
+    from qwen_ft.train.saving import remove_stale_saves
 
+    if dist.is_main:  # under the output lock: nothing else writes there
+        for path in remove_stale_saves(cfg.train.output_dir):
+            print0(dist, f"resume: removed {path}, left by a save that was cut short")
     ckpt = resume_path(cfg.train.resume, cfg.train.output_dir, say=lambda text: print0(dist, text))
     if ckpt is not None:
         check_same_run(ckpt, config_to_dict(cfg), config_to_dict(RunConfig()))

@@ -10,6 +10,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
+# How long a barrier waits: barriers wait for one process's long work (the main process building the
+# tokenized cache, converting a Qwen v1 checkpoint or writing a 70B checkpoint), which takes far longer than
+# any collective of a training step may (train.collective_timeout bounds those).
+WAIT_TIMEOUT = timedelta(hours=6)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -19,6 +24,7 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
+    waits: tdist.ProcessGroup | None = None  # `barrier`'s group: gloo, WAIT_TIMEOUT (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +44,8 @@ def init_distributed(timeout_s: int = 300) -> DistInfo:
         torch.cuda.set_device(device)
     if world > 1 and not tdist.is_initialized():
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    return DistInfo(rank, world, local, device)
+    waits = tdist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if world > 1 else None
+    return DistInfo(rank, world, local, device, waits)
 
 
 def single_process_group(info: DistInfo) -> None:
@@ -59,9 +66,9 @@ def print0(info: DistInfo, *args, **kwargs) -> None:
 
 
 def barrier(info: DistInfo) -> None:
-    """Wait for every process (no-op on one)."""
+    """Wait for every process (no-op on one), up to WAIT_TIMEOUT: the others may be saving or tokenizing."""
     if info.world > 1:
-        tdist.barrier()
+        tdist.barrier(group=info.waits)
 
 
 @contextmanager

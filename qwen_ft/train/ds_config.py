@@ -15,12 +15,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qwen_ft.config.validate import DEEPSPEED_PRESETS
 from qwen_ft.errors import ConfigError
 
 if TYPE_CHECKING:
     from qwen_ft.config.schema import DistConfig, TrainConfig
 
-PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
+PRESETS = tuple(p for p in DEEPSPEED_PRESETS if p != "none")
 _OFFLOAD = {"device": "cpu", "pin_memory": True}
 
 

@@ -4,8 +4,10 @@ others waiting forever and the error names it.
 A collective waits at most train.collective_timeout (`distributed.init_distributed`) and fails at once
 when a peer's connection drops (gloo) or its watchdog fires (NCCL). Every process that sees one fail then
 says so in the job's rendezvous store and waits a few seconds for the others to say the same; the ranks
-that never do are the ones that died or hang. torchrun's agent holds that store and outlives its workers;
-a job started without torchrun keeps it in rank 0, so when rank 0 is the one gone, that is what is said.
+that never do are the ones that died or hang. The store is torchrun's agent's (which outlives its workers)
+or, with the launchers' fresh store per restart or without torchrun, rank 0's: when rank 0 is the one
+gone, that is what is said. Barriers wait longer (`distributed.WAIT_TIMEOUT`): behind them one process
+builds the data cache or writes a checkpoint.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def lost_rank_error(
     who = (
         f"rank {', '.join(map(str, silent))} of {world} stopped answering (killed, crashed or hung)"
         if silent
-        else "the job's rendezvous store is gone (without torchrun rank 0 holds it: rank 0 died)"
+        else "the job's rendezvous store is unreachable: rank 0, which holds it, is gone"
     )
     cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     return RankLost(

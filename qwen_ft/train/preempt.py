@@ -2,7 +2,9 @@
 SIGINT (Ctrl-C) ask the run to stop after its current optimizer step, with a checkpoint to resume from.
 
 A second signal exits at once: checkpoints are written into a temporary directory and renamed when
-complete, so the last complete one stays as it was. Under torchrun every process takes part in the
+complete, so the last complete one stays as it was. Under torchrun a second one within DUPLICATE_S of the
+first is the same request: SLURM signals every process of a job step, and torchrun forwards its own copy
+to its workers a moment later. Under torchrun every process takes part in the
 decision after each step, so all stop after the same one whichever of them was signalled.
 """
 
@@ -12,12 +14,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
 from qwen_ft.train.distributed import DistInfo, all_reduce_sum
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+DUPLICATE_S = 5.0
 
 
 class StopRequests:
@@ -26,6 +30,8 @@ class StopRequests:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._at = 0.0
+        self._copies_expected = "TORCHELASTIC_RUN_ID" in os.environ  # a worker of torchrun
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
@@ -38,8 +44,10 @@ class StopRequests:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.signum is not None:
+            if self._copies_expected and time.monotonic() - self._at < DUPLICATE_S:
+                return  # the launcher's copy of the same signal
             os._exit(128 + signum)  # as if killed by it, which a caller can tell from a planned stop
-        self.signum = signum
+        self.signum, self._at = signum, time.monotonic()
         name = signal.Signals(signum).name
         print(f"\n{name}: stopping after this optimizer step (send it again to stop at once)", file=sys.stderr)
 

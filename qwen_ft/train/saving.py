@@ -37,6 +37,16 @@ def save_checkpoint(tr: SavedRun, state: ck.TrainState, root: Path, keep: int) -
     return final
 
 
+def remove_stale_saves(output_dir: str | Path) -> list[Path]:
+    """Remove what saves cut short by a kill or a second signal left (`.tmp-checkpoint-N`, `.final.tmp-PID`):
+    the run holds the output directory's lock, so no other process is writing them."""
+    out = Path(output_dir)
+    stale = [*(out / "checkpoints").glob(".tmp-checkpoint-*"), *out.glob(".final.tmp-*")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 @contextmanager
 def failed_saves_stop(path: Path, checkpoints: Path, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
     """A save into `path` that fails for want of room (OSError, or SafetensorError from safetensors'

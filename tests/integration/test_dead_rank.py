@@ -99,3 +99,35 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(run_config, tmp_
     stdout = finish(proc)
     assert f"resume: from {out / 'checkpoints'}" in stdout, stdout[-3000:]  # after the restart
     same_run(out, reference)
+
+
+WAITS = """
+import sys, time
+from qwen_ft.train.distributed import all_reduce_sum, init_distributed, local_main_first
+d = init_distributed(timeout_s=2)
+with local_main_first(d):  # local rank 0 builds a cache (here: sleeps) past the 2 s timeout; the others wait
+    if d.local_rank == 0:
+        time.sleep(5)
+print("after the barrier", all_reduce_sum([1.0], d), flush=True)
+if d.rank == 0:
+    time.sleep(5)  # a collective, unlike a barrier, gives up after train.collective_timeout
+try:
+    all_reduce_sum([1.0], d)
+except RuntimeError as e:
+    print("collective timed out:", str(e).splitlines()[0][:120], flush=True)
+"""
+
+
+def test_barriers_wait_past_the_collective_timeout_and_collectives_do_not(tmp_path):
+    """The main process's long work behind a barrier (building the data cache, converting a checkpoint, writing
+    a checkpoint) must not trip train.collective_timeout, which bounds the collectives of a training step."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank)}
+        env |= {"LOCAL_RANK": str(rank)}
+        cmd = [sys.executable, "-c", WAITS]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **env}))
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all("after the barrier [2.0]" in out for out in outs), outs
+    assert "collective timed out" in outs[1], outs  # rank 1 waited for rank 0 in the all-reduce, and gave up

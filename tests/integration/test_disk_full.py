@@ -104,6 +104,26 @@ def test_a_checkpoint_past_the_file_size_limit_stops_cleanly_and_the_run_resumes
     assert same_adapter(tmp_path / "ref", out)
 
 
+def test_the_final_save_past_the_file_size_limit_leaves_no_half_model_and_the_run_resumes(run_config, tmp_path):
+    """The limit set once the last checkpoint (step 4) exists: the final save (step 6) fails. Nothing of it
+    reaches output_dir (it is written into .final.tmp-PID first), and the rerun resumes from checkpoint-4."""
+    from qwen_ft.train.resume import resume_path
+
+    out = tmp_path / "out"
+    config = run_config(train={**STEPS, "resume": "auto"})
+    last = out / "checkpoints" / "checkpoint-4"
+    refused_cleanly(
+        qwen_ft("train", config, limit=8192, after=str(last / "trainer_state.json")),  # the logs stay under 8 KB
+        f"writing {out} failed: a file grew past the per-file size limit",
+        f"the last good checkpoint is {last}",
+    )
+    assert not temporaries(out) and not (out / "adapter_model.safetensors").exists()
+    assert resume_path("auto", str(out)) == last
+    resumed = qwen_ft("train", config)
+    assert resumed.returncode == 0 and "checkpoint-4 at step 4" in resumed.stdout, resumed.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """A real tmpfs (root only): yields (mount point, resize(bytes))."""

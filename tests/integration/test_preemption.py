@@ -24,11 +24,13 @@ STEPS = ["train.max_steps=30", "train.save_steps=4", "train.save_total_limit=3"]
 PREEMPTED = 75
 
 
-def launch(config: str, out: Path, *extra: str, procs: int = 1) -> subprocess.Popen:
+def launch(config: str, out: Path, *extra: str, procs: int = 1, session: bool = False) -> subprocess.Popen:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
     head = [*torchrun, "--master_port", str(free_port())] if procs > 1 else [sys.executable]
     cmd = [*head, str(REPO / "finetune.py"), "--config", config, f"train.output_dir={out}", *STEPS, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=session
+    )
 
 
 def signal_after_first_checkpoint(proc: subprocess.Popen, out: Path, *signals: int, pid: int | None = None) -> None:
@@ -119,7 +121,9 @@ def test_a_second_signal_exits_at_once_and_the_last_checkpoint_stays_intact(run_
     assert proc.returncode == 128 + signal.SIGTERM, "".join(err)[-3000:]
     newest = resume_path("auto", str(out))  # verifies sizes and hashes
     assert newest is not None and newest.name.startswith("checkpoint-")
+    (out / "checkpoints" / f".tmp-checkpoint-{newest.name.split('-')[1]}9").mkdir()  # as a save cut short leaves
     assert finish(launch(run_config(), out, "train.resume=auto"))
+    assert not list(out.rglob(".tmp-checkpoint-*")) and not list(out.glob(".final.tmp-*"))  # the resume removed them
 
 
 @pytest.mark.timeout(600)
@@ -145,3 +149,24 @@ def test_under_torchrun_a_signal_to_one_process_stops_both_after_the_same_step(r
     resumed = launch(config, out, "train.resume=auto", procs=2)
     assert f"checkpoint-{step} at step {step}" in finish(resumed)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_slurm_signalling_torchrun_and_its_workers_together_stops_them_with_a_checkpoint(run_config, tmp_path):
+    """SLURM signals every process of the job step: torchrun forwards its copy to workers that already have
+    SLURM's, a moment apart. That is one request, not a second signal: the workers still finish the step
+    and save it."""
+    from qwen_ft.train.resume import resume_path
+
+    out = tmp_path / "ddp"
+    proc = launch(run_config(), out, procs=2, session=True)  # its own process group, as a job step's
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "checkpoint-4").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both workers
+    _, err = proc.communicate(timeout=300)
+    assert (
+        "stopped: SIGTERM after step " in err and "Traceback (most recent call last)" not in err.split("stopped:")[0]
+    )
+    step = int(err.split("stopped: SIGTERM after step ")[1].split()[0])
+    assert resume_path("auto", str(out)).name == f"checkpoint-{step}" and step >= 4
