@@ -60,7 +60,7 @@ def estimate(
 ) -> RunEstimate:
     """Predicted peak memory per GPU; `dtype` is what model.dtype=auto becomes."""
     from qwen_ft.config.load import config_from_dict, config_to_dict
-    from qwen_ft.sizing.memory import estimate_run
+    from qwen_ft.recipe.estimate import estimate_run
 
     if isinstance(config, (str, Path)):
         cfg = load_config(config, overrides)

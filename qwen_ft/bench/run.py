@@ -126,11 +126,12 @@ def predicted_gb(config: Path, shape: str, overrides: list[str]) -> float:
     from qwen_ft.bench.shapes import shape_config
     from qwen_ft.config.load import load_config
     from qwen_ft.model.shape import Shape
-    from qwen_ft.sizing.memory import GB, estimate_peak
+    from qwen_ft.recipe.estimate import peak_of
+    from qwen_ft.sizing.memory import GB
 
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
     cfg = load_config(str(config), overrides)  # also refuses a bad override before anything runs
-    return estimate_peak(cfg, Shape.from_config(shape_config(shape)), dtype, 1, 0, False).total / GB
+    return peak_of(cfg, Shape.from_config(shape_config(shape)), dtype, 1, 0, False).total / GB
 
 
 def run_case(d: Path) -> dict:

@@ -19,7 +19,7 @@ from qwen_ft.model.load import checkpointed_layers
 from qwen_ft.model.shape import Shape, lora_params, nf4_bytes_per_weight
 
 if TYPE_CHECKING:
-    from qwen_ft.config.schema import MethodSpec, QuantConfig, RunConfig
+    from qwen_ft.config.schema import MethodSpec, QuantConfig
 
 GB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -83,24 +83,38 @@ def quantized_linear_bytes(quant: QuantConfig, shape: Shape, gptq_group: int) ->
 LOGIT_BYTES = {"fused": 11, "plain": 13}
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What the estimate reads of a run (composed from a RunConfig by recipe/estimate.py): the method, a
+    micro-batch's rows and length, the share of layers recomputed, the loss's chunking, and whether
+    DeepSpeed holds the weights."""
+
+    method: MethodSpec
+    micro_batch_size: int
+    max_length: int
+    recomputed_fraction: float
+    loss_chunk_tokens: int
+    deepspeed: bool
+
+
 def estimate_peak(
-    cfg: RunConfig, shape: Shape, dtype: str, world: int, stage: int, offload: bool, gptq_group: int = 128
+    work: Workload, shape: Shape, dtype: str, world: int, stage: int, offload: bool, gptq_group: int = 128
 ) -> Estimate:
-    """Predicted peak bytes per GPU for `cfg` on `world` GPUs under ZeRO `stage` (0: none)."""
-    t = trainable_params(cfg.method_spec, shape)
-    full_ds = cfg.method == "full" and stage > 0
+    """Predicted peak bytes per GPU for `work` on `world` GPUs under ZeRO `stage` (0: none)."""
+    t = trainable_params(work.method, shape)
+    full_ds = work.method.name == "full" and stage > 0
     grad_bytes = BYTES[dtype] if full_ds else 4  # adapters and plain full training keep fp32 grads
     optim = t * (8 + (4 if full_ds and dtype != "fp32" else 0))  # Adam moments (+ fp32 master under DS)
     e = Estimate()
-    held = weight_bytes(cfg.method_spec, cfg.dist.deepspeed != "none", shape, dtype, gptq_group)
+    held = weight_bytes(work.method, work.deepspeed, shape, dtype, gptq_group)
     e.parts["weights"] = held / (world if stage == 3 else 1)
-    if cfg.method != "full":  # fp32 LoRA weights and, for LoRA (emb), the fp32 trained copies of embeddings/head
+    if work.method.name != "full":  # fp32 LoRA weights and, for LoRA (emb), the fp32 trained copies of embeddings/head
         e.parts["trained fp32"] = t * 4.0 / (world if stage == 3 else 1)
     e.parts["gradients"] = t * grad_bytes / (world if stage >= 2 else 1)
     e.parts["optimizer"] = 0.0 if offload else optim / (world if stage >= 1 else 1)
-    tokens = cfg.train.micro_batch_size * cfg.data.max_length
+    tokens = work.micro_batch_size * work.max_length
     per_layer = 34 * shape.hidden  # bytes per token per layer, 16-bit activations (already in bytes)
-    recomputed = checkpointed_layers(shape.layers, cfg.model.recomputed_fraction)
+    recomputed = checkpointed_layers(shape.layers, work.recomputed_fraction)
     # Recomputed layers keep their input only; the others all their activations.
     e.parts["activations"] = tokens * (recomputed * shape.hidden * 2 + (shape.layers - recomputed) * per_layer)
     if shape.moe and recomputed < shape.layers:  # the routed copies of each token: top-k active experts
@@ -108,12 +122,10 @@ def estimate_peak(
             tokens * expert_activation_bytes(shape) * (shape.layers - recomputed) * shape.moe.layers / shape.layers
         )
     # per GDN layer, kept like its other activations
-    states = gdn_chunk_states(cfg.data.max_length, cfg.train.micro_batch_size, shape)
+    states = gdn_chunk_states(work.max_length, work.micro_batch_size, shape)
     if shape.gdn and recomputed < shape.layers:
         e.parts["GDN states"] = states * shape.gdn.layers * (1 - recomputed / shape.layers)
-    e.moments["loss step"] = _loss_step_bytes(
-        cfg.train.loss_chunk_tokens, cfg.method_spec, shape, dtype, stage, tokens, t
-    )
+    e.moments["loss step"] = _loss_step_bytes(work.loss_chunk_tokens, work.method, shape, dtype, stage, tokens, t)
     if recomputed:  # one layer's activations while backward replays it
         e.moments["layer replay"] = tokens * per_layer + states
     return e
@@ -162,7 +174,7 @@ def fits(e: Estimate, gpu_gb: float) -> bool:
 
 @dataclass(frozen=True)
 class RunEstimate:
-    """`estimate` for a run config against its checkpoint's config.json."""
+    """The estimate of a run config against its checkpoint's config.json (recipe/estimate.py)."""
 
     shape: Shape
     method: str
@@ -171,24 +183,6 @@ class RunEstimate:
     stage: int
     offload: bool
     estimate: Estimate
-
-
-def estimate_run(cfg: RunConfig, gpus: int = 1, dtype: str = "bf16") -> RunEstimate:
-    """Peak memory per GPU for `cfg` on `gpus` GPUs; `dtype` is what model.dtype=auto becomes.
-
-    Raises:
-        QwenFtError: model.path has no readable config.json.
-    """
-    from qwen_ft.train.ds_config import deepspeed_config, offloads_optimizer, zero_stage
-
-    checkpoint_config = read_checkpoint_config(cfg.model.path)
-    shape = Shape.from_config(checkpoint_config)
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else dtype
-    ds = deepspeed_config(cfg.dist, cfg.train, dtype, gpus) if cfg.dist.deepspeed != "none" else {}
-    group = checkpoint_config.get("quantization_config", {}).get("group_size") or 128
-    group = group if group > 0 else 1 << 30  # -1: one group spans each column's whole input
-    e = estimate_peak(cfg, shape, dtype, gpus, zero_stage(ds), offloads_optimizer(ds), gptq_group=group)
-    return RunEstimate(shape, cfg.method, dtype, gpus, zero_stage(ds), offloads_optimizer(ds), e)
 
 
 def read_checkpoint_config(model_path: str) -> dict:

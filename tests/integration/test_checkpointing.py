@@ -9,7 +9,7 @@ from qwen_ft.config.load import config_from_dict
 from qwen_ft.errors import ConfigError
 from qwen_ft.model.shape import Shape
 from qwen_ft.recipe import steps
-from qwen_ft.sizing.memory import estimate_peak
+from qwen_ft.recipe.estimate import peak_of
 from qwen_ft.train.distributed import DistInfo
 from qwen_ft.train.loss import causal_lm_loss
 
@@ -71,7 +71,7 @@ def test_fraction_validation_and_estimate():
 
     def activations(**model):
         cfg = config_from_dict({"model": {"path": "m", **model}, "data": {"train_files": ["d"]}})
-        return estimate_peak(cfg, shape, "bf16", 1, 0, False).parts["activations"]
+        return peak_of(cfg, shape, "bf16", 1, 0, False).parts["activations"]
 
     assert activations() < activations(checkpoint_fraction=0.5) < activations(gradient_checkpointing=False)
     assert activations(checkpoint_fraction=1.0) == activations()

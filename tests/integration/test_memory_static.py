@@ -12,7 +12,7 @@ import torch
 from qwen_ft.config.load import config_from_dict
 from qwen_ft.model.shape import Shape
 from qwen_ft.recipe import steps
-from qwen_ft.sizing.memory import estimate_peak
+from qwen_ft.recipe.estimate import peak_of
 from qwen_ft.train.distributed import DistInfo
 from qwen_ft.train.schedule import build_optimizer
 
@@ -47,7 +47,7 @@ def test_static_memory_is_exact(qwen2_dir, emb):
     )
     precision, attn, family = steps.runtime(cfg, CPU)
     model = steps.model(cfg, family, precision, attn, CPU)
-    predicted = estimate_peak(
+    predicted = peak_of(
         cfg, Shape.from_config(json.loads((qwen2_dir / "config.json").read_text())), "bf16", 1, 0, False
     ).parts
     assert unique_bytes(model.parameters()) == predicted["weights"] + predicted["trained fp32"]

@@ -10,7 +10,8 @@ import pytest
 from qwen_ft.cli.main import main
 from qwen_ft.config.load import config_from_dict
 from qwen_ft.model.shape import Shape
-from qwen_ft.sizing.memory import GB, estimate_peak, fits, trainable_params
+from qwen_ft.recipe.estimate import peak_of
+from qwen_ft.sizing.memory import GB, fits, trainable_params
 from tests.conftest import ASSETS
 
 
@@ -71,25 +72,23 @@ def run_cfg(**sections):
 def test_estimate_structure():
     shape = Shape.from_config(QWEN_7B)
     assert round(shape.params() / 1e9, 2) == 7.72
-    lora = estimate_peak(run_cfg(method="lora"), shape, "bf16", 1, 0, False)
-    qlora = estimate_peak(run_cfg(method="qlora"), shape, "bf16", 1, 0, False)
+    lora = peak_of(run_cfg(method="lora"), shape, "bf16", 1, 0, False)
+    qlora = peak_of(run_cfg(method="qlora"), shape, "bf16", 1, 0, False)
     assert qlora.parts["weights"] < 0.4 * lora.parts["weights"]
-    full1 = estimate_peak(run_cfg(method="full"), shape, "bf16", 8, 1, False)
-    full3 = estimate_peak(run_cfg(method="full"), shape, "bf16", 8, 3, False)
+    full1 = peak_of(run_cfg(method="full"), shape, "bf16", 8, 1, False)
+    full3 = peak_of(run_cfg(method="full"), shape, "bf16", 8, 3, False)
     assert full3.parts["weights"] == pytest.approx(full1.parts["weights"] / 8)
-    assert estimate_peak(run_cfg(method="full"), shape, "bf16", 8, 3, True).parts["optimizer"] == 0
-    no_ckpt = estimate_peak(
-        run_cfg(method="lora", model={"gradient_checkpointing": False}), shape, "bf16", 1, 0, False
-    )
+    assert peak_of(run_cfg(method="full"), shape, "bf16", 8, 3, True).parts["optimizer"] == 0
+    no_ckpt = peak_of(run_cfg(method="lora", model={"gradient_checkpointing": False}), shape, "bf16", 1, 0, False)
     assert no_ckpt.parts["activations"] > 5 * lora.parts["activations"]
-    unchunked = estimate_peak(run_cfg(method="lora", train={"loss_chunk_tokens": 0}), shape, "bf16", 1, 0, False)
+    unchunked = peak_of(run_cfg(method="lora", train={"loss_chunk_tokens": 0}), shape, "bf16", 1, 0, False)
     assert unchunked.moments["loss step"] > 2 * lora.moments["loss step"] - 2 * 159_907_840  # 2048 vs 1024 rows
     assert fits(lora, 80) and not fits(lora, lora.total / GB)
 
 
 def test_7b_lora_2048_by_hand():
     """Qwen-7B, LoRA r 64 on all linear layers, 1 x 2048 tokens, bf16, checkpointing, chunks of 1024."""
-    e = estimate_peak(run_cfg(method="lora", lora={"r": 64}), Shape.from_config(QWEN_7B), "bf16", 1, 0, False)
+    e = peak_of(run_cfg(method="lora", lora={"r": 64}), Shape.from_config(QWEN_7B), "bf16", 1, 0, False)
     params, lora = 7_721_324_544, 32 * 64 * (4 * 8192 + 2 * 15104 + 15104)
     assert lora == 159_907_840
     assert e.parts == {
@@ -106,7 +105,7 @@ def test_7b_lora_2048_by_hand():
     }  # Korthikanti's 34*H bytes, not 34*H*2
     assert e.total == sum(e.parts.values()) + e.moments["loss step"]  # the moments never add up
     assert e.total / GB == pytest.approx(19.173, abs=1e-3)  # H100, 2026-11-22: 18.87 GiB measured
-    emb = estimate_peak(
+    emb = peak_of(
         run_cfg(method="lora", lora={"r": 64, "train_embeddings": True}),
         Shape.from_config(QWEN_7B),
         "bf16",
@@ -122,9 +121,9 @@ def test_quantized_weights_by_hand():
     shape = Shape.from_config(QWEN_7B)
     linear, other = 6_476_005_376, 1_245_319_168
     assert shape.linear_params() == linear and shape.other_params() == other
-    bnb = estimate_peak(run_cfg(method="qlora"), shape, "bf16", 1, 0, False).parts["weights"]
+    bnb = peak_of(run_cfg(method="qlora"), shape, "bf16", 1, 0, False).parts["weights"]
     assert bnb == linear * (0.5 + 1 / 64 + 4 / 16384) + 2 * other  # nf4 codes + double-quantized absmax
-    gptq = estimate_peak(
+    gptq = peak_of(
         run_cfg(method="qlora", quant={"backend": "gptq"}), shape, "bf16", 1, 0, False, gptq_group=128
     ).parts["weights"]
     square = 4096 * 4096 / 2 + 32 * 4096 * 2.5 + 4096 * 4  # q/k/v/o: codes, zeros+scales per group, g_idx
@@ -215,12 +214,12 @@ def test_qwen3_5_estimate_counts_gdn_states_and_248k_logits(capsys):
     }
     states = {n: gdn_chunk_states(c.data.max_length, c.train.micro_batch_size, shape) for n, c in cfgs.items()}
     assert states[2048] == 32 * 32 * 128 * 128 * 4 and states[8192] == 4 * states[2048]  # 32 chunks of 64
-    short, long = (estimate_peak(cfgs[n], shape, "bf16", 1, 0, False) for n in (2048, 8192))
+    short, long = (peak_of(cfgs[n], shape, "bf16", 1, 0, False) for n in (2048, 8192))
     assert short.moments["layer replay"] == 2048 * 34 * 4096 + states[2048] and long.total > short.total
     half = config_from_dict(
         {"model": {"path": "m", "checkpoint_fraction": 0.5}, "data": {"train_files": ["d"], "max_length": 2048}}
     )
-    assert estimate_peak(half, shape, "bf16", 1, 0, False).parts["GDN states"] == states[2048] * 24 * 0.5
+    assert peak_of(half, shape, "bf16", 1, 0, False).parts["GDN states"] == states[2048] * 24 * 0.5
     assert short.moments["loss step"] >= 1024 * 248_320 * 11
     config = Path(__file__).resolve().parents[2] / "configs" / "qwen3.5-9b_lora.yaml"
     assert main(["estimate", str(config), f"model.path={ASSETS / 'qwen3.5-9b'}"]) == 0
@@ -243,14 +242,12 @@ def test_moe_estimate_holds_every_expert_and_activates_top_k():
             "data": {"train_files": ["d"], "max_length": 1024},
         }
     )
-    e = estimate_peak(full, shape, "bf16", 8, 3, False)
+    e = peak_of(full, shape, "bf16", 8, 3, False)
     assert e.parts["weights"] == shape.params() * 2 / 8  # every expert, sharded over 8 GPUs
     assert e.parts["optimizer"] == shape.params() * 12 / 8
     assert expert_activation_bytes(shape) == 8 * 2 * (2 * 2048 + 3 * 768)
     assert e.parts["expert activations"] == 1024 * expert_activation_bytes(shape) * 48
-    dense = estimate_peak(
-        full, Shape.from_config({**shape_config("qwen3-30b-a3b"), "num_experts": 0}), "bf16", 8, 3, False
-    )
+    dense = peak_of(full, Shape.from_config({**shape_config("qwen3-30b-a3b"), "num_experts": 0}), "bf16", 8, 3, False)
     assert "expert activations" not in dense.parts
 
 
