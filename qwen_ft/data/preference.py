@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen_ft.data.chatml import IGNORE_INDEX
+from qwen_ft.data.conversations import row_value
 from qwen_ft.data.formats import normalise
-from qwen_ft.data.schema import RowError
+from qwen_ft.data.schema import RawRow, RowError
 
 PAIR_FIELDS = {"prompt", "chosen", "rejected", "system", "tools", "chat_template_kwargs"}
 
@@ -69,14 +70,14 @@ def pair_of(row: Any, where: str, default_system: str | None) -> Pair:
     if row.get("system") and not (prompt and prompt[0].get("role") == "system"):
         prompt = [{"role": "system", "content": row["system"]}, *prompt]
     extra = {k: row[k] for k in ("tools", "chat_template_kwargs") if k in row}
-    full_chosen, ignored = normalise({"messages": prompt + chosen, **extra}, default_system)
+    full_chosen, _ = normalise({"messages": prompt + chosen, **extra}, default_system)
     full_rejected, _ = normalise({"messages": prompt + rejected, **extra}, default_system)
     inserted = len(full_chosen["messages"]) - len(prompt) - len(chosen)  # the default system prompt, if added
     k = len(prompt) + inserted
     head = {**full_chosen, "messages": full_chosen["messages"][:k]}
     head["learn"] = [False] * sum(m["role"] == "assistant" for m in head["messages"])
     leftover = tuple(sorted(str(f) for f in row if f not in PAIR_FIELDS and f != "id"))
-    return Pair(head, full_chosen, full_rejected, where, leftover or tuple(ignored))
+    return Pair(head, full_chosen, full_rejected, where, leftover)
 
 
 def _messages(value: Any, field: str) -> list[dict]:
@@ -174,9 +175,6 @@ def tokenize_pairs(batch: dict, renderer, spec) -> dict:
 
 
 def _pair_row(text: str | None, where: str, read: tuple[str | None, str | None], renderer, spec) -> tuple:
-    from qwen_ft.data.conversations import row_value
-    from qwen_ft.data.schema import RawRow
-
     try:
         if read[0]:
             raise RowError(read[0], read[1] or "json")
