@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# preference objectives that compare the policy with a reference model
+REFERENCE_OBJECTIVES = ("dpo",)
+
 # Qwen v1 ChatML's default system prompt (QwenLM finetune.py, chat demos).
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -56,6 +59,12 @@ class ModelConfig:
         False,
         "torch.compile each decoder layer: fewer, fused kernels (the step is host-bound without it on "
         "GPUs); the first steps pay the compilation. Not with method=qlora or ZeRO-3",
+    )
+    adapter: str | None = opt(
+        None,
+        "a LoRA adapter directory (a qwen-ft or peft output, safetensors) to start from, e.g. the SFT adapter a "
+        "preference stage continues: its rank, alpha and targets are the run's, and for dpo the reference is this "
+        "adapter, frozen",
     )
     trust_remote_code: bool = opt(False, "run code shipped with the checkpoint; off unless you ask for it")
     allow_pickle_weights: bool = opt(
@@ -207,7 +216,7 @@ class TrainConfig:
 class PreferenceSettings:
     """The preference objectives (`objective` other than sft), named as TRL names them, with TRL 1.16's defaults."""
 
-    beta: float = opt(0.1, "strength of the preference (DPO's KL weight; SimPO's reward scale)")
+    beta: float = opt(0.1, "strength of the preference (DPO's KL weight; SimPO's reward scale; ORPO's lambda)")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = opt(
         "sigmoid", "DPO's loss: sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO)"
     )
@@ -233,6 +242,8 @@ class MethodSpec:
     name: Literal["full", "lora", "qlora"]
     lora: LoraSettings
     quant: QuantConfig
+    adapter: str | None = None  # model.adapter: the trained adapter starts from it
+    reference: bool = False  # the objective compares against a reference (with `adapter`: it, frozen)
 
 
 @dataclass(frozen=True)
@@ -243,8 +254,10 @@ class RunConfig:
     tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer location")
     data: DataConfig = opt(DataConfig(), "data files and preprocessing")
     method: Literal["full", "lora", "qlora"] = opt("lora", "what is trained")
-    objective: Literal["sft", "dpo", "simpo"] = opt(
-        "sft", "sft (learn the replies), dpo (chosen over rejected, against a reference), simpo (no reference)"
+    objective: Literal["sft", "dpo", "simpo", "orpo"] = opt(
+        "sft",
+        "sft (learn the replies), dpo (chosen over rejected, against a reference), simpo (no reference), orpo "
+        "(odds ratio plus the chosen sequences' NLL, no reference)",
     )
     preference: PreferenceSettings = opt(PreferenceSettings(), "preference objective settings")
     lora: LoraSettings = opt(LoraSettings(), "adapter settings")
@@ -259,5 +272,6 @@ class RunConfig:
 
     @property
     def method_spec(self) -> MethodSpec:
-        """`method` with the lora and quant sections."""
-        return MethodSpec(self.method, self.lora, self.quant)
+        """`method` with the lora and quant sections, the adapter it starts from and whether it needs a reference."""
+        reference = self.objective in REFERENCE_OBJECTIVES
+        return MethodSpec(self.method, self.lora, self.quant, self.model.adapter, reference)

@@ -122,6 +122,11 @@ def _combinations(cfg: RunConfig) -> list[str]:
         )
     if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
         problems.append(f"dist.deepspeed: {ds!r} is not one of {', '.join(DEEPSPEED_PRESETS)} nor a .json path")
+    if cfg.model.adapter and cfg.method == "full":
+        problems.append(
+            "model.adapter with method: full; an adapter is continued as an adapter: use method: lora or qlora "
+            "(or merge it first and fine-tune the merged model)"
+        )
     problems += _preference_problems(cfg)
     if cfg.model.trust_remote_code and cfg.model.family not in ("auto", "qwen"):
         problems.append(
@@ -144,7 +149,7 @@ def _preference_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             "objective: dpo with method: full; its reference (a frozen copy, or log-probs precomputed into the "
             "data cache) is not built yet: use method: lora or qlora (the reference is the model without its "
-            "adapter), or objective: simpo, which needs none"
+            "adapter), or objective: simpo or orpo, which need none"
         )
     if cfg.dist.deepspeed != "none":
         problems.append(

@@ -74,7 +74,25 @@ def collate_pairs(
     else:
         sequences = [[seq] for row in rows for pair in row for seq in _sides(pair)]
     out: dict = collate(sequences, pad_id, packed, flat, segments)
-    return {**out, "n_pairs": sum(len(row) for row in rows)}
+    width = out["input_ids"].shape[1] - 1  # flat positions count in labels[:, 1:]
+    layout = [[seq for row in sequences for seq in row]] if flat else sequences
+    return {**out, "n_pairs": sum(len(row) for row in rows), "prompt_index": _prompt_index(layout, width)}
+
+
+def _prompt_index(layout: Sequence[Sequence[dict]], width: int) -> torch.Tensor:
+    """Flat positions into labels[:, 1:] of the chosen sequences' prompt tokens after their first (what
+    ORPO's NLL learns besides the completion, as TRL's ORPOTrainer does), in a layout of rows of sequences."""
+    index: list[int] = []
+    number = 0  # sequences are chosen, rejected, chosen, ... in layout order
+    for r, row in enumerate(layout):
+        offset = 0
+        for seq in row:
+            if number % 2 == 0:
+                prompt = next((i for i, t in enumerate(seq["labels"]) if t != IGNORE_INDEX), len(seq["labels"]))
+                start = r * width + offset
+                index.extend(range(start, start + prompt - 1))
+            offset, number = offset + len(seq["input_ids"]), number + 1
+    return torch.tensor(index, dtype=torch.long)
 
 
 def _sides(pair: dict) -> list[dict]:

@@ -12,9 +12,13 @@ With an implicit prompt the longest common prefix of the two conversations is th
 
 Rendering: the prompt is rendered with the generation prompt (`add_generation_prompt=True`), each full
 conversation as training renders it; the completion is what the full rendering adds after the prompt,
-and only it is learned (TRL's rule). A template that renders the prompt differently inside the full
-conversation (re-rendering earlier turns) would train on a context the model never sees when it
-serves: such a row is refused, naming what differs.
+and only it is learned (TRL's rule). Where the prompt's text is a prefix but its ids are not (tokens
+merge across the boundary: Qwen3.5's generation prompt ends "<think>" + "\n", its replies "\n\n"), the
+completion is the added text tokenized on its own, so training sees the served prompt's ids followed
+by tokens a model generates after them (TRL instead drops the prompt's unmatched end, with a warning).
+A template that renders the prompt's text differently inside the full conversation (re-rendering
+earlier turns) would train on a context the model never sees when it serves: such a row is refused,
+naming what differs.
 """
 
 from __future__ import annotations
@@ -117,7 +121,11 @@ def render_pair(renderer, pair: Pair) -> tuple[list[int], list[int], list[int]]:
     sides = []
     for name, conv in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         ids, _, _ = renderer.render(conv)
-        if ids[: len(prompt)] != prompt:
+        if ids[: len(prompt)] == prompt:
+            sides.append(ids[len(prompt) :])
+            continue
+        completion = renderer.continuation(pair.prompt, conv)  # tokens merged across the prompt's end
+        if completion is None:
             at = next(i for i, (a, b) in enumerate(zip(ids, prompt, strict=False)) if a != b) if ids else 0
             raise RowError(
                 f"{name}: the chat template ({renderer.source}) renders the prompt differently inside the full "
@@ -126,7 +134,7 @@ def render_pair(renderer, pair: Pair) -> tuple[list[int], list[int], list[int]]:
                 "use a template that renders earlier turns the same way",
                 "template",
             )
-        sides.append(ids[len(prompt) :])
+        sides.append(completion)
     return prompt, sides[0], sides[1]
 
 

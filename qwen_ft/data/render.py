@@ -115,6 +115,23 @@ class Renderer:
             return ids + framing.head("assistant")
         return self._for(conv).encode(conv, add_generation_prompt=True)[0]
 
+    def continuation(self, prompt: dict[str, Any], full: dict[str, Any]) -> list[int] | None:
+        """Ids of the text `full`'s rendering adds after `prompt`'s generation prompt, tokenized on their own
+        (the tokens a model served that prompt generates, where the whole text would merge tokens across the
+        boundary: Qwen3.5's "<think>" + "\n" prompt against "\n\n" inside the reply); None when the prompt's
+        text is no prefix of the conversation's."""
+        if self._templ is None:
+            return None
+        head, whole = self._for(prompt).segments(prompt, True), self._for(full).segments(full)
+        k = len(head) - 1
+        if k < 0 or k >= len(whole) or whole[:k] != head[:k] or not _extends(whole[k], head[k]):
+            return None
+        rest, last, ours = whole[k + 1 :], head[k], whole[k]
+        if isinstance(last, str) and isinstance(ours, str) and len(ours) > len(last):
+            rest = [ours[len(last) :], *rest]
+        encoded = iter(self.tok.encode_offsets([seg for seg in rest if isinstance(seg, str)]))
+        return [t for seg in rest for t in ([seg] if isinstance(seg, int) else next(encoded)[0])]
+
     def _chatml(self, conv: dict[str, Any], policy: Policy) -> tuple[list[int], list[int], list[Block]]:
         """Qwen v1 ChatML: text roles only (text parts joined with newlines); the QwenLM default system
         prompt when there is none."""
@@ -134,6 +151,13 @@ class Renderer:
         contents = [self.tok.encode(as_text(m["content"])) for m in messages]  # ChatML takes strings
         ids, labels = assemble(roles, contents, framing, policy, learn=conv["learn"])
         return ids, labels, chatml_blocks(roles, contents, framing)
+
+
+def _extends(segment: str | int, start: str | int) -> bool:
+    """A rendered segment that begins with the prompt's last one (the same control token, or longer text)."""
+    if isinstance(start, int) or isinstance(segment, int):
+        return segment == start
+    return segment.startswith(start)
 
 
 def fit_to_length(

@@ -72,7 +72,12 @@ def apply_method(model, method: MethodSpec, family: Family, seed: int):
     from peft import get_peft_model
 
     with gptq_dispatch_only_for_gptq(model):
-        model = get_peft_model(model, lora_config(method.lora, family))
+        if method.adapter:
+            from qwen_ft.model.start_adapter import load_start_adapter
+
+            model = load_start_adapter(model, method.adapter, method.reference)
+        else:
+            model = get_peft_model(model, lora_config(method.lora, family))
     trainable_in_fp32(model)
     if family.moe:
         from qwen_ft.model.experts import install_lora_experts

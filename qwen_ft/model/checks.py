@@ -62,6 +62,12 @@ def checkpoint_problems(base: ModelConfig, method: MethodSpec, zero3: str | None
         return [_remote_code_problem(base)]
     gptq = gptq_settings(base.path)
     family = _family_or_none(base.path)  # an unknown type is reported by the family check itself
+    if method.adapter and method.name != "full":
+        from qwen_ft.model.start_adapter import adapter_problems
+
+        unusable = adapter_problems(method.adapter, method.lora)
+        if unusable:
+            return unusable
     targets = _target_problems(method, base.path, family) + _hybrid_problems(base, method, family)
     targets += _moe_quant_problems(method, base.path, family, zero3)
     if method.name == "qlora":

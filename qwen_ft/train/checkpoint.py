@@ -107,7 +107,9 @@ def save_model_files(model, out: Path, state_dict: dict | None = None, base: Bas
     if full and base is not None:
         state_dict = trained_state(state_dict if state_dict is not None else model.state_dict(), base.prefixes)
     try:
-        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+        # a preference run started from an adapter also holds that adapter frozen as its reference: not saved
+        only = {} if full else {"selected_adapters": ["default"]}
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict, **only)
     finally:
         if config is not None:
             config.use_cache = before

@@ -81,6 +81,12 @@ def orpo_losses(policy: PairLogps, beta: float) -> tuple[torch.Tensor, dict[str,
     return beta * ratio, metrics
 
 
+def chosen_nll(policy: PairLogps, extra: torch.Tensor | float = 0.0, extra_tokens: int = 0) -> torch.Tensor:
+    """Mean NLL per token of the chosen completions of a batch (plus `extra` log-probs over `extra_tokens`
+    more tokens: ORPO's prompts), as one scalar: TRL's CPO and ORPO average over the micro-batch's tokens."""
+    return -(policy.chosen.sum() + extra) / (policy.chosen_len.sum() + extra_tokens).clamp(min=1)
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, without cancellation (branching at -ln 2)."""
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))

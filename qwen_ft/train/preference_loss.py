@@ -17,8 +17,9 @@ from contextlib import AbstractContextManager
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from qwen_ft.model.start_adapter import REFERENCE, reference_adapter
 from qwen_ft.train.loss import ChunkedLoss, model_inputs, with_learned_indices
-from qwen_ft.train.preference import PairLogps, dpo_losses, simpo_losses
+from qwen_ft.train.preference import PairLogps, chosen_nll, dpo_losses, orpo_losses, simpo_losses
 
 
 def learned_sequences(learned_index: torch.Tensor) -> torch.Tensor:
@@ -34,27 +35,48 @@ class PreferenceLoss(ChunkedLoss):
         super().__init__(unwrapped, chunk or 1024, fused=False)
         self.unwrapped, self.objective, self.settings = unwrapped, objective, settings
         self._sums: dict[str, torch.Tensor] = {}
+        self._flat_hidden: torch.Tensor | None = None
 
     def reference(self) -> AbstractContextManager[object]:
-        """The reference model: the policy with its adapter switched off (peft), under no_grad."""
+        """The reference model: the starting adapter frozen (model.adapter), else the policy with its adapter
+        switched off (peft); used under no_grad."""
         if not hasattr(self.unwrapped, "disable_adapter"):
             raise RuntimeError("a preference objective with a reference needs a LoRA or Q-LoRA model")
+        if REFERENCE in self.unwrapped.peft_config:
+            return reference_adapter(self.unwrapped)
         return self.unwrapped.disable_adapter()
 
-    def sequence_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs of each sequence of `batch`, and their token counts."""
+    def sequence_logps(self, model, batch, context: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs of each sequence of `batch`, their token counts, and (with `context`,
+        for ORPO) the summed log-probs of the chosen sequences' prompt tokens (`prompt_index`), else 0."""
         model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
         hidden, target = self._gather(batch)
+        tokens = self._logps(hidden, target)
+        seq = learned_sequences(batch["learned_index"]).to(tokens.device)
+        n = 2 * batch["n_pairs"]
+        sums = tokens.new_zeros(n).index_add(0, seq, tokens)
+        prompt = tokens.new_zeros(())
+        if context and self._flat_hidden is not None:
+            index = batch["prompt_index"]
+            flat = self._flat_hidden.index_select(0, index)
+            prompt = self._logps(flat, batch["input_ids"][:, 1:].reshape(-1).index_select(0, index)).sum()
+        self._flat_hidden = None
+        return sums, torch.bincount(seq, minlength=n), prompt
+
+    def _gather(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ChunkedLoss's gather, keeping the flattened hidden states for the prompt positions."""
+        if self._hidden is not None:
+            self._flat_hidden = self._hidden[:, :-1].reshape(-1, self._hidden.shape[-1])
+        return super()._gather(batch)
+
+    def _logps(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs of `target`, a chunk at a time (checkpointed when it needs gradients)."""
         parts = []
         for start in range(0, int(target.numel()), self.chunk):
             h, t = hidden[start : start + self.chunk], target[start : start + self.chunk]
             grad = torch.is_grad_enabled() and h.requires_grad
             parts.append(checkpoint(self._token_logps, h, t, use_reentrant=False) if grad else self._token_logps(h, t))
-        tokens = torch.cat(parts)
-        seq = learned_sequences(batch["learned_index"]).to(tokens.device)
-        n = 2 * batch["n_pairs"]
-        sums = tokens.new_zeros(n).index_add(0, seq, tokens)
-        return sums, torch.bincount(seq, minlength=n)
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
     def _token_logps(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()
@@ -62,17 +84,22 @@ class PreferenceLoss(ChunkedLoss):
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         batch = with_learned_indices(batch)
-        sums, lens = self.sequence_logps(model, batch)
+        orpo = self.objective == "orpo"
+        sums, lens, prompt = self.sequence_logps(model, batch, context=orpo)
         policy = PairLogps(sums[0::2], sums[1::2], lens[0::2], lens[1::2])
         s = self.settings
         if self.objective == "simpo":
             losses, metrics = simpo_losses(policy, s.beta, s.simpo_gamma, s.label_smoothing)
             # TRL's CPO adds cpo_alpha x the chosen completions' mean NLL (per token, over the micro-batch)
-            nll = -policy.chosen.sum() / policy.chosen_len.sum().clamp(min=1)
-            losses = losses + s.cpo_alpha * nll
+            losses = losses + s.cpo_alpha * chosen_nll(policy)
+        elif orpo:
+            ratios, metrics = orpo_losses(policy, s.beta)
+            # TRL's ORPO: the NLL of the whole chosen sequences, prompt included, per token over the micro-batch
+            nll = chosen_nll(policy, prompt, batch["prompt_index"].numel())
+            losses, metrics["nll_loss"] = nll - ratios, nll.detach().expand_as(ratios)
         else:
             with torch.no_grad(), self.reference():
-                ref_sums, _ = self.sequence_logps(self.unwrapped, batch)
+                ref_sums, _, _ = self.sequence_logps(self.unwrapped, batch)
             reference = PairLogps(ref_sums[0::2], ref_sums[1::2], lens[0::2], lens[1::2])
             losses, metrics = dpo_losses(policy, reference, s.beta, s.loss_type, s.label_smoothing)
         for name, values in metrics.items():
