@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # preference objectives that compare the policy with a reference model
-REFERENCE_OBJECTIVES = ("dpo",)
+REFERENCE_OBJECTIVES = ("dpo", "kto")
 
 # Qwen v1 ChatML's default system prompt (QwenLM finetune.py, chat demos).
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -216,7 +216,7 @@ class TrainConfig:
 class PreferenceSettings:
     """The preference objectives (`objective` other than sft), named as TRL names them, with TRL 1.16's defaults."""
 
-    beta: float = opt(0.1, "strength of the preference (DPO's KL weight; SimPO's reward scale; ORPO's lambda)")
+    beta: float = opt(0.1, "preference strength: DPO's and KTO's KL weight, SimPO's reward scale, ORPO's lambda")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = opt(
         "sigmoid", "DPO's loss: sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO)"
     )
@@ -225,6 +225,8 @@ class PreferenceSettings:
     cpo_alpha: float = opt(
         1.0, "SimPO: weight of the chosen completions' NLL added to the loss (TRL's CPO default; 0: the paper's SimPO)"
     )
+    desirable_weight: float = opt(1.0, "KTO: weight of the desirable examples' losses")
+    undesirable_weight: float = opt(1.0, "KTO: weight of the undesirable examples' losses")
 
 
 @dataclass(frozen=True)
@@ -254,10 +256,11 @@ class RunConfig:
     tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer location")
     data: DataConfig = opt(DataConfig(), "data files and preprocessing")
     method: Literal["full", "lora", "qlora"] = opt("lora", "what is trained")
-    objective: Literal["sft", "dpo", "simpo", "orpo"] = opt(
+    objective: Literal["sft", "dpo", "simpo", "orpo", "kto"] = opt(
         "sft",
         "sft (learn the replies), dpo (chosen over rejected, against a reference), simpo (no reference), orpo "
-        "(odds ratio plus the chosen sequences' NLL, no reference)",
+        "(odds ratio plus the chosen sequences' NLL, no reference), kto (unpaired desirable/undesirable "
+        "completions, against a reference)",
     )
     preference: PreferenceSettings = opt(PreferenceSettings(), "preference objective settings")
     lora: LoraSettings = opt(LoraSettings(), "adapter settings")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen_ft.config.schema import RunConfig
+from qwen_ft.config.schema import REFERENCE_OBJECTIVES, RunConfig
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero2_offload", "zero3_offload")
 
@@ -69,7 +69,7 @@ def _finite(cfg: RunConfig) -> list[str]:
         "model.checkpoint_fraction": cfg.model.checkpoint_fraction,
         **{
             f"preference.{k}": getattr(cfg.preference, k)
-            for k in ("beta", "label_smoothing", "simpo_gamma", "cpo_alpha")
+            for k in ("beta", "label_smoothing", "simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight")
         },
     }
     problems = [
@@ -145,11 +145,22 @@ def _preference_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"preference.beta: {p.beta} must be > 0")
     if not 0.0 <= p.label_smoothing < 0.5:
         problems.append(f"preference.label_smoothing: {p.label_smoothing} must be in [0, 0.5)")
-    if cfg.objective == "dpo" and cfg.method == "full":
+    if cfg.objective in REFERENCE_OBJECTIVES and cfg.method == "full":
         problems.append(
-            "objective: dpo with method: full; its reference (a frozen copy, or log-probs precomputed into the "
-            "data cache) is not built yet: use method: lora or qlora (the reference is the model without its "
-            "adapter), or objective: simpo or orpo, which need none"
+            f"objective: {cfg.objective} with method: full; its reference (a frozen copy, or log-probs precomputed "
+            "into the data cache) is not built yet: use method: lora or qlora (the reference is the model without "
+            "its adapter), or objective: simpo or orpo, which need none"
+        )
+    if p.desirable_weight <= 0 or p.undesirable_weight <= 0:
+        problems.append(
+            f"preference.desirable_weight: {p.desirable_weight} and undesirable_weight: {p.undesirable_weight} "
+            "must both be > 0"
+        )
+    if cfg.objective == "kto" and not cfg.data.packing and cfg.train.micro_batch_size < 2:
+        problems.append(
+            "objective: kto with train.micro_batch_size: 1 and data.packing: false; KTO estimates its KL term from "
+            "the other examples of a micro-batch, and alone an example is its own estimate (TRL refuses it too): "
+            "set micro_batch_size >= 2 or data.packing: true"
         )
     if cfg.dist.deepspeed != "none":
         problems.append(

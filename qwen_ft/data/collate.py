@@ -68,7 +68,8 @@ def collate_pairs(
 ) -> dict:
     """`collate` for preference pairs (input_ids/labels of the chosen sequence, rejected_ids/rejected_labels):
     each pair becomes its chosen then its rejected sequence, side by side in a packed row or in two rows
-    of their own, so sequence 2k is pair k's chosen and 2k+1 its rejected; `n_pairs` counts them."""
+    of their own, so sequence 2k is pair k's chosen and 2k+1 its rejected; `n_units` counts the pairs (what
+    the loss averages over) and `n_sequences` the sequences."""
     if packed or flat:
         sequences = [[seq for pair in row for seq in _sides(pair)] for row in rows]
     else:
@@ -76,7 +77,8 @@ def collate_pairs(
     out: dict = collate(sequences, pad_id, packed, flat, segments)
     width = out["input_ids"].shape[1] - 1  # flat positions count in labels[:, 1:]
     layout = [[seq for row in sequences for seq in row]] if flat else sequences
-    return {**out, "n_pairs": sum(len(row) for row in rows), "prompt_index": _prompt_index(layout, width)}
+    n_pairs = sum(len(row) for row in rows)
+    return {**out, "n_units": n_pairs, "n_sequences": 2 * n_pairs, "prompt_index": _prompt_index(layout, width)}
 
 
 def _prompt_index(layout: Sequence[Sequence[dict]], width: int) -> torch.Tensor:
@@ -88,11 +90,48 @@ def _prompt_index(layout: Sequence[Sequence[dict]], width: int) -> torch.Tensor:
         offset = 0
         for seq in row:
             if number % 2 == 0:
-                prompt = next((i for i, t in enumerate(seq["labels"]) if t != IGNORE_INDEX), len(seq["labels"]))
+                prompt = _prompt_length(seq["labels"])
                 start = r * width + offset
                 index.extend(range(start, start + prompt - 1))
             offset, number = offset + len(seq["input_ids"]), number + 1
     return torch.tensor(index, dtype=torch.long)
+
+
+def collate_unpaired(
+    rows: Sequence[Sequence[dict]],
+    pad_id: int,
+    packed: bool,
+    flat: bool = False,
+    segments: bool = False,
+    max_length: int | None = None,
+) -> dict:
+    """`collate` for KTO examples (input_ids, labels, desirable, and their dataset `index`), with the
+    mismatched sequences KTO estimates its KL term from, collated the same way under `kl_` keys.
+
+    TRL's: example i's KL sequence is its prompt followed by the completion of the example before it (by
+    dataset index, within the micro-batch, the first taking the last's), cut at max_length."""
+    order = sorted((ex for row in rows for ex in row), key=lambda ex: ex["index"])
+    before = {ex["index"]: order[i - 1] for i, ex in enumerate(order)}
+    kl_rows = [[_mismatched(ex, before[ex["index"]], max_length) for ex in row] for row in rows]
+    out: dict = collate(rows, pad_id, packed, flat, segments)
+    kl = collate(kl_rows, pad_id, packed, flat, segments)
+    desirable = torch.tensor([bool(ex["desirable"]) for row in rows for ex in row])
+    return {**out, "desirable": desirable, "n_units": len(order), "n_sequences": len(order)} | {
+        f"kl_{k}": v for k, v in kl.items()
+    }
+
+
+def _mismatched(ex: dict, other: dict, max_length: int | None) -> dict:
+    """`ex`'s prompt followed by `other`'s completion (labels: that completion)."""
+    prompt = _prompt_length(ex["labels"])
+    completion = other["input_ids"][_prompt_length(other["labels"]) :]
+    ids = (ex["input_ids"][:prompt] + completion)[:max_length]
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]}
+
+
+def _prompt_length(labels: Sequence[int]) -> int:
+    """Leading positions that are not learned (the prompt)."""
+    return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
 
 
 def _sides(pair: dict) -> list[dict]:

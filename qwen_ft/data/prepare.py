@@ -32,6 +32,11 @@ class PreparedData:
         """The examples are preference pairs (a chosen and a rejected sequence each)."""
         return "rejected_ids" in self.train.column_names
 
+    @property
+    def unpaired(self) -> bool:
+        """The examples are KTO's (one sequence each, desirable or not)."""
+        return "desirable" in self.train.column_names
+
     def lengths(self, split: str = "train") -> np.ndarray:
         """Token count of every example of `split` (of both sequences of a pair)."""
         import pyarrow.compute as pc

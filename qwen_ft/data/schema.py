@@ -23,6 +23,7 @@ KINDS = {
     "field": "a bad weight, loss or chat_template_kwargs",
     "template": "the chat template cannot render it",
     "pair": "a preference pair that teaches nothing or lacks a side",
+    "label": "a KTO row without a boolean label",
 }
 
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from qwen_ft.data.render import Renderer
 
 TEMPLATE_VERSION = "template-v3"  # bump when rendering or masking changes, to invalidate caches
-CACHE_FORMAT = 5  # bump when the layout of a cache entry changes
+CACHE_FORMAT = 6  # bump when the layout of a cache entry changes
 CACHE_FILES = "cache_files.json"  # sizes and digests of an entry's files, written last
 WRITE_BATCH = 1000
 TALLY_ROWS = 65536  # rows per slice when counting the tokenized rows
@@ -53,12 +53,17 @@ class TokenizeSpec:
     on_error: Literal["error", "skip"]
     template: ChatTemplate | None = None  # the template (and its "tool_use" one); None: Qwen v1 ChatML
     template_kwargs: str = "{}"  # JSON, keys sorted
-    objective: str = "sft"  # sft: conversations; dpo, simpo: preference pairs (data/preference.py)
+    objective: str = "sft"  # sft: conversations; kto: KTO rows; the others: preference pairs (data/preference.py)
 
     @property
     def pairs(self) -> bool:
         """Rows are preference pairs (a chosen and a rejected sequence each)."""
-        return self.objective != "sft"
+        return self.objective not in ("sft", "kto")
+
+    @property
+    def unpaired(self) -> bool:
+        """Rows are KTO's: a prompt, a completion and whether it is desirable."""
+        return self.objective == "kto"
 
     @classmethod
     def from_config(cls, data: DataConfig, tok, objective: str = "sft") -> TokenizeSpec:
@@ -192,10 +197,10 @@ def tokenize_batch(batch: dict, renderer: RendererOnce, spec: TokenizeSpec) -> d
     """Stage 2 (a `datasets.map` function): render and length-check a batch of conversations (or pairs)."""
     from qwen_ft.data.schema import RowError
 
-    if spec.pairs:
-        from qwen_ft.data.preference import tokenize_pairs
+    if spec.pairs or spec.unpaired:
+        from qwen_ft.data.preference import tokenize_pairs, tokenize_unpaired
 
-        return tokenize_pairs(batch, renderer, spec)
+        return (tokenize_pairs if spec.pairs else tokenize_unpaired)(batch, renderer, spec)
 
     rows = zip(batch["row"], batch["source"], batch["read_error"], batch["read_kind"], strict=True)
     parsed = [
@@ -239,16 +244,17 @@ def _parse(text: str, source: str, default_system: str):
         return e
 
 
-def _features(pairs: bool):
+def _features(spec: TokenizeSpec):
     from datasets import Features, List, Value
 
     ints = List(Value("int32"))
-    rejected = {"rejected_ids": ints, "rejected_labels": ints} if pairs else {}
+    extra = {"rejected_ids": ints, "rejected_labels": ints} if spec.pairs else {}
+    extra |= {"desirable": Value("bool")} if spec.unpaired else {}
     return Features(
         {
             "input_ids": ints,
             "labels": ints,
-            **rejected,
+            **extra,
             "n_supervised": Value("int32"),
             "status": Value("string"),
             "error": Value("string"),
@@ -273,7 +279,7 @@ def _build(files: Sequence[str], tok, spec: TokenizeSpec, work: Path, num_proc: 
         batch_size=256,
         num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
         remove_columns=["row", "read_error", "read_kind"],
-        features=_features(spec.pairs),
+        features=_features(spec),
         cache_file_name=str(work / "data.arrow"),
         new_fingerprint="tok-" + work.name,
         desc="tokenizing",

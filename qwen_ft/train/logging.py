@@ -57,8 +57,10 @@ class RunLogger:
                 if key != "step":
                     self.tb.add_scalar(f"train/{key}", value, step)
         aux = {"aux": f"{logged['aux_loss']:.4f}"} if "aux_loss" in logged else {}
-        if "rewards/margins" in logged:  # a preference objective: how often and by how much chosen wins
-            aux |= {"acc": f"{logged['rewards/accuracies']:.2f}", "margin": f"{logged['rewards/margins']:.3f}"}
+        # a preference objective: how often and by how much chosen wins (KTO: its KL estimate)
+        for key, short, form in (("rewards/accuracies", "acc", ".2f"), ("rewards/margins", "margin", ".3f")):
+            aux |= {short: format(logged[key], form)} if key in logged else {}
+        aux |= {"kl": f"{logged['kl']:.3f}"} if "kl" in logged else {}
         self.bar.set_postfix(
             loss=f"{logged['loss']:.4f}", **aux, lr=f"{logged['lr']:.2e}", tok_s=f"{logged['tokens_per_s']:.0f}"
         )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qwen_ft.data.collate import collate, collate_pairs
+from qwen_ft.data.collate import collate, collate_pairs, collate_unpaired
 from qwen_ft.data.prepare import PreparedData, plan_for
 from qwen_ft.errors import Preempted, QwenFtError
 from qwen_ft.model.attention import flattens
@@ -64,15 +64,13 @@ class TrainingRun:
         ds = getattr(self.data, split)
         flat = sorted({i for row in rows for i in row})
         columns = ("input_ids", "labels", *(("rejected_ids", "rejected_labels") if self.data.pairs else ()))
+        columns += ("desirable",) if self.data.unpaired else ()
         got = ds.select_columns(list(columns))[flat]
-        lookup = {i: {c: got[c][k] for c in columns} for k, i in enumerate(flat)}
-        return (collate_pairs if self.data.pairs else collate)(
-            [[lookup[i] for i in row] for row in rows],
-            self.pad_id,
-            self.data_config.packing,
-            flattens(self.plan.attn),
-            self.plan.segments,
-        )
+        lookup = {i: {"index": i, **{c: got[c][k] for c in columns}} for k, i in enumerate(flat)}
+        layout = ([[lookup[i] for i in row] for row in rows], self.pad_id, self.data_config.packing)
+        if self.data.unpaired:
+            return collate_unpaired(*layout, flattens(self.plan.attn), self.plan.segments, self.data_config.max_length)
+        return (collate_pairs if self.data.pairs else collate)(*layout, flattens(self.plan.attn), self.plan.segments)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -154,13 +152,29 @@ def loss_metrics(tr: TrainingRun, count: float) -> dict[str, float]:
     if not sums:
         return {}
     names = sorted(sums)
-    totals = all_reduce_sum([sums[k] for k in names], tr.dist)
-    return {k: v / count for k, v in zip(names, totals, strict=True)}
+    totals = dict(zip(names, all_reduce_sum([sums[k] for k in names], tr.dist), strict=True))
+    return metric_means(totals, count)
+
+
+def metric_means(totals: dict[str, float], count: float) -> dict[str, float]:
+    """Metric sums as means: over `count` units, or for a metric "a/b" over the total of "count/b" when the loss
+    counts it (KTO's desirable and undesirable examples; none such in a group: not logged). rewards/margins is
+    the difference of the rewards' means where the loss does not sum it itself."""
+    means = {}
+    for name, total in totals.items():
+        kind = f"count/{name.rsplit('/', 1)[-1]}"
+        n = totals.get(kind, count)
+        if not name.startswith("count/") and n > 0:
+            means[name] = total / n
+    if "rewards/margins" not in means and {"rewards/chosen", "rewards/rejected"} <= set(means):
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    return means
 
 
 def units(batch: dict) -> int:
-    """What the loss of a batch is averaged over: its learned tokens, or its preference pairs."""
-    return int(batch["n_pairs"]) if "n_pairs" in batch else int(batch["learned_index"].numel())
+    """What the loss of a batch is averaged over: its learned tokens, or (`n_units`) its preference pairs or
+    KTO examples."""
+    return int(batch["n_units"]) if "n_units" in batch else int(batch["learned_index"].numel())
 
 
 def router_capture(tr: TrainingRun):

@@ -1,10 +1,10 @@
-"""Preference objectives on per-sequence log-probabilities: DPO (sigmoid, ipo, hinge, robust), SimPO and
-ORPO, with the metrics TRL logs under the same names.
+"""Preference objectives on per-sequence log-probabilities: DPO (sigmoid, ipo, hinge, robust), SimPO,
+ORPO and KTO, with the metrics TRL logs under the same names.
 
 Pure functions of summed completion log-probs (policy and, for DPO, reference) and completion lengths;
 how those sums are made from packed rows is `train/preference_loss.py`'s. Each formula is TRL 1.16's
-(`DPOTrainer`, `CPOTrainer` with loss_type="simpo", `ORPOTrainer`), term for term, so a step equals
-TRL's (tests/integration/test_preference_trl.py).
+(`DPOTrainer`, `CPOTrainer` with loss_type="simpo", `ORPOTrainer`, `KTOTrainer`), term for term, so a
+step equals TRL's (tests/integration/test_preference.py).
 """
 
 from __future__ import annotations
@@ -79,6 +79,23 @@ def orpo_losses(policy: PairLogps, beta: float) -> tuple[torch.Tensor, dict[str,
     metrics = reward_metrics(beta * chosen.detach(), beta * rejected.detach(), avg)
     metrics |= {"log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()}
     return beta * ratio, metrics
+
+
+def kto_losses(
+    policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, settings
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO (TRL's KTOTrainer, loss_type="kto") per example, from summed completion log-probs: desirable
+    1 - sigmoid(beta (ratio - kl)), undesirable 1 - sigmoid(beta (kl - ratio)), weighted; with the metrics
+    TRL logs, counted per kind ("count/chosen" and "count/rejected" divide them, train/loop.metric_means)."""
+    beta = settings.beta
+    ratio = policy - reference
+    chosen = settings.desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl)))
+    rejected = settings.undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio)))
+    rewards, logps = beta * ratio.detach(), policy.detach()
+    d = desirable.to(rewards.dtype)
+    metrics = {"rewards/chosen": rewards * d, "logps/chosen": logps * d, "count/chosen": d}
+    metrics |= {"rewards/rejected": rewards * (1 - d), "logps/rejected": logps * (1 - d), "count/rejected": 1 - d}
+    return torch.where(desirable, chosen, rejected), metrics | {"kl": kl.detach().expand_as(ratio)}
 
 
 def chosen_nll(policy: PairLogps, extra: torch.Tensor | float = 0.0, extra_tokens: int = 0) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qwen_ft.model.start_adapter import REFERENCE, reference_adapter
 from qwen_ft.train.loss import ChunkedLoss, model_inputs, with_learned_indices
-from qwen_ft.train.preference import PairLogps, chosen_nll, dpo_losses, orpo_losses, simpo_losses
+from qwen_ft.train.preference import PairLogps, chosen_nll, dpo_losses, kto_losses, orpo_losses, simpo_losses
 
 
 def learned_sequences(learned_index: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ class PreferenceLoss(ChunkedLoss):
         hidden, target = self._gather(batch)
         tokens = self._logps(hidden, target)
         seq = learned_sequences(batch["learned_index"]).to(tokens.device)
-        n = 2 * batch["n_pairs"]
+        n = int(batch["n_sequences"])
         sums = tokens.new_zeros(n).index_add(0, seq, tokens)
         prompt = tokens.new_zeros(())
         if context and self._flat_hidden is not None:
@@ -84,29 +84,59 @@ class PreferenceLoss(ChunkedLoss):
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         batch = with_learned_indices(batch)
-        orpo = self.objective == "orpo"
+        if self.objective == "kto":
+            losses, metrics = self._kto(model, batch)
+        else:
+            losses, metrics = self._paired(model, batch)
+        for name, values in metrics.items():
+            self._sums[name] = self._sums.get(name, 0.0) + values.detach().float().sum()
+        return losses.sum(), int(batch["n_units"])
+
+    def _paired(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses and metrics of DPO, SimPO or ORPO."""
+        orpo, s = self.objective == "orpo", self.settings
         sums, lens, prompt = self.sequence_logps(model, batch, context=orpo)
         policy = PairLogps(sums[0::2], sums[1::2], lens[0::2], lens[1::2])
-        s = self.settings
         if self.objective == "simpo":
             losses, metrics = simpo_losses(policy, s.beta, s.simpo_gamma, s.label_smoothing)
             # TRL's CPO adds cpo_alpha x the chosen completions' mean NLL (per token, over the micro-batch)
-            losses = losses + s.cpo_alpha * chosen_nll(policy)
-        elif orpo:
+            return losses + s.cpo_alpha * chosen_nll(policy), metrics
+        if orpo:
             ratios, metrics = orpo_losses(policy, s.beta)
             # TRL's ORPO: the NLL of the whole chosen sequences, prompt included, per token over the micro-batch
             nll = chosen_nll(policy, prompt, batch["prompt_index"].numel())
-            losses, metrics["nll_loss"] = nll - ratios, nll.detach().expand_as(ratios)
-        else:
-            with torch.no_grad(), self.reference():
-                ref_sums, _, _ = self.sequence_logps(self.unwrapped, batch)
-            reference = PairLogps(ref_sums[0::2], ref_sums[1::2], lens[0::2], lens[1::2])
-            losses, metrics = dpo_losses(policy, reference, s.beta, s.loss_type, s.label_smoothing)
-        for name, values in metrics.items():
-            self._sums[name] = self._sums.get(name, 0.0) + values.detach().float().sum()
-        return losses.sum(), int(batch["n_pairs"])
+            return nll - ratios, metrics | {"nll_loss": nll.detach().expand_as(ratios)}
+        with torch.no_grad(), self.reference():
+            ref_sums, _, _ = self.sequence_logps(self.unwrapped, batch)
+        reference = PairLogps(ref_sums[0::2], ref_sums[1::2], lens[0::2], lens[1::2])
+        return dpo_losses(policy, reference, s.beta, s.loss_type, s.label_smoothing)
+
+    def _kto(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-example KTO losses and metrics: the policy and reference on the batch, and both (without
+        gradients) on its mismatched `kl_` sequences for the KL estimate, averaged over processes as TRL does."""
+        policy, _, _ = self.sequence_logps(model, batch)
+        mismatched = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")} | {"n_sequences": batch["n_units"]}
+        with torch.no_grad():
+            kl_policy, _, _ = self.sequence_logps(self.unwrapped, mismatched)
+            with self.reference():
+                reference, _, _ = self.sequence_logps(self.unwrapped, batch)
+                kl_reference, _, _ = self.sequence_logps(self.unwrapped, mismatched)
+        kl = process_mean((kl_policy - kl_reference).mean()).clamp(min=0)
+        return kto_losses(policy, reference, batch["desirable"], kl, self.settings)
 
     def take_metrics(self) -> dict[str, float]:
-        """The metrics summed over pairs since the last call (the loop divides by the pairs, over all processes)."""
+        """The metrics summed over units since the last call (the loop averages them over all processes,
+        `train/loop.metric_means`)."""
         sums, self._sums = self._sums, {}
         return {k: float(v) for k, v in sums.items()}
+
+
+def process_mean(value: torch.Tensor) -> torch.Tensor:
+    """`value` averaged over the processes of a distributed run (every process calls this at the same point)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()

@@ -16,7 +16,7 @@ from tests.conftest import REPO
 from tests.integration.conftest import write_run_yaml
 
 pytestmark = pytest.mark.extras("trl")
-SEED, PAIRS, LR = 7, 4, 1e-2
+SEED, PAIRS, LR, MAX_STEPS = 7, 4, 1e-2, 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -31,7 +31,15 @@ def pairs(tmp_path_factory) -> Path:
 
 
 def qwen_ft_history(
-    tmp_path, model_dir, data: Path, objective: str, packing: bool, method: str = "lora", model=None, **preference
+    tmp_path,
+    model_dir,
+    data: Path,
+    objective: str,
+    packing: bool,
+    method: str = "lora",
+    model=None,
+    micro_batch_size: int = PAIRS,
+    **preference,
 ) -> list[dict]:
     from qwen_ft.cli.main import main
 
@@ -48,10 +56,10 @@ def qwen_ft_history(
         lora={} if model else {"r": 8, "alpha": 16, "dropout": 0.0},
         train={
             "output_dir": str(out),
-            "micro_batch_size": PAIRS,
+            "micro_batch_size": micro_batch_size,
             "grad_accum": 1,
             "learning_rate": LR,
-            "max_steps": 2,
+            "max_steps": MAX_STEPS,
             "warmup_ratio": 0.0,
             "scheduler": "constant",
             "weight_decay": 0.0,
@@ -65,34 +73,42 @@ def qwen_ft_history(
 
 def trl_history(tmp_path, model_dir, data: Path, loss_type: str, adapter: Path | None = None, **kwargs) -> list[dict]:
     """TRL's DPOTrainer steps: a fresh LoRA, or (`adapter`) continuing a trained one against its frozen copy."""
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(**trl_args(tmp_path, PAIRS), max_length=None, loss_type=[loss_type], **kwargs)
+    return trl_steps(tmp_path, model_dir, data, DPOTrainer, args, adapter)
+
+
+def trl_args(tmp_path, batch: int) -> dict:
+    """TRL's training arguments for the same optimisation as `qwen_ft_history`'s, on CPU in fp32."""
+    return {
+        "output_dir": str(tmp_path / "trl"),
+        "per_device_train_batch_size": batch,
+        "learning_rate": LR,
+        "lr_scheduler_type": "constant",
+        "max_steps": MAX_STEPS,
+        "logging_steps": 1,
+        "weight_decay": 0.0,
+        "adam_beta2": 0.999,
+        "max_grad_norm": 1.0,
+        "seed": SEED,
+        "report_to": [],
+        "use_cpu": True,
+        "bf16": False,  # TRL's default is bf16 autocast, on CPU too; qwen-ft runs this tiny model in fp32
+        "save_strategy": "no",
+    }
+
+
+def trl_steps(tmp_path, model_dir, data: Path, trainer_class, args, adapter: Path | None = None) -> list[dict]:
+    """The logged steps of a TRL trainer on the tiny model with a fresh LoRA (or `adapter`) and `data`."""
     from datasets import load_dataset
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
-    args = DPOConfig(
-        output_dir=str(tmp_path / "trl"),
-        per_device_train_batch_size=PAIRS,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        max_steps=2,
-        logging_steps=1,
-        weight_decay=0.0,
-        adam_beta2=0.999,
-        max_grad_norm=1.0,
-        seed=SEED,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,  # TRL's default is bf16 autocast, on CPU too; qwen-ft runs this tiny model in fp32
-        save_strategy="no",
-        max_length=None,
-        loss_type=[loss_type],
-        **kwargs,
-    )
-    trainer = DPOTrainer(
+    trainer = trainer_class(
         model=PeftModel.from_pretrained(model, adapter, is_trainable=True) if adapter else get_peft_model(model, lora),
         args=args,
         train_dataset=load_dataset("json", data_files=str(data), split="train"),
@@ -332,3 +348,38 @@ def test_packed_pairs_through_gated_deltanet_layers_equal_unpacked_in_loss_and_g
     assert gdn  # the GDN layers' adapters were trained
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
+KTO_METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def kto_rows(tmp_path: Path, step: int) -> Path:
+    """The bundled KTO example's first 8 rows (desirable and undesirable alternating; step 2: desirable only)."""
+    rows = (REPO / "data" / "example_kto.jsonl").read_text().splitlines()[::step][:8]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def trl_kto_history(tmp_path, model_dir, data: Path, **kwargs) -> list[dict]:
+    from trl import KTOConfig, KTOTrainer
+
+    return trl_steps(tmp_path, model_dir, data, KTOTrainer, KTOConfig(**trl_args(tmp_path, 8), **kwargs))
+
+
+@pytest.mark.parametrize("packing, step", [(False, 1), (True, 2)], ids=["mixed-unpacked", "desirable-packed"])
+def test_kto_steps_equal_trl(tmp_path, tiny_model_dir, packing, step):
+    """KTO's loss, KL estimate (mismatched prompt/completion pairs of the micro-batch, as TRL builds them) and
+    metrics at steps 1 and 2 equal TRL's KTOTrainer, unpacked and packed. Desirable completions only make
+    the KL estimate positive at step 2 (with both kinds it stays clamped at 0 here, in TRL too)."""
+    data, weights = kto_rows(tmp_path, step), {"desirable_weight": 1.0, "undesirable_weight": 1.5}
+    theirs = trl_kto_history(tmp_path, tiny_model_dir, data, **weights)
+    ours = qwen_ft_history(tmp_path, tiny_model_dir, data, "kto", packing, micro_batch_size=8, **weights)
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs, strict=True):
+        names = [n for n in KTO_METRICS if n in b]
+        assert [n for n in KTO_METRICS if n in a] == names and len(names) >= (7 if step == 1 else 4)
+        for name in names:
+            assert abs(a[name] - b[name]) <= 1e-5 * max(1.0, abs(b[name])), (a["step"], name, a[name], b[name])
+    assert ours[0]["kl"] == 0.0  # a fresh adapter is its reference
+    assert step == 1 or ours[1]["kl"] > 0.1

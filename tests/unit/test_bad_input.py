@@ -127,7 +127,7 @@ def test_training_pipeline_counts_bad_rows_by_kind_with_the_first_of_each(tmp_pa
         first.setdefault(kind[case], f"{path}:{line + 1}")
     counts = {k: 2 * sum(v == k for v in kind.values()) for k in first}
     assert stats.skipped_kinds == {k: [counts[k], first[k]] for k in first}
-    assert set(stats.skipped_kinds) == set(KINDS) - {"pair"}  # every kind a conversation row is refused for
+    assert set(stats.skipped_kinds) == set(KINDS) - {"pair", "label"}  # every kind a conversation row has
     assert (stats.rows_read, stats.skipped, stats.examples) == (4 * len(bad) + 1, 2 * len(bad), 2 * len(bad) + 1)
     with pytest.raises(DataError) as e:
         tokenized_dataset(

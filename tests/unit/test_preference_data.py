@@ -1,5 +1,6 @@
-"""Preference rows: TRL's formats parsed into a prompt and two completions, rendered through the template
-(the completion is what the full rendering adds after the prompt), bad pairs refused with their kind."""
+"""Preference rows: TRL's formats parsed into a prompt and two completions (KTO: one, and its label),
+rendered through the template (the completion is what the full rendering adds after the prompt), bad rows
+refused with their kind."""
 
 from __future__ import annotations
 
@@ -124,3 +125,36 @@ def test_a_template_that_renders_the_prompt_otherwise_is_refused(tmp_path):
     assert e.value.kind == "template" and "chosen: the chat template" in str(e.value)
     prompt, chosen, _ = render_pair(renderer, pair_of({**row, "chat_template_kwargs": {}}, "f:1", None))
     assert "<think>\nTwo and two make four.\n</think>" in renderer.tok.decode(chosen)  # thinking on: a prefix
+
+
+def test_kto_rows_need_a_boolean_label_and_a_completion(tmp_path, qwen3_tok):
+    import json
+
+    from qwen_ft.data.preference import unpaired_of
+    from qwen_ft.data.tokenize import TokenizeSpec, tokenized_dataset
+
+    row = unpaired_of({"prompt": [USER], "completion": [GOOD], "label": True}, "f:1", "")
+    assert row.desirable and row.full["messages"][-1] == GOOD and row.prompt["messages"] == [USER]
+    good = {"prompt": "What is 2 + 2?", "completion": "4.", "label": False}
+    rows = [
+        good,
+        {**good, "label": "yes"},  # not a boolean
+        {**good, "label": 1},  # nor is 1
+        {"prompt": "What is 2 + 2?", "label": True},  # no completion
+        {**good, "completion": [{"role": "assistant", "content": ""}]},  # empty
+    ]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = TokenizeSpec(48, "truncate", "assistant", "", "skip", None, "{}", "kto")
+    data, stats = tokenized_dataset([str(path)], qwen3_tok, spec, str(tmp_path / "c"))
+    assert stats.skipped_kinds == {
+        "label": [2, f"{path}:2"],
+        "format": [1, f"{path}:4"],
+        "content": [1, f"{path}:5"],
+    }
+    assert stats.examples == 1 and data["status"] == ["ok", "error", "error", "error", "error"]
+    assert data["desirable"][0] is False
+    assert qwen3_tok.decode([t for t in data["labels"][0] if t != -100]) == "4.<|im_end|>\n"
+    with pytest.raises(RowError) as e:
+        unpaired_of({**good, "label": "yes"}, "f:2", "")
+    assert "label: 'yes' is not a boolean; write true" in str(e.value)

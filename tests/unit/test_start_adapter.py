@@ -39,11 +39,3 @@ def test_not_an_adapter_pickle_weights_and_other_peft_types_are_refused(tmp_path
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     assert "IA3 adapter" in adapter_problems(str(tmp_path / "adapter"), LoraSettings())[0]
-
-
-def test_an_adapter_with_full_fine_tuning_is_a_config_error():
-    from qwen_ft.config.schema import ModelConfig, RunConfig
-    from qwen_ft.config.validate import validate_config
-
-    cfg = RunConfig(model=ModelConfig(path="m", adapter="a"), method="full")
-    assert any(p.startswith("model.adapter with method: full") for p in validate_config(cfg))
