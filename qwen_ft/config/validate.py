@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen_ft.config.schema import REFERENCE_OBJECTIVES, RunConfig
+from qwen_ft.config.schema import RunConfig
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero2_offload", "zero3_offload")
 
@@ -145,12 +145,6 @@ def _preference_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"preference.beta: {p.beta} must be > 0")
     if not 0.0 <= p.label_smoothing < 0.5:
         problems.append(f"preference.label_smoothing: {p.label_smoothing} must be in [0, 0.5)")
-    if cfg.objective in REFERENCE_OBJECTIVES and cfg.method == "full":
-        problems.append(
-            f"objective: {cfg.objective} with method: full; its reference (a frozen copy, or log-probs precomputed "
-            "into the data cache) is not built yet: use method: lora or qlora (the reference is the model without "
-            "its adapter), or objective: simpo or orpo, which need none"
-        )
     if p.desirable_weight <= 0 or p.undesirable_weight <= 0:
         problems.append(
             f"preference.desirable_weight: {p.desirable_weight} and undesirable_weight: {p.undesirable_weight} "

@@ -60,6 +60,24 @@ def build_model(
     return model.to(device)
 
 
+def frozen_copy(
+    base: ModelConfig, family: Family, precision: Precision, attn: str, device: torch.device, *, packing: bool
+):
+    """The base checkpoint once more, frozen in the compute dtype: a full fine-tune's preference reference
+    (at the first step it computes what the trained model computes under autocast)."""
+    from qwen_ft.model.attention import flattens, model_attn_name
+
+    model = load_base_model(base.path, precision.dtype, model_attn_name(attn), base.trust_remote_code)
+    model.config.use_cache = False
+    keep_packed_apart(model, family, packing or flattens(attn))
+    if family.moe:
+        from qwen_ft.model.experts import never_a_loop
+
+        never_a_loop(model)
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
 def compile_decoder_layers(model) -> int:
     """torch.compile every decoder layer in place (the layer's whole call, its activation-checkpoint
     region included: torch.compile traces checkpointed regions).

@@ -40,6 +40,7 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
     ds_config, _zero3_loading = steps.deepspeed(cfg, precision, dist)  # kept alive while the model loads
     tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist, family)
     unwrapped = steps.model(cfg, family, precision, attn, dist)
+    reference = steps.reference_model(cfg, family, precision, attn, dist)  # full fine-tuning's, for dpo/kto
     plan = steps.run_plan(cfg, dist, first_epoch, precision, attn, family)
     backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)
     state = steps.resume_state(cfg, backend, data, dist, ckpt)
@@ -53,7 +54,7 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
         data,
         tok.endoftext_id,
         steps.saver(cfg, unwrapped, tok, family, backend, dist),
-        steps.loss_function(cfg.train, unwrapped, ds_config, cfg.objective, cfg.preference),
+        steps.loss_function(cfg.train, unwrapped, ds_config, cfg.objective, cfg.preference, reference),
         steps.router_loss(cfg.train, unwrapped, family, dist),
     )
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout:

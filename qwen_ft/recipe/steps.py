@@ -146,6 +146,18 @@ def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist:
     return unwrapped
 
 
+def reference_model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist: DistInfo):
+    """A frozen copy of the base, for an objective with a reference in a full fine-tune; else None (a LoRA
+    model is its own reference)."""
+    from qwen_ft.config.schema import REFERENCE_OBJECTIVES
+    from qwen_ft.model.build import frozen_copy
+
+    if cfg.objective not in REFERENCE_OBJECTIVES or cfg.method != "full":
+        return None
+    print0(dist, f"reference: a frozen copy of {cfg.model.path} ({precision.name})")
+    return frozen_copy(cfg.model, family, precision, attn, dist.device, packing=cfg.data.packing)
+
+
 def experts_line(cfg: RunConfig, family: Family, unwrapped: torch.nn.Module) -> str:
     """What a mixture of experts trains and how its experts run (said once per run)."""
     from qwen_ft.model.experts import implementation, split_targets
@@ -224,16 +236,17 @@ def loss_function(
     ds_config: dict[str, Any] | None,
     objective: str = "sft",
     preference: PreferenceSettings | None = None,
+    frozen: torch.nn.Module | None = None,
 ) -> LossFn:
     """Chunked output layer + cross-entropy unless disabled or under ZeRO-3 (partitioned head weights); for a
-    preference objective, its loss over the pairs' sequence log-probs."""
+    preference objective, its loss over the sequences' log-probs (`frozen`: a separate reference model)."""
     from qwen_ft.train.ds_config import zero_stage
     from qwen_ft.train.loss import ChunkedLoss, causal_lm_loss
 
     if objective != "sft":
         from qwen_ft.train.preference_loss import PreferenceLoss
 
-        return PreferenceLoss(unwrapped, objective, preference, train.loss_chunk_tokens)
+        return PreferenceLoss(unwrapped, objective, preference, train.loss_chunk_tokens, frozen)
 
     if train.loss_chunk_tokens == 0 or zero_stage(ds_config or {}) == 3:
         return causal_lm_loss

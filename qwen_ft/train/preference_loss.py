@@ -7,7 +7,8 @@ Only completion tokens are learned, and collate never learns an example's first 
 learned positions form one run of consecutive positions, and runs of different sequences are apart: the
 run a learned position belongs to is its sequence. The output layer runs only at those positions, a
 chunk at a time (under activation checkpointing while training), so no [tokens x vocabulary] logits
-are held. The reference of a LoRA run is the same model with its adapter switched off: no second copy.
+are held. The reference of a LoRA run is the same model with its adapter switched off (or its starting
+adapter, frozen): no second copy; a full fine-tune's is a frozen copy of the base.
 """
 
 from __future__ import annotations
@@ -28,23 +29,13 @@ def learned_sequences(learned_index: torch.Tensor) -> torch.Tensor:
     return torch.cat([gaps.new_zeros(1, dtype=torch.long), gaps.long().cumsum(0)])
 
 
-class PreferenceLoss(ChunkedLoss):
-    """Summed per-pair preference loss of a micro-batch, and how many pairs that is."""
+class SequenceLogps(ChunkedLoss):
+    """Per-sequence summed completion log-probs of a model's batches (its output layer, chunk by chunk)."""
 
-    def __init__(self, unwrapped, objective: str, settings, chunk: int):
+    def __init__(self, unwrapped, chunk: int):
         super().__init__(unwrapped, chunk or 1024, fused=False)
-        self.unwrapped, self.objective, self.settings = unwrapped, objective, settings
-        self._sums: dict[str, torch.Tensor] = {}
+        self.unwrapped = unwrapped
         self._flat_hidden: torch.Tensor | None = None
-
-    def reference(self) -> AbstractContextManager[object]:
-        """The reference model: the starting adapter frozen (model.adapter), else the policy with its adapter
-        switched off (peft); used under no_grad."""
-        if not hasattr(self.unwrapped, "disable_adapter"):
-            raise RuntimeError("a preference objective with a reference needs a LoRA or Q-LoRA model")
-        if REFERENCE in self.unwrapped.peft_config:
-            return reference_adapter(self.unwrapped)
-        return self.unwrapped.disable_adapter()
 
     def sequence_logps(self, model, batch, context: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Summed completion log-probs of each sequence of `batch`, their token counts, and (with `context`,
@@ -82,6 +73,34 @@ class PreferenceLoss(ChunkedLoss):
         logits = self.head(hidden).float()
         return logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
 
+
+class PreferenceLoss(SequenceLogps):
+    """Summed per-unit preference loss of a micro-batch (pairs; KTO: examples), and how many units that is.
+    `frozen`: a separate frozen reference model (full fine-tuning), else the reference is the LoRA model's."""
+
+    def __init__(self, unwrapped, objective: str, settings, chunk: int, frozen=None):
+        super().__init__(unwrapped, chunk)
+        self.objective, self.settings = objective, settings
+        self._frozen = SequenceLogps(frozen, chunk) if frozen is not None else None
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def reference(self) -> AbstractContextManager[object]:
+        """The reference model: the starting adapter frozen (model.adapter), else the policy with its adapter
+        switched off (peft); used under no_grad."""
+        if not hasattr(self.unwrapped, "disable_adapter"):
+            raise RuntimeError("a preference objective with a reference needs a LoRA or Q-LoRA model")
+        if REFERENCE in self.unwrapped.peft_config:
+            return reference_adapter(self.unwrapped)
+        return self.unwrapped.disable_adapter()
+
+    def reference_logps(self, batch) -> torch.Tensor:
+        """The reference's summed completion log-probs of each sequence of `batch`, without gradients."""
+        with torch.no_grad():
+            if self._frozen is not None:
+                return self._frozen.sequence_logps(self._frozen.unwrapped, batch)[0]
+            with self.reference():
+                return self.sequence_logps(self.unwrapped, batch)[0]
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         batch = with_learned_indices(batch)
         if self.objective == "kto":
@@ -106,8 +125,7 @@ class PreferenceLoss(ChunkedLoss):
             # TRL's ORPO: the NLL of the whole chosen sequences, prompt included, per token over the micro-batch
             nll = chosen_nll(policy, prompt, batch["prompt_index"].numel())
             return nll - ratios, metrics | {"nll_loss": nll.detach().expand_as(ratios)}
-        with torch.no_grad(), self.reference():
-            ref_sums, _, _ = self.sequence_logps(self.unwrapped, batch)
+        ref_sums = self.reference_logps(batch)
         reference = PairLogps(ref_sums[0::2], ref_sums[1::2], lens[0::2], lens[1::2])
         return dpo_losses(policy, reference, s.beta, s.loss_type, s.label_smoothing)
 
@@ -118,9 +136,7 @@ class PreferenceLoss(ChunkedLoss):
         mismatched = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")} | {"n_sequences": batch["n_units"]}
         with torch.no_grad():
             kl_policy, _, _ = self.sequence_logps(self.unwrapped, mismatched)
-            with self.reference():
-                reference, _, _ = self.sequence_logps(self.unwrapped, batch)
-                kl_reference, _, _ = self.sequence_logps(self.unwrapped, mismatched)
+        reference, kl_reference = self.reference_logps(batch), self.reference_logps(mismatched)
         kl = process_mean((kl_policy - kl_reference).mean()).clamp(min=0)
         return kto_losses(policy, reference, batch["desirable"], kl, self.settings)
 

@@ -71,8 +71,11 @@ def qwen_ft_history(
     return [h for h in json.loads((out / "train_history.json").read_text()) if "loss" in h]
 
 
-def trl_history(tmp_path, model_dir, data: Path, loss_type: str, adapter: Path | None = None, **kwargs) -> list[dict]:
-    """TRL's DPOTrainer steps: a fresh LoRA, or (`adapter`) continuing a trained one against its frozen copy."""
+def trl_history(
+    tmp_path, model_dir, data: Path, loss_type: str, adapter: Path | None | bool = None, **kwargs
+) -> list[dict]:
+    """TRL's DPOTrainer steps: a fresh LoRA, (`adapter`) continuing a trained one against its frozen copy, or
+    (`adapter=False`) the whole model against a frozen copy of it."""
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(**trl_args(tmp_path, PAIRS), max_length=None, loss_type=[loss_type], **kwargs)
@@ -99,8 +102,9 @@ def trl_args(tmp_path, batch: int) -> dict:
     }
 
 
-def trl_steps(tmp_path, model_dir, data: Path, trainer_class, args, adapter: Path | None = None) -> list[dict]:
-    """The logged steps of a TRL trainer on the tiny model with a fresh LoRA (or `adapter`) and `data`."""
+def trl_steps(tmp_path, model_dir, data: Path, trainer_class, args, adapter: Path | None | bool = None) -> list[dict]:
+    """The logged steps of a TRL trainer on the tiny model with a fresh LoRA (or `adapter`; False: no LoRA)
+    and `data`."""
     from datasets import load_dataset
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +113,13 @@ def trl_steps(tmp_path, model_dir, data: Path, trainer_class, args, adapter: Pat
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
     trainer = trainer_class(
-        model=PeftModel.from_pretrained(model, adapter, is_trainable=True) if adapter else get_peft_model(model, lora),
+        model=(
+            model
+            if adapter is False
+            else PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            if adapter
+            else get_peft_model(model, lora)
+        ),
         args=args,
         train_dataset=load_dataset("json", data_files=str(data), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
@@ -155,6 +165,14 @@ def test_dpo_from_an_sft_adapter_equals_trl_against_its_frozen_copy(tmp_path, ti
     assert ours[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # the policy starts as its reference
     out = tmp_path / "out-True"
     assert not (out / "reference").exists() and json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_full_fine_tuning_dpo_equals_trl_against_a_frozen_copy(tmp_path, tiny_model_dir, pairs):
+    """method: full: every weight trains and the reference is a frozen copy of the base, as TRL makes it."""
+    theirs = trl_history(tmp_path, tiny_model_dir, pairs, "sigmoid", adapter=False)
+    ours = qwen_ft_history(tmp_path, tiny_model_dir, pairs, "dpo", True, method="full")
+    assert_same(ours, theirs)
+    assert ours[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
 
 
 def test_packed_pairs_train_as_unpacked(tmp_path, tiny_model_dir, pairs):

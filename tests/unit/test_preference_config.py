@@ -13,15 +13,9 @@ def problems(**fields) -> list[str]:
     return validate_config(RunConfig(**{**base, **fields}))
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
-def test_objectives_with_a_reference_refuse_full_fine_tuning_for_now(objective):
-    (found,) = problems(objective=objective, method="full")
-    assert found.startswith(f"objective: {objective} with method: full") and "use method: lora or qlora" in found
-
-
-@pytest.mark.parametrize("objective", ["simpo", "orpo", "sft"])
-def test_reference_free_objectives_train_full_models(objective):
-    assert problems(objective=objective, method="full") == []
+@pytest.mark.parametrize("objective", ["dpo", "kto", "simpo", "orpo", "sft"])
+def test_every_objective_trains_full_models_and_adapters(objective):
+    assert problems(objective=objective, method="full") == problems(objective=objective, method="qlora") == []
 
 
 def test_settings_out_of_range_are_listed_together():
