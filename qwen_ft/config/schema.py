@@ -225,6 +225,12 @@ class PreferenceSettings:
     cpo_alpha: float = opt(
         1.0, "SimPO: weight of the chosen completions' NLL added to the loss (TRL's CPO default; 0: the paper's SimPO)"
     )
+    precompute_ref: bool = opt(
+        False,
+        "dpo: compute the reference's log-probs of every pair once before training, kept in the data cache "
+        "(keyed by the data and the reference's weights), so a step runs the policy only and a full fine-tune "
+        "holds no frozen copy while training",
+    )
     desirable_weight: float = opt(1.0, "KTO: weight of the desirable examples' losses")
     undesirable_weight: float = opt(1.0, "KTO: weight of the undesirable examples' losses")
 

@@ -145,6 +145,11 @@ def _preference_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"preference.beta: {p.beta} must be > 0")
     if not 0.0 <= p.label_smoothing < 0.5:
         problems.append(f"preference.label_smoothing: {p.label_smoothing} must be in [0, 0.5)")
+    if p.precompute_ref and cfg.objective != "dpo":
+        why = "its KL sequences change with each micro-batch" if cfg.objective == "kto" else "it has no reference"
+        problems.append(
+            f"preference.precompute_ref: true with objective: {cfg.objective}, where {why}; set precompute_ref: false"
+        )
     if p.desirable_weight <= 0 or p.undesirable_weight <= 0:
         problems.append(
             f"preference.desirable_weight: {p.desirable_weight} and undesirable_weight: {p.undesirable_weight} "

@@ -40,7 +40,8 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
     ds_config, _zero3_loading = steps.deepspeed(cfg, precision, dist)  # kept alive while the model loads
     tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist, family)
     unwrapped = steps.model(cfg, family, precision, attn, dist)
-    reference = steps.reference_model(cfg, family, precision, attn, dist)  # full fine-tuning's, for dpo/kto
+    table = steps.reference_table_path(cfg, data, precision, attn)  # preference.precompute_ref's
+    reference = steps.reference_model(cfg, family, precision, attn, dist, table)  # full fine-tuning's
     plan = steps.run_plan(cfg, dist, first_epoch, precision, attn, family)
     backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)
     state = steps.resume_state(cfg, backend, data, dist, ckpt)
@@ -60,6 +61,8 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout:
     # whatever runs a step next (the loop, scripts/profile_step.py) must run the training step.
     backend.module.train()
+    if table is not None:
+        steps.precompute_reference(tr, table)
     return tr, state
 
 

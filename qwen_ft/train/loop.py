@@ -45,6 +45,7 @@ class TrainingRun:
     save_fn: Saver  # run on every rank: weights (gathered under ZeRO-3) + description
     loss_fn: LossFn = causal_lm_loss  # ChunkedLoss or this
     router: RouterLoss | None = None  # a mixture of experts' load-balancing loss, when it is trained
+    reference: dict | None = None  # precomputed reference log-probs by split (train/reference_cache.py)
 
     def epoch_batches(self, epoch: int) -> list:
         """This rank's micro-batches of `epoch` (a fresh, seeded plan per epoch)."""
@@ -70,7 +71,12 @@ class TrainingRun:
         layout = ([[lookup[i] for i in row] for row in rows], self.pad_id, self.data_config.packing)
         if self.data.unpaired:
             return collate_unpaired(*layout, flattens(self.plan.attn), self.plan.segments, self.data_config.max_length)
-        return (collate_pairs if self.data.pairs else collate)(*layout, flattens(self.plan.attn), self.plan.segments)
+        out = (collate_pairs if self.data.pairs else collate)(*layout, flattens(self.plan.attn), self.plan.segments)
+        if self.reference is not None:
+            from qwen_ft.train.reference_cache import batch_reference
+
+            out["ref_logps"] = batch_reference(self.reference, split, rows)
+        return out
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

@@ -93,8 +93,15 @@ class PreferenceLoss(SequenceLogps):
             return reference_adapter(self.unwrapped)
         return self.unwrapped.disable_adapter()
 
+    def release_frozen(self) -> None:
+        """Drop the frozen reference model (its log-probs are precomputed)."""
+        self._frozen = None  # its model and the forward hook on it go with it
+
     def reference_logps(self, batch) -> torch.Tensor:
-        """The reference's summed completion log-probs of each sequence of `batch`, without gradients."""
+        """The reference's summed completion log-probs of each sequence of `batch` (precomputed, or now without
+        gradients)."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
         with torch.no_grad():
             if self._frozen is not None:
                 return self._frozen.sequence_logps(self._frozen.unwrapped, batch)[0]

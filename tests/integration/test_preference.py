@@ -401,3 +401,37 @@ def test_kto_steps_equal_trl(tmp_path, tiny_model_dir, packing, step):
             assert abs(a[name] - b[name]) <= 1e-5 * max(1.0, abs(b[name])), (a["step"], name, a[name], b[name])
     assert ours[0]["kl"] == 0.0  # a fresh adapter is its reference
     assert step == 1 or ours[1]["kl"] > 0.1
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_precomputed_reference_equals_the_live_one_and_is_read_back(tmp_path, tiny_model_dir, method, capsys):
+    """preference.precompute_ref: the reference's log-probs computed once into the data cache (train and eval
+    pairs) give the live reference's steps and eval losses; the next run reads them back (a full fine-tune
+    then loads no frozen copy at all)."""
+    from qwen_ft.cli.main import main
+
+    def run(name: str, precompute: bool) -> list[dict]:
+        out = tmp_path / name
+        config = write_run_yaml(
+            tmp_path / f"{name}.yaml",
+            tiny_model_dir,
+            tmp_path,
+            data={"train_files": [str(REPO / "data" / "example_dpo.jsonl")], "eval_fraction": 0.2},
+            method=method,
+            objective="dpo",
+            preference={"precompute_ref": precompute},
+            train={"output_dir": str(out), "micro_batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3},
+        )
+        assert main(["train", config, "train.max_steps=2", "train.eval_steps=1"]) == 0
+        return json.loads((out / "train_history.json").read_text())
+
+    live, first = run("live", False), run("precomputed", True)
+    assert "reference log-probs: computed once for 22 pairs" in capsys.readouterr().out
+    again = run("again", True)
+    printed = capsys.readouterr().out
+    assert "reference log-probs: read from" in printed and "reference: a frozen copy" not in printed
+    assert len(live) == len(first) == len(again) and any("eval_loss" in h for h in live)
+    for a, b, c in zip(live, first, again, strict=True):
+        assert set(a) == set(b) == set(c)
+        for key in set(a) - {"tokens_per_s", "step_s", "elapsed_s"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7) and c[key] == b[key], key
