@@ -169,7 +169,7 @@ def fused_linear_cross_entropy(
     Under autocast the matmuls run in the autocast dtype, as `nn.Linear` would; the softmax and
     the sum are fp32.
     """
-    dtype = _compute_dtype(hidden)
+    dtype = matmul_dtype(hidden)
     if not torch.is_grad_enabled():  # evaluation: needs_input_grad would still follow requires_grad
         hidden, weight = hidden.detach(), weight.detach()
     return _FusedLinearCE.apply(hidden, weight, target, chunk, dtype)
@@ -180,13 +180,13 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     (Liger 0.8.5 makes the host wait for the device 3 times per call; measured on an H100.)"""
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-    dtype = _compute_dtype(hidden)
+    dtype = matmul_dtype(hidden)
     with torch.autocast("cuda", enabled=False):
         loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", accum_dtype=torch.float32)  # weight grad in fp32
         return loss(weight.to(dtype), hidden.to(dtype), target).float()
 
 
-def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The dtype `nn.Linear` would multiply in here: autocast's when it is on, else the input's."""
     device = hidden.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype

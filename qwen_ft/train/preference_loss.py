@@ -19,8 +19,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from qwen_ft.model.start_adapter import REFERENCE, reference_adapter
-from qwen_ft.train.loss import ChunkedLoss, model_inputs, with_learned_indices
+from qwen_ft.train.loss import ChunkedLoss, head_weight, model_inputs, with_learned_indices
 from qwen_ft.train.preference import PairLogps, chosen_nll, dpo_losses, kto_losses, orpo_losses, simpo_losses
+from qwen_ft.train.token_logps import fused_token_logps
 
 
 def learned_sequences(learned_index: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,11 @@ class SequenceLogps(ChunkedLoss):
         return super()._gather(batch)
 
     def _logps(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probs of `target`, a chunk at a time (checkpointed when it needs gradients)."""
+        """Per-token log-probs of `target`, a chunk at a time: fused through a plain output layer
+        (`token_logps.py`), else (a LoRA adapter on it) checkpointed when it needs gradients."""
+        weight = head_weight(self.head)
+        if weight is not None:
+            return fused_token_logps(hidden, weight, target, self.chunk)
         parts = []
         for start in range(0, int(target.numel()), self.chunk):
             h, t = hidden[start : start + self.chunk], target[start : start + self.chunk]
