@@ -58,11 +58,6 @@ def conversations(root: Path) -> list[list[dict]]:
 
 def run_qwen_ft(root: Path, work: Path, max_len: int) -> float:
     """`finetune.py` on a fresh cache (tokenization counted); returns the seconds of `loop.train`."""
-    import yaml
-
-    from qwen_ft.cli.train import main
-    from qwen_ft.train import loop
-
     cfg = {
         "model": {
             "path": str(root / "model"),
@@ -86,6 +81,16 @@ def run_qwen_ft(root: Path, work: Path, max_len: int) -> float:
             "learning_rate": LR,
         },
     }
+    return train_seconds(work, cfg)
+
+
+def train_seconds(work: Path, cfg: dict) -> float:
+    """Run `finetune.py` on the config `cfg` (written into `work`); returns the seconds of `loop.train`."""
+    import yaml
+
+    from qwen_ft.cli.train import main
+    from qwen_ft.train import loop
+
     (work / "run.yaml").write_text(yaml.safe_dump(cfg))
     seconds, plain = [], loop.train
 

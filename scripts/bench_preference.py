@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_cpu_peers import train_seconds
 from bench_preprocess import generate
 
 TOOLS = ("qwen-ft", "qwen-ft-precompute", "trl")
@@ -60,11 +61,6 @@ def setup(root: Path, n: int) -> None:
 
 def run_qwen_ft(root: Path, work: Path, max_len: int, precompute: bool) -> float:
     """`finetune.py` on a fresh cache; returns the seconds of `loop.train`."""
-    import yaml
-
-    from qwen_ft.cli.train import main
-    from qwen_ft.train import loop
-
     cfg = {
         "model": {"path": str(root / "model"), "dtype": "fp32", "attn_implementation": "sdpa"},
         "data": {
@@ -85,23 +81,7 @@ def run_qwen_ft(root: Path, work: Path, max_len: int, precompute: bool) -> float
             "learning_rate": LR,
         },
     }
-    (work / "run.yaml").write_text(yaml.safe_dump(cfg))
-    seconds, plain = [], loop.train
-
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return plain(*args, **kwargs)
-        finally:
-            seconds.append(time.perf_counter() - t0)
-
-    loop.train = timed
-    try:
-        if main(["--config", str(work / "run.yaml")]) != 0:
-            raise SystemExit("qwen-ft failed")
-    finally:
-        loop.train = plain
-    return seconds[0]
+    return train_seconds(work, cfg)
 
 
 def run_trl(root: Path, work: Path, max_len: int, precompute: bool) -> float:
