@@ -151,10 +151,12 @@ def _use_liger(kernel: str, head_device: torch.device | None) -> bool:
 
 
 def head_weight(head) -> torch.Tensor | None:
-    """The weight the output layer multiplies by, when it is a plain bias-free Linear (also inside
-    peft's modules_to_save wrapper); None for anything else (a LoRA adapter on the head)."""
+    """The weight the output layer multiplies by now, when it is a plain bias-free Linear (also inside
+    peft's modules_to_save wrapper: the trained copy, or the original while adapters are disabled); None
+    for anything else (a LoRA adapter on the head)."""
     if hasattr(head, "modules_to_save") and hasattr(head, "active_adapters"):
-        active = [a for a in head.active_adapters if a in head.modules_to_save]
+        # under peft's disable_adapter (a preference reference) the wrapper runs its original module
+        active = [] if head.disable_adapters else [a for a in head.active_adapters if a in head.modules_to_save]
         head = head.modules_to_save[active[0]] if active else head.original_module
     if type(head) is torch.nn.Linear and head.bias is None:
         return head.weight

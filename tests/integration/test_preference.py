@@ -229,9 +229,11 @@ def random_pairs(shapes, seed: int = 1) -> list[dict]:
     return pairs
 
 
-def test_adapter_disabled_reference_equals_a_separate_frozen_copy(tiny_model_dir):
+@pytest.mark.parametrize("embeddings", [False, True], ids=["lora", "lora-emb"])
+def test_adapter_disabled_reference_equals_a_separate_frozen_copy(tiny_model_dir, embeddings):
     """The reference the loss computes (the LoRA model with its adapter off, chunked log-probs of the learned
-    positions) equals a separately loaded stock model's full-logits log-probs, per sequence."""
+    positions) equals a separately loaded stock model's full-logits log-probs, per sequence; with trained
+    embeddings and output layer (modules_to_save, changed here so a leak would show) too."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -241,7 +243,13 @@ def test_adapter_disabled_reference_equals_a_separate_frozen_copy(tiny_model_dir
 
     load = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)  # noqa: E731
     torch.manual_seed(0)
-    policy = get_peft_model(load(), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+    saved = ["embed_tokens", "lm_head"] if embeddings else None
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False, modules_to_save=saved)
+    policy = get_peft_model(load(), lora)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
     frozen = load().eval()
     pairs = random_pairs(((5, 4, 6), (3, 7, 2)))
     batch = collate_pairs([pairs], pad_id=0, packed=True)
