@@ -44,24 +44,33 @@ def adapter_problems(path: str, lora: LoraSettings) -> list[str]:
 
 
 def _settings_problems(saved: dict, lora: LoraSettings, path: str) -> list[str]:
-    """A `lora:` section that differs from the adapter's own settings (an untouched section is fine)."""
+    """`lora:` settings, changed from their defaults, that contradict the adapter's own."""
     from qwen_ft.config.schema import LoraSettings
 
-    if lora == LoraSettings():
-        return []
     theirs = {
         "r": saved.get("r"),
         "alpha": saved.get("lora_alpha"),
         "rslora": bool(saved.get("use_rslora")),
         "dora": bool(saved.get("use_dora")),
         "train_embeddings": bool(saved.get("modules_to_save")),
+        "dropout": saved.get("lora_dropout"),
+        "target_modules": _targets(saved),
     }
+    ours = {key: getattr(lora, key) for key in theirs} | {"target_modules": tuple(sorted(lora.target_modules))}
+    untouched = LoraSettings()
     return [
-        f"lora.{key}: {getattr(lora, key)!r}, but the adapter at {path} has {value!r}; the run continues that "
-        "adapter with its own settings: remove the lora section or make it match"
+        f"lora.{key}: {ours[key]!r}, but the adapter at {path} has {value!r}; the run continues that "
+        "adapter with its own settings: remove the setting or make it match"
         for key, value in theirs.items()
-        if getattr(lora, key) != value
+        if ours[key] != getattr(untouched, key) and ours[key] != value
     ]
+
+
+def _targets(saved: dict) -> tuple[str, ...]:
+    """The adapter's module and parameter targets, sorted (peft saves a list, a set or a regex string)."""
+    found = saved.get("target_modules") or []
+    found = [found] if isinstance(found, str) else list(found)
+    return tuple(sorted({*found, *(saved.get("target_parameters") or [])}))
 
 
 def load_start_adapter(model, path: str, reference: bool):
@@ -76,10 +85,14 @@ def load_start_adapter(model, path: str, reference: bool):
 
 @contextmanager
 def reference_adapter(model):
-    """The frozen starting adapter active instead of the trained one (peft's set_adapter flips the trained
-    one's requires_grad off and back on, so this runs outside any backward)."""
+    """The frozen starting adapter active instead of the trained one, in eval mode: its saved lora_dropout
+    must not make the reference random (TRL's disable_dropout). peft's set_adapter flips the trained
+    adapter's requires_grad off and back on, so this runs outside any backward."""
+    training = model.training
     model.set_adapter(REFERENCE, inference_mode=True)
+    model.eval()
     try:
         yield model
     finally:
+        model.train(training)
         model.set_adapter("default")

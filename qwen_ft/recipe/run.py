@@ -40,7 +40,7 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
     ds_config, _zero3_loading = steps.deepspeed(cfg, precision, dist)  # kept alive while the model loads
     tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist, family)
     unwrapped = steps.model(cfg, family, precision, attn, dist)
-    table = steps.reference_table_path(cfg, data, precision, attn)  # preference.precompute_ref's
+    table = steps.reference_table(cfg, data, precision, attn, dist)  # preference.precompute_ref's
     reference = steps.reference_model(cfg, family, precision, attn, dist, table)  # full fine-tuning's
     plan = steps.run_plan(cfg, dist, first_epoch, precision, attn, family)
     backend = steps.backend(cfg, unwrapped, precision, dist, ds_config)

@@ -147,33 +147,34 @@ def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist:
 
 
 def reference_model(
-    cfg: RunConfig, family: Family, precision: Precision, attn: str, dist: DistInfo, table: Path | None = None
+    cfg: RunConfig, family: Family, precision: Precision, attn: str, dist: DistInfo, table: tuple | None = None
 ):
     """A frozen copy of the base, for an objective with a reference in a full fine-tune; else None (a LoRA
-    model is its own reference, and precomputed reference log-probs already in `table` need none)."""
+    model is its own reference, and precomputed reference log-probs every process can read need none)."""
     from qwen_ft.config.schema import REFERENCE_OBJECTIVES
     from qwen_ft.model.build import frozen_copy
 
-    if cfg.objective not in REFERENCE_OBJECTIVES or cfg.method != "full" or (table and table.is_file()):
+    if cfg.objective not in REFERENCE_OBJECTIVES or cfg.method != "full" or (table and table[1]):
         return None
     print0(dist, f"reference: a frozen copy of {cfg.model.path} ({precision.name})")
     return frozen_copy(cfg.model, family, precision, attn, dist.device, packing=cfg.data.packing)
 
 
-def reference_table_path(cfg: RunConfig, data, precision: Precision, attn: str) -> Path | None:
-    """Where preference.precompute_ref keeps the reference's log-probs, or None when it is off."""
+def reference_table(cfg: RunConfig, data, precision: Precision, attn: str, dist: DistInfo) -> tuple | None:
+    """(path, every process can read it) of preference.precompute_ref's reference log-probs; None when off."""
     if not cfg.preference.precompute_ref:
         return None
-    from qwen_ft.train.reference_cache import table_path
+    from qwen_ft.train.reference_cache import table_path, table_ready
 
-    return table_path(cfg, data, precision.name, attn)
+    path = table_path(cfg, data, precision.name, attn)
+    return path, table_ready(path, dist)
 
 
-def precompute_reference(tr, table: Path) -> None:
+def precompute_reference(tr, table: tuple) -> None:
     """Read or compute the reference log-probs into the run; the frozen copy that computed them goes."""
     from qwen_ft.train.reference_cache import reference_tables
 
-    tr.reference = reference_tables(tr, table)
+    tr.reference = reference_tables(tr, *table)
     tr.loss_fn.release_frozen()
 
 

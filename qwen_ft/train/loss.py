@@ -82,7 +82,7 @@ class ChunkedLoss:
         self.fused = weight is not None
         self.liger = _use_liger(kernel, weight.device if weight is not None else None)
         self._hidden: torch.Tensor | None = None
-        base.get_decoder().register_forward_hook(self._capture)
+        self._hook = base.get_decoder().register_forward_hook(self._capture)
 
     def _capture(self, module, args, output) -> None:
         self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]

@@ -100,7 +100,14 @@ class PreferenceLoss(SequenceLogps):
 
     def release_frozen(self) -> None:
         """Drop the frozen reference model (its log-probs are precomputed)."""
-        self._frozen = None  # its model and the forward hook on it go with it
+        if self._frozen is not None:
+            import gc
+
+            self._frozen._hook.remove()  # the hook on its decoder holds this reader, which holds the model
+            self._frozen = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def reference_logps(self, batch) -> torch.Tensor:
         """The reference's summed completion log-probs of each sequence of `batch` (precomputed, or now without

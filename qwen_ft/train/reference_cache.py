@@ -2,8 +2,8 @@
 kept in the data cache, so a DPO step runs the policy only.
 
 The cache file is keyed by what the numbers depend on: the tokenized data (its datasets fingerprint),
-the reference's weights (the base's and a starting adapter's safetensors files: names, sizes and
-modification times), the compute dtype and the attention kernel. A resumed run reads the same file;
+the reference's weights (the base's config and weight files, a starting adapter's files, the method and a
+quantized base's settings), the compute dtype, the attention kernel and the packing. A resumed run reads the same file;
 when it is gone, the reference is computed again from the base (a full fine-tune loads its frozen copy
 for that, never the trained weights). The tables are computed by the same code as the live reference
 (`PreferenceLoss.reference_logps`, under the training autocast), a share of the micro-batches per
@@ -33,32 +33,47 @@ SPLITS = ("train", "eval")
 
 def table_path(cfg: RunConfig, data: PreparedData, precision: str, attn: str) -> Path:
     """Where the reference log-probs of this run's data and reference live in the data cache."""
+    from dataclasses import asdict
+
+    from qwen_ft.model.fingerprint import model_fingerprint
+
     splits = {s: getattr(data, s)._fingerprint for s in SPLITS if getattr(data, s) is not None}
     identity = {
         "data": splits,
-        "base": _weights(cfg.model.path),
-        "adapter": _weights(cfg.model.adapter) if cfg.model.adapter else None,
+        "base": model_fingerprint(cfg.model.path),  # config.json and every weight file (sampled)
+        "adapter": _adapter_identity(cfg.model.adapter) if cfg.model.adapter else None,
+        "method": cfg.method,
+        "quant": asdict(cfg.quant) if cfg.method == "qlora" else None,  # a 4-bit base is another reference
         "precision": precision,
         "attn": attn,
+        "packing": cfg.data.packing,
         "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     return Path(cfg.data.cache_dir) / "reference" / f"{key}.safetensors"
 
 
-def _weights(directory: str) -> list:
-    """(name, size, mtime) of a directory's safetensors files: a changed reference changes the key."""
-    files = sorted(Path(directory).glob("*.safetensors"))
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+def _adapter_identity(directory: str) -> list[str]:
+    """Digests of a starting adapter's config and weights."""
+    from qwen_ft.files import file_digest
+
+    return [file_digest(Path(directory) / name) for name in ("adapter_config.json", "adapter_model.safetensors")]
 
 
-def reference_tables(tr, path: Path) -> dict[str, np.ndarray]:
-    """{split: [examples, 2] float32 (chosen, rejected) summed completion log-probs}: read from `path`, or
+def table_ready(path: Path, dist) -> bool:
+    """Whether every process can read the table at `path` (decided together: with a cache directory local to
+    each node, one node may hold it and another not, and then all of them compute it)."""
+    return all_reduce_sum([float(path.is_file())], dist)[0] == dist.world
+
+
+def reference_tables(tr, path: Path, ready: bool) -> dict[str, np.ndarray]:
+    """{split: [examples, 2] float32 (chosen, rejected) summed completion log-probs}: read from `path` when
+    `ready` (table_ready), or
     computed for the run `tr` (train/loop.TrainingRun; each process a share of the batches) and written
     there by the main process."""
     from safetensors.numpy import load_file
 
-    if path.is_file():
+    if ready:
         print0(tr.dist, f"reference log-probs: read from {path}")
         return load_file(str(path))
     tables = {s: _computed(tr, s) for s in SPLITS if getattr(tr.data, s) is not None}

@@ -35,7 +35,9 @@ class RouterLoss:
             router.register_forward_hook(self._capture)
 
     def _capture(self, module, args, output) -> None:
-        if self._logits is not None:
+        # the policy's training pass only: a preference loss's reference and KL passes (no_grad) run the
+        # same routers within the same step
+        if self._logits is not None and torch.is_grad_enabled():
             self._logits.append(output[0])
 
     @contextmanager

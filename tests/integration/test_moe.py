@@ -7,6 +7,7 @@ transformers' own, and packed equals unpacked with it."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,23 @@ def test_packed_step_equals_one_conversation_at_a_time(bases, family, rows):
         f"worst relative gradient difference {worst:.2g}"
     )
     assert worst < 2e-5, worst
+
+
+@pytest.mark.parametrize("objective, data", [("kto", "example_kto.jsonl"), ("dpo", "example_dpo.jsonl")])
+def test_preference_objectives_add_the_router_loss_of_the_policy_pass_only(tmp_path, bases, objective, data):
+    """A preference step runs the routers several times (the policy, and without gradients the reference
+    and KTO's KL sequences); the load-balancing loss is the policy pass's, so the step trains and logs it."""
+    from tests.conftest import REPO
+
+    trainer, state = train(
+        tmp_path,
+        bases["qwen3_moe"],
+        data={"train_files": [str(REPO / "data" / data)]},
+        objective=objective,
+        lora={"r": 4, "alpha": 8},
+        train={"output_dir": str(tmp_path / "out"), "micro_batch_size": 4, "grad_accum": 1, "max_steps": 2},
+    )
+    first = state.history[0]
+    assert first["aux_loss"] > 0 and "rewards/chosen" in first
+    if objective == "dpo":  # a fresh adapter: the policy is the reference
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)

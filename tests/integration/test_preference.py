@@ -443,3 +443,47 @@ def test_precomputed_reference_equals_the_live_one_and_is_read_back(tmp_path, ti
         assert set(a) == set(b) == set(c)
         for key in set(a) - {"tokens_per_s", "step_s", "elapsed_s"}:
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7) and c[key] == b[key], key
+
+
+def test_a_starting_adapter_as_reference_runs_without_dropout(tmp_path, tiny_model_dir):
+    """The frozen starting adapter keeps its saved lora_dropout, but the reference runs in eval mode (TRL's
+    disable_dropout): the same log-probs every call, in a training step too, and the model stays in training."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qwen_ft.config.schema import PreferenceSettings
+    from qwen_ft.data.collate import collate_pairs
+    from qwen_ft.model.start_adapter import load_start_adapter
+    from qwen_ft.train.preference_loss import PreferenceLoss
+
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)  # noqa: E731
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=TARGETS, init_lora_weights=False)
+    get_peft_model(load(), lora).save_pretrained(tmp_path / "sft")
+    model = load_start_adapter(load(), str(tmp_path / "sft"), reference=True).train()
+    loss = PreferenceLoss(model, "dpo", PreferenceSettings(), chunk=4)
+    batch = collate_pairs([random_pairs(((5, 4, 6), (3, 7, 2)))], pad_id=0, packed=True)
+    first, second = loss.reference_logps(batch), loss.reference_logps(batch)
+    assert torch.equal(first, second) and model.training
+    with torch.no_grad():
+        policy = [loss.sequence_logps(model, batch)[0] for _ in range(2)]
+    assert not torch.equal(*policy)  # the trained adapter's own dropout is on: the reference's is not
+
+
+def test_releasing_the_frozen_copy_frees_it(tiny_model_dir):
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    from qwen_ft.config.schema import PreferenceSettings
+    from qwen_ft.train.preference_loss import PreferenceLoss
+
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)  # noqa: E731
+    frozen = load()
+    gone = weakref.ref(frozen)
+    loss = PreferenceLoss(load(), "dpo", PreferenceSettings(), chunk=4, frozen=frozen)
+    del frozen
+    gc.collect()
+    assert gone() is not None
+    loss.release_frozen()
+    assert gone() is None

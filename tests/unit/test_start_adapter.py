@@ -23,11 +23,13 @@ def test_a_matching_or_untouched_lora_section_is_fine(tmp_path):
     assert adapter_problems(str(d), LoraSettings(r=4, alpha=8)) == []
 
 
-def test_a_lora_section_that_contradicts_the_adapter_is_refused_naming_each_key(tmp_path):
-    d = adapter_dir(tmp_path, use_rslora=True)
-    problems = adapter_problems(str(d), LoraSettings(r=16, alpha=8))
-    assert [p.split(":")[0] for p in problems] == ["lora.r", "lora.rslora"]
-    assert "has 4" in problems[0] and "remove the lora section or make it match" in problems[0]
+def test_lora_settings_that_contradict_the_adapter_are_refused_naming_each_key(tmp_path):
+    d = adapter_dir(tmp_path, lora_dropout=0.05, target_modules=["v_proj", "q_proj"])
+    settings = LoraSettings(r=16, alpha=8, dropout=0.0, target_modules=("q_proj",))
+    problems = adapter_problems(str(d), settings)
+    assert [p.split(":")[0] for p in problems] == ["lora.r", "lora.dropout", "lora.target_modules"]
+    assert "has 4" in problems[0] and "remove the setting or make it match" in problems[0]
+    assert adapter_problems(str(d), LoraSettings(dropout=0.05, target_modules=("q_proj", "v_proj"))) == []
 
 
 def test_not_an_adapter_pickle_weights_and_other_peft_types_are_refused(tmp_path):
