@@ -181,36 +181,6 @@ def test_packed_pairs_train_as_unpacked(tmp_path, tiny_model_dir, pairs):
     assert_same(packed, unpacked)
 
 
-def test_simpo_loss_equals_trl_cpo_simpo_on_the_same_log_probs():
-    """SimPO's formula against TRL's own (CPOTrainer.cpo_loss, loss_type="simpo"), on the same summed log-probs.
-    (A whole CPOTrainer step renders other ids: it re-tokenizes the rendered text and appends an EOS token
-    after the template's closing newline.)"""
-    from types import SimpleNamespace
-
-    from trl.experimental.cpo import CPOTrainer
-
-    from qwen_ft.train.preference import PairLogps, simpo_losses
-
-    g = torch.Generator().manual_seed(0)
-    sums, lens = -torch.rand(2, 5, generator=g) * 40, torch.randint(3, 20, (2, 5), generator=g)
-    policy = PairLogps(sums[0], sums[1], lens[0], lens[1])
-    avg = policy.averaged()
-    for smoothing in (0.0, 0.2):
-        trl = SimpleNamespace(
-            alpha=0.0,
-            beta=0.7,
-            simpo_gamma=0.4,
-            label_smoothing=smoothing,
-            loss_type="simpo",
-            accelerator=SimpleNamespace(device=torch.device("cpu")),
-        )
-        losses, chosen, rejected = CPOTrainer.cpo_loss(trl, avg.chosen, avg.rejected)
-        ours, metrics = simpo_losses(policy, 0.7, 0.4, smoothing)
-        torch.testing.assert_close(ours, losses, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(metrics["rewards/chosen"], chosen)
-        torch.testing.assert_close(metrics["rewards/rejected"], rejected)
-
-
 def random_pairs(shapes, seed: int = 1) -> list[dict]:
     """Collated-form pairs of random ids, one per (prompt, chosen, rejected) length."""
     g = torch.Generator().manual_seed(seed)
@@ -283,14 +253,13 @@ def test_reference_free_objectives_train_and_log_trl_metrics(tmp_path, tiny_mode
         assert {"nll_loss", "log_odds_ratio", "log_odds_chosen"} <= set(history[0])
 
 
-def trl_orpo(model, pairs: list[dict], beta: float) -> tuple[torch.Tensor, dict]:
-    """TRL's ORPOTrainer.get_batch_loss_metrics on right-padded chosen/rejected rows of `pairs` (its
-    tokenization appends an EOS to rendered text, so its whole step sees other ids)."""
+def trl_batch_loss(trainer_class, loss_name: str, model, pairs: list[dict], **settings) -> tuple[torch.Tensor, dict]:
+    """TRL's ORPOTrainer or CPOTrainer `get_batch_loss_metrics` on right-padded chosen/rejected rows of `pairs`
+    (their tokenization appends an EOS to rendered text, so their whole step sees other ids)."""
     from functools import partial
     from types import SimpleNamespace
 
     from torch.nn.utils.rnn import pad_sequence
-    from trl.experimental.orpo import ORPOTrainer
 
     def padded(key: str, value: int) -> torch.Tensor:
         return pad_sequence([torch.tensor(p[key]) for p in pairs], batch_first=True, padding_value=value)
@@ -299,28 +268,33 @@ def trl_orpo(model, pairs: list[dict], beta: float) -> tuple[torch.Tensor, dict]
     for side, ids, labels in (("chosen", "input_ids", "labels"), ("rejected", "rejected_ids", "rejected_labels")):
         batch[f"{side}_input_ids"], batch[f"{side}_labels"] = padded(ids, 0), padded(labels, -100)
         batch[f"{side}_attention_mask"] = padded(ids, -1).ne(-1).long()
-    accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
-    trl = SimpleNamespace(is_encoder_decoder=False, padding_value=0, beta=beta, aux_loss_enabled=False)
-    trl.accelerator, trl.concatenated_inputs, trl.get_batch_logps = (
-        accelerator,
-        ORPOTrainer.concatenated_inputs,
-        ORPOTrainer.get_batch_logps,
-    )
-    trl.odds_ratio_loss = partial(ORPOTrainer.odds_ratio_loss, trl)
-    trl.concatenated_forward = partial(ORPOTrainer.concatenated_forward, trl)
-    return ORPOTrainer.get_batch_loss_metrics(trl, model, batch)
+    fixed = {"is_encoder_decoder": False, "padding_value": 0, "pad_token_id": 0, "aux_loss_enabled": False}
+    trl = SimpleNamespace(**fixed, **settings)
+    trl.accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+    trl.concatenated_inputs, trl.get_batch_logps = trainer_class.concatenated_inputs, trainer_class.get_batch_logps
+    setattr(trl, loss_name, partial(getattr(trainer_class, loss_name), trl))
+    trl.concatenated_forward = partial(trainer_class.concatenated_forward, trl)
+    return trainer_class.get_batch_loss_metrics(trl, model, batch)
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+ORPO_SETTINGS = {"beta": 0.3}
+SIMPO_SETTINGS = {"beta": 2.0, "simpo_gamma": 0.4, "label_smoothing": 0.1, "cpo_alpha": 0.5}
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
 @pytest.mark.parametrize("packed", [True, False])
-def test_orpo_loss_metrics_and_gradients_equal_trl_orpo(tiny_model_dir, packed):
+def test_reference_free_losses_metrics_and_gradients_equal_trl(tiny_model_dir, packed, objective):
     """ORPO (odds ratio on mean completion log-probs, plus the NLL of the whole chosen sequences, prompt
-    included, per token over the batch) against TRL's ORPOTrainer on the same ids and LoRA weights."""
+    included) and SimPO (with CPO's chosen NLL, cpo_alpha) against TRL's ORPOTrainer and CPOTrainer
+    (loss_type="simpo") on the same ids and LoRA weights: loss, metrics and every gradient."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
 
     from qwen_ft.config.schema import PreferenceSettings
     from qwen_ft.data.collate import collate_pairs
@@ -330,16 +304,22 @@ def test_orpo_loss_metrics_and_gradients_equal_trl_orpo(tiny_model_dir, packed):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
     pairs = random_pairs(((5, 4, 6), (3, 7, 2), (6, 2, 5)))
-    loss_fn = PreferenceLoss(model, "orpo", PreferenceSettings(beta=0.3), chunk=3)
+    settings = ORPO_SETTINGS if objective == "orpo" else SIMPO_SETTINGS
+    loss_fn = PreferenceLoss(model, objective, PreferenceSettings(**settings), chunk=3)
     total, n = loss_fn(model, collate_pairs([pairs], pad_id=0, packed=packed))
     (total / n).backward()
     ours, metrics = lora_grads(model), {k: v / n for k, v in loss_fn.take_metrics().items()}
     model.zero_grad()
-    loss, theirs = trl_orpo(model, pairs, 0.3)
+    if objective == "orpo":
+        loss, theirs = trl_batch_loss(ORPOTrainer, "odds_ratio_loss", model, pairs, **settings)
+        names = (*METRICS[1:], "nll_loss", "log_odds_ratio", "log_odds_chosen")
+    else:
+        loss, theirs = trl_batch_loss(CPOTrainer, "cpo_loss", model, pairs, loss_type="simpo", alpha=0.0, **settings)
+        names = METRICS[1:]
     loss.backward()
     mean, loss = float(total.detach() / n), float(loss.detach())
     assert n == 3 and abs(mean - loss) <= 1e-5, (mean, loss)
-    for name in (*METRICS[1:], "nll_loss", "log_odds_ratio", "log_odds_chosen"):
+    for name in names:
         assert metrics[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-6), name
     for name, grad in lora_grads(model).items():
         torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6)
