@@ -45,13 +45,7 @@ def build_model(
         keep_packed_apart(model, family, mixed)
         return quantize_experts(apply_method(model, method, family, seed), method.quant, base.path, precision)
     weights = torch.float32 if method.name == "full" else precision.dtype
-    model = load_base_model(base.path, weights, attn, base.trust_remote_code)
-    model.config.use_cache = False  # packed rows are exact only without the KV cache
-    keep_packed_apart(model, family, mixed)
-    if family.moe:
-        from qwen_ft.model.experts import never_a_loop
-
-        never_a_loop(model)
+    model = _plain_base(base, family, weights, attn, mixed)
     if base.recomputed_fraction > 0:
         enable_gradient_checkpointing(model, method.name != "full", base.recomputed_fraction)
     model = apply_method(model, method, family, seed)
@@ -67,15 +61,22 @@ def frozen_copy(
     (at the first step it computes what the trained model computes under autocast)."""
     from qwen_ft.model.attention import flattens, model_attn_name
 
-    model = load_base_model(base.path, precision.dtype, model_attn_name(attn), base.trust_remote_code)
-    model.config.use_cache = False
-    keep_packed_apart(model, family, packing or flattens(attn))
+    model = _plain_base(base, family, precision.dtype, model_attn_name(attn), packing or flattens(attn))
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def _plain_base(base: ModelConfig, family: Family, dtype: torch.dtype, attn: str, mixed: bool):
+    """The unquantized checkpoint in `dtype` with transformers' `attn` kernel, ready for rows that hold several
+    conversations (`mixed`): no KV cache, Gated DeltaNet layers restarting per example, experts never a loop."""
+    model = load_base_model(base.path, dtype, attn, base.trust_remote_code)
+    model.config.use_cache = False  # packed rows are exact only without the KV cache
+    keep_packed_apart(model, family, mixed)
     if family.moe:
         from qwen_ft.model.experts import never_a_loop
 
         never_a_loop(model)
-    model.requires_grad_(False)
-    return model.eval().to(device)
+    return model
 
 
 def compile_decoder_layers(model) -> int:

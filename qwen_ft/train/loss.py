@@ -194,6 +194,14 @@ def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
+def exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite a chunk's fp32 logits with exp(logits - row max), in place (one chunk-sized buffer, no
+    temporary beside it); returns the row maxima and the row sums ([rows, 1] each): log-sum-exp is
+    max + log(sum), and the softmax is the buffer divided by the sums."""
+    top = logits.amax(dim=-1, keepdim=True)
+    return top, logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """Forward: the loss plus d loss / d hidden (and d loss / d weight when trained), chunk by chunk.
     Backward: the saved gradients times the incoming scale; nothing is recomputed."""
@@ -211,8 +219,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 logits = (h @ w.T).float()
                 # log-sum-exp and softmax in place: one chunk-sized buffer, no temporary beside it
                 picked = logits.gather(1, t[:, None]).squeeze(1)
-                top = logits.amax(dim=-1, keepdim=True)
-                sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                top, sums = exp_shifted_(logits)
                 total += (top + sums.log()).squeeze(1).sub_(picked).sum()
                 if not (need_h or need_w):
                     continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen_ft.train.loss import matmul_dtype
+from qwen_ft.train.loss import exp_shifted_, matmul_dtype
 
 
 def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -35,9 +35,8 @@ class _FusedTokenLogps(torch.autograd.Function):
                 logits = (hidden[start : start + chunk].to(dtype) @ w.T).float()
                 t = target[start : start + chunk]
                 picked = logits.gather(1, t[:, None]).squeeze(1)
-                top = logits.amax(dim=-1, keepdim=True)
-                lse = top.squeeze(1) + logits.sub_(top).exp_().sum(dim=-1).log()
-                out[start : start + chunk] = picked - lse
+                top, sums = exp_shifted_(logits)
+                out[start : start + chunk] = picked - (top + sums.log()).squeeze(1)
         ctx.save_for_backward(hidden, weight, target)
         ctx.chunk, ctx.dtype = chunk, dtype
         return out
@@ -54,8 +53,8 @@ class _FusedTokenLogps(torch.autograd.Function):
                 h, t = hidden[start : start + ctx.chunk].to(ctx.dtype), target[start : start + ctx.chunk]
                 g_out = grad_out[start : start + ctx.chunk].float()
                 g = (h @ w.T).float()
-                g = g.sub_(g.amax(dim=-1, keepdim=True)).exp_()  # the softmax, in the logits' own buffer
-                g.mul_((-g_out / g.sum(dim=-1))[:, None])  # -g * softmax
+                _, sums = exp_shifted_(g)
+                g.mul_(-g_out[:, None] / sums)  # -g * softmax, in the logits' own buffer
                 g[torch.arange(t.numel(), device=t.device), t] += g_out
                 g = g.to(ctx.dtype)
                 if grad_h is not None:
