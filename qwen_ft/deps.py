@@ -28,6 +28,7 @@ EXTRAS: dict[str, Extra] = {
     "bnb": Extra("bitsandbytes 4-bit Q-LoRA", ("bitsandbytes",), "pip install 'qwen-ft[qlora]'"),
     "gptq": Extra("GPTQ bases and re-quantization", ("gptqmodel", "optimum"), "pip install 'qwen-ft[gptq]'"),
     "flash_attn": Extra("flash-attention 2", ("flash_attn",), "pip install 'qwen-ft[flash]'"),
+    "gguf": Extra("GGUF export", ("gguf",), "pip install 'qwen-ft[gguf]'"),
     "liger": Extra("Liger's fused linear cross-entropy (GPU)", ("liger_kernel",), "pip install 'qwen-ft[liger]'"),
 }
 

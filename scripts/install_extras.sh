@@ -15,6 +15,8 @@ python -m pip install -q "threadpoolctl==3.8.0" "device-smi==0.5.7" "pypcre==0.6
   "logbar==0.4.15" "jinja2==3.1.6" "ninja==1.13.2" "defuser==0.0.28"
 python -m pip install -q --no-deps "torchao==0.18.0"
 python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
+# sentencepiece: llama.cpp's convert_hf_to_gguf.py (the GGUF export's reference in the tests) imports it
+python -m pip install -q "sentencepiece==0.2.3"
 # TRL 1.16: its requirements (accelerate, datasets, pandas, ...) are already here; --no-deps keeps them as they are
 python -m pip install -q --no-deps "trl==1.16.0"
-python -c "import gptqmodel, bitsandbytes, optimum, deepspeed, trl; print('extras: gptqmodel', gptqmodel.__version__, '| bitsandbytes', bitsandbytes.__version__, '| deepspeed', deepspeed.__version__, '| trl', trl.__version__)"
+python -c "import gptqmodel, bitsandbytes, optimum, deepspeed, trl, sentencepiece; print('extras: gptqmodel', gptqmodel.__version__, '| bitsandbytes', bitsandbytes.__version__, '| deepspeed', deepspeed.__version__, '| trl', trl.__version__)"

@@ -18,6 +18,7 @@ COMMANDS = (
     "merge",
     "chat",
     "quantize",
+    "export",
     "convert",
     "estimate",
     "bench",

@@ -87,6 +87,24 @@ def find_template(tokenizer_dir: str | Path, override: str | None = None) -> Cha
     return ChatTemplate(raw, f"{config} (chat_template)", tool_use)
 
 
+def record_template(out: Path, text: str) -> None:
+    """Write an overriding template where every server finds it: `chat_template.jinja`, and in place of the
+    one `tokenizer_config.json` may carry (the gguf package, hence llama.cpp and Ollama, reads that first;
+    a list of named templates keeps its others, with "default" replaced)."""
+    (out / "chat_template.jinja").write_text(text, encoding="utf-8")
+    config_file = out / "tokenizer_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    raw = config.get("chat_template")
+    if isinstance(raw, list):
+        named = [t for t in raw if isinstance(t, dict) and t.get("name") != "default"]
+        config["chat_template"] = [{"name": "default", "template": text}, *named]
+    else:
+        config["chat_template"] = text
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def special_token_variables(tokenizer_dir: str | Path) -> dict[str, str]:
     """bos_token, eos_token, ... as tokenizer_config.json names them: apply_chat_template offers them to
     the template (a template may write `{{ eos_token }}`)."""

@@ -264,6 +264,7 @@ def _checkpoint_dtype(model) -> str:
 def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) -> None:
     """Standalone model: safetensors shards, tokenizer files and chat template (the adapter's, which
     rendered its data), the base's generation config with the end-of-turn ids, manifest."""
+    from qwen_ft.export.servers import template_kwargs, write_serving
     from qwen_ft.model.families import resolve_family
     from qwen_ft.model.generation import write_generation_config
     from qwen_ft.model.layout import BaseLayout, add_base_tensors, trained_state
@@ -282,3 +283,4 @@ def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) ->
         "method": "merged",
     }
     (out / "manifest.json").write_text(json.dumps(merged_manifest, indent=2))
+    write_serving(out, kwargs=template_kwargs(src))  # the adapter's run recorded them

@@ -23,6 +23,7 @@ the code asks the row instead of branching on names:
   so `target_modules` never reaches them); empty for dense families. The router (`ROUTER`) and the
   shared expert's gate are trained only when listed;
 - `no_requantize`: why `qwen-ft quantize` cannot GPTQ-quantize the family ("" where it can);
+- `gguf`: the GGUF architecture llama.cpp runs the family as (`qwen-ft export --to gguf`);
 - `linears_by_weight`: linear layers adapted through their weight parameter (`gate_proj.weight`) rather
   than by module name: for Qwen3-MoE and Qwen3-Next, peft's transformers-4 compatibility rule turns the
   module targets gate_proj/up_proj/down_proj into the fused experts (at double rank), so the shared
@@ -54,6 +55,7 @@ class Family:
     experts: tuple[str, ...] = ()
     linears_by_weight: tuple[str, ...] = ()
     no_requantize: str = ""
+    gguf: str = ""
     note: str = ""
 
     @property
@@ -90,21 +92,28 @@ COMPOSITE = {"auto_class": "AutoModelForImageTextToText", "frozen": ("model.visu
 
 
 FAMILIES = {
-    "qwen2": Family("qwen2", ("qwen2",), QWEN2_LINEAR, note="Qwen1.5, Qwen2, Qwen2.5"),
-    "qwen3": Family("qwen3", ("qwen3",), QWEN2_LINEAR, note="Qwen3 dense"),
+    "qwen2": Family("qwen2", ("qwen2",), QWEN2_LINEAR, gguf="qwen2", note="Qwen1.5, Qwen2, Qwen2.5"),
+    "qwen3": Family("qwen3", ("qwen3",), QWEN2_LINEAR, gguf="qwen3", note="Qwen3 dense"),
     # Qwen v1 is trained after conversion to the native Qwen2 layout (qwen_ft.model.qwen_v1), so its
     # adapters target the native names.
     "qwen": Family("qwen", ("qwen",), QWEN2_LINEAR, note="Qwen v1 (QWenLMHeadModel)"),
-    "qwen3_5": _hybrid("qwen3_5", ("qwen3_5",), "Qwen3.5 / Qwen3.6 dense, vision-language checkpoint", **COMPOSITE),
-    "qwen3_5_text": _hybrid("qwen3_5_text", ("qwen3_5_text",), "Qwen3.5 / Qwen3.6 dense, text-only checkpoint"),
+    "qwen3_5": _hybrid(
+        "qwen3_5", ("qwen3_5",), "Qwen3.5 / Qwen3.6 dense, vision-language checkpoint", gguf="qwen35", **COMPOSITE
+    ),
+    "qwen3_5_text": _hybrid(
+        "qwen3_5_text", ("qwen3_5_text",), "Qwen3.5 / Qwen3.6 dense, text-only checkpoint", gguf="qwen35"
+    ),
     # mixtures of experts: the linear targets reach attention (or GDN) and the shared expert
-    "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), QWEN2_LINEAR, experts=EXPERTS, note="Qwen1.5-MoE, Qwen2-MoE"),
+    "qwen2_moe": Family(
+        "qwen2_moe", ("qwen2_moe",), QWEN2_LINEAR, experts=EXPERTS, gguf="qwen2moe", note="Qwen1.5-MoE, Qwen2-MoE"
+    ),
     "qwen3_moe": Family(
         "qwen3_moe",
         ("qwen3_moe",),
         QWEN2_LINEAR,
         experts=EXPERTS,
         linears_by_weight=MLP_LINEAR,
+        gguf="qwen3moe",
         note="Qwen3-MoE (30B-A3B, 235B-A22B, Coder-30B-A3B)",
     ),
     "qwen3_next": Family(
@@ -115,6 +124,7 @@ FAMILIES = {
         experts=EXPERTS,
         linears_by_weight=MLP_LINEAR,
         unloaded=("mtp",),
+        gguf="qwen3next",
         note="Qwen3-Next (80B-A3B)",
     ),
     "qwen3_5_moe": _hybrid(
@@ -123,10 +133,15 @@ FAMILIES = {
         "Qwen3.5 / Qwen3.6 MoE, vision-language checkpoint",
         experts=EXPERTS,
         no_requantize=VL_CALIBRATION,
+        gguf="qwen35moe",
         **COMPOSITE,
     ),
     "qwen3_5_moe_text": _hybrid(
-        "qwen3_5_moe_text", ("qwen3_5_moe_text",), "Qwen3.5 / Qwen3.6 MoE, text-only checkpoint", experts=EXPERTS
+        "qwen3_5_moe_text",
+        ("qwen3_5_moe_text",),
+        "Qwen3.5 / Qwen3.6 MoE, text-only checkpoint",
+        experts=EXPERTS,
+        gguf="qwen35moe",
     ),
 }
 

@@ -101,6 +101,8 @@ def _config(family: str, hidden: int, layers: int, vocab: int, special_ids: dict
             shared_expert_intermediate_size=hidden,
             router_aux_loss_coef=0.01,
         )
+        # the real checkpoints' routing: Qwen3-MoE renormalises the top-k weights, Qwen1.5/2-MoE does not
+        shape["norm_topk_prob"] = family != "qwen2_moe"
     if family in ("qwen3_next",) or family.startswith("qwen3_5"):
         shape = _hybrid_shape(shape, hidden, layers, mrope=family.startswith("qwen3_5"))
     cls = getattr(transformers, CONFIGS[family])
@@ -145,24 +147,29 @@ def _layer_types(layers: int) -> list[str]:
 
 
 def _write_mtp(out: Path, hidden: int, dtype, seed: int) -> None:
-    """Multi-token-prediction tensors in their own shard, named as in Qwen3.5 checkpoints (transformers
-    skips `mtp.*` on load; outputs must still carry them), and the index that lists every shard."""
+    """Multi-token-prediction tensors in their own shard, named as in Qwen3.5 and Qwen3-Next checkpoints:
+    the projection and norms, then one whole full-attention decoder layer (here a copy of the model's last
+    one, experts and all), which transformers skips on load and outputs must still carry. Also the index
+    that lists every shard."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from qwen_ft.model.layout import write_index
 
     g = torch.Generator().manual_seed(seed + 1)
-    mtp = {
-        f"mtp.{name}": (torch.randn(shape, generator=g) * 0.02).to(dtype)
-        for name, shape in (
-            ("fc.weight", (hidden, 2 * hidden)),
-            ("pre_fc_norm_embedding.weight", (hidden,)),
-            ("pre_fc_norm_hidden.weight", (hidden,)),
-            ("norm.weight", (hidden,)),
-            ("layers.0.self_attn.q_proj.weight", (hidden, hidden)),
-            ("layers.0.mlp.down_proj.weight", (hidden, hidden)),
-        )
-    }
+    shapes = [
+        ("fc.weight", (hidden, 2 * hidden)),
+        ("pre_fc_norm_embedding.weight", (hidden,)),
+        ("pre_fc_norm_hidden.weight", (hidden,)),
+        ("norm.weight", (hidden,)),
+    ]
+    mtp = {f"mtp.{name}": (torch.randn(shape, generator=g) * 0.02).to(dtype) for name, shape in shapes}
+    with safe_open(str(out / "model.safetensors"), "pt") as st:
+        layers = {int(k.split("layers.")[1].split(".")[0]) for k in st.keys() if "layers." in k}
+        last = f"layers.{max(layers)}."
+        for key in st.keys():
+            if f".{last}" in key and "visual" not in key:
+                mtp[f"mtp.layers.0.{key.split(last, 1)[1]}"] = st.get_tensor(key).clone()
     save_file(mtp, str(out / "mtp.safetensors"), metadata={"format": "pt"})
     write_index(out, [out / "model.safetensors", out / "mtp.safetensors"])

@@ -329,6 +329,7 @@ def saver(
     """Callable run on every rank: gathers ZeRO-3 weights, then the main process writes weights,
     run_config.yaml, manifest.json and tokenizer files into a directory."""
     from qwen_ft.data.template import find_template
+    from qwen_ft.export.servers import write_serving
     from qwen_ft.model.families import checkpoint_model_type
     from qwen_ft.model.layout import BaseLayout
 
@@ -344,6 +345,8 @@ def saver(
         if dist.is_main:
             ck.save_model_files(unwrapped, out, state_dict, layout)
             ck.write_description(out, text, manifest, tok, override.text if override else None)
+            lora = (out / "adapter_config.json").is_file()
+            write_serving(out, base=str(Path(cfg.model.path).resolve()) if lora else None)
 
     return save
 

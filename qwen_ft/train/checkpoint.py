@@ -70,9 +70,11 @@ def build_manifest(model: ModelConfig, method: MethodSpec, tokenizer_path: str, 
 
 def write_description(out: Path, cfg_yaml: str, manifest: dict, tok, template_text: str | None = None) -> None:
     """run_config.yaml, manifest.json, the tokenizer files and what serving needs next to the weights:
-    the chat template that rendered the data (`template_text`: a data.chat_template override, written
-    as chat_template.jinja, which servers prefer), the base's generation config with the end-of-turn
-    ids, and for an adapter an absolute base path that stock AutoPeftModel resolves from anywhere."""
+    the chat template that rendered the data (`template_text`: a data.chat_template override, written as
+    chat_template.jinja and into tokenizer_config.json, see `record_template`), the base's generation
+    config with the end-of-turn ids, and for an adapter an absolute base path that stock AutoPeftModel
+    resolves from anywhere."""
+    from qwen_ft.data.template import record_template
     from qwen_ft.model.generation import write_generation_config
 
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,7 @@ def write_description(out: Path, cfg_yaml: str, manifest: dict, tok, template_te
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     tok.save_files(out)
     if template_text is not None:
-        (out / "chat_template.jinja").write_text(template_text, encoding="utf-8")
+        record_template(out, template_text)
     base = manifest["base_model"]["path"]
     write_generation_config(base, tok, out)
     adapter_config = out / "adapter_config.json"

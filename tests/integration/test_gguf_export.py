@@ -1,0 +1,161 @@
+"""GGUF export equals llama.cpp's own converter, tensor by tensor and key by key, for every family qwen-ft
+trains; Q8_0 stays within its error of the weights; the GGUF runs in llama.cpp with transformers' logits;
+adapters are merged first; bad requests are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_ft.errors import QwenFtError
+from qwen_ft.export.gguf.export import export_gguf
+from qwen_ft.model.tiny import FAMILIES, make_tiny_model
+from tests.integration.gguf_reference import convert, differences, read, value
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny checkpoints of each family (real vocabularies, hidden 64, 2 layers), made on first use."""
+    made: dict = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = make_tiny_model(tmp_path_factory.mktemp(family) / "model", family, hidden=64, layers=2)
+        return made[family]
+
+    return get
+
+
+@pytest.mark.extras("sentencepiece")  # llama.cpp's converter imports it for every BPE vocabulary
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_equals_llama_cpp_converter(tiny, family, tmp_path):
+    model = tiny(family)
+    ours = export_gguf(model, tmp_path / "ours.gguf", "f16").path
+    reference = convert(model, tmp_path / "reference.gguf", "f16")
+    # llama.cpp's qwen2moe loader needs output.weight, which a tied checkpoint does not store: we write it
+    extra = ("output.weight",) if family == "qwen2_moe" else ()
+    assert differences(ours, reference, extra) == []
+
+
+@pytest.mark.extras("sentencepiece")
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_moe"])
+def test_bf16_and_q8_0_equal_llama_cpp_converter(tiny, family, dtype, tmp_path):
+    model = tiny(family)
+    ours = export_gguf(model, tmp_path / "ours.gguf", dtype).path
+    assert differences(ours, convert(model, tmp_path / "reference.gguf", dtype)) == []
+
+
+def test_q8_0_dequantizes_to_the_weights_within_its_error(tiny, tmp_path):
+    """Q8_0 stores each block of 32 as int8 times one scale amax/127, kept in f16: rounding is at most half a
+    step, plus the scale's own f16 rounding (2^-11 relative) times at most 127 steps."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    model = tiny("qwen3")
+    weights = load_file(model / "model.safetensors")
+    reader = GGUFReader(export_gguf(model, tmp_path / "q8.gguf", "q8_0").path)
+    got = {t.name: t for t in reader.tensors}
+    for gguf_name, hf_name in (
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),
+    ):
+        t = got[gguf_name]
+        assert t.tensor_type.name == "Q8_0"
+        values = dequantize(t.data, t.tensor_type).reshape(weights[hf_name].shape)
+        exact = weights[hf_name].numpy().reshape(-1, 32)
+        step = np.abs(exact).max(axis=1, keepdims=True) / 127
+        err = np.abs(values.reshape(-1, 32) - exact)
+        assert (err <= step * (0.5 + 127 / 2048) + 1e-7).all(), float((err / np.maximum(step, 1e-12)).max())
+        assert err.max() > 0  # it is quantized, not a copy
+
+
+@pytest.mark.extras("llama_cpp")  # llama-cpp-python compiles llama.cpp (about 7 minutes on 2 cores)
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_5", "qwen3_moe", "qwen3_next", "qwen2_moe", "qwen3_5_moe"])
+def test_llama_cpp_logits_equal_transformers(tiny, family, tmp_path):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from qwen_ft.model.families import model_class
+
+    model = tiny(family)
+    path = export_gguf(model, tmp_path / "m.gguf", "f16").path
+    messages = [{"role": "user", "content": "Hello! 1 + 1 = ? 你好"}]
+    ids = AutoTokenizer.from_pretrained(model).apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    hf = model_class(model).from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    try:
+        assert (
+            llm.tokenize(llm.detokenize(ids, special=True), add_bos=False, special=True) == ids
+        )  # the same vocabulary
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_adapter_is_merged_first_and_keeps_the_trained_template(run_config, tmp_path):
+    """An adapter exports as its merge does; a data.chat_template override reaches tokenizer_config.json,
+    which the gguf package reads first, and so the GGUF."""
+    from qwen_ft.cli.main import main
+
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+    )
+    config = run_config(data={"chat_template": str(template)}, train={"max_steps": 1})
+    assert main(["train", config]) == 0
+    adapter, merged = tmp_path / "out", tmp_path / "merged"
+    saved = json.loads((adapter / "tokenizer_config.json").read_text())["chat_template"]
+    assert saved == template.read_text() == (adapter / "chat_template.jinja").read_text()
+    assert main(["merge", str(adapter), "--out", str(merged)]) == 0
+    from_adapter = export_gguf(adapter, tmp_path / "a.gguf", "f16").path
+    from_merged = export_gguf(merged, tmp_path / "m.gguf", "f16").path
+    assert read(from_adapter) == read(from_merged)
+    assert value(from_adapter, "tokenizer.chat_template") == template.read_text()
+    assert not list(tmp_path.glob(".qwen-ft-merge-*"))  # the temporary merge is gone
+
+
+def test_bad_requests_are_refused_before_writing(tiny, tmp_path, capsys):
+    from qwen_ft.cli.main import main
+
+    model = tiny("qwen3")
+    with pytest.raises(QwenFtError, match="choose one of f16, bf16, q8_0"):
+        export_gguf(model, tmp_path / "x.gguf", "q4_0")
+    existing = tmp_path / "taken.gguf"
+    existing.write_bytes(b"keep")
+    with pytest.raises(QwenFtError, match="exists; choose a new path, or pass --overwrite"):
+        export_gguf(model, existing, "f16")
+    assert existing.read_bytes() == b"keep"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(model), "--to", "ggml", "--out", str(tmp_path / "y.gguf")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'ggml' (choose from" in capsys.readouterr().err
+    gptq = tmp_path / "gptq"
+    shutil.copytree(model, gptq)
+    config = json.loads((gptq / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (gptq / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QwenFtError, match="holds gptq weights.*export the adapter directory"):
+        export_gguf(gptq, tmp_path / "z.gguf", "f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gptq", "taken.gguf"]
+
+
+def test_routing_llama_cpp_would_compute_differently_is_refused(tiny, tmp_path):
+    moe = tmp_path / "moe"
+    shutil.copytree(tiny("qwen3_moe"), moe)
+    config = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps({**config, "norm_topk_prob": False}))
+    with pytest.raises(QwenFtError, match="norm_topk_prob False but llama.cpp's qwen3moe always renormalises"):
+        export_gguf(moe, tmp_path / "moe.gguf", "f16")
