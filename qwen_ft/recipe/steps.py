@@ -371,6 +371,7 @@ def save_final(trainer: TrainingRun, state: ck.TrainState) -> None:
             barrier(trainer.dist)
             trainer.save_fn(tmp)
             if main:
+                ck.compact_adapter(tmp, ck.training_dtype(trainer.unwrapped))
                 (tmp / "train_history.json").write_text(json.dumps(state.history, indent=1))
                 flush_tree(tmp)
                 for f in sorted(tmp.iterdir()):

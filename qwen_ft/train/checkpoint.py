@@ -119,6 +119,28 @@ def save_model_files(model, out: Path, state_dict: dict | None = None, base: Bas
         add_base_tensors(base.path, out, base.prefixes)
 
 
+def compact_adapter(out: Path, dtype: torch.dtype) -> None:
+    """Store an adapter's fully trained tensors (LoRA (emb)'s embeddings and output layer) in the training
+    dtype, not as the fp32 masters training kept (half the size in bf16): stock peft casts them to its base's
+    dtype on load anyway, so a bf16 base serves identical logits. Only final outputs: a checkpoint keeps
+    the masters, so that a resumed run equals an uninterrupted one. (A tied output layer stays a second
+    copy: peft 0.21 fails to load an adapter without it.)"""
+    from safetensors.torch import load_file, save_file
+
+    path = out / "adapter_model.safetensors"
+    if not path.is_file() or dtype == torch.float32:
+        return
+    tensors = load_file(path)
+    full = [k for k in tensors if "lora_" not in k and tensors[k].dtype == torch.float32]
+    if full:
+        save_file({k: v.to(dtype) if k in full else v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def training_dtype(model) -> torch.dtype:
+    """The dtype the frozen base computes in (fp32 when nothing frozen is floating point)."""
+    return next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), torch.float32)
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     sd = optimizer.state_dict()
     tensors = {

@@ -95,3 +95,40 @@ def test_serving_md_has_every_flag_each_server_needs(tiny_model_dir, tmp_path):
     assert f"--to adapter --for sglang --out {adapter}-sglang" in sglang  # rsLoRA: folded first
     assert f"--lora-paths lora={adapter}-sglang" in sglang and "--max-lora-rank 20" in sglang
     assert "--chat-template-kwargs '{\"enable_thinking\": false}'" in text.split("## llama.cpp")[1]
+
+
+def test_trained_embeddings_are_saved_in_the_training_dtype(run_config, tiny_model_dir, tmp_path):
+    """LoRA (emb) trains fp32 masters of the embeddings and output layer; the final adapter stores them in
+    the training dtype (bf16: half the bytes), and stock peft on the bf16 base serves the same logits as
+    from an adapter holding the fp32 masters (it casts them to its base's dtype on load)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qwen_ft.recipe import steps
+    from qwen_ft.recipe.run import run_training
+    from qwen_ft.train.distributed import DistInfo
+
+    config = run_config(
+        model={"dtype": "bf16"},
+        lora={"r": 4, "train_embeddings": True},
+        train={"max_steps": 1, "micro_batch_size": 1, "grad_accum": 1},
+    )
+    trainer, _ = run_training(steps.checked_config(config, []), DistInfo(0, 1, 0, torch.device("cpu")))
+    final, masters = tmp_path / "out", tmp_path / "masters"
+    trainer.unwrapped.save_pretrained(masters, selected_adapters=["default"])  # peft's own save: fp32
+    dtypes = {}
+    for d in (final, masters):
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as st:
+            dtypes[d] = {k: st.get_slice(k).get_dtype() for k in st.keys() if "lora_" not in k}
+    assert set(dtypes[final].values()) == {"BF16"} and set(dtypes[masters].values()) == {"F32"}
+    assert dtypes[final].keys() == dtypes[masters].keys() and len(dtypes[final]) == 2  # embeddings, lm_head
+    ids = torch.tensor([[151644, 872, 198, 9707, 151645]])
+    served = []
+    for d in (final, masters):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        with torch.no_grad():
+            served.append(PeftModel.from_pretrained(base, d).eval()(input_ids=ids).logits.float())
+    assert torch.equal(served[0], served[1])
+    sizes = [(d / "adapter_model.safetensors").stat().st_size for d in (final, masters)]
+    assert sizes[0] < 0.55 * sizes[1], sizes
