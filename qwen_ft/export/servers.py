@@ -215,10 +215,21 @@ def _sglang(d: Path, base: str | None, config: dict, kwargs: dict) -> list[str]:
 
 def _llama_cpp(d: Path, base: str | None, config: dict, kwargs: dict) -> list[str]:
     flag = f" --chat-template-kwargs '{json.dumps(kwargs)}'" if kwargs else ""
-    note = "   # the adapter merged into its base first" if base else ""
+    if not base:
+        return [
+            f"qwen-ft export {d} --to gguf --dtype q8_0 --out {d.name}.gguf",
+            f"llama-server -m {d.name}.gguf --jinja{flag}",
+        ]
+    if config.get("target_parameters") or config.get("alpha_pattern"):  # no GGUF LoRA for these: merged
+        return [
+            f"qwen-ft export {d} --to gguf --dtype q8_0 --out {d.name}.gguf   # merged into its base first",
+            f"llama-server -m {d.name}.gguf --jinja{flag}",
+        ]
     return [
-        f"qwen-ft export {d} --to gguf --dtype q8_0 --out {d.name}.gguf{note}",
-        f"llama-server -m {d.name}.gguf --jinja{flag}",
+        f"qwen-ft export {base} --to gguf --dtype q8_0 --out base.gguf",
+        f"qwen-ft export {d} --to llama.cpp-lora --out {d.name}.gguf",
+        f"llama-server -m base.gguf --lora {d.name}.gguf --jinja"
+        f" --chat-template-file {d / 'chat_template.jinja'}{flag}",
     ]
 
 

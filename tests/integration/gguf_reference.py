@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 SDIST = "llama-cpp-python==0.3.36"
-KEEP = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
+KEEP = (
+    "vendor/llama.cpp/convert_hf_to_gguf.py",
+    "vendor/llama.cpp/convert_lora_to_gguf.py",
+    "vendor/llama.cpp/conversion/",
+    "vendor/llama.cpp/gguf-py/",
+)
 
 
 def cache_dir() -> Path:
@@ -29,7 +34,7 @@ def converter() -> Path:
     """Path of convert_hf_to_gguf.py, fetched and unpacked on first use; skips the test where it cannot be."""
     root = cache_dir() / "llama-cpp-python-0.3.36"
     script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    if script.is_file():
+    if script.is_file() and script.with_name("convert_lora_to_gguf.py").is_file():
         return script
     root.mkdir(parents=True, exist_ok=True)
     got = subprocess.run(
@@ -55,6 +60,15 @@ def convert(model_dir: Path, out: Path, dtype: str) -> Path:
     hybrid = "linear_conv_kernel_dim" in (model_dir / "config.json").read_text()
     cmd = [sys.executable, str(converter()), str(model_dir), "--outfile", str(out), "--outtype", dtype]
     cmd += ["--no-mtp"] if hybrid and not _index_has_mtp(model_dir) else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def convert_lora(adapter: Path, base: Path, out: Path, dtype: str = "f16") -> Path:
+    """Run llama.cpp's convert_lora_to_gguf.py on `adapter` over `base`."""
+    script = converter().with_name("convert_lora_to_gguf.py")
+    cmd = [sys.executable, str(script), str(adapter), "--base", str(base), "--outfile", str(out), "--outtype", dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -159,3 +159,88 @@ def test_routing_llama_cpp_would_compute_differently_is_refused(tiny, tmp_path):
     (moe / "config.json").write_text(json.dumps({**config, "norm_topk_prob": False}))
     with pytest.raises(QwenFtError, match="norm_topk_prob False but llama.cpp's qwen3moe always renormalises"):
         export_gguf(moe, tmp_path / "moe.gguf", "f16")
+
+
+def peft_adapter(base, out, targets, **lora):
+    """A stock peft LoRA on `base` (random non-zero A and B, B enlarged so the adapter matters), saved."""
+    from peft import LoraConfig, get_peft_model
+
+    from qwen_ft.model.families import model_class
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        model_class(base).from_pretrained(base, dtype=torch.float32),
+        LoraConfig(target_modules=targets, init_lora_weights=False, **lora),
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data *= 20
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    return out
+
+
+GDN_TARGETS = r".*language_model.*\.(in_proj_qkv|in_proj_z|in_proj_a|in_proj_b|out_proj|q_proj|down_proj)"
+
+
+@pytest.mark.extras("sentencepiece")
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_5"])
+def test_lora_equals_llama_cpp_lora_converter(tiny, family, tmp_path):
+    """Qwen3.5: the Gated DeltaNet projections' value heads are tiled on B's rows and out_proj's A columns."""
+    from qwen_ft.export.gguf.lora import export_lora
+    from tests.integration.gguf_reference import convert_lora
+
+    targets = ["q_proj", "v_proj", "down_proj"] if family == "qwen3" else GDN_TARGETS
+    adapter = peft_adapter(tiny(family), tmp_path / "lora", targets, r=8, lora_alpha=16)
+    ours = export_lora(adapter, tmp_path / "ours.gguf", "f16").path
+    assert differences(ours, convert_lora(adapter, tiny(family), tmp_path / "reference.gguf")) == []
+
+
+@pytest.mark.extras("llama_cpp")
+def test_llama_cpp_serves_an_rslora_adapter_as_peft_does(tiny, tmp_path):
+    """rsLoRA with a per-layer rank: llama.cpp's alpha / rank is made peft's alpha / sqrt(rank) by scaling B."""
+    from llama_cpp import Llama
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qwen_ft.export.gguf.lora import export_lora
+
+    base = tiny("qwen3")
+    lora = dict(r=16, lora_alpha=8, use_rslora=True, rank_pattern={"down_proj": 4})
+    adapter = peft_adapter(base, tmp_path / "rs", ["q_proj", "v_proj", "down_proj"], **lora)
+    ids = [151644, 872, 198, 9707, 0, 16, 488, 220, 16, 151645, 198, 151644, 77091, 198]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=torch.tensor([ids])).logits[0].numpy()
+        plain = model.get_base_model()
+        with model.disable_adapter():
+            without = plain(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = Llama(
+        model_path=str(export_gguf(base, tmp_path / "base.gguf", "f16").path),
+        lora_path=str(export_lora(adapter, tmp_path / "rs.gguf", "f16").path),
+        n_ctx=64,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+    )
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    assert np.abs(got - expected).max() < 1e-3 < np.abs(expected - without).max()
+
+
+def test_lora_export_refuses_what_llama_cpp_cannot_hold(tiny, tmp_path):
+    from qwen_ft.export.gguf.lora import export_lora
+
+    experts = peft_adapter(
+        tiny("qwen3_moe"), tmp_path / "experts", ["q_proj"], r=4, target_parameters=["mlp.experts.gate_up_proj"]
+    )
+    with pytest.raises(QwenFtError, match="adapts the routed experts.*qwen-ft export .* --to gguf"):
+        export_lora(experts, tmp_path / "e.gguf")
+    dora = peft_adapter(tiny("qwen3"), tmp_path / "dora", ["q_proj"], r=4, use_dora=True)
+    with pytest.raises(QwenFtError, match="llama.cpp: it is a DoRA adapter"):
+        export_lora(dora, tmp_path / "d.gguf")
+    assert not list(tmp_path.glob("*.gguf"))

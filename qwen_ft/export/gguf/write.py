@@ -95,11 +95,12 @@ def name_mapper(arch: str, blocks: int) -> Callable[[str], str]:
 
 
 def tensor_type(name: str, ndim: int, chosen: str):
-    """llama.cpp's rule: 1-D tensors, norms, routers, the conv kernel and non-weights stay F32."""
+    """llama.cpp's rule: 1-D tensors, norms, routers, the conv kernel and anything but weights (and LoRA's
+    A and B) stay F32."""
     import gguf
 
     q = gguf.GGMLQuantizationType
-    if ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+    if ndim <= 1 or name.endswith("_norm.weight") or not name.endswith((".weight", ".lora_a", ".lora_b")):
         return q.F32
     if name.split(".", 2)[-1] in F32_TENSORS:
         return q.F32
