@@ -122,13 +122,13 @@ def atomic_dir(
 
 
 def clean_stale_temps(parent: str | Path, name: str = "*") -> list[Path]:
-    """Remove `atomic_dir` temporaries (of directories matching the glob `name`) under `parent` whose
-    process is gone (one killed mid-write)."""
+    """Remove `atomic_dir` temporaries (of directories, or files written the same way, matching the glob
+    `name`) under `parent` whose process is gone (one killed mid-write)."""
     removed = []
     for tmp in Path(parent).glob(f".{name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 

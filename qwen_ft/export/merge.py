@@ -129,7 +129,7 @@ def merge_adapter(
         )
     needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
     with atomic_dir(out_dir, needed=needed) as tmp:  # killed or out of room midway: no half-written model
-        _save(merged, tok, src, tmp, manifest, base_path)
+        _save(merged, tok, src, tmp, manifest, base_path, Path(out_dir).resolve())
     return MergeReport(Path(out_dir), name, merge_diff, cast_diff, tol, merged_into, *quantized)
 
 
@@ -261,9 +261,10 @@ def _checkpoint_dtype(model) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(str(found), "fp32")
 
 
-def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) -> None:
+def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path, final: Path) -> None:
     """Standalone model: safetensors shards, tokenizer files and chat template (the adapter's, which
-    rendered its data), the base's generation config with the end-of-turn ids, manifest."""
+    rendered its data), the base's generation config with the end-of-turn ids, manifest, and SERVING.md
+    (naming `final`, where `out` is renamed to)."""
     from qwen_ft.export.servers import template_kwargs, write_serving
     from qwen_ft.model.families import resolve_family
     from qwen_ft.model.generation import write_generation_config
@@ -283,4 +284,4 @@ def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path) ->
         "method": "merged",
     }
     (out / "manifest.json").write_text(json.dumps(merged_manifest, indent=2))
-    write_serving(out, kwargs=template_kwargs(src))  # the adapter's run recorded them
+    write_serving(out, kwargs=template_kwargs(src), at=final)  # the adapter's run recorded the kwargs

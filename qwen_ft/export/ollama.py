@@ -6,8 +6,10 @@ are read from the trained template itself by rendering probes (so a changed temp
 guessed): the default system prompt it inserts when a conversation has none, the generation prompt (with
 the run's template arguments, e.g. Qwen3's `enable_thinking: false` empty think block), and a check that
 system, user and assistant turns are ChatML blocks. A template that renders plain chat any other way is
-refused: Ollama could not serve it as trained. What the Go template does not do: tools, images, and
-removing the `<think>` part of earlier assistant turns (Qwen3's template drops it from history).
+refused: Ollama could not serve it as trained. What the Go template does not do: tools, images,
+removing the `<think>` part of earlier assistant turns (Qwen3's template drops it from history), and the
+Qwen3.5/3.6 templates' trimming of whitespace around message content (detected, and said in the
+Modelfile: a message sent with leading or trailing whitespace renders differently).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ChatParts:
 
     default_system: str | None  # the system prompt it inserts when the conversation has none
     generation: str  # what follows the last turn when asking for an answer ("<|im_start|>assistant\n"...)
+    trims: bool = False  # it strips whitespace around message content (Qwen3.5/3.6); the Go template cannot
 
 
 def render(template: str, messages: list[dict], kwargs: dict) -> str:
@@ -65,7 +68,12 @@ def chat_parts(template: str, kwargs: dict) -> ChatParts:
     ]
     if render(template, probe, kwargs) != chatml(probe, parts):
         raise QwenFtError("the chat template does not render plain chat as ChatML blocks; Ollama cannot serve it")
-    return parts
+    padded = [{**m, "content": f" {m['content']}\n"} for m in probe]
+    if render(template, padded, kwargs) == chatml(padded, parts):
+        return parts
+    if render(template, padded, kwargs) == chatml(probe, parts):
+        return ChatParts(system, generation, trims=True)
+    raise QwenFtError("the chat template rewrites message content; Ollama's Go template cannot serve it alike")
 
 
 def chatml(messages: list[dict], parts: ChatParts) -> str:
@@ -90,6 +98,8 @@ def go_template(parts: ChatParts) -> str:
 def modelfile(gguf_name: str, parts: ChatParts, generation_config: dict) -> str:
     """FROM, TEMPLATE, the default SYSTEM, the stop tokens and the base's sampling defaults."""
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(parts)}"""']
+    if parts.trims:  # a Modelfile comment: what differs from the trained template
+        lines.insert(0, "# the trained template strips whitespace around each message; this one passes it as sent")
     if parts.default_system is not None:
         lines.append(f'SYSTEM """{parts.default_system}"""')
     lines += ["PARAMETER stop <|im_end|>", "PARAMETER stop <|endoftext|>"]

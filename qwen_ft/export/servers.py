@@ -33,20 +33,15 @@ class Server:
     dora: bool
     embeddings: bool  # serves trained embeddings / output layer (modules_to_save)
     max_rank: int | None  # the largest rank it can be told to accept (None: no limit)
-    reads_adapter_template: bool  # uses chat_template.jinja from the adapter's directory
+    patterns: bool  # honours per-layer rank_pattern / alpha_pattern (vLLM and SGLang use one scale)
 
 
 SERVERS = {
-    "vllm": Server("vllm", rslora=True, dora=False, embeddings=False, max_rank=512, reads_adapter_template=False),
-    "sglang": Server(
-        "sglang", rslora=False, dora=False, embeddings=False, max_rank=None, reads_adapter_template=False
-    ),
-    "llama.cpp": Server(
-        "llama.cpp", rslora=False, dora=False, embeddings=False, max_rank=None, reads_adapter_template=False
-    ),
-    "ollama": Server(
-        "ollama", rslora=False, dora=False, embeddings=False, max_rank=None, reads_adapter_template=False
-    ),
+    "vllm": Server("vllm", rslora=True, dora=False, embeddings=False, max_rank=512, patterns=False),
+    "sglang": Server("sglang", rslora=False, dora=False, embeddings=False, max_rank=None, patterns=False),
+    # llama.cpp and Ollama are served through qwen-ft's GGUF exports, which fold per-layer scales
+    "llama.cpp": Server("llama.cpp", rslora=False, dora=False, embeddings=False, max_rank=None, patterns=True),
+    "ollama": Server("ollama", rslora=False, dora=False, embeddings=False, max_rank=None, patterns=True),
 }
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
@@ -69,6 +64,8 @@ def problems(config: dict, server: Server) -> list[str]:
         found.append(
             f"it trains {', '.join(config['modules_to_save'])} in full (modules_to_save), which it drops or refuses"
         )
+    if not server.patterns and (config.get("rank_pattern") or config.get("alpha_pattern")):
+        found.append("it sets per-layer ranks or alphas (rank_pattern / alpha_pattern), which it ignores")
     if server.max_rank is not None and max_rank(config) > server.max_rank:
         found.append(f"its rank {max_rank(config)} is above the {server.max_rank} it accepts")
     return found
@@ -92,20 +89,12 @@ def check_for(adapter: Path, names: list[str]) -> None:
 
 
 def fold_rslora(config: dict) -> dict:
-    """The same adapter under plain alpha / r scaling: alpha' = alpha * sqrt(r) per layer, so that
-    alpha' / r = alpha / sqrt(r) (rsLoRA's scale). Configs without rsLoRA are returned unchanged."""
+    """The same adapter under plain alpha / r scaling: alpha' = alpha * sqrt(r), so that alpha' / r =
+    alpha / sqrt(r), rsLoRA's scale (servers that need this fold refuse per-layer patterns, see
+    `problems`). Configs without rsLoRA are returned unchanged."""
     if not config.get("use_rslora"):
         return config
-    ranks = config.get("rank_pattern") or {}
-    alphas = config.get("alpha_pattern") or {}
-    folded_alphas = {k: alphas.get(k, config["lora_alpha"]) * math.sqrt(r) for k, r in ranks.items()}
-    folded_alphas.update({k: a * math.sqrt(ranks.get(k, config["r"])) for k, a in alphas.items()})
-    return {
-        **config,
-        "use_rslora": False,
-        "lora_alpha": config["lora_alpha"] * math.sqrt(config["r"]),
-        "alpha_pattern": folded_alphas,
-    }
+    return {**config, "use_rslora": False, "lora_alpha": config["lora_alpha"] * math.sqrt(config["r"])}
 
 
 def write_adapter_for(adapter: Path, out: Path, name: str) -> Path:
@@ -129,37 +118,66 @@ def template_kwargs(model_dir: Path) -> dict:
     return dict(((yaml.safe_load(run.read_text()) or {}).get("data") or {}).get("template_kwargs") or {})
 
 
-def serving_md(model_dir: Path, names: list[str], base: str | None, kwargs: dict) -> str:
+@dataclass(frozen=True)
+class Target:
+    """What SERVING.md's commands are about."""
+
+    path: Path  # where the model or adapter will be (its final directory)
+    base: str | None  # an adapter's base checkpoint; None for a full model
+    config: dict  # adapter_config.json ({} for a full model)
+    kwargs: dict  # the run's data.template_kwargs
+    gguf: str  # "" where qwen-ft cannot write a GGUF of it (the reason), else "ok"
+    lora_gguf: bool  # a llama.cpp LoRA of the adapter can be written (else: the merged GGUF)
+
+
+def serving_md(model_dir: Path, names: list[str], base: str | None, kwargs: dict, at: Path | None = None) -> str:
     """SERVING.md: the exact command per server for the model (or adapter on `base`) in `model_dir`, trained
-    with the template arguments `kwargs`."""
-    adapter = base is not None
-    config = adapter_config(model_dir) if adapter else {}
-    lines = [f"# Serving {model_dir.name}", "", _intro(adapter, kwargs), ""]
+    with the template arguments `kwargs`; commands name `at` (default `model_dir`), where it will be."""
+    config = adapter_config(model_dir) if base is not None else {}
+    t = _target(at or model_dir, base, config, kwargs)
+    lines = [f"# Serving {t.path.name}", "", _intro(base is not None, kwargs), ""]
     for name in names:
-        why = problems(config, SERVERS[name]) if adapter else []
+        why = problems(config, SERVERS[name]) if base is not None else []
+        if name in ("llama.cpp", "ollama") and t.gguf != "ok":
+            why.append(t.gguf)
         lines += [f"## {name}", ""]
         if why:
-            lines += [
-                f"Not servable as trained: {'; '.join(why)}. Merge it first:",
-                "",
-                "```bash",
-                f"qwen-ft merge {model_dir} --out {model_dir}-merged",
-                "```",
-                "",
-            ]
+            merge = ["```bash", f"qwen-ft merge {t.path} --out {t.path}-merged", "```", ""] if base else []
+            lines += [f"Not servable as trained: {'; '.join(why)}." + (" Merge it first:" if base else ""), ""]
+            lines += merge
             continue
-        lines += ["```bash", *COMMANDS[name](model_dir, base, config, kwargs), "```", ""]
+        lines += ["```bash", *COMMANDS[name](t), "```", ""]
     return "\n".join(lines)
 
 
+def _target(path: Path, base: str | None, config: dict, kwargs: dict) -> Target:
+    from qwen_ft.model.families import resolve_family
+
+    checkpoint = Path(base) if base else path
+    try:
+        family = resolve_family("auto", checkpoint)
+        quantized = "quantization_config" in json.loads((checkpoint / "config.json").read_text())
+    except (QwenFtError, OSError, ValueError):
+        family, quantized = None, False
+    gguf = "ok" if family and family.gguf else "qwen-ft has no GGUF export for this family yet"
+    plain = not (config.get("target_parameters") or config.get("alpha_pattern") or quantized)
+    lora_gguf = gguf == "ok" and plain and family is not None and family.gguf != "qwen3next"
+    return Target(path, base, config, kwargs, gguf, lora_gguf)
+
+
 def write_serving(
-    model_dir: Path, names: list[str] | None = None, base: str | None = None, kwargs: dict | None = None
+    model_dir: Path,
+    names: list[str] | None = None,
+    base: str | None = None,
+    kwargs: dict | None = None,
+    at: Path | None = None,
 ) -> Path:
     """Write SERVING.md into `model_dir` (every server unless `names`; the template arguments of the run
-    recorded in `model_dir` unless `kwargs`)."""
+    recorded in `model_dir` unless `kwargs`; commands naming `at`, the final directory, when `model_dir` is
+    a temporary one that will be renamed)."""
     path = model_dir / "SERVING.md"
     found = template_kwargs(model_dir) if kwargs is None else kwargs
-    path.write_text(serving_md(model_dir, names or list(SERVERS), base, found), encoding="utf-8")
+    path.write_text(serving_md(model_dir, names or list(SERVERS), base, found, at), encoding="utf-8")
     return path
 
 
@@ -177,68 +195,62 @@ def _intro(adapter: bool, kwargs: dict) -> str:
     )
 
 
-def _vllm(d: Path, base: str | None, config: dict, kwargs: dict) -> list[str]:
-    cmd = ["vllm serve", f"{base if base else d}"]
-    if base:
-        rank = next(r for r in VLLM_RANKS if r >= max_rank(config))
+def _vllm(t: Target) -> list[str]:
+    cmd = ["vllm serve", f"{t.base or t.path}"]
+    if t.base:
+        rank = next(r for r in VLLM_RANKS if r >= max_rank(t.config))
         cmd += [
             "--enable-lora",
-            f"--lora-modules {d.name}={d}",
+            f"--lora-modules {t.path.name}={t.path}",
             f"--max-lora-rank {rank}",
-            f"--chat-template {d / 'chat_template.jinja'}",
-            f"--generation-config {d}",
+            f"--chat-template {t.path / 'chat_template.jinja'}",
+            f"--generation-config {t.path}",
         ]
-    if kwargs:
-        cmd.append(f"--default-chat-template-kwargs '{json.dumps(kwargs)}'")
+    if t.kwargs:
+        cmd.append(f"--default-chat-template-kwargs '{json.dumps(t.kwargs)}'")
     return [" \\\n  ".join(cmd)]
 
 
-def _sglang(d: Path, base: str | None, config: dict, kwargs: dict) -> list[str]:
-    lines = []
-    served = d
-    if base and config.get("use_rslora"):
-        served = d.with_name(d.name + "-sglang")
-        lines.append(f"qwen-ft export {d} --to adapter --for sglang --out {served}   # rsLoRA: alpha folded")
-    cmd = ["python -m sglang.launch_server", f"--model-path {base if base else d}"]
-    if base:
+def _sglang(t: Target) -> list[str]:
+    lines, served = [], t.path
+    if t.base and t.config.get("use_rslora"):
+        served = t.path.with_name(t.path.name + "-sglang")
+        lines.append(f"qwen-ft export {t.path} --to adapter --for sglang --out {served}   # rsLoRA: alpha folded")
+    cmd = ["python -m sglang.launch_server", f"--model-path {t.base or t.path}"]
+    if t.base:
         cmd += [
             "--enable-lora",
-            f"--lora-paths {d.name}={served}",
-            f"--max-lora-rank {max_rank(config)}",
-            f"--chat-template {d / 'chat_template.jinja'}",
+            f"--lora-paths {t.path.name}={served}",
+            f"--max-lora-rank {max_rank(t.config)}",
+            f"--chat-template {t.path / 'chat_template.jinja'}",
         ]
     lines.append(" \\\n  ".join(cmd))
-    if kwargs:
-        lines.append(f'# send "chat_template_kwargs": {json.dumps(kwargs)} with each request')
+    if t.kwargs:
+        lines.append(f'# send "chat_template_kwargs": {json.dumps(t.kwargs)} with each request')
     return lines
 
 
-def _llama_cpp(d: Path, base: str | None, config: dict, kwargs: dict) -> list[str]:
-    flag = f" --chat-template-kwargs '{json.dumps(kwargs)}'" if kwargs else ""
-    if not base:
+def _llama_cpp(t: Target) -> list[str]:
+    flag = f" --chat-template-kwargs '{json.dumps(t.kwargs)}'" if t.kwargs else ""
+    if t.base and t.lora_gguf:
         return [
-            f"qwen-ft export {d} --to gguf --dtype q8_0 --out {d.name}.gguf",
-            f"llama-server -m {d.name}.gguf --jinja{flag}",
+            f"qwen-ft export {t.base} --to gguf --dtype q8_0 --out base.gguf",
+            f"qwen-ft export {t.path} --to llama.cpp-lora --out {t.path.name}.gguf",
+            f"llama-server -m base.gguf --lora {t.path.name}.gguf --jinja"
+            f" --chat-template-file {t.path / 'chat_template.jinja'}{flag}",
         ]
-    if config.get("target_parameters") or config.get("alpha_pattern"):  # no GGUF LoRA for these: merged
-        return [
-            f"qwen-ft export {d} --to gguf --dtype q8_0 --out {d.name}.gguf   # merged into its base first",
-            f"llama-server -m {d.name}.gguf --jinja{flag}",
-        ]
+    note = "   # merged into its base first" if t.base else ""
     return [
-        f"qwen-ft export {base} --to gguf --dtype q8_0 --out base.gguf",
-        f"qwen-ft export {d} --to llama.cpp-lora --out {d.name}.gguf",
-        f"llama-server -m base.gguf --lora {d.name}.gguf --jinja"
-        f" --chat-template-file {d / 'chat_template.jinja'}{flag}",
+        f"qwen-ft export {t.path} --to gguf --dtype q8_0 --out {t.path.name}.gguf{note}",
+        f"llama-server -m {t.path.name}.gguf --jinja{flag}",
     ]
 
 
-def _ollama(d: Path, base: str | None, config: dict, kwargs: dict) -> list[str]:
-    note = "   # the adapter merged into its base first" if base else ""
+def _ollama(t: Target) -> list[str]:
+    note = "   # merged into its base first" if t.base else ""
     return [
-        f"qwen-ft export {d} --to gguf --dtype q8_0 --out {d.name}.gguf{note}",
-        f"printf 'FROM ./{d.name}.gguf\\n' > Modelfile   # the template is read from the GGUF",
-        f"ollama create {d.name} -f Modelfile",
+        f"qwen-ft export {t.path} --to ollama --dtype q8_0 --out {t.path.name}-ollama{note}",
+        f"cd {t.path.name}-ollama && ollama create {t.path.name} -f Modelfile",
     ]
 
 

@@ -329,7 +329,6 @@ def saver(
     """Callable run on every rank: gathers ZeRO-3 weights, then the main process writes weights,
     run_config.yaml, manifest.json and tokenizer files into a directory."""
     from qwen_ft.data.template import find_template
-    from qwen_ft.export.servers import write_serving
     from qwen_ft.model.families import checkpoint_model_type
     from qwen_ft.model.layout import BaseLayout
 
@@ -345,8 +344,6 @@ def saver(
         if dist.is_main:
             ck.save_model_files(unwrapped, out, state_dict, layout)
             ck.write_description(out, text, manifest, tok, override.text if override else None)
-            lora = (out / "adapter_config.json").is_file()
-            write_serving(out, base=str(Path(cfg.model.path).resolve()) if lora else None)
 
     return save
 
@@ -372,6 +369,7 @@ def save_final(trainer: TrainingRun, state: ck.TrainState) -> None:
             trainer.save_fn(tmp)
             if main:
                 ck.compact_adapter(tmp, ck.training_dtype(trainer.unwrapped))
+                serving_guide(tmp, out)
                 (tmp / "train_history.json").write_text(json.dumps(state.history, indent=1))
                 flush_tree(tmp)
                 for f in sorted(tmp.iterdir()):
@@ -382,6 +380,17 @@ def save_final(trainer: TrainingRun, state: ck.TrainState) -> None:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
     barrier(trainer.dist)
+
+
+def serving_guide(tmp: Path, out: Path) -> None:
+    """SERVING.md for the final output being written in `tmp`, naming `out`, where it will be."""
+    import json
+
+    from qwen_ft.export.servers import write_serving
+
+    adapter = (tmp / "adapter_config.json").is_file()
+    base = json.loads((tmp / "manifest.json").read_text())["base_model"]["path"] if adapter else None
+    write_serving(tmp, base=base, at=out.resolve())
 
 
 def summary(output_dir: str, state: ck.TrainState) -> str:

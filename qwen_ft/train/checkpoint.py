@@ -123,17 +123,21 @@ def compact_adapter(out: Path, dtype: torch.dtype) -> None:
     """Store an adapter's fully trained tensors (LoRA (emb)'s embeddings and output layer) in the training
     dtype, not as the fp32 masters training kept (half the size in bf16): stock peft casts them to its base's
     dtype on load anyway, so a bf16 base serves identical logits. Only final outputs: a checkpoint keeps
-    the masters, so that a resumed run equals an uninterrupted one. (A tied output layer stays a second
-    copy: peft 0.21 fails to load an adapter without it.)"""
-    from safetensors.torch import load_file, save_file
+    the masters, so that a resumed run equals an uninterrupted one; a later stage started from this output
+    (a preference run after SFT) starts from the rounded values, as serving does. (A tied output layer stays
+    a second copy: peft 0.21 fails to load an adapter without it.)"""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     path = out / "adapter_model.safetensors"
     if not path.is_file() or dtype == torch.float32:
         return
-    tensors = load_file(path)
-    full = [k for k in tensors if "lora_" not in k and tensors[k].dtype == torch.float32]
-    if full:
-        save_file({k: v.to(dtype) if k in full else v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    with safe_open(str(path), "pt") as st:  # cast one tensor at a time: no fp32 copy of them all beside
+        full = [k for k in st.keys() if "lora_" not in k and st.get_slice(k).get_dtype() == "F32"]
+        if not full:
+            return
+        tensors = {k: st.get_tensor(k).to(dtype) if k in full else st.get_tensor(k) for k in st.keys()}
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def training_dtype(model) -> torch.dtype:

@@ -122,8 +122,16 @@ def test_adapter_is_merged_first_and_keeps_the_trained_template(run_config, tmp_
     assert main(["merge", str(adapter), "--out", str(merged)]) == 0
     from_adapter = export_gguf(adapter, tmp_path / "a.gguf", "f16").path
     from_merged = export_gguf(merged, tmp_path / "m.gguf", "f16").path
-    assert read(from_adapter) == read(from_merged)
+    (keys, tensors), (merged_keys, merged_tensors) = read(from_adapter), read(from_merged)
+    assert tensors == merged_tensors
+    assert {k: v for k, v in keys.items() if k != "general.name"} == {
+        k: v for k, v in merged_keys.items() if k != "general.name"
+    }
+    assert value(from_adapter, "general.name") != value(from_merged, "general.name")  # the adapter's own name
     assert value(from_adapter, "tokenizer.chat_template") == template.read_text()
+    for d in (adapter, merged):  # SERVING.md names where the output is, not the temporary it was written in
+        serving = (d / "SERVING.md").read_text()
+        assert str(d.resolve()) in serving and ".tmp" not in serving
     assert not list(tmp_path.glob(".qwen-ft-merge-*"))  # the temporary merge is gone
 
 
@@ -243,4 +251,7 @@ def test_lora_export_refuses_what_llama_cpp_cannot_hold(tiny, tmp_path):
     dora = peft_adapter(tiny("qwen3"), tmp_path / "dora", ["q_proj"], r=4, use_dora=True)
     with pytest.raises(QwenFtError, match="llama.cpp: it is a DoRA adapter"):
         export_lora(dora, tmp_path / "d.gguf")
+    head = peft_adapter(tiny("qwen3"), tmp_path / "head", ["q_proj", "lm_head"], r=4)  # the tiny model ties it
+    with pytest.raises(QwenFtError, match="it adapts lm_head, which its base ties to the embeddings"):
+        export_lora(head, tmp_path / "h.gguf")
     assert not list(tmp_path.glob("*.gguf"))

@@ -26,7 +26,7 @@ def export_gguf(src: str | Path, out: str | Path, dtype: str = "f16", overwrite:
     check_request(src, out, dtype, overwrite)
     if (src / "adapter_config.json").is_file():
         with merged_copy(src, out.parent) as merged:
-            return _export(merged, out, dtype)
+            return _export(merged, out, dtype, name=src.resolve().name)  # named as the adapter, not the temp
     return _export(src, out, dtype)
 
 
@@ -65,7 +65,7 @@ def check_full_precision(src: Path) -> None:
         )
 
 
-def _export(src: Path, out: Path, dtype: str) -> GgufReport:
+def _export(src: Path, out: Path, dtype: str, name: str | None = None) -> GgufReport:
     from qwen_ft.data.template import find_template
     from qwen_ft.model.families import resolve_family
 
@@ -75,7 +75,8 @@ def _export(src: Path, out: Path, dtype: str) -> GgufReport:
         raise QwenFtError(f"{src}: GGUF export of {family.note} is not supported yet")
     template = find_template(src)
     skip = family.frozen
-    return write_gguf(src, out, dtype, family.gguf, family.im_start_id, skip, template.text if template else None)
+    text = template.text if template else None
+    return write_gguf(src, out, dtype, family.gguf, family.im_start_id, skip, text, name)
 
 
 class merged_copy:
@@ -88,7 +89,11 @@ class merged_copy:
         from qwen_ft.export.merge import merge_adapter
 
         self.tmp = Path(tempfile.mkdtemp(prefix=".qwen-ft-merge-", dir=self.near))
-        report = merge_adapter(str(self.src), str(self.tmp / "merged"), overwrite=False)
+        try:
+            report = merge_adapter(str(self.src), str(self.tmp / "merged"), overwrite=False)
+        except BaseException:  # __exit__ does not run when __enter__ fails
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         print(f"merged the adapter into {report.merged_into} (max |logit diff| {report.merge_diff:.3g})")
         return self.tmp / "merged"
 

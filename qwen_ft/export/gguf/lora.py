@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from qwen_ft.errors import QwenFtError
-from qwen_ft.export.gguf.write import GgufReport, encode, layout_of, name_mapper, tensor_type
+from qwen_ft.export.gguf.write import GgufReport, encode, layout_of, name_mapper, temporary, tensor_type
 
 
 def export_lora(adapter: str | Path, out: str | Path, dtype: str = "f16", overwrite: bool = False) -> GgufReport:
@@ -38,12 +38,12 @@ def export_lora(adapter: str | Path, out: str | Path, dtype: str = "f16", overwr
     check_for(src, ["llama.cpp"])
     base = Path(config["base_model_name_or_path"])
     family = resolve_family("auto", base)
-    _check_supported(src, config, family)
     hp = hparams(base)
+    _check_supported(src, config, family, bool(hp.get("tie_word_embeddings")))
     layout = layout_of(hp, family.gguf)
     to_gguf = name_mapper(family.gguf, layout.layers)
     alpha = float(config["lora_alpha"]) * (math.sqrt(config["r"]) if config.get("use_rslora") else 1.0)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp = temporary(dest)
     w = gguf.GGUFWriter(tmp, family.gguf)
     count = 0
     for name, a, b in _pairs(src, layout, config, alpha):
@@ -59,6 +59,7 @@ def export_lora(adapter: str | Path, out: str | Path, dtype: str = "f16", overwr
         w.close()
         os.replace(tmp, dest)
     finally:
+        w.close()
         tmp.unlink(missing_ok=True)
     return GgufReport(dest, family.gguf, dtype, count, dest.stat().st_size)
 
@@ -69,8 +70,17 @@ def _chosen(dtype: str) -> str:
     return DTYPES[dtype][1]
 
 
-def _check_supported(src: Path, config: dict, family) -> None:
-    why = []
+def _check_supported(src: Path, config: dict, family, tied: bool) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(src / "adapter_model.safetensors"), "pt") as st:
+        st_keys = list(st.keys())
+    other = [k for k in st_keys if not (".lora_A.weight" in k or ".lora_B.weight" in k)]
+    why = [f"it holds tensors that are not LoRA A/B pairs ({', '.join(other[:3])})"] if other else []
+    if tied and any(".lm_head." in k for k in st_keys):
+        why.append("it adapts lm_head, which its base ties to the embeddings: llama.cpp has no output layer for it")
+    if not config.get("lora_alpha"):
+        why.append("its lora_alpha is 0")
     if config.get("target_parameters"):
         why.append("it adapts the routed experts (target_parameters), which llama.cpp's LoRA format does not hold")
     if config.get("alpha_pattern"):

@@ -40,11 +40,15 @@ def rope_parameters(hp: dict) -> dict:
 def write_hparams(w, hp: dict, arch: str, blocks: int, file_type: int) -> None:
     """Shape, attention, RoPE, experts and (for Gated DeltaNet models) state-space keys."""
     w.add_block_count(blocks)
-    w.add_context_length(hp["max_position_embeddings"])
-    w.add_embedding_length(hp["hidden_size"])
-    w.add_feed_forward_length(hp["intermediate_size"])
-    w.add_head_count(hp["num_attention_heads"])
-    w.add_head_count_kv(hp["num_key_value_heads"])
+    for key, add in (
+        ("max_position_embeddings", w.add_context_length),
+        ("hidden_size", w.add_embedding_length),
+        ("intermediate_size", w.add_feed_forward_length),  # absent in MoE configs without dense layers
+        ("num_attention_heads", w.add_head_count),
+        ("num_key_value_heads", w.add_head_count_kv),
+    ):
+        if hp.get(key) is not None:
+            add(hp[key])
     rope = rope_parameters(hp)
     _rope_scaling(w, rope)
     sections = rope.get("mrope_section") or (QWEN35_MROPE if arch.startswith("qwen35") else None)
@@ -52,7 +56,8 @@ def write_hparams(w, hp: dict, arch: str, blocks: int, file_type: int) -> None:
         w.add_rope_dimension_sections((list(sections) + [0, 0, 0, 0])[:4])
     if rope.get("rope_theta") is not None:
         w.add_rope_freq_base(rope["rope_theta"])
-    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    if hp.get("rms_norm_eps") is not None:
+        w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
     if expert_count(hp):
         w.add_expert_count(expert_count(hp))
         w.add_expert_used_count(hp["num_experts_per_tok"])
@@ -82,7 +87,7 @@ def _rope_scaling(w, rope: dict) -> None:
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         for key, add in (
             ("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
-            ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+            ("attention_factor" if "attention_factor" in rope else "attn_factor", w.add_rope_scaling_yarn_attn_factor),
             ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
             ("beta_slow", w.add_rope_scaling_yarn_beta_slow),
         ):

@@ -61,17 +61,22 @@ def layout_of(hp: dict, arch: str) -> Layout:
 
 
 def checkpoint_tensors(src: Path) -> dict[str, Path]:
-    """Tensor name → its safetensors file, in file then header order."""
+    """Tensor name → its safetensors file: the index's weight map, else model.safetensors (never other
+    safetensors lying beside it, such as a training checkpoint's optimizer state); RoPE's cached inverse
+    frequencies, which some checkpoints store, are not weights."""
+    from qwen_ft.model.layout import INDEX, tensor_files
+
+    if not (src / INDEX).is_file() and not (src / "model.safetensors").is_file():
+        raise QwenFtError(f"{src}: no model.safetensors or {INDEX}; GGUF export reads safetensors checkpoints")
+    found = tensor_files(src) if (src / INDEX).is_file() else _keys(src / "model.safetensors")
+    return {name: f for name, f in found.items() if not name.endswith(".rotary_emb.inv_freq")}
+
+
+def _keys(file: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise QwenFtError(f"{src}: no .safetensors weights; GGUF export reads safetensors checkpoints")
-    found: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            found.update(dict.fromkeys(st.keys(), f))
-    return found
+    with safe_open(str(file), "pt") as st:
+        return dict.fromkeys(st.keys(), file)
 
 
 def name_mapper(arch: str, blocks: int) -> Callable[[str], str]:
@@ -163,8 +168,11 @@ class Source:
             return st.get_tensor(self.alias.get(name, name))
 
 
-def write_gguf(src: Path, out: Path, dtype: str, arch: str, im_start_id: int, skip: tuple[str, ...], template):
-    """Write `out` from the checkpoint in `src` (see module docstring)."""
+def write_gguf(
+    src: Path, out: Path, dtype: str, arch: str, im_start_id: int, skip: tuple[str, ...], template, name=None
+):
+    """Write `out` from the checkpoint in `src` (see module docstring); `name`: general.name (default: from
+    the model card or the directory's name, as llama.cpp's converter names it)."""
     import gguf
 
     from qwen_ft.files import room_for
@@ -174,19 +182,19 @@ def write_gguf(src: Path, out: Path, dtype: str, arch: str, im_start_id: int, sk
     layout, source = layout_of(hp, arch), Source(src, arch)
     blocks = layout.layers + (source.mtp_layers() if layout.hybrid else 0)
     to_gguf, (file_type, chosen) = name_mapper(arch, blocks), DTYPES[dtype]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temporary(out)
     w = gguf.GGUFWriter(tmp, arch)
     plan = [
         (name, *planned(tuple(t.shape), tensor_type(name, t.ndim, chosen)))
         for name, t in converted(source.names, source.meta, layout, skip, to_gguf)
     ]
     own = len(plan) - len(source.alias)  # copies (last in the plan) count no parameters in the size label
-    for i, (name, shape, nbytes, qtype) in enumerate(plan):
+    for i, (tensor, shape, nbytes, qtype) in enumerate(plan):
         if i == own:
-            write_general(w, src, None)
-        w.add_tensor_info(name, shape, _np(qtype), nbytes, raw_dtype=qtype)
+            write_general(w, src, name)
+        w.add_tensor_info(tensor, shape, _np(qtype), nbytes, raw_dtype=qtype)
     if own == len(plan):
-        write_general(w, src, None)
+        write_general(w, src, name)
     write_hparams(w, hp, arch, blocks, getattr(gguf.LlamaFileType, file_type))
     write_tokenizer(w, src, hp["vocab_size"], PRE_TOKENIZER[im_start_id], template)
     try:
@@ -198,8 +206,19 @@ def write_gguf(src: Path, out: Path, dtype: str, arch: str, im_start_id: int, sk
             w.close()
         os.replace(tmp, out)
     finally:
+        w.close()  # idempotent; on a failure it releases the half-written file before it is removed
         tmp.unlink(missing_ok=True)
     return GgufReport(out, arch, dtype, len(plan), out.stat().st_size)
+
+
+def temporary(out: Path) -> Path:
+    """Where `out` is written until complete; what a killed export left beside it is removed first."""
+    import glob
+
+    from qwen_ft.files import clean_stale_temps
+
+    clean_stale_temps(out.parent, glob.escape(out.name))
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
 
 
 def _stream(w, tensors, plan: list, chosen: str, label: str) -> None:
