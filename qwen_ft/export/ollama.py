@@ -69,9 +69,10 @@ def chat_parts(template: str, kwargs: dict) -> ChatParts:
     if render(template, probe, kwargs) != chatml(probe, parts):
         raise QwenFtError("the chat template does not render plain chat as ChatML blocks; Ollama cannot serve it")
     padded = [{**m, "content": f" {m['content']}\n"} for m in probe]
-    if render(template, padded, kwargs) == chatml(padded, parts):
+    rendered = render(template, padded, kwargs)
+    if rendered == chatml(padded, parts):
         return parts
-    if render(template, padded, kwargs) == chatml(probe, parts):
+    if rendered == chatml(probe, parts):
         return ChatParts(system, generation, trims=True)
     raise QwenFtError("the chat template rewrites message content; Ollama's Go template cannot serve it alike")
 

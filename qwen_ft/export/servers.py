@@ -97,11 +97,10 @@ def fold_rslora(config: dict) -> dict:
     return {**config, "use_rslora": False, "lora_alpha": config["lora_alpha"] * math.sqrt(config["r"])}
 
 
-def write_adapter_for(adapter: Path, out: Path, name: str) -> Path:
-    """A copy of `adapter` that `name` serves as trained (rsLoRA folded where the server needs it)."""
-    check_for(adapter, [name])
+def write_adapter_for(adapter: Path, out: Path, name: str, config: dict) -> Path:
+    """A copy of `adapter` (whose adapter_config.json is `config`, already checked for `name` by `check_for`)
+    that `name` serves as trained (rsLoRA folded where the server needs it)."""
     shutil.copytree(adapter, out)
-    config = adapter_config(adapter)
     if not SERVERS[name].rslora:
         config = fold_rslora(config)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -126,7 +125,7 @@ class Target:
     base: str | None  # an adapter's base checkpoint; None for a full model
     config: dict  # adapter_config.json ({} for a full model)
     kwargs: dict  # the run's data.template_kwargs
-    gguf: str  # "" where qwen-ft cannot write a GGUF of it (the reason), else "ok"
+    gguf: str  # "ok", or why qwen-ft cannot write a GGUF of it
     lora_gguf: bool  # a llama.cpp LoRA of the adapter can be written (else: the merged GGUF)
 
 
@@ -273,7 +272,8 @@ def export_adapter(adapter: str | Path, out: str | Path, server: str | None, ove
     if dest.resolve() == src.resolve():
         raise QwenFtError(f"--out {dest} is the adapter itself; choose a new directory")
     check_for(src, [server])
+    config = adapter_config(src)
     shutil.rmtree(dest, ignore_errors=True)
-    write_adapter_for(src, dest, server)
-    write_serving(dest, [server], adapter_config(src)["base_model_name_or_path"], template_kwargs(src))
+    write_adapter_for(src, dest, server, config)
+    write_serving(dest, [server], config["base_model_name_or_path"], template_kwargs(src))
     return dest

@@ -69,7 +69,6 @@ def _export(src: Path, out: Path, dtype: str, name: str | None = None) -> GgufRe
     from qwen_ft.data.template import find_template
     from qwen_ft.model.families import resolve_family
 
-    check_full_precision(src)
     family = resolve_family("auto", src)
     if not family.gguf:
         raise QwenFtError(f"{src}: GGUF export of {family.note} is not supported yet")

@@ -12,11 +12,11 @@ whose joint q/k/v/z projection cannot be split on a low-rank adapter.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from qwen_ft.errors import QwenFtError
-from qwen_ft.export.gguf.write import GgufReport, encode, layout_of, name_mapper, temporary, tensor_type
+from qwen_ft.export.gguf import DTYPES
+from qwen_ft.export.gguf.write import GgufReport, encode, gguf_file, layout_of, name_mapper, tensor_type
 
 
 def export_lora(adapter: str | Path, out: str | Path, dtype: str = "f16", overwrite: bool = False) -> GgufReport:
@@ -25,8 +25,6 @@ def export_lora(adapter: str | Path, out: str | Path, dtype: str = "f16", overwr
     Raises:
         QwenFtError: see module docstring, and the GGUF export's own refusals (dtype, existing output).
     """
-    import gguf
-
     from qwen_ft.export.gguf.export import check_request
     from qwen_ft.export.gguf.metadata import hparams
     from qwen_ft.export.servers import adapter_config, check_for
@@ -43,31 +41,19 @@ def export_lora(adapter: str | Path, out: str | Path, dtype: str = "f16", overwr
     layout = layout_of(hp, family.gguf)
     to_gguf = name_mapper(family.gguf, layout.layers)
     alpha = float(config["lora_alpha"]) * (math.sqrt(config["r"]) if config.get("use_rslora") else 1.0)
-    tmp = temporary(dest)
-    w = gguf.GGUFWriter(tmp, family.gguf)
     count = 0
-    for name, a, b in _pairs(src, layout, config, alpha):
-        for suffix, t in ((".lora_a", a), (".lora_b", b)):
-            data, qtype = encode(t, tensor_type(to_gguf(name) + suffix, t.ndim, _chosen(dtype)))
-            w.add_tensor(to_gguf(name) + suffix, data, raw_dtype=qtype)
-            count += 1
-    _metadata(w, src, alpha)
-    try:
+    with gguf_file(dest, family.gguf) as w:
+        for name, a, b in _pairs(src, layout, config, alpha):
+            for suffix, t in ((".lora_a", a), (".lora_b", b)):
+                tensor = to_gguf(name) + suffix
+                data, qtype = encode(t, tensor_type(tensor, t.ndim, DTYPES[dtype][1]))
+                w.add_tensor(tensor, data, raw_dtype=qtype)
+                count += 1
+        _metadata(w, src, alpha)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=True)
-        w.close()
-        os.replace(tmp, dest)
-    finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
     return GgufReport(dest, family.gguf, dtype, count, dest.stat().st_size)
-
-
-def _chosen(dtype: str) -> str:
-    from qwen_ft.export.gguf import DTYPES
-
-    return DTYPES[dtype][1]
 
 
 def _check_supported(src: Path, config: dict, family, tied: bool) -> None:
@@ -100,7 +86,7 @@ def _pairs(src: Path, layout, config: dict, alpha: float):
     """(base tensor name, A, B) per adapted layer, B scaled so that llama.cpp's alpha / rank is peft's scale."""
     from safetensors.torch import load_file
 
-    from qwen_ft.export.gguf.tensors import _tile_v
+    from qwen_ft.export.gguf.tensors import tile_v
 
     tensors = load_file(src / "adapter_model.safetensors")
     for key in [k for k in tensors if ".lora_A." in k]:
@@ -112,9 +98,9 @@ def _pairs(src: Path, layout, config: dict, alpha: float):
         b = b * (peft_scale / (alpha / rank))
         if layout.tiled_v and layout.k_heads != layout.v_heads and "linear_attn." in name:
             if ".out_proj." in name:
-                a = _tile_v(name, a, layout)
+                a = tile_v(name, a, layout)
             else:
-                b = _tile_v(name, b, layout)
+                b = tile_v(name, b, layout)
         yield name, a.contiguous(), b.contiguous()
 
 

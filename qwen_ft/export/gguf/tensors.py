@@ -103,7 +103,7 @@ def converted(
 
 def _rewrite(name: str, data: torch.Tensor, layout: Layout, experts) -> Iterator[tuple[str, torch.Tensor]]:
     if layout.tiled_v and layout.k_heads != layout.v_heads and "linear_attn." in name:
-        data = _tile_v(name, data, layout)
+        data = tile_v(name, data, layout)
     if layout.hybrid:
         name, data = _hybrid(name, data)
         if "in_proj_qkvz.weight" in name:
@@ -160,7 +160,7 @@ def _split_qkvz(name: str, data: torch.Tensor, layout: Layout) -> Iterator[tuple
     yield stem + ".in_proj_z.weight", z.permute(1, 0).contiguous()
 
 
-def _tile_v(name: str, data: torch.Tensor, layout: Layout) -> torch.Tensor:
+def tile_v(name: str, data: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Value-head order grouped by key head [k0: v0 v1, k1: v0 v1] becomes tiled [k0 v0, k1 v0, k0 v1, ...]."""
     per_k = layout.v_heads // layout.k_heads
 

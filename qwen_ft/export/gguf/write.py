@@ -9,7 +9,8 @@ file is written beside its final name and renamed when complete: a killed export
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +140,9 @@ def planned(shape: tuple[int, ...], qtype):
 
 
 class Source:
-    """The checkpoint's tensors, readable as meta tensors (shape and dtype only) or as data, one at a time."""
+    """The checkpoint's tensors, readable as meta tensors (shape and dtype only) or as data, one at a time.
+    Each read opens its shard and closes it again: a handle kept open keeps every page it has read mapped
+    into the process, which would grow with the model instead of staying at one tensor."""
 
     def __init__(self, src: Path, arch: str):
         self.files = checkpoint_tensors(src)
@@ -175,40 +178,52 @@ def write_gguf(
     the model card or the directory's name, as llama.cpp's converter names it)."""
     import gguf
 
-    from qwen_ft.files import room_for
-
     hp = hparams(src)
     check_served_alike(hp, arch, src)
     layout, source = layout_of(hp, arch), Source(src, arch)
     blocks = layout.layers + (source.mtp_layers() if layout.hybrid else 0)
     to_gguf, (file_type, chosen) = name_mapper(arch, blocks), DTYPES[dtype]
-    tmp = temporary(out)
-    w = gguf.GGUFWriter(tmp, arch)
     plan = [
         (name, *planned(tuple(t.shape), tensor_type(name, t.ndim, chosen)))
         for name, t in converted(source.names, source.meta, layout, skip, to_gguf)
     ]
     own = len(plan) - len(source.alias)  # copies (last in the plan) count no parameters in the size label
-    for i, (tensor, shape, nbytes, qtype) in enumerate(plan):
-        if i == own:
-            write_general(w, src, name)
-        w.add_tensor_info(tensor, shape, _np(qtype), nbytes, raw_dtype=qtype)
-    if own == len(plan):
+    with gguf_file(out, arch) as w:
+        _add_infos(w, plan[:own])
         write_general(w, src, name)
-    write_hparams(w, hp, arch, blocks, getattr(gguf.LlamaFileType, file_type))
-    write_tokenizer(w, src, hp["vocab_size"], PRE_TOKENIZER[im_start_id], template)
+        _add_infos(w, plan[own:])
+        write_hparams(w, hp, arch, blocks, getattr(gguf.LlamaFileType, file_type))
+        write_tokenizer(w, src, hp["vocab_size"], PRE_TOKENIZER[im_start_id], template)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        _stream(w, converted(source.names, source.real, layout, skip, to_gguf), plan, chosen, out.name)
+    return GgufReport(out, arch, dtype, len(plan), out.stat().st_size)
+
+
+@contextmanager
+def gguf_file(out: Path, arch: str) -> Iterator:
+    """A GGUFWriter on a temporary beside `out`, renamed to `out` once the block completes; on any failure
+    the writer is closed and the temporary removed, and running out of room names `out` and the fix."""
+    import gguf
+
+    from qwen_ft.files import room_for
+
+    tmp = temporary(out)
+    w = gguf.GGUFWriter(tmp, arch)
     try:
         with room_for(out, "Free space (or write the GGUF elsewhere) and run the export again"):
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            _stream(w, converted(source.names, source.real, layout, skip, to_gguf), plan, chosen, out.name)
+            yield w
             w.close()
         os.replace(tmp, out)
     finally:
         w.close()  # idempotent; on a failure it releases the half-written file before it is removed
         tmp.unlink(missing_ok=True)
-    return GgufReport(out, arch, dtype, len(plan), out.stat().st_size)
+
+
+def _add_infos(w, entries: list) -> None:
+    for tensor, shape, nbytes, qtype in entries:
+        w.add_tensor_info(tensor, shape, _np(qtype), nbytes, raw_dtype=qtype)
 
 
 def temporary(out: Path) -> Path:
