@@ -1,6 +1,7 @@
 """Merge a LoRA output into its base: a standalone model for inference, loadable by stock transformers.
 
 Run: qwen-ft merge runs/tiny-lora --out runs/tiny-merged [--base DIR] [--dtype auto|bf16|fp16|fp32]
+     [--for vllm|sglang|llama.cpp|ollama ...]
 
 The base comes from the adapter's manifest.json unless --base is given. The merge prints the
 max |logit diff| between merged and base+adapter on a probe prompt and fails above tolerance.
@@ -14,7 +15,9 @@ HELP = "merge a LoRA adapter into its base model (self-checked)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """ADAPTER_DIR --out DIR [--base DIR] [--dtype]."""
+    """ADAPTER_DIR --out DIR [--base DIR] [--dtype] [--for SERVER ...]."""
+    from qwen_ft.export.servers import SERVERS
+
     p.add_argument("adapter", help="a qwen-ft LoRA output (or checkpoint) directory")
     p.add_argument("--out", required=True, help="where the merged model goes")
     p.add_argument("--base", help="base checkpoint (default: the one recorded in manifest.json)")
@@ -33,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a model already in --out (never the adapter or its base)"
     )
+    p.add_argument(
+        "--for",
+        dest="servers",
+        action="append",
+        choices=tuple(SERVERS),
+        help="a server the merged model is for (repeatable; default: all): SERVING.md gives its command",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +55,14 @@ def run(args: argparse.Namespace) -> int:
         args, stacks_of_checkpoint(args.adapter) | (stacks_of_checkpoint(args.base) if args.base else set())
     )
     r = merge_adapter(
-        args.adapter, args.out, args.base, args.dtype, args.eval_data, args.overwrite, args.allow_pickle_weights
+        args.adapter,
+        args.out,
+        args.base,
+        args.dtype,
+        args.eval_data,
+        args.overwrite,
+        args.allow_pickle_weights,
+        args.servers,
     )
     print(f"merged into {r.merged_into}")
     print(

@@ -51,7 +51,8 @@ def _type_name(tp: Any) -> str:
     if origin is dict:
         return "a mapping"
     if origin is tuple:
-        return "a list of strings"
+        inner = typing.get_args(tp)[0]
+        return f"a list of {_type_name(inner)}" if typing.get_origin(inner) is Literal else "a list of strings"
     if origin is Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}.get(
@@ -88,6 +89,9 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if origin is tuple:
         items = [value] if isinstance(value, str) else value
         if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            (inner, _) = typing.get_args(tp)
+            if typing.get_origin(inner) is Literal:  # a list of choices: each checked, with a did-you-mean
+                return tuple(_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(items))
             return tuple(items)
         problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return None

@@ -166,6 +166,12 @@ class TrainConfig:
     """Optimisation, logging and checkpoints."""
 
     output_dir: str = opt("runs/default", "where checkpoints, logs and the final model go")
+    serve_for: tuple[Literal["vllm", "sglang", "llama.cpp", "ollama"], ...] = opt(
+        (),
+        "the servers the final output is for: its SERVING.md gives their commands, and a setup one of them "
+        "would serve wrong (DoRA, trained embeddings, a rank above its limit) is refused before training; "
+        "empty: every server, with what each cannot serve said in SERVING.md",
+    )
     seed: int = opt(42, "seed for init, data order and dropout")
     epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = opt(0, "optimizer steps; 0: derived from epochs")

@@ -7,6 +7,7 @@ caller can report everything in one go.
 
 from __future__ import annotations
 
+import keyword
 from pathlib import Path
 
 from qwen_ft.config.schema import RunConfig
@@ -128,6 +129,12 @@ def _combinations(cfg: RunConfig) -> list[str]:
             "(or merge it first and fine-tune the merged model)"
         )
     problems += _preference_problems(cfg)
+    problems += [
+        f"data.template_kwargs: {k!r} is not a name a chat template can read; use a variable name such as "
+        "enable_thinking"
+        for k in cfg.data.template_kwargs
+        if not (isinstance(k, str) and k.isidentifier()) or keyword.iskeyword(k) or k in ("true", "false", "none")
+    ]
     if cfg.model.trust_remote_code and cfg.model.family not in ("auto", "qwen"):
         problems.append(
             f"model.trust_remote_code: true with model.family={cfg.model.family}; transformers supports this family "

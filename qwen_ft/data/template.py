@@ -87,22 +87,79 @@ def find_template(tokenizer_dir: str | Path, override: str | None = None) -> Cha
     return ChatTemplate(raw, f"{config} (chat_template)", tool_use)
 
 
-def record_template(out: Path, text: str) -> None:
-    """Write an overriding template where every server finds it: `chat_template.jinja`, and in place of the
-    one `tokenizer_config.json` may carry (the gguf package, hence llama.cpp and Ollama, reads that first;
-    a list of named templates keeps its others, with "default" replaced)."""
-    (out / "chat_template.jinja").write_text(text, encoding="utf-8")
+def record_template(out: Path, text: str, kwargs: dict | None = None) -> None:
+    """Write the template that rendered a run's data where every server finds it: `chat_template.jinja`,
+    and in place of the one `tokenizer_config.json` may carry (the gguf package, hence llama.cpp and Ollama,
+    reads that first; a list of named templates keeps its others, with "default" replaced). With the run's
+    `kwargs` (data.template_kwargs) as the template's defaults, see `with_defaults`, in every copy."""
+    kwargs = kwargs or {}
+    (out / "chat_template.jinja").write_text(with_defaults(text, kwargs), encoding="utf-8")
+    extra = out / "additional_chat_templates" / "tool_use.jinja"
+    if kwargs and extra.is_file():
+        extra.write_text(with_defaults(extra.read_text(encoding="utf-8"), kwargs), encoding="utf-8")
     config_file = out / "tokenizer_config.json"
     if not config_file.is_file():
         return
     config = json.loads(config_file.read_text(encoding="utf-8"))
     raw = config.get("chat_template")
     if isinstance(raw, list):
-        named = [t for t in raw if isinstance(t, dict) and t.get("name") != "default"]
-        config["chat_template"] = [{"name": "default", "template": text}, *named]
+        named = [
+            {**t, "template": with_defaults(t["template"], kwargs)}
+            for t in raw
+            if isinstance(t, dict) and t.get("name") != "default" and isinstance(t.get("template"), str)
+        ]
+        config["chat_template"] = [{"name": "default", "template": with_defaults(text, kwargs)}, *named]
     else:
-        config["chat_template"] = text
+        config["chat_template"] = with_defaults(text, kwargs)
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def with_defaults(text: str, kwargs: dict) -> str:
+    """`text` with `kwargs` as the defaults of its variables. Servers read a checkpoint's template but not
+    the arguments a run rendered its data with (`enable_thinking: false`), so those become the template's
+    own: rendered without them it gives what `text` gives with them, and a request that passes one still
+    sets it. Jinja's `if` opens no scope, so the `set` inside it sets the template's variable.
+
+    Raises:
+        QwenFtError: a value that has no Jinja literal (data.template_kwargs takes JSON-like values).
+    """
+    head = "".join(
+        f"{{%- if {k} is not defined %}}{{%- set {k} = {jinja_literal(k, v)} %}}{{%- endif %}}"
+        for k, v in sorted(kwargs.items())
+    )
+    return head + text
+
+
+def jinja_literal(name: str, value: Any) -> str:
+    """`value` written as a Jinja expression, checked by evaluating it back.
+
+    Raises:
+        QwenFtError: naming data.template_kwargs.`name`, for a value Jinja cannot spell or reads back otherwise.
+    """
+    import jinja2
+
+    def spell(v: Any) -> str:
+        if v is None or isinstance(v, bool):
+            return {None: "none", True: "true", False: "false"}[v]
+        if isinstance(v, (int, float, str)):
+            return json.dumps(v)  # JSON's number and string escapes are Jinja's (Python's) too
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(spell(x) for x in v) + "]"
+        if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+            return "{" + ", ".join(f"{json.dumps(k)}: {spell(x)}" for k, x in v.items()) + "}"
+        raise TypeError
+
+    try:
+        text = spell(value)
+        same = jinja2.Environment().compile_expression(text)() == (list(value) if isinstance(value, tuple) else value)
+    except (TypeError, ValueError, jinja2.TemplateError):
+        same = False
+    if not same:
+        raise QwenFtError(
+            f"data.template_kwargs.{name}: {value!r} cannot be written into the chat template as its default; "
+            "use strings, numbers, booleans, null, lists and mappings"
+        )
+    return text
 
 
 def special_token_variables(tokenizer_dir: str | Path) -> dict[str, str]:

@@ -89,6 +89,7 @@ def merge_adapter(
     eval_data: str | None = None,
     overwrite: bool = False,
     allow_pickle_weights: bool = False,
+    servers: list[str] | None = None,
 ) -> MergeReport:
     """Merge, check, and save; see module docstring.
 
@@ -97,11 +98,16 @@ def merge_adapter(
     weights; the merged model is then also compared with adapter-on-quantized-base (logits and
     perplexity on a few conversations).
 
+    `servers` (merge --for): SERVING.md covers only these (default: every server), and a merged model one
+    of them cannot serve (llama.cpp and Ollama: a family with no GGUF export) is refused before it is written.
+
     Raises:
-        QwenFtError: bad inputs, or a merge check above tolerance (nothing is written then).
+        QwenFtError: bad inputs, a server that cannot serve it, or a merge check above tolerance (nothing is
+            written then).
     """
     from peft import PeftModel
 
+    from qwen_ft.export.servers import gguf_status, refuse_unservable
     from qwen_ft.tokenizer import load_tokenizer
 
     src = Path(adapter_dir)
@@ -110,6 +116,7 @@ def merge_adapter(
     check_weights(src, manifest, base, allow_pickle_weights)
     tok = load_tokenizer(src)
     model, merged_into, base_path = merge_base(src, manifest, base)
+    refuse_unservable(f"the merge of {src}", {}, servers or [], gguf_status(base_path), "Leave it out of --for")
     name = dtype if dtype != "auto" else _checkpoint_dtype(model)
     model = PeftModel.from_pretrained(model, src).eval()
     ids = probe_ids(tok)
@@ -129,7 +136,7 @@ def merge_adapter(
         )
     needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
     with atomic_dir(out_dir, needed=needed) as tmp:  # killed or out of room midway: no half-written model
-        _save(merged, tok, src, tmp, manifest, base_path, Path(out_dir).resolve())
+        _save(merged, tok, src, tmp, manifest, base_path, Path(out_dir).resolve(), servers)
     return MergeReport(Path(out_dir), name, merge_diff, cast_diff, tol, merged_into, *quantized)
 
 
@@ -261,7 +268,9 @@ def _checkpoint_dtype(model) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(str(found), "fp32")
 
 
-def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path, final: Path) -> None:
+def _save(
+    merged, tok, src: Path, out: Path, manifest: dict, base_path: Path, final: Path, servers: list[str] | None
+) -> None:
     """Standalone model: safetensors shards, tokenizer files and chat template (the adapter's, which
     rendered its data), the base's generation config with the end-of-turn ids, manifest, and SERVING.md
     (naming `final`, where `out` is renamed to)."""
@@ -284,4 +293,4 @@ def _save(merged, tok, src: Path, out: Path, manifest: dict, base_path: Path, fi
         "method": "merged",
     }
     (out / "manifest.json").write_text(json.dumps(merged_manifest, indent=2))
-    write_serving(out, kwargs=template_kwargs(src), at=final)  # the adapter's run recorded the kwargs
+    write_serving(out, servers, kwargs=template_kwargs(src), at=final)  # the adapter's run recorded the kwargs

@@ -122,17 +122,16 @@ def export_ollama(src: str | Path, out: str | Path, dtype: str = "q8_0", overwri
     Raises:
         QwenFtError: a template Ollama cannot serve as trained, or any GGUF export refusal.
     """
-    from qwen_ft.data.template import find_template
-    from qwen_ft.export.gguf.export import export_gguf
+    from qwen_ft.export.gguf.export import export_gguf, served_template
     from qwen_ft.export.servers import template_kwargs
 
     src, dest = Path(src), Path(out)
     if dest.exists() and not overwrite:
         raise QwenFtError(f"--out {dest} exists; choose a new directory, or pass --overwrite to replace it")
-    template = find_template(src)
+    template = served_template(src)
     if template is None:
         raise QwenFtError(f"{src}: no chat template (chat_template.jinja or tokenizer_config.json)")
-    parts = chat_parts(template.text, template_kwargs(src))
+    parts = chat_parts(template, template_kwargs(src))
     dest.mkdir(parents=True, exist_ok=True)
     export_gguf(src, dest / "model.gguf", dtype, overwrite=True)
     gen_file = src / "generation_config.json"

@@ -71,21 +71,44 @@ def problems(config: dict, server: Server) -> list[str]:
     return found
 
 
-def check_for(adapter: Path, names: list[str]) -> None:
-    """Refuse, naming each reason and the alternative, an adapter some chosen server would serve wrong.
+GGUF_SERVERS = ("llama.cpp", "ollama")  # served through qwen-ft's GGUF export of the model
+
+
+def gguf_status(checkpoint: Path) -> str:
+    """ "ok", or why qwen-ft cannot write a GGUF of a model on `checkpoint` (llama.cpp and Ollama need one)."""
+    from qwen_ft.model.families import resolve_family
+
+    try:
+        family = resolve_family("auto", checkpoint)
+    except (QwenFtError, OSError, ValueError):
+        return f"qwen-ft cannot tell the model family of {checkpoint}"
+    return "ok" if family.gguf else f"qwen-ft has no GGUF export for {family.note} yet"
+
+
+def why_not(config: dict, name: str, gguf: str) -> list[str]:
+    """Why `name` would not serve this model as trained: an adapter's problems (`config`: its
+    adapter_config.json, {} for a full model) and, for llama.cpp and Ollama, a family with no GGUF export."""
+    found = problems(config, SERVERS[name]) if config else []
+    return found + ([gguf] if name in GGUF_SERVERS and gguf != "ok" else [])
+
+
+def refuse_unservable(what: str, config: dict, names: list[str], gguf: str, fix: str) -> None:
+    """Refuse, naming each reason and `fix`, a model some chosen server would serve wrong (see `why_not`).
 
     Raises:
         QwenFtError: one message for every server that cannot serve it.
     """
-    config = adapter_config(adapter)
-    bad = {name: problems(config, SERVERS[name]) for name in names}
-    lines = [f"{name}: {'; '.join(why)}" for name, why in bad.items() if why]
+    lines = [f"{name}: {'; '.join(why)}" for name in names if (why := why_not(config, name, gguf))]
     if lines:
-        raise QwenFtError(
-            f"{adapter} cannot be served as trained by "
-            + " | ".join(lines)
-            + f". Merge it first (qwen-ft merge {adapter} --out DIR) and serve the merged model"
-        )
+        raise QwenFtError(f"{what} cannot be served as trained by " + " | ".join(lines) + f". {fix}")
+
+
+def check_for(adapter: Path, names: list[str]) -> None:
+    """`refuse_unservable` for an adapter directory, whose alternative is merging it first."""
+    config = adapter_config(adapter)
+    base = Path(config.get("base_model_name_or_path") or adapter)
+    fix = f"Merge it first (qwen-ft merge {adapter} --out DIR) and serve the merged model"
+    refuse_unservable(str(adapter), config, names, gguf_status(base), fix)
 
 
 def fold_rslora(config: dict) -> dict:
@@ -133,12 +156,10 @@ def serving_md(model_dir: Path, names: list[str], base: str | None, kwargs: dict
     """SERVING.md: the exact command per server for the model (or adapter on `base`) in `model_dir`, trained
     with the template arguments `kwargs`; commands name `at` (default `model_dir`), where it will be."""
     config = adapter_config(model_dir) if base is not None else {}
-    t = _target(at or model_dir, base, config, kwargs)
+    t = _target(at or model_dir, base, Path(base) if base else model_dir, config, kwargs)
     lines = [f"# Serving {t.path.name}", "", _intro(base is not None, kwargs), ""]
     for name in names:
-        why = problems(config, SERVERS[name]) if base is not None else []
-        if name in ("llama.cpp", "ollama") and t.gguf != "ok":
-            why.append(t.gguf)
+        why = why_not(config, name, t.gguf)
         lines += [f"## {name}", ""]
         if why:
             merge = ["```bash", f"qwen-ft merge {t.path} --out {t.path}-merged", "```", ""] if base else []
@@ -149,16 +170,16 @@ def serving_md(model_dir: Path, names: list[str], base: str | None, kwargs: dict
     return "\n".join(lines)
 
 
-def _target(path: Path, base: str | None, config: dict, kwargs: dict) -> Target:
+def _target(path: Path, base: str | None, checkpoint: Path, config: dict, kwargs: dict) -> Target:
+    """The commands' subject, which will be at `path`; `checkpoint`: its base, or a full model's files now."""
     from qwen_ft.model.families import resolve_family
 
-    checkpoint = Path(base) if base else path
+    gguf = gguf_status(checkpoint)
     try:
         family = resolve_family("auto", checkpoint)
         quantized = "quantization_config" in json.loads((checkpoint / "config.json").read_text())
     except (QwenFtError, OSError, ValueError):
         family, quantized = None, False
-    gguf = "ok" if family and family.gguf else "qwen-ft has no GGUF export for this family yet"
     plain = not (config.get("target_parameters") or config.get("alpha_pattern") or quantized)
     lora_gguf = gguf == "ok" and plain and family is not None and family.gguf != "qwen3next"
     return Target(path, base, config, kwargs, gguf, lora_gguf)
@@ -183,8 +204,8 @@ def write_serving(
 def _intro(adapter: bool, kwargs: dict) -> str:
     what = "a LoRA adapter on its base" if adapter else "a full model (merged or fully fine-tuned)"
     said = (
-        f" It was trained with the template arguments `{json.dumps(kwargs)}`: each command passes them"
-        " (or says how to send them with each request)."
+        f" It was trained with the template arguments `{json.dumps(kwargs)}`. They are that template's defaults"
+        " (a request may still set them), and each command passes them as well, or says how to send them."
         if kwargs
         else ""
     )

@@ -95,8 +95,8 @@ FAMILIES = {
     "qwen2": Family("qwen2", ("qwen2",), QWEN2_LINEAR, gguf="qwen2", note="Qwen1.5, Qwen2, Qwen2.5"),
     "qwen3": Family("qwen3", ("qwen3",), QWEN2_LINEAR, gguf="qwen3", note="Qwen3 dense"),
     # Qwen v1 is trained after conversion to the native Qwen2 layout (qwen_ft.model.qwen_v1), so its
-    # adapters target the native names.
-    "qwen": Family("qwen", ("qwen",), QWEN2_LINEAR, note="Qwen v1 (QWenLMHeadModel)"),
+    # adapters target the native names, and it is exported as a GGUF from that conversion.
+    "qwen": Family("qwen", ("qwen",), QWEN2_LINEAR, gguf="qwen2", note="Qwen v1 (QWenLMHeadModel)"),
     "qwen3_5": _hybrid(
         "qwen3_5", ("qwen3_5",), "Qwen3.5 / Qwen3.6 dense, vision-language checkpoint", gguf="qwen35", **COMPOSITE
     ),

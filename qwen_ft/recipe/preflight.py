@@ -14,7 +14,33 @@ if TYPE_CHECKING:
 
 def run_problems(cfg: RunConfig) -> list[str]:
     """Everything that stops `cfg` from running here: the environment, and the method against the checkpoint."""
-    return check_environment(cfg) + method_problems(cfg)
+    return check_environment(cfg) + method_problems(cfg) + serving_problems(cfg)
+
+
+def serving_problems(cfg: RunConfig) -> list[str]:
+    """train.serve_for: a server named there that would not serve this run's output as trained."""
+    from pathlib import Path
+
+    from qwen_ft.export.servers import gguf_status, why_not
+
+    if not cfg.train.serve_for:
+        return []
+    lo = cfg.lora
+    adapter = {
+        "r": lo.r,
+        "lora_alpha": lo.alpha,
+        "use_rslora": lo.rslora,
+        "use_dora": lo.dora,
+        "modules_to_save": ["embeddings", "output layer"] if lo.train_embeddings else None,
+    }
+    config = adapter if cfg.method != "full" else {}
+    gguf = gguf_status(Path(cfg.model.path))
+    return [
+        f"train.serve_for: {name} would not serve this run's output as trained: {'; '.join(why)}; change the "
+        f"setup, or leave {name} out of serve_for and serve the merged model (qwen-ft merge) there"
+        for name in cfg.train.serve_for
+        if (why := why_not(config, name, gguf))
+    ]
 
 
 def method_problems(cfg: RunConfig) -> list[str]:

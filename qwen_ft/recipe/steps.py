@@ -338,12 +338,13 @@ def saver(
     text = dump_config(cfg)
     override = find_template(tok.directory, cfg.data.chat_template) if cfg.data.chat_template else None
     layout = BaseLayout.of(cfg.model.path, family)
+    kwargs = dict(cfg.data.template_kwargs)
 
     def save(out: Path) -> None:
         state_dict = backend.saved_state_dict(cfg.method)  # every rank: ZeRO-3 gathers
         if dist.is_main:
             ck.save_model_files(unwrapped, out, state_dict, layout)
-            ck.write_description(out, text, manifest, tok, override.text if override else None)
+            ck.write_description(out, text, manifest, tok, override.text if override else None, kwargs)
 
     return save
 
@@ -369,7 +370,7 @@ def save_final(trainer: TrainingRun, state: ck.TrainState) -> None:
             trainer.save_fn(tmp)
             if main:
                 ck.compact_adapter(tmp, ck.training_dtype(trainer.unwrapped))
-                serving_guide(tmp, out)
+                serving_guide(tmp, out, trainer.train.serve_for)
                 (tmp / "train_history.json").write_text(json.dumps(state.history, indent=1))
                 flush_tree(tmp)
                 for f in sorted(tmp.iterdir()):
@@ -382,15 +383,16 @@ def save_final(trainer: TrainingRun, state: ck.TrainState) -> None:
     barrier(trainer.dist)
 
 
-def serving_guide(tmp: Path, out: Path) -> None:
-    """SERVING.md for the final output being written in `tmp`, naming `out`, where it will be."""
+def serving_guide(tmp: Path, out: Path, servers: tuple[str, ...] = ()) -> None:
+    """SERVING.md for the final output being written in `tmp`, naming `out`, where it will be; for `servers`
+    (train.serve_for), or every server."""
     import json
 
     from qwen_ft.export.servers import write_serving
 
     adapter = (tmp / "adapter_config.json").is_file()
     base = json.loads((tmp / "manifest.json").read_text())["base_model"]["path"] if adapter else None
-    write_serving(tmp, base=base, at=out.resolve())
+    write_serving(tmp, list(servers) or None, base=base, at=out.resolve())
 
 
 def summary(output_dir: str, state: ck.TrainState) -> str:

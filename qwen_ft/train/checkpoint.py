@@ -68,21 +68,27 @@ def build_manifest(model: ModelConfig, method: MethodSpec, tokenizer_path: str, 
     }
 
 
-def write_description(out: Path, cfg_yaml: str, manifest: dict, tok, template_text: str | None = None) -> None:
+def write_description(
+    out: Path, cfg_yaml: str, manifest: dict, tok, template_text: str | None = None, kwargs: dict | None = None
+) -> None:
     """run_config.yaml, manifest.json, the tokenizer files and what serving needs next to the weights:
-    the chat template that rendered the data (`template_text`: a data.chat_template override, written as
-    chat_template.jinja and into tokenizer_config.json, see `record_template`), the base's generation
+    the chat template that rendered the data (`template_text`: a data.chat_template override, else the
+    tokenizer's own) with the run's data.template_kwargs (`kwargs`) as its defaults, written as
+    chat_template.jinja and into tokenizer_config.json (see `record_template`), the base's generation
     config with the end-of-turn ids, and for an adapter an absolute base path that stock AutoPeftModel
     resolves from anywhere."""
-    from qwen_ft.data.template import record_template
+    from qwen_ft.data.template import find_template, record_template
     from qwen_ft.model.generation import write_generation_config
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.yaml").write_text(cfg_yaml)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     tok.save_files(out)
+    if template_text is None and kwargs:
+        own = find_template(out)
+        template_text = own.text if own else None
     if template_text is not None:
-        record_template(out, template_text)
+        record_template(out, template_text, kwargs)
     base = manifest["base_model"]["path"]
     write_generation_config(base, tok, out)
     adapter_config = out / "adapter_config.json"

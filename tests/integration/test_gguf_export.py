@@ -132,7 +132,7 @@ def test_adapter_is_merged_first_and_keeps_the_trained_template(run_config, tmp_
     for d in (adapter, merged):  # SERVING.md names where the output is, not the temporary it was written in
         serving = (d / "SERVING.md").read_text()
         assert str(d.resolve()) in serving and ".tmp" not in serving
-    assert not list(tmp_path.glob(".qwen-ft-merge-*"))  # the temporary merge is gone
+    assert not list(tmp_path.glob(".qwen-ft-export-*"))  # the temporary merge is gone
 
 
 def test_bad_requests_are_refused_before_writing(tiny, tmp_path, capsys):
@@ -255,3 +255,64 @@ def test_lora_export_refuses_what_llama_cpp_cannot_hold(tiny, tmp_path):
     with pytest.raises(QwenFtError, match="it adapts lm_head, which its base ties to the embeddings"):
         export_lora(head, tmp_path / "h.gguf")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.extras("sentencepiece")
+def test_qwen_v1_checkpoint_exports_as_its_native_conversion(tmp_path):
+    """A Qwen v1 checkpoint (QWenLMHeadModel, qwen.tiktoken) is exported from the native Qwen2 conversion it is
+    trained in: equal to llama.cpp's converter run on that conversion (`qwen-ft convert`), vocabulary, ChatML
+    template and all; an Ollama export of it gets the same template."""
+    from qwen_ft.export.ollama import export_ollama
+    from qwen_ft.model.qwen_v1 import convert_checkpoint
+    from tests.integration.test_qwen_v1 import V1_CONFIG, v1_tensors, write_v1
+
+    src = write_v1(tmp_path / "v1" / "qwen-7b-chat", v1_tensors(), V1_CONFIG)
+    ours = export_gguf(src, tmp_path / "ours.gguf", "f16").path
+    native = convert_checkpoint(src, tmp_path / "native" / "qwen-7b-chat")  # the same name: general.name
+    assert differences(ours, convert(native, tmp_path / "reference.gguf", "f16")) == []
+    assert value(ours, "general.architecture") == "qwen2" and value(ours, "tokenizer.ggml.pre") == "qwen2"
+    assert "<|im_start|>" in value(ours, "tokenizer.chat_template")
+    assert not list((tmp_path / "v1").glob(".qwen-ft-export-*"))  # the temporary conversion is gone
+    modelfile = (export_ollama(src, tmp_path / "ollama", "f16") / "Modelfile").read_text()
+    assert "{{ .Content }}<|im_end|>" in modelfile and "PARAMETER stop <|im_end|>" in modelfile
+
+
+PEAK = """
+import re, sys
+from pathlib import Path
+from qwen_ft.export.gguf.export import export_gguf
+import gguf, safetensors, torch, transformers  # noqa: F401 (imported before the peak is reset)
+
+def high_water():  # the kernel's peak resident set size of this process (VmHWM), in kB
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current resident size
+before = high_water()
+export_gguf(sys.argv[1], sys.argv[2], "f16")
+print(before, high_water())
+"""
+
+
+def test_export_memory_does_not_grow_with_the_model(tmp_path):
+    """Streamed tensor by tensor: the export's peak resident memory (measured by the kernel, in its own
+    process) of a 14-layer model exceeds that of a 2-layer one of the same width by far less than the 12
+    layers' bytes, which an export holding the model would add in full."""
+    import subprocess
+    import sys
+
+    peaks, sizes = [], []
+    for layers in (2, 14):
+        model = make_tiny_model(tmp_path / f"m{layers}", "qwen3", hidden=512, layers=layers)
+        sizes.append(sum(f.stat().st_size for f in model.glob("*.safetensors")))
+        run = subprocess.run(
+            [sys.executable, "-c", PEAK, str(model), str(tmp_path / f"m{layers}.gguf")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        before, after = map(int, run.stdout.split()[-2:])  # kB
+        peaks.append((after - before) * 1024)
+    grown, added = peaks[1] - peaks[0], sizes[1] - sizes[0]
+    mib = [round(x / 2**20) for x in (*peaks, added)]
+    print(f"peak over baseline {mib[0]} / {mib[1]} MiB; 12 layers: {mib[2]} MiB")
+    assert added > 100 * 2**20 and grown < 0.15 * added, (peaks, sizes)

@@ -98,7 +98,7 @@ def test_trained_embeddings_are_saved_in_the_training_dtype(run_config, tiny_mod
     from an adapter holding the fp32 masters (it casts them to its base's dtype on load)."""
     from peft import PeftModel
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qwen_ft.recipe import steps
     from qwen_ft.recipe.run import run_training
@@ -106,6 +106,7 @@ def test_trained_embeddings_are_saved_in_the_training_dtype(run_config, tiny_mod
 
     config = run_config(
         model={"dtype": "bf16"},
+        data={"template_kwargs": {"enable_thinking": False}},
         lora={"r": 4, "train_embeddings": True},
         train={"max_steps": 1, "micro_batch_size": 1, "grad_accum": 1},
     )
@@ -127,3 +128,42 @@ def test_trained_embeddings_are_saved_in_the_training_dtype(run_config, tiny_mod
     assert torch.equal(served[0], served[1])
     sizes = [(d / "adapter_model.safetensors").stat().st_size for d in (final, masters)]
     assert sizes[0] < 0.55 * sizes[1], sizes
+    # the run's data.template_kwargs are the output template's defaults: served as trained, unasked
+    tok = AutoTokenizer.from_pretrained(final)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n"), prompt
+
+
+def test_serve_for_names_the_servers_and_refuses_what_one_would_serve_wrong(run_config, tmp_path, capsys):
+    """train.serve_for and merge --for: SERVING.md gives those servers' commands only, and a setup a named
+    server would serve wrong is refused before training starts (nothing written), naming server and reason."""
+    from qwen_ft.cli.main import main
+
+    out, merged = tmp_path / "out", tmp_path / "merged"
+    bad = run_config(lora={"dora": True}, train={"max_steps": 1, "serve_for": ["vllm", "llama.cpp"]})
+    assert main(["train", bad]) == 1
+    err = capsys.readouterr().err
+    for server in ("vllm", "llama.cpp"):
+        assert f"train.serve_for: {server} would not serve this run's output as trained: it is a DoRA adapter" in err
+    assert not out.exists()
+    assert main(["train", bad, "train.serve_for=[vlm]"]) == 1
+    assert "train.serve_for[0]: 'vlm' is not one of vllm, sglang, llama.cpp, ollama (did you mean 'vllm'?)" in (
+        capsys.readouterr().err
+    )
+    assert main(["train", run_config(train={"max_steps": 1, "serve_for": ["vllm", "sglang"]})]) == 0
+    sections = [line for line in (out / "SERVING.md").read_text().splitlines() if line.startswith("## ")]
+    assert sections == ["## vllm", "## sglang"]
+    assert main(["merge", str(out), "--out", str(merged), "--for", "ollama", "--for", "llama.cpp"]) == 0
+    sections = [line for line in (merged / "SERVING.md").read_text().splitlines() if line.startswith("## ")]
+    assert sections == ["## ollama", "## llama.cpp"]
+    assert "qwen-ft export" in (merged / "SERVING.md").read_text()
+
+
+def test_the_config_lists_every_server():
+    import typing
+
+    from qwen_ft.config.schema import TrainConfig
+    from qwen_ft.export.servers import SERVERS
+
+    (choices, _) = typing.get_args(typing.get_type_hints(TrainConfig)["serve_for"])
+    assert typing.get_args(choices) == tuple(SERVERS)

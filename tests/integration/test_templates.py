@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -652,3 +653,53 @@ def test_qwen3_5_template_kwargs_per_run_config_and_row(qwen3_5_toks, qwen3_5_hf
         assert hf.decode(off.prompt(conv)).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
         assert hf.decode(Renderer.of(tok).prompt(conv)).endswith("<|im_start|>assistant\n<think>\n")
         assert off.render(conv)[0] == Renderer.of(tok).render(conv)[0]  # training ids: no generation prompt
+
+
+@pytest.mark.parametrize("kwargs", [{"enable_thinking": False}, {"enable_thinking": False, "preserve_thinking": True}])
+def test_run_template_kwargs_are_the_recorded_templates_defaults(kwargs, template_dirs, qwen3_5_dirs, tmp_path):
+    """Servers read an output's template but not the data.template_kwargs its run rendered with, so those are
+    written into it as defaults: a stock AutoTokenizer of the output renders, without them, every prompt and
+    whole conversation of the bundled data as the original template with them (the five real templates), and
+    a request that passes the opposite value still gets it."""
+    from transformers import AutoTokenizer
+
+    from qwen_ft.data.template import find_template, record_template
+
+    lines = (REPO / "data" / "example_chatml.jsonl").read_text().splitlines()
+    conversations = [json.loads(line)["messages"] for line in lines]
+    prompts = [c[: i + 1] for c in conversations for i, m in enumerate(c) if m["role"] == "user"]
+    opposite = {k: not v for k, v in kwargs.items()}
+    for name, src in {**template_dirs, **qwen3_5_dirs}.items():
+        out = tmp_path / name
+        shutil.copytree(src, out)
+        record_template(out, find_template(src).text, kwargs)
+        original, recorded = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(out)
+        assert recorded.chat_template != original.chat_template
+        for messages, prompt in [(c, False) for c in conversations] + [(p, True) for p in prompts]:
+            for extra in ({}, opposite):
+                got = recorded.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt, **extra)
+                want = original.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=prompt, **{**kwargs, **extra}
+                )
+                assert got == want, (name, messages, extra)
+        if name in ("qwen3", "qwen35", "qwen36"):  # these read enable_thinking: the default does change the text
+            plain = original.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True)
+            assert recorded.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True) != plain
+
+
+def test_template_kwargs_that_a_template_cannot_hold_are_refused(tmp_path):
+    from qwen_ft.config.schema import DataConfig, RunConfig
+    from qwen_ft.config.validate import validate_config
+    from qwen_ft.data.template import with_defaults
+    from qwen_ft.errors import QwenFtError
+
+    cfg = RunConfig(data=DataConfig(train_files=("x.jsonl",), template_kwargs={"enable-thinking": False, "if": 1}))
+    found = [p for p in validate_config(RunConfig(model=cfg.model, data=cfg.data)) if "template_kwargs" in p]
+    assert len(found) == 2 and "'enable-thinking' is not a name a chat template can read" in found[0]
+    with pytest.raises(QwenFtError, match=r"data.template_kwargs.limit: nan cannot be written"):
+        with_defaults("{{ limit }}", {"limit": float("nan")})
+    text = with_defaults("{{ a }}|{{ b | tojson }}", {"a": 'say "hi"\n', "b": {"k": [1, 2.5, None, True]}})
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    got = render_jinja_template(conversations=[[]], chat_template=text)[0][0]
+    assert got == 'say "hi"\n|{"k": [1, 2.5, null, true]}'

@@ -25,9 +25,31 @@ def export_gguf(src: str | Path, out: str | Path, dtype: str = "f16", overwrite:
     src, out = Path(src), Path(out)
     check_request(src, out, dtype, overwrite)
     if (src / "adapter_config.json").is_file():
-        with merged_copy(src, out.parent) as merged:
+        with beside(out.parent, _merge, src) as merged:
             return _export(merged, out, dtype, name=src.resolve().name)  # named as the adapter, not the temp
+    if is_v1(src):
+        with beside(out.parent, _native, src) as native:  # named as src: the general.* facts read from its name
+            return _export(native, out, dtype)
     return _export(src, out, dtype)
+
+
+def is_v1(src: Path) -> bool:
+    """A Qwen v1 checkpoint (QWenLMHeadModel), which is exported from its native Qwen2 conversion, as trained."""
+    from qwen_ft.model.qwen_v1 import is_qwen_v1, read_v1_config
+
+    return (src / "config.json").is_file() and is_qwen_v1(read_v1_config(src))
+
+
+def served_template(src: Path) -> str | None:
+    """The chat template the export of `src` carries: its own, or for a Qwen v1 checkpoint (which has none)
+    the ChatML template its native conversion gets, which qwen-ft trains it with."""
+    from qwen_ft.data.template import find_template
+    from qwen_ft.tokenizer.convert import tokenizer_config
+
+    if is_v1(src) and find_template(src) is None:
+        return tokenizer_config()["chat_template"]
+    found = find_template(src)
+    return found.text if found else None
 
 
 def check_request(src: Path, out: Path, dtype: str, overwrite: bool) -> None:
@@ -66,35 +88,43 @@ def check_full_precision(src: Path) -> None:
 
 
 def _export(src: Path, out: Path, dtype: str, name: str | None = None) -> GgufReport:
-    from qwen_ft.data.template import find_template
     from qwen_ft.model.families import resolve_family
 
     family = resolve_family("auto", src)
     if not family.gguf:
         raise QwenFtError(f"{src}: GGUF export of {family.note} is not supported yet")
-    template = find_template(src)
     skip = family.frozen
-    text = template.text if template else None
-    return write_gguf(src, out, dtype, family.gguf, family.im_start_id, skip, text, name)
+    return write_gguf(src, out, dtype, family.gguf, family.im_start_id, skip, served_template(src), name)
 
 
-class merged_copy:
-    """The adapter in `src` merged into its base, in a temporary directory beside the output (removed after)."""
+def _merge(src: Path, into: Path) -> None:
+    from qwen_ft.export.merge import merge_adapter
 
-    def __init__(self, src: Path, near: Path):
-        self.src, self.near = src, near
+    report = merge_adapter(str(src), str(into), overwrite=False)
+    print(f"merged the adapter into {report.merged_into} (max |logit diff| {report.merge_diff:.3g})")
+
+
+def _native(src: Path, into: Path) -> None:
+    from qwen_ft.model.qwen_v1 import convert_checkpoint
+
+    convert_checkpoint(src, into)
+    print(f"converted the Qwen v1 checkpoint {src} to the native Qwen2 layout it is trained in")
+
+
+class beside:
+    """`make(src, DIR)`'s output, in a temporary directory beside the export (removed after); DIR has src's name."""
+
+    def __init__(self, near: Path, make, src: Path):
+        self.near, self.make, self.src = near, make, src
 
     def __enter__(self) -> Path:
-        from qwen_ft.export.merge import merge_adapter
-
-        self.tmp = Path(tempfile.mkdtemp(prefix=".qwen-ft-merge-", dir=self.near))
+        self.tmp = Path(tempfile.mkdtemp(prefix=".qwen-ft-export-", dir=self.near))
         try:
-            report = merge_adapter(str(self.src), str(self.tmp / "merged"), overwrite=False)
+            self.make(self.src, self.tmp / self.src.resolve().name)
         except BaseException:  # __exit__ does not run when __enter__ fails
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-        print(f"merged the adapter into {report.merged_into} (max |logit diff| {report.merge_diff:.3g})")
-        return self.tmp / "merged"
+        return self.tmp / self.src.resolve().name
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
