@@ -4,7 +4,7 @@ Run: python scripts/profile_step.py CONFIG [key=value ...] [--json OUT.json] [--
 
 One warm-up step, then one profiled step (forward, backward, clip, optimizer) through
 `build_run` and the loop's own `train_step`. Prints the top kernels (device time on a GPU,
-operator self time on a CPU), the split into GEMM / attention / elementwise / copies+casts /
+operator self time on a CPU), the split into GEMM / attention / RMSNorm / dropout / elementwise / copies+casts /
 other, how busy the device was, and the number of host syncs: on a GPU, the calls that made the
 host wait for the device (CUDA's sync debug mode counts them in a third step, with the Python line
 that made each); on a CPU, the
@@ -41,6 +41,10 @@ CATEGORIES = (
             "splitk",
         ),
     ),
+    # compiled kernels are named after every op they fuse, casts included ("triton_per_fused__to_copy_add_mean_
+    # mul_pow_rsqrt" is an RMSNorm): the norm and dropout ones are named as such, before copies/casts
+    ("rmsnorm (fused)", ("rsqrt", "rms_norm", "rmsnorm")),
+    ("dropout (fused)", ("dropout", "bernoulli", "philox")),
     ("copies/casts", ("copy", "memcpy", "memset", "cast", "to_copy", "convert", "fill", "cat", "index")),
     (
         "elementwise",

@@ -6,24 +6,25 @@ import json
 import statistics
 from pathlib import Path
 
-from qwen_ft.bench.flops import mfu, step_flops
+from qwen_ft.bench.flops import hardware_flops, mfu, step_flops, torchtitan_flops
 from qwen_ft.bench.reference import GOALS, SPEEDUP_GOALS, reference
 from qwen_ft.model.shape import Shape
 
 
 def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) -> dict:
-    """Figures of one finished case: peak memory, seconds per step (= per 8 sequences), tokens/s, MFU."""
+    """Figures of one finished case: peak memory, seconds per step (= per 8 sequences: the median of the
+    measured steps), tokens/s, MFU, HFU (recomputation counted) and torchtitan's MFU (`bench/flops.py`)."""
     out = {k: case[k] for k in ("impl", "shape", "method", "length")}
     out.update(error=result.get("error"), device=result.get("device"))
     measured = result.get("step_seconds", [])[case["warmup"] :]
     if out["error"] or not measured:
         out["error"] = out["error"] or "no step measured"
         return out
-    seconds = statistics.mean(measured)
+    seconds = statistics.median(measured)
     sequences = case["micro_batch_size"] * case["grad_accum"]
-    flops = step_flops(
-        shape, case["method"], case["length"], sequences, case["learned_per_step"], case["adapter_params"]
-    )
+    counted = (shape, case["method"], case["length"], sequences, case["learned_per_step"], case["adapter_params"])
+    flops = step_flops(*counted)
+    hardware = hardware_flops(*counted, fraction=result.get("recomputed_fraction", 0.0))
     out.update(
         peak_gb=result["peak_gb"],
         peak_reserved_gb=result.get("peak_reserved_gb"),
@@ -33,6 +34,9 @@ def record(case: dict, result: dict, shape: Shape, peak_tflops: float | None) ->
         sequences_per_step=sequences,
         tokens_per_s=sequences * case["length"] / seconds,
         mfu=mfu(flops, seconds, peak_tflops),
+        hfu=mfu(hardware, seconds, peak_tflops),
+        mfu_torchtitan=mfu(torchtitan_flops(shape, case["length"], sequences), seconds, peak_tflops),
+        recomputed_fraction=result.get("recomputed_fraction"),
         step_seconds=measured,
     )
     ref = reference(case["shape"], case["method"], case["length"])
@@ -64,10 +68,10 @@ def _cell(r: dict | None) -> str:
         return "-"
     if r.get("error"):
         return r["error"][:28]
-    m = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"
+    m, h = (f"{100 * r[k]:.0f}%" if r.get(k) is not None else "n/a" for k in ("mfu", "hfu"))
     return (
         f"{r.get('layout', '1x8')} {r['peak_gb']:.1f}GiB {r['seconds_per_step']:.2f}s "
-        f"{r['tokens_per_s']:,.0f}tok/s MFU {m}"
+        f"{r['tokens_per_s']:,.0f}tok/s MFU {m} HFU {h}"
     )
 
 

@@ -33,17 +33,21 @@ class ClockLogger:
         pass
 
 
-def run_qwen_ft(case: dict, dist) -> StepClock:
-    """case["steps"] optimizer steps of the real training loop; nothing is saved."""
+def run_qwen_ft(case: dict, dist) -> tuple[StepClock, float]:
+    """case["steps"] optimizer steps of the real training loop (nothing is saved), and the share of decoder
+    layers that were recomputed (gradient checkpointing), for HFU."""
+    from qwen_ft.model.load import decoder_layers
     from qwen_ft.recipe import steps
     from qwen_ft.recipe.run import build_run
     from qwen_ft.train import loop
 
     trainer, state = build_run(steps.checked_config(case["config"], case["overrides"]), dist)
+    layers = decoder_layers(trainer.unwrapped)
+    recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers) / max(1, len(layers))
     clock = StepClock(dist.device)
     clock.restart()
     loop.train(trainer, state, ClockLogger(clock))
-    return clock
+    return clock, recomputed
 
 
 def measure(case: dict) -> dict:
@@ -53,7 +57,10 @@ def measure(case: dict) -> dict:
 
     dist = steps.distributed()
     try:
-        clock = run_qwen_ft(case, dist) if case["impl"] == "qwen-ft" else run_baseline(case, dist.device)
+        if case["impl"] == "qwen-ft":
+            clock, recomputed = run_qwen_ft(case, dist)
+        else:  # Trainer checkpoints every layer when asked to
+            clock, recomputed = run_baseline(case, dist.device), float(bool(case["gradient_checkpointing"]))
     except torch.OutOfMemoryError:
         return {"error": "out of memory", "device": device_name(dist.device), **peak_memory(dist.device)}
     except Exception as e:  # noqa: BLE001 - reported in the table; the traceback goes to the case log
@@ -61,6 +68,7 @@ def measure(case: dict) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:200], "device": device_name(dist.device)}
     return {
         "step_seconds": clock.durations(),
+        "recomputed_fraction": recomputed,
         "device": device_name(dist.device),
         **clock.load_peak,
         **peak_memory(dist.device),

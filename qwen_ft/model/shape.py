@@ -162,7 +162,7 @@ class Shape:
             g = self.gdn
             gdn = g.layers * (g.conv_dim * g.conv_kernel + 2 * g.v_heads + g.v_dim)
         heads = 1 if self.tied else 2
-        routers = self.moe.layers * (self.moe.experts + (1 if self.moe.shared else 0)) * self.hidden if self.moe else 0
+        routers = self.router_params()
         return (
             heads * self.vocab * self.hidden
             + self.attention_layers * attn
@@ -172,6 +172,11 @@ class Shape:
             + self.frozen_params
             + routers
         )
+
+    def router_params(self) -> int:
+        """A mixture of experts' routers (and shared-expert gates): matmuls every token passes through."""
+        m = self.moe
+        return m.layers * (m.experts + (1 if m.shared else 0)) * self.hidden if m else 0
 
     def params(self) -> int:
         """All parameters (tied weights once)."""

@@ -98,9 +98,10 @@ def _config(family: str, hidden: int, layers: int, vocab: int, special_ids: dict
             num_experts=EXPERTS,
             num_experts_per_tok=2,
             moe_intermediate_size=hidden // 2,
-            shared_expert_intermediate_size=hidden,
             router_aux_loss_coef=0.01,
         )
+        if family != "qwen3_moe":  # Qwen3-MoE has no shared expert (its config would carry the key unused)
+            shape["shared_expert_intermediate_size"] = hidden
         # the real checkpoints' routing: Qwen3-MoE renormalises the top-k weights, Qwen1.5/2-MoE does not
         shape["norm_topk_prob"] = family != "qwen2_moe"
     if family in ("qwen3_next",) or family.startswith("qwen3_5"):

@@ -13,7 +13,11 @@ def test_kernel_names_fall_into_their_categories():
     assert ps.category("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>") == "attention"
     assert ps.category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
     assert ps.category("void at::native::bfloat16_copy_kernel_cuda(at::TensorIteratorBase&)") == "copies/casts"
-    assert ps.category("void at::native::(anonymous namespace)::fused_dropout_kernel_vec<...>") == "elementwise"
+    assert ps.category("void at::native::(anonymous namespace)::fused_dropout_kernel_vec<...>") == "dropout (fused)"
+    # compiled kernels carry every fused op's name: an RMSNorm and a dropout are not copies because of `_to_copy`
+    assert ps.category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_1") == "rmsnorm (fused)"
+    assert ps.category("triton_poi_fused__to_copy_native_dropout_2") == "dropout (fused)"
+    assert ps.category("triton_poi_fused__to_copy_3") == "copies/casts"
     assert ps.category("aten::mm") == "gemm" and ps.category("aten::_log_softmax") == "elementwise"
     assert ps.category("Optimizer.step#AdamW.step") == "other"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_ft.bench.flops import device_peak_tflops, mfu, step_flops
+from qwen_ft.bench.flops import device_peak_tflops, hardware_flops, mfu, step_flops, torchtitan_flops
 from qwen_ft.bench.reference import reference
 from qwen_ft.bench.report import estimate_lines, goal_lines, record, speedups, table
 from qwen_ft.bench.shapes import shape_config
@@ -128,9 +128,17 @@ def test_report_records_speedup_and_goals():
     expected_mfu = step_flops(SEVEN_B, "lora", 2048, 8, 8000) / 3.0 / 989.4e12
     assert ours["mfu"] == pytest.approx(expected_mfu)
     assert goal_lines([ours]) == [
-        f"goal 7b lora 2048: <= 19.0 GiB, MFU >= 45%: {'met' if expected_mfu >= 0.45 else 'MISSED'}"
+        f"goal 7b lora 2048: <= 19.0 GiB, MFU >= 40%: {'met' if expected_mfu >= 0.40 else 'MISSED'}"
     ]
     assert goal_lines([ours, base])[-1] == "goal 7b lora 2048: tokens/s >= 2.0x Trainer + peft (1x8): 2.00x met"
+    # the median step (not the mean: one slow step moves it less), and HFU with every layer recomputed
+    slow = {"step_seconds": [9.0, 2.0, 4.0, 30.0], "peak_gb": 18.5, "device": "x", "recomputed_fraction": 1.0}
+    checkpointed = record(_case("qwen-ft"), slow, SEVEN_B, 989.4)
+    assert checkpointed["seconds_per_step"] == 4.0 and checkpointed["recomputed_fraction"] == 1.0
+    counted = (SEVEN_B, "lora", 2048, 8, 8000)
+    assert checkpointed["hfu"] == pytest.approx(hardware_flops(*counted, fraction=1.0) / 4.0 / 989.4e12)
+    assert checkpointed["mfu"] < checkpointed["hfu"] and ours["hfu"] == pytest.approx(ours["mfu"])
+    assert checkpointed["mfu_torchtitan"] == pytest.approx(torchtitan_flops(SEVEN_B, 2048, 8) / 4.0 / 989.4e12)
     oom = record(_case("qwen-ft", "full"), {"error": "out of memory"}, SEVEN_B, None)
     text = table([ours, base, oom])
     assert "2.00" in text and "out of memory" in text and "23.8G 5.2s" in text
@@ -194,7 +202,11 @@ def test_qwen3_moe_shape_counts_every_expert_and_flops_the_active_ones():
     tokens = 8 * 16
     flops = step_flops(shape, "full", 16, 8, learned=tokens)
     attention = tokens * 48 * 6 * 16 * 32 * 128
-    assert flops == pytest.approx(6 * (shape.active_linear_params() + shape.vocab * shape.hidden) * tokens + attention)
+    routers = 48 * 128 * shape.hidden  # every token passes through its layer's router
+    assert shape.router_params() == routers
+    assert flops == pytest.approx(
+        6 * (shape.active_linear_params() + routers + shape.vocab * shape.hidden) * tokens + attention
+    )
     assert shape.active_linear_params() < shape.linear_params() / 8
     tiny = Shape.from_config(shape_config("tiny-qwen3-moe"))
     tiny_settings = {
