@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Issue 34's one prepared GPU run: qwen-ft against Trainer + peft at an equal layout, and the memory goals.
+#
+# Usage: bash scripts/gpu_perf.sh [--dry-run] OUTDIR [WHEELS_DIR]
+#   On the lent GPU, in stage order, each stage only while the budget lasts (BUDGET_S, default 450 s: the
+#   whole script stays within 8 minutes; a stage that would start with under 60 s left is skipped and said):
+#     lora2048  7B LoRA 2048, 2 x 4: qwen-ft (model.compile=true) and Trainer + peft, alternating, ROUNDS
+#               rounds (default 1: A B; 2: A B A B), each case in its own process
+#     lora8192  7B LoRA 8192, qwen-ft only (the memory goal)
+#     qlora     7B Q-LoRA bitsandbytes and GPTQ at 2048 (the memory goals)
+#     qwen35    Qwen3.5-9B LoRA 2048 beside Trainer + peft (not in the default PARTS)
+#     moe       Qwen3-30B-A3B's layers (12 of 48) LoRA 2048 beside Trainer + peft (not in the default PARTS)
+#   PARTS (default "lora2048 lora8192 qlora"), BENCH_STEPS (3 measured steps, median reported), WORK
+#   (random checkpoints; default /tmp/qwen-ft-gpu-perf). WHEELS_DIR: what a bare GPU machine lacks
+#   (scripts/gpu_wheels.sh DIR). Every record has MFU, HFU and torchtitan's MFU (qwen_ft/bench/flops.py).
+#   Writes OUTDIR/bench-*.json, probe.json (versions, device, attention kernels), run.json (date, git
+#   commit, command, each stage's seconds or why it was skipped) and log.txt; prints the goals.
+#   --dry-run: the same stages at the tiny shape and lengths 128 / 256 on this machine (CPU), so the
+#   device minutes go to measuring.
+set -uo pipefail
+dry=0
+[ "${1:-}" = "--dry-run" ] && { dry=1; shift; }
+out=${1:?usage: bash scripts/gpu_perf.sh [--dry-run] OUTDIR [WHEELS_DIR]}
+wheels=${2:-}
+parts=${PARTS:-lora2048 lora8192 qlora}
+rounds=${ROUNDS:-1}
+steps=${BENCH_STEPS:-3}
+budget=${BUDGET_S:-$([ "$dry" = 1 ] && echo 1800 || echo 450)}  # a dry run on 2 CPU cores is slower
+work=${WORK:-/tmp/qwen-ft-gpu-perf}
+here=$(cd "$(dirname "$0")/.." && pwd)
+start=$(date +%s)
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if [ -n "$wheels" ]; then  # wheels + pure-Python packages that have no wheel for this Python
+  site="$work/site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$wheels"/*.whl || exit 1
+  for t in "$wheels"/*.tar.xz; do [ -e "$t" ] && tar -C "$site" -xJf "$t"; done
+  export PYTHONPATH="$site:$here${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+fi
+cd "$here" || exit 1
+
+if [ "$dry" = 1 ]; then shape=tiny; short=128; long=256; moe_shape=tiny-qwen3-moe; hybrid=tiny-qwen3.5
+else shape=7b; short=2048; long=8192; moe_shape=qwen3-30b-a3b-12l; hybrid=qwen3.5-9b; fi
+stages=()
+left() { echo $((budget - ($(date +%s) - start))); }
+# bench NAME ARGS...: one stage, timed, within what is left of the budget
+bench() {
+  local name=$1 t0 rc
+  shift
+  if [ "$(left)" -lt 60 ]; then
+    echo "== $name: skipped, $(left) s of the ${budget} s budget left" | tee -a "$out/log.txt"
+    stages+=("\"$name\": \"skipped: budget\"")
+    return
+  fi
+  t0=$(date +%s)
+  timeout "$(left)" python3 -m qwen_ft.cli.main bench --shape "$shape" --work-dir "$work/bench" --steps "$steps" \
+    "$@" 2>&1 | grep -v -i warning | tee -a "$out/log.txt"
+  rc=${PIPESTATUS[0]}
+  stages+=("\"$name\": {\"seconds\": $(($(date +%s) - t0)), \"rc\": $rc}")
+}
+has() { [[ " $parts " == *" $1 "* ]]; }
+
+python3 scripts/gpu_probe.py "$out/probe.json" > "$out/probe.txt" 2>&1
+if has lora2048; then  # alternating, one process per case, at the same 2 x 4 layout
+  for r in $(seq 1 "$rounds"); do
+    bench "lora$short-qwen-ft-$r" --methods lora --lengths "$short" --micro-batch 2 --warmup 2 --no-baseline \
+      --json "$out/bench-lora-$short-qwen-ft-$r.json" model.compile=true
+    bench "lora$short-baseline-$r" --methods lora --lengths "$short" --micro-batch 2 --warmup 2 --baseline-only \
+      --json "$out/bench-lora-$short-baseline-$r.json"
+  done
+fi
+has lora8192 && bench "lora$long" --methods lora --lengths "$long" --no-baseline --warmup 2 \
+  --json "$out/bench-lora-$long.json" model.compile=true
+has qlora && bench "qlora$short" --methods qlora_bnb,qlora_gptq --lengths "$short" --no-baseline \
+  --json "$out/bench-qlora-$short.json"
+has qwen35 && bench "qwen35-$short" --shape "$hybrid" --methods lora --lengths "$short" --micro-batch 2 \
+  --json "$out/bench-qwen35-lora-$short.json"
+has moe && bench "moe-$short" --shape "$moe_shape" --methods lora --lengths "$short" \
+  --json "$out/bench-moe-lora-$short.json"
+
+python3 - "$out" "$dry" "$*" "${stages[@]}" <<'EOF'
+import json, subprocess, sys, time
+out, dry, args, stages = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4:]
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+record = {
+    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    "git_commit": commit or None,
+    "command": "bash scripts/gpu_perf.sh " + ("--dry-run " if dry else "") + args,
+    "stages": json.loads("{" + ", ".join(stages) + "}"),
+}
+open(f"{out}/run.json", "w").write(json.dumps(record, indent=1) + "\n")
+EOF
+python3 -m qwen_ft.bench.goals "$out"/bench-*.json 2>&1 | tee -a "$out/log.txt"
+echo "gpu_perf: $(($(date +%s) - start)) s; results in $out"
