@@ -60,6 +60,12 @@ class ModelConfig:
         "torch.compile each decoder layer: fewer, fused kernels (the step is host-bound without it on "
         "GPUs); the first steps pay the compilation. Not with method=qlora or ZeRO-3",
     )
+    fused_lora: bool = opt(
+        False,
+        "LoRA layers as one autograd function (qwen_ft/model/fused_lora.py): peft's loss and gradients without "
+        "a dropped copy of each adapted layer's input kept for backward. method=lora on a plain base only, not "
+        "with model.compile or ZeRO-3; off by default until timed on a GPU (scripts/gpu_perf.sh)",
+    )
     adapter: str | None = opt(
         None,
         "a LoRA adapter directory (a qwen-ft or peft output, safetensors) to start from, e.g. the SFT adapter a "

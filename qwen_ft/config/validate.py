@@ -129,6 +129,14 @@ def _combinations(cfg: RunConfig) -> list[str]:
             "(or merge it first and fine-tune the merged model)"
         )
     problems += _preference_problems(cfg)
+    if cfg.model.fused_lora and (cfg.method != "lora" or cfg.model.compile):
+        why = (
+            f"method={cfg.method}" if cfg.method != "lora" else "model.compile: true (not traced by torch.compile yet)"
+        )
+        problems.append(
+            f"model.fused_lora: true with {why}; the fused LoRA function covers LoRA on a plain (unquantized) base, "
+            "uncompiled: set model.fused_lora: false"
+        )
     problems += [
         f"data.template_kwargs: {k!r} is not a name a chat template can read; use a variable name such as "
         "enable_thinking"
@@ -183,6 +191,12 @@ def zero3_conflicts(cfg: RunConfig) -> list[str]:
         problems.append(
             f"dist.deepspeed={ds} is ZeRO-3 with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's "
             "packed weights; use dist.deepspeed=zero2 (or a stage-2 JSON)"
+        )
+    if cfg.model.fused_lora:
+        problems.append(
+            f"model.fused_lora: true with dist.deepspeed={ds}, which is ZeRO-3: the fused function reads the base "
+            "weight that ZeRO-3 gathers only around the base layer's own forward; set model.fused_lora: false or "
+            "use zero2"
         )
     if cfg.train.loss_kernel == "liger":
         problems.append(

@@ -49,6 +49,10 @@ def build_model(
     if base.recomputed_fraction > 0:
         enable_gradient_checkpointing(model, method.name != "full", base.recomputed_fraction)
     model = apply_method(model, method, family, seed)
+    if base.fused_lora:  # validated: method=lora, uncompiled, no ZeRO-3
+        from qwen_ft.model.fused_lora import install_fused_lora
+
+        install_fused_lora(model)
     if base.compile:
         compile_decoder_layers(model)
     return model.to(device)

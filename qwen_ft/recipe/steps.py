@@ -143,6 +143,9 @@ def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist:
     )
     if family.moe:
         print0(dist, experts_line(cfg, family, unwrapped))
+    if cfg.model.fused_lora:
+        fused = sum(hasattr(m, "_peft_forward") for m in unwrapped.modules())
+        print0(dist, f"fused LoRA function on {fused} layers (the others run peft's forward)")
     return unwrapped
 
 
