@@ -316,3 +316,34 @@ def test_export_memory_does_not_grow_with_the_model(tmp_path):
     mib = [round(x / 2**20) for x in (*peaks, added)]
     print(f"peak over baseline {mib[0]} / {mib[1]} MiB; 12 layers: {mib[2]} MiB")
     assert added > 100 * 2**20 and grown < 0.15 * added, (peaks, sizes)
+
+
+@pytest.mark.extras("llama_cpp")
+def test_llama_cpp_runs_a_qwen_v1_export_as_v1_computes(tmp_path):
+    """The GGUF of a Qwen v1 checkpoint, in llama.cpp, gives the logits of v1's own network (written out in
+    tests/integration/test_qwen_v1.py from its definition) within 1e-3. The layers' weights are scaled to
+    a trained model's size (that fixture's are up to 0.3, where llama.cpp's f16 arithmetic alone moves
+    logits by 2e-3)."""
+    from llama_cpp import Llama
+
+    from tests.integration.test_qwen_v1 import V1_CONFIG, v1_reference_logits, v1_tensors, write_v1
+
+    tensors = {k: v * 0.1 if v.dim() == 2 and ".h." in k else v for k, v in v1_tensors().items()}
+    src = write_v1(tmp_path / "v1" / "qwen-7b-chat", tensors, V1_CONFIG)
+    path = export_gguf(src, tmp_path / "v1.gguf", "f16").path
+    ids = [151644, 872, 198, 9707, 0, 16, 488, 220, 16, 151645, 198, 151644, 77091, 198]
+    with torch.no_grad():
+        expected = v1_reference_logits(tensors, torch.tensor(ids)).numpy()
+    llm = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    skipped = {
+        k: torch.zeros_like(v) if ".h." in k and k.endswith(("c_proj.weight",)) else v for k, v in tensors.items()
+    }
+    with torch.no_grad():  # the layers' outputs zeroed: what the logits would be if the layers did nothing
+        inert = v1_reference_logits(skipped, torch.tensor(ids)).numpy()
+    print(f"Qwen v1 in llama.cpp: max |logit diff| {np.abs(got - expected).max():.2e}")
+    assert np.abs(got - expected).max() < 1e-3 < 0.01 < np.abs(expected - inert).max()
