@@ -66,6 +66,12 @@ class ModelConfig:
         "a dropped copy of each adapted layer's input kept for backward. method=lora on a plain base only, not "
         "with model.compile or ZeRO-3; off by default until timed on a GPU (scripts/gpu_perf.sh)",
     )
+    host_embedding: bool = opt(
+        False,
+        "keep the frozen input embedding in host memory and look rows up there, with the batch "
+        "(qwen_ft/model/host_embedding.py): 1.16 GiB of a 7B model's GPU memory, the same steps. LoRA/Q-LoRA "
+        "SFT on an untied, text-only checkpoint; not with trained embeddings or ZeRO-3",
+    )
     adapter: str | None = opt(
         None,
         "a LoRA adapter directory (a qwen-ft or peft output, safetensors) to start from, e.g. the SFT adapter a "

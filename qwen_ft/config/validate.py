@@ -137,6 +137,18 @@ def _combinations(cfg: RunConfig) -> list[str]:
             f"model.fused_lora: true with {why}; the fused LoRA function covers LoRA on a plain (unquantized) base, "
             "uncompiled: set model.fused_lora: false"
         )
+    if cfg.model.host_embedding and (cfg.method == "full" or cfg.lora.train_embeddings or cfg.objective != "sft"):
+        why = (
+            "method=full"
+            if cfg.method == "full"
+            else "lora.train_embeddings: true"
+            if cfg.lora.train_embeddings
+            else f"objective={cfg.objective}"
+        )
+        problems.append(
+            f"model.host_embedding: true with {why}; the host embedding serves a frozen embedding in supervised "
+            "fine-tuning: set model.host_embedding: false"
+        )
     problems += [
         f"data.template_kwargs: {k!r} is not a name a chat template can read; use a variable name such as "
         "enable_thinking"
@@ -191,6 +203,11 @@ def zero3_conflicts(cfg: RunConfig) -> list[str]:
         problems.append(
             f"dist.deepspeed={ds} is ZeRO-3 with quant.backend=gptq: ZeRO-3 cannot partition GPTQ's "
             "packed weights; use dist.deepspeed=zero2 (or a stage-2 JSON)"
+        )
+    if cfg.model.host_embedding:
+        problems.append(
+            f"model.host_embedding: true with dist.deepspeed={ds}, which is ZeRO-3 (it partitions the embedding); "
+            "set model.host_embedding: false or use zero2"
         )
     if cfg.model.fused_lora:
         problems.append(

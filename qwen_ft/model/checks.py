@@ -69,6 +69,7 @@ def checkpoint_problems(base: ModelConfig, method: MethodSpec, zero3: str | None
         if unusable:
             return unusable
     targets = _target_problems(method, base.path, family) + _hybrid_problems(base, method, family)
+    targets += _host_embedding_problems(base, family)
     targets += _moe_quant_problems(method, base.path, family, zero3)
     if method.name == "qlora":
         return targets + _qlora_problems(method, base.path, gptq)
@@ -78,6 +79,31 @@ def checkpoint_problems(base: ModelConfig, method: MethodSpec, zero3: str | None
             "use method=qlora with quant.backend=gptq (or a full-precision checkpoint)"
         ]
     return targets
+
+
+def _host_embedding_problems(base: ModelConfig, family) -> list[str]:
+    """model.host_embedding needs an output layer of its own and a text-only checkpoint."""
+    if not base.host_embedding:
+        return []
+    from transformers import AutoConfig
+
+    try:  # a key left out of config.json means the config class's default
+        config = AutoConfig.from_pretrained(base.path)
+        tied = config.tie_word_embeddings or config.get_text_config().tie_word_embeddings
+    except (ValueError, OSError, KeyError):  # Qwen v1 (remote code): its config.json says it
+        import json
+
+        tied = json.loads((Path(base.path) / "config.json").read_text()).get("tie_word_embeddings", False)
+    why = []
+    if tied:
+        why.append("ties its output layer to the input embedding, which must then stay on the device")
+    if family is not None and family.frozen:
+        why.append("is a composite (vision-language) checkpoint")
+    return (
+        [f"model.host_embedding: true, but {base.path} {' and '.join(why)}; set model.host_embedding: false"]
+        if why
+        else []
+    )
 
 
 def _config_json_problem(path: str) -> str | None:

@@ -17,6 +17,7 @@ def workload_of(cfg: RunConfig) -> Workload:
         cfg.model.recomputed_fraction,
         cfg.train.loss_chunk_tokens,
         cfg.dist.deepspeed != "none",
+        cfg.model.host_embedding,
     )
 
 

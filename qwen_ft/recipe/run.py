@@ -40,6 +40,7 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
     ds_config, _zero3_loading = steps.deepspeed(cfg, precision, dist)  # kept alive while the model loads
     tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist, family)
     unwrapped = steps.model(cfg, family, precision, attn, dist)
+    host_embedding = steps.host_embedding(cfg, unwrapped, dist)
     table = steps.reference_table(cfg, data, precision, attn, dist)  # preference.precompute_ref's
     reference = steps.reference_model(cfg, family, precision, attn, dist, table)  # full fine-tuning's
     plan = steps.run_plan(cfg, dist, first_epoch, precision, attn, family)
@@ -57,6 +58,7 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
         steps.saver(cfg, unwrapped, tok, family, backend, dist),
         steps.loss_function(cfg.train, unwrapped, ds_config, cfg.objective, cfg.preference, reference),
         steps.router_loss(cfg.train, unwrapped, family, dist),
+        host_embedding=host_embedding,
     )
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing and dropout:
     # whatever runs a step next (the loop, scripts/profile_step.py) must run the training step.

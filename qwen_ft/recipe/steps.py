@@ -149,6 +149,19 @@ def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist:
     return unwrapped
 
 
+def host_embedding(cfg: RunConfig, unwrapped, dist: DistInfo):
+    """model.host_embedding: the input embedding taken off the device (None when not asked for)."""
+    if not cfg.model.host_embedding:
+        return None
+    from qwen_ft.model.host_embedding import move_embedding_to_host
+
+    host = move_embedding_to_host(unwrapped)
+    rows, width = host.weight.shape
+    gib = host.weight.element_size() * rows * width / 2**30
+    print0(dist, f"input embedding ({rows:,} x {width:,}, {gib:.2f} GiB) in host memory: looked up with each batch")
+    return host
+
+
 def reference_model(
     cfg: RunConfig, family: Family, precision: Precision, attn: str, dist: DistInfo, table: tuple | None = None
 ):

@@ -95,6 +95,7 @@ class Workload:
     recomputed_fraction: float
     loss_chunk_tokens: int
     deepspeed: bool
+    host_embedding: bool = False  # model.host_embedding: the input embedding in host memory
 
 
 def estimate_peak(
@@ -107,6 +108,7 @@ def estimate_peak(
     optim = t * (8 + (4 if full_ds and dtype != "fp32" else 0))  # Adam moments (+ fp32 master under DS)
     e = Estimate()
     held = weight_bytes(work.method, work.deepspeed, shape, dtype, gptq_group)
+    held -= shape.vocab * shape.hidden * BYTES[dtype] if work.host_embedding else 0
     e.parts["weights"] = held / (world if stage == 3 else 1)
     if work.method.name != "full":  # fp32 LoRA weights and, for LoRA (emb), the fp32 trained copies of embeddings/head
         e.parts["trained fp32"] = t * 4.0 / (world if stage == 3 else 1)

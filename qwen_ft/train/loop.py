@@ -28,6 +28,7 @@ from qwen_ft.train.schedule import lr_at, set_lr
 
 if TYPE_CHECKING:
     from qwen_ft.config.schema import DataConfig, TrainConfig
+    from qwen_ft.model.host_embedding import HostEmbedding
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainingRun:
     loss_fn: LossFn = causal_lm_loss  # ChunkedLoss or this
     router: RouterLoss | None = None  # a mixture of experts' load-balancing loss, when it is trained
     reference: dict | None = None  # precomputed reference log-probs by split (train/reference_cache.py)
+    host_embedding: HostEmbedding | None = None  # model.host_embedding: the lookups made with the batch
 
     def epoch_batches(self, epoch: int) -> list:
         """This rank's micro-batches of `epoch` (a fresh, seeded plan per epoch)."""
@@ -72,6 +74,8 @@ class TrainingRun:
         if self.data.unpaired:
             return collate_unpaired(*layout, flattens(self.plan.attn), self.plan.segments, self.data_config.max_length)
         out = (collate_pairs if self.data.pairs else collate)(*layout, flattens(self.plan.attn), self.plan.segments)
+        if self.host_embedding is not None:  # validated: supervised fine-tuning only
+            out["inputs_embeds"] = self.host_embedding(out["input_ids"])
         if self.reference is not None:
             from qwen_ft.train.reference_cache import batch_reference
 

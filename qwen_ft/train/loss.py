@@ -16,9 +16,10 @@ from qwen_ft.data.collate import GATHER, GROUPS, SCATTER, learned_indices
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Forward kwargs of a collated batch (position_ids when packed, attention_mask when padded)."""
+    """Forward kwargs of a collated batch (position_ids when packed, attention_mask when padded; the looked-up
+    embeddings instead of the ids where the host embedding made them, model/host_embedding.py)."""
     keys = (
-        "input_ids",
+        "inputs_embeds" if "inputs_embeds" in batch else "input_ids",
         "position_ids",
         "attention_mask",
         "cu_seq_lens_q",
