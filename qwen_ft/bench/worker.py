@@ -43,7 +43,10 @@ def run_qwen_ft(case: dict, dist) -> tuple[StepClock, float]:
 
     trainer, state = build_run(steps.checked_config(case["config"], case["overrides"]), dist)
     layers = decoder_layers(trainer.unwrapped)
-    recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers) / max(1, len(layers))
+    recomputed = sum(
+        bool(getattr(layer, "gradient_checkpointing", False) or getattr(layer, "checkpointed_in_graph", False))
+        for layer in layers
+    ) / max(1, len(layers))
     clock = StepClock(dist.device)
     clock.restart()
     loop.train(trainer, state, ClockLogger(clock))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,11 +85,12 @@ def _plain_base(base: ModelConfig, family: Family, dtype: torch.dtype, attn: str
     return model
 
 
-def compile_decoder_layers(model) -> int:
-    """torch.compile every decoder layer in place (the layer's whole call, its activation-checkpoint
-    region included: torch.compile traces checkpointed regions).
+def compile_decoder_layers(model, backend: str | Callable = "inductor") -> int:
+    """torch.compile every decoder layer in place; returns how many. A checkpointed layer is compiled with
+    its checkpoint inside the graph (`_checkpointed_call`), whichever way transformers wraps it.
 
-    The layers share one code object, so one compiled graph serves all of them; returns how many.
+    The layers share one code object, so one compiled graph serves all of them (`backend`: the tests count
+    the graphs' matmuls through their own).
 
     Raises:
         QwenFtError: the model has no transformers decoder layers to compile.
@@ -101,9 +104,34 @@ def compile_decoder_layers(model) -> int:
             "model.compile: true but this model has no transformers decoder layers to compile "
             "(checkpoint code loaded with trust_remote_code?); set model.compile: false"
         )
-    for layer in layers:
-        layer.compile(dynamic=True)  # every micro-batch has its own length: one symbolic-shape graph
+    checkpointed = _compiled_checkpoint(backend)
+    for layer in layers:  # every micro-batch has its own length: one symbolic-shape graph
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False  # transformers' own wrapper is replaced by the compiled one
+            layer.checkpointed_in_graph = True  # still recomputed (bench/worker.py counts it for HFU)
+            layer._compiled_call_impl = functools.partial(checkpointed, layer)
+        else:
+            layer.compile(backend=backend, dynamic=True)
     return len(layers)
+
+
+@functools.cache
+def _compiled_checkpoint(backend: str | Callable):
+    """`_checkpointed_call` compiled. Traced whole, the checkpoint is the partitioner's: the backward pass
+    recomputes only what it reads, where an eager checkpoint around a compiled layer (transformers before
+    5.2x, or a graph break at its wrapper) reruns the whole compiled forward, down_proj included, whose
+    output nothing reads (tests/integration/test_compile.py counts the matmuls). The side effect dynamo would
+    otherwise break the graph at is transformers' kernel-hub context variable, set and reset around the
+    layer's call: not replaying it in the recomputation changes nothing."""
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return torch.compile(_checkpointed_call, backend=backend, dynamic=True)
+
+
+def _checkpointed_call(layer, *args, **kwargs):
+    """The layer's call under a non-reentrant activation checkpoint (as transformers checkpoints it)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(layer._call_impl, *args, use_reentrant=False, **kwargs)
 
 
 def _quantized_base(base: ModelConfig, quant: QuantConfig, precision: Precision, attn: str, device: torch.device):
