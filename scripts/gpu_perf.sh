@@ -10,11 +10,13 @@
 #               of Liger's (train.loss_kernel=qwen-ft train.loss_chunk_tokens=256), beside the rows above
 #     lora8192  7B LoRA 8192, qwen-ft only (the memory goal)
 #     hostemb   lever 3: the 7B LoRA 2048 qwen-ft case with model.host_embedding=true (the peak, 1.16 GiB lower?)
+#     budget19  lever 4: levers 2 and 3 together, and the memory they free spent on leaving layers un-checkpointed
+#               within 19 GiB (model.memory_budget_gib=19, the layers chosen by qwen-ft estimate)
 #     fusedlora lever 7: 7B LoRA 2048 uncompiled, model.fused_lora false then true (the fused LoRA function)
 #     qlora     7B Q-LoRA bitsandbytes and GPTQ at 2048 (the memory goals)
 #     qwen35    Qwen3.5-9B LoRA 2048 beside Trainer + peft (not in the default PARTS)
 #     moe       Qwen3-30B-A3B's layers (12 of 48) LoRA 2048 beside Trainer + peft (not in the default PARTS)
-#   PARTS (default "lora2048 loss256 hostemb lora8192 qlora fusedlora"), BENCH_STEPS (3 measured steps, median reported), WORK
+#   PARTS (default "lora2048 loss256 hostemb budget19 lora8192 qlora fusedlora"), BENCH_STEPS (3 measured steps, median reported), WORK
 #   (random checkpoints; default /tmp/qwen-ft-gpu-perf). WHEELS_DIR: what a bare GPU machine lacks
 #   (scripts/gpu_wheels.sh DIR). Every record has MFU, HFU and torchtitan's MFU (qwen_ft/bench/flops.py).
 #   Writes OUTDIR/bench-*.json, probe.json (versions, device, attention kernels), run.json (date, git
@@ -26,7 +28,7 @@ dry=0
 [ "${1:-}" = "--dry-run" ] && { dry=1; shift; }
 out=${1:?usage: bash scripts/gpu_perf.sh [--dry-run] OUTDIR [WHEELS_DIR]}
 wheels=${2:-}
-parts=${PARTS:-lora2048 loss256 hostemb lora8192 qlora fusedlora}
+parts=${PARTS:-lora2048 loss256 hostemb budget19 lora8192 qlora fusedlora}
 rounds=${ROUNDS:-1}
 steps=${BENCH_STEPS:-3}
 budget=${BUDGET_S:-$([ "$dry" = 1 ] && echo 1800 || echo 450)}  # a dry run on 2 CPU cores is slower
@@ -79,6 +81,9 @@ has loss256 && bench "loss256-$short" --methods lora --lengths "$short" --micro-
   --json "$out/bench-lora-$short-loss256.json" model.compile=true train.loss_kernel=qwen-ft train.loss_chunk_tokens=256
 has hostemb && bench "hostemb-$short" --methods lora --lengths "$short" --micro-batch 2 --warmup 2 --no-baseline \
   --json "$out/bench-lora-$short-host-embedding.json" model.compile=true model.host_embedding=true
+has budget19 && bench "budget19-$short" --methods lora --lengths "$short" --micro-batch 2 --warmup 2 --no-baseline \
+  --json "$out/bench-lora-$short-budget19.json" model.compile=true model.host_embedding=true \
+  train.loss_kernel=qwen-ft train.loss_chunk_tokens=256 "model.memory_budget_gib=$([ "$dry" = 1 ] && echo 4 || echo 19)"
 has lora8192 && bench "lora$long" --methods lora --lengths "$long" --no-baseline --warmup 2 \
   --json "$out/bench-lora-$long.json" model.compile=true
 has qlora && bench "qlora$short" --methods qlora_bnb,qlora_gptq --lengths "$short" --no-baseline \

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -53,7 +54,7 @@ def _type_name(tp: Any) -> str:
     if origin is tuple:
         inner = typing.get_args(tp)[0]
         return f"a list of {_type_name(inner)}" if typing.get_origin(inner) is Literal else "a list of strings"
-    if origin is Union:
+    if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}.get(
         tp, getattr(tp, "__name__", str(tp))
@@ -70,7 +71,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
             return tp()
         return _build(tp, value, where + ".", problems)
-    if origin is Union:
+    if origin in (Union, types.UnionType):  # Optional[X] and X | None alike
         if value is None and type(None) in typing.get_args(tp):
             return None
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]

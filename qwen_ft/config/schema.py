@@ -55,6 +55,12 @@ class ModelConfig:
         "with gradient_checkpointing: share of decoder layers recomputed in backward; lower trades memory "
         "for speed (qwen-ft estimate shows the memory)",
     )
+    memory_budget_gib: float | None = opt(
+        None,
+        "with gradient_checkpointing: recompute only as many decoder layers (the first ones) as keep qwen-ft "
+        "estimate's peak per GPU within this many GiB, the others keeping their activations (faster); replaces "
+        "checkpoint_fraction, and a run that does not fit even recomputing every layer is refused",
+    )
     compile: bool = opt(
         False,
         "torch.compile each decoder layer: fewer, fused kernels (the step is host-bound without it on "

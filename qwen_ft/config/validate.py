@@ -23,6 +23,10 @@ def _ranges(cfg: RunConfig) -> list[str]:
             f"model.checkpoint_fraction: {m.checkpoint_fraction} must be in "
             "(0, 1]; to recompute nothing set model.gradient_checkpointing=false",
         ),
+        (
+            m.memory_budget_gib is None or m.memory_budget_gib > 0,
+            f"model.memory_budget_gib: {m.memory_budget_gib} must be > 0 GiB (or null: use checkpoint_fraction)",
+        ),
         (d.max_length >= 16, f"data.max_length: {d.max_length} is too small; use at least 16 tokens"),
         (0.0 <= d.eval_fraction < 0.5, f"data.eval_fraction: {d.eval_fraction} must be in [0, 0.5)"),
         (d.num_proc >= 1, f"data.num_proc: {d.num_proc} must be >= 1"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qwen_ft.config.schema import RunConfig
 from qwen_ft.model.shape import Shape
-from qwen_ft.sizing.memory import Estimate, RunEstimate, Workload, estimate_peak, read_checkpoint_config
+from qwen_ft.sizing.memory import GB, Estimate, RunEstimate, Workload, estimate_peak, read_checkpoint_config
 
 
 def workload_of(cfg: RunConfig) -> Workload:
@@ -26,6 +26,30 @@ def peak_of(
 ) -> Estimate:
     """`sizing.memory.estimate_peak` of a run config."""
     return estimate_peak(workload_of(cfg), shape, dtype, world, stage, offload, gptq_group)
+
+
+def layers_for_budget(cfg: RunConfig, budget_gib: float, gpus: int = 1, dtype: str = "bf16") -> tuple[int, int, float]:
+    """(recomputed layers, all layers, estimated peak GiB): the fewest decoder layers recomputed whose estimate
+    fits `budget_gib` per GPU.
+
+    Raises:
+        QwenFtError: the estimate does not fit even with every layer recomputed.
+    """
+    import dataclasses
+
+    from qwen_ft.errors import QwenFtError
+
+    layers = Shape.from_config(read_checkpoint_config(cfg.model.path)).layers
+    peak = 0.0
+    for k in range(layers + 1):
+        model = dataclasses.replace(cfg.model, gradient_checkpointing=k > 0, checkpoint_fraction=k / layers or 1.0)
+        peak = estimate_run(dataclasses.replace(cfg, model=model), gpus, dtype).estimate.total / GB
+        if peak <= budget_gib:
+            return k, layers, peak
+    raise QwenFtError(
+        f"model.memory_budget_gib: {budget_gib} GiB, but the estimate is {peak:.2f} GiB per GPU even recomputing "
+        f"every one of the {layers} layers; raise the budget, or lower data.max_length or train.micro_batch_size"
+    )
 
 
 def estimate_run(cfg: RunConfig, gpus: int = 1, dtype: str = "bf16") -> RunEstimate:

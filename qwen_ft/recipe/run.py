@@ -37,6 +37,7 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> tuple[TrainingRun, TrainState]:
     cfg = steps.native_checkpoint(cfg, dist)
     ckpt = steps.resume_checkpoint(cfg, dist)
     precision, attn, family = steps.runtime(cfg, dist)
+    cfg = steps.checkpointing_for_budget(cfg, precision, dist)
     ds_config, _zero3_loading = steps.deepspeed(cfg, precision, dist)  # kept alive while the model loads
     tok, data, first_epoch = steps.tokenizer_and_data(cfg, dist, family)
     unwrapped = steps.model(cfg, family, precision, attn, dist)

@@ -232,3 +232,15 @@ def test_readme_model_table_names_shipped_configs_of_the_right_family():
             cfg = load_config(SHIPPED[0].parent / name)
             family = FAMILIES[cfg.model.family]
             assert types & {cfg.model.family, *family.model_types}, (row, name)
+
+
+def test_an_integer_is_a_number_for_an_optional_number():
+    """`X | None` fields coerce like X: `router_aux_loss_coef: 0` is 0.0 (it was refused: "expected float | None")."""
+    from qwen_ft.config.load import config_from_dict
+    from qwen_ft.errors import ConfigError
+
+    raw = {"model": {"path": "m", "memory_budget_gib": 19}, "data": {"train_files": ["d"]}}
+    cfg = config_from_dict({**raw, "train": {"router_aux_loss_coef": 0}})
+    assert cfg.train.router_aux_loss_coef == 0.0 and isinstance(cfg.model.memory_budget_gib, float)
+    with pytest.raises(ConfigError, match=r"model.memory_budget_gib: expected a number, got 'lots'"):
+        config_from_dict({**raw, "model": {"path": "m", "memory_budget_gib": "lots"}})
