@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import REPO, free_port
 from tests.integration.test_preemption import finish, same_run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # timed, signalled or killed processes: run alone
 STEPS = ["train.max_steps=12", "train.save_steps=4", "train.save_total_limit=3"]  # killed after checkpoint-4
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # timed, signalled or killed processes: run alone
 
 # The child: ignore SIGXFSZ (else the kernel kills it), set the limit at once ("-") or once a path
 # exists (a thread polls for it: the run writes freely until then), then run the qwen-ft CLI.

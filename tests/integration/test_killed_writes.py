@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # timed, signalled or killed processes: run alone
 
 
 def merge(adapter: Path, out: Path, *extra: str) -> subprocess.Popen:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # timed, signalled or killed processes: run alone
 STEPS = ["train.max_steps=30", "train.save_steps=4", "train.save_total_limit=3"]
 PREEMPTED = 75
 

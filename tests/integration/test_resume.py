@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.serial  # timed, signalled or killed processes: run alone
+
 STEPS = ["train.max_steps=24", "train.save_steps=3", "train.save_total_limit=2", "lora.dropout=0.1"]
 
 

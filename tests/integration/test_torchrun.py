@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import REPO, free_port
 
+pytestmark = pytest.mark.serial  # timed, signalled or killed processes: run alone
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
