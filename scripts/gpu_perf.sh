@@ -10,8 +10,9 @@
 #               of Liger's (train.loss_kernel=qwen-ft train.loss_chunk_tokens=256), beside the rows above
 #     lora8192  7B LoRA 8192, qwen-ft only (the memory goal)
 #     hostemb   lever 3: the 7B LoRA 2048 qwen-ft case with model.host_embedding=true (the peak, 1.16 GiB lower?)
-#     budget19  lever 4: levers 2 and 3 together, and the memory they free spent on leaving layers un-checkpointed
-#               within 19 GiB (model.memory_budget_gib=19, the layers chosen by qwen-ft estimate)
+#     budget19  lever 4: levers 2 and 3 together (chunk-256 loss, host embedding, AdamW moments on the host), and
+#               the memory they free spent on leaving layers un-checkpointed within 19 GiB
+#               (model.memory_budget_gib=19, the layers chosen by qwen-ft estimate)
 #     fusedlora lever 7: 7B LoRA 2048 uncompiled, model.fused_lora false then true (the fused LoRA function)
 #     qlora     7B Q-LoRA bitsandbytes and GPTQ at 2048 (the memory goals)
 #     qwen35    Qwen3.5-9B LoRA 2048 beside Trainer + peft (not in the default PARTS)
@@ -83,7 +84,7 @@ has hostemb && bench "hostemb-$short" --methods lora --lengths "$short" --micro-
   --json "$out/bench-lora-$short-host-embedding.json" model.compile=true model.host_embedding=true
 has budget19 && bench "budget19-$short" --methods lora --lengths "$short" --micro-batch 2 --warmup 2 --no-baseline \
   --json "$out/bench-lora-$short-budget19.json" model.compile=true model.host_embedding=true \
-  train.loss_kernel=qwen-ft train.loss_chunk_tokens=256 "model.memory_budget_gib=$([ "$dry" = 1 ] && echo 4 || echo 19)"
+  train.loss_kernel=qwen-ft train.loss_chunk_tokens=256 train.adam_moments_on_host=true "model.memory_budget_gib=$([ "$dry" = 1 ] && echo 4 || echo 19)"
 has lora8192 && bench "lora$long" --methods lora --lengths "$long" --no-baseline --warmup 2 \
   --json "$out/bench-lora-$long.json" model.compile=true
 has qlora && bench "qlora$short" --methods qlora_bnb,qlora_gptq --lengths "$short" --no-baseline \

@@ -141,6 +141,11 @@ def _combinations(cfg: RunConfig) -> list[str]:
             f"model.fused_lora: true with {why}; the fused LoRA function covers LoRA on a plain (unquantized) base, "
             "uncompiled: set model.fused_lora: false"
         )
+    if cfg.train.adam_moments_on_host and cfg.dist.deepspeed != "none":
+        problems.append(
+            f"train.adam_moments_on_host: true with dist.deepspeed={cfg.dist.deepspeed}; DeepSpeed runs its own "
+            "optimizer: use dist.deepspeed=zero2_offload (or zero3_offload) to keep its state in host memory"
+        )
     if cfg.model.host_embedding and (cfg.method == "full" or cfg.lora.train_embeddings or cfg.objective != "sft"):
         why = (
             "method=full"

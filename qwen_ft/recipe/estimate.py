@@ -18,6 +18,7 @@ def workload_of(cfg: RunConfig) -> Workload:
         cfg.train.loss_chunk_tokens,
         cfg.dist.deepspeed != "none",
         cfg.model.host_embedding,
+        cfg.train.adam_moments_on_host,
     )
 
 

@@ -96,6 +96,7 @@ class Workload:
     loss_chunk_tokens: int
     deepspeed: bool
     host_embedding: bool = False  # model.host_embedding: the input embedding in host memory
+    moments_on_host: bool = False  # train.adam_moments_on_host: on the device only during the step
 
 
 def estimate_peak(
@@ -113,7 +114,9 @@ def estimate_peak(
     if work.method.name != "full":  # fp32 LoRA weights and, for LoRA (emb), the fp32 trained copies of embeddings/head
         e.parts["trained fp32"] = t * 4.0 / (world if stage == 3 else 1)
     e.parts["gradients"] = t * grad_bytes / (world if stage >= 2 else 1)
-    e.parts["optimizer"] = 0.0 if offload else optim / (world if stage >= 1 else 1)
+    e.parts["optimizer"] = 0.0 if offload or work.moments_on_host else optim / (world if stage >= 1 else 1)
+    if work.moments_on_host:  # brought in for the step, when activations and logits are gone
+        e.moments["optimizer step"] = optim
     tokens = work.micro_batch_size * work.max_length
     per_layer = 34 * shape.hidden  # bytes per token per layer, 16-bit activations (already in bytes)
     recomputed = checkpointed_layers(shape.layers, work.recomputed_fraction)

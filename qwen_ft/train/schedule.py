@@ -50,7 +50,8 @@ def param_groups(model, train: TrainConfig) -> list[dict]:
 def build_optimizer(model, train: TrainConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
     """AdamW over `param_groups(model, train)`: DeepSpeed's CPU AdamW when ZeRO offloads the optimizer,
     else torch's, with the fused kernel when every trained tensor is on a GPU (one launch per step
-    instead of several per tensor)."""
+    instead of several per tensor); with train.adam_moments_on_host its moments wait in host memory
+    between steps (train/host_adam.py)."""
     groups = param_groups(model, train)
     hyper: dict[str, Any] = {"lr": train.learning_rate, "betas": (0.9, train.adam_beta2), "eps": 1e-8}
     if cpu_offload:
@@ -58,6 +59,10 @@ def build_optimizer(model, train: TrainConfig, cpu_offload: bool = False) -> tor
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **hyper)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    if train.adam_moments_on_host:
+        from qwen_ft.train.host_adam import HostAdamW
+
+        return HostAdamW(groups, fused=on_cuda or None, **hyper)
     return torch.optim.AdamW(groups, fused=on_cuda or None, **hyper)
 
 
