@@ -37,7 +37,8 @@ work=${WORK:-/tmp/qwen-ft-gpu-perf}
 here=$(cd "$(dirname "$0")/.." && pwd)
 start=$(date +%s)
 mkdir -p "$out" "$work"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# graph breaks and recompilations of the compiled layers go to the log (checkpoint inside the graph, issue 34 lever 1)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_LOGS=${TORCH_LOGS:-graph_breaks,recompiles}
 if [ -n "$wheels" ]; then  # wheels + pure-Python packages that have no wheel for this Python
   site="$work/site"
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$wheels"/*.whl || exit 1
@@ -62,9 +63,13 @@ bench() {
     return
   fi
   t0=$(date +%s)
+  touch "$work/stage.stamp"
   timeout "$(left)" python3 -m qwen_ft.cli.main bench --shape "$shape" --work-dir "$work/bench" --steps "$steps" \
     "$@" 2>&1 | grep -v -i warning | tee -a "$out/log.txt"
   rc=${PIPESTATUS[0]}
+  for f in "$work"/bench/cases/*/log.txt; do  # this stage's graph breaks, recompilations and errors
+    [ "$f" -nt "$work/stage.stamp" ] && { echo "== $name: $f"; grep -i -E "graph break|recompil|error|traceback" "$f" | tail -20; }
+  done >> "$out/log.txt"
   stages+=("\"$name\": {\"seconds\": $(($(date +%s) - t0)), \"rc\": $rc}")
 }
 has() { [[ " $parts " == *" $1 "* ]]; }
