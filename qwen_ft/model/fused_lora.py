@@ -8,9 +8,8 @@ the backward pass draws the same dropout mask again from that state, so nothing 
 result is bit for bit peft's (`tests/integration/test_fused_lora.py`: loss and every gradient against
 stock peft, with and without dropout, checkpointing and bf16 autocast).
 
-The dropout mask is redrawn with the same operation on a tensor of ones (the mask depends on the
-generator and the size, not the values): on a CPU F.dropout multiplies by a noise tensor of 0 and
-1 / (1 - p), on CUDA its fused kernel by the mask and the scale, both exactly the redrawn ones.
+The dropout is redrawn by the operations F.dropout ran (`_redrawn`): on CUDA the fused kernel again on the saved
+input, on a CPU the noise tensor again on ones (its draws depend on the size, not the values).
 
 Installed by `model.fused_lora: true` on every plain LoRA Linear (one active adapter, no DoRA or bias on
 the adapter, an nn.Linear base); anything else, and a call that does not fit (a merged or disabled
@@ -55,15 +54,12 @@ class _LoraLinear(torch.autograd.Function):
         lora_g = flat(grad * ctx.scaling)  # the gradient of `B(h) * scaling` at B(h)
         dh = lora_g @ like(b, lora_g) if (need_a or need_x) else None
         db = (flat(h).t() @ lora_g).t() if need_b else None
-        noise = _noise(ctx, x) if (need_a or need_x) else None
-        dropped = flat(x if noise is None else x * noise)
-        da = (like(dropped, dh).t() @ dh).t() if need_a else None
+        dropped, through = _redrawn(ctx, x) if (need_a or need_x) else (x, None)
+        da = (like(flat(dropped), dh).t() @ dh).t() if need_a else None
         dx = None
         if need_x:
-            d_dropped = (dh @ like(a, dh)).reshape(x.shape)
-            dx = (flat(grad) @ like(weight, grad)).reshape(x.shape) + (
-                d_dropped if noise is None else d_dropped * noise
-            )
+            d_dropped = through((dh @ like(a, dh)).reshape(x.shape))
+            dx = (flat(grad) @ like(weight, grad)).reshape(x.shape) + d_dropped
         dw = (like(flat(x), grad).t() @ flat(grad)).t() if need_w else None
         dbias = flat(grad).sum(0) if need_bias and ctx.has_bias else None
         return dx, dw, dbias, da, db, None, None
@@ -78,17 +74,24 @@ def like(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == other.dtype else t.to(other.dtype)
 
 
-def _noise(ctx, x: torch.Tensor) -> torch.Tensor | None:
-    """The forward's dropout as a multiplier (0 or 1 / (1 - p)), drawn again from the saved generator state."""
+def _redrawn(ctx, x: torch.Tensor):
+    """The forward's dropout of `x`, drawn again from the saved generator state, and the map of a gradient back
+    through it, by the operations F.dropout ran. On CUDA F.dropout is the fused native_dropout kernel (x * mask
+    * 1/(1-p) computed in fp32 and rounded once; backward: native_dropout_backward), redrawn on `x` itself, whose
+    layout the kernel's draws follow. On a CPU it multiplies by a noise tensor of 0 and 1/(1-p) in x's dtype,
+    whose draws depend only on the size: redrawn on ones (and the gradient map is the same product)."""
     if ctx.p == 0:
-        return None
-    devices = [x.device] if x.device.type == "cuda" else []
+        return x, lambda d: d
+    devices = [x.device] if x.is_cuda else []
     with torch.random.fork_rng(devices=devices, device_type=x.device.type):
-        if x.device.type == "cuda":
+        if x.is_cuda:
             torch.cuda.set_rng_state(ctx.state, x.device)
-        else:
-            torch.set_rng_state(ctx.state)
-        return F.dropout(torch.ones_like(x), ctx.p, training=True)
+            dropped, mask = torch.ops.aten.native_dropout(x, ctx.p, True)
+            scale = 1.0 / (1.0 - ctx.p)
+            return dropped, lambda d: torch.ops.aten.native_dropout_backward(d, mask, scale)
+        torch.set_rng_state(ctx.state)
+        noise = F.dropout(torch.ones_like(x), ctx.p, training=True)
+    return x * noise, lambda d: d * noise
 
 
 def fits(layer) -> bool:

@@ -31,10 +31,19 @@ class HostAdamW(torch.optim.AdamW):
             for key in MOMENTS:
                 if key in state:
                     state[key] = state[key].to(p.device, non_blocking=True, copy=True)
+        # torch wraps a class's step with its optimizer-hook runner: AdamW's own, once wrapped, would run them again
+        adamw = torch.optim.AdamW.step
+        update = adamw.__wrapped__ if getattr(adamw, "hooked", False) else adamw
         try:
-            return super().step(closure)
+            return update(self, closure)
         finally:
             self._to_host()
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch moves loaded state to each parameter's device: the moments go back to host memory at once (a
+        resumed run's peak is then the one estimated)."""
+        super().load_state_dict(state_dict)
+        self._to_host()
 
     def _to_host(self) -> None:
         cuda = False

@@ -65,3 +65,18 @@ def test_the_estimate_holds_the_moments_only_for_the_step(run_config, tiny_model
         for v in (True, False)
     )
     assert on.parts["optimizer"] == 0 and on.moments["optimizer step"] == off.parts["optimizer"] > 0
+
+
+def test_step_hooks_run_once_and_loaded_moments_go_to_their_host_buffers():
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # a plain AdamW first: torch has wrapped AdamW.step
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = HostAdamW([p], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda *args: calls.append(1))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert calls == [1]
+    resumed = HostAdamW([p], lr=0.1)
+    resumed.load_state_dict(opt.state_dict())  # torch moves loaded state to the parameters' device
+    held = {t.data_ptr() for t in resumed._host.values()}
+    assert len(held) == 2 and all(resumed.state[p][k].data_ptr() in held for k in ("exp_avg", "exp_avg_sq"))
