@@ -26,15 +26,7 @@ mkdir -p "$out" "$work"
 # recompilations of the compiled layers go to each case's log (their tails end OUTDIR/log.txt)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_LOGS=${TORCH_LOGS:-recompiles}
 
-if [ -n "$wheels" ]; then  # wheels + pure-Python packages that have no wheel for this Python
-  site="$work/site"
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$wheels"/*.whl || exit 1
-  for t in "$wheels"/*.tar.xz; do [ -e "$t" ] && tar -C "$site" -xJf "$t"; done
-  export PYTHONPATH="$site:$here${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-fi
-cd "$here" || exit 1
+. "$here/scripts/gpu_env.sh"  # WHEELS_DIR installed, PYTHONPATH set, cd to the repository
 bench() { timeout "${BENCH_TIMEOUT:-400}" python3 -m qwen_ft.cli.main bench --shape 7b --work-dir "$work/bench" \
   --steps "$steps" "$@" 2>&1 | grep -v -i warning | tee -a "$out/log.txt"; }
 has() { [[ " $parts " == *" $1 "* ]]; }

@@ -39,15 +39,7 @@ start=$(date +%s)
 mkdir -p "$out" "$work"
 # graph breaks and recompilations of the compiled layers go to the log (checkpoint inside the graph, issue 34 lever 1)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_LOGS=${TORCH_LOGS:-graph_breaks,recompiles}
-if [ -n "$wheels" ]; then  # wheels + pure-Python packages that have no wheel for this Python
-  site="$work/site"
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$wheels"/*.whl || exit 1
-  for t in "$wheels"/*.tar.xz; do [ -e "$t" ] && tar -C "$site" -xJf "$t"; done
-  export PYTHONPATH="$site:$here${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-fi
-cd "$here" || exit 1
+. "$here/scripts/gpu_env.sh"  # WHEELS_DIR installed, PYTHONPATH set, cd to the repository
 
 if [ "$dry" = 1 ]; then shape=tiny; short=128; long=256; moe_shape=tiny-qwen3-moe; hybrid=tiny-qwen3.5
 else shape=7b; short=2048; long=8192; moe_shape=qwen3-30b-a3b-12l; hybrid=qwen3.5-9b; fi

@@ -36,21 +36,26 @@ def layers_for_budget(cfg: RunConfig, budget_gib: float, gpus: int = 1, dtype: s
     Raises:
         QwenFtError: the estimate does not fit even with every layer recomputed.
     """
-    import dataclasses
-
     from qwen_ft.errors import QwenFtError
 
     layers = Shape.from_config(read_checkpoint_config(cfg.model.path)).layers
     peak = 0.0
     for k in range(layers + 1):
-        model = dataclasses.replace(cfg.model, gradient_checkpointing=k > 0, checkpoint_fraction=k / layers or 1.0)
-        peak = estimate_run(dataclasses.replace(cfg, model=model), gpus, dtype).estimate.total / GB
+        peak = estimate_run(recomputing(cfg, k, layers), gpus, dtype).estimate.total / GB
         if peak <= budget_gib:
             return k, layers, peak
     raise QwenFtError(
         f"model.memory_budget_gib: {budget_gib} GiB, but the estimate is {peak:.2f} GiB per GPU even recomputing "
         f"every one of the {layers} layers; raise the budget, or lower data.max_length or train.micro_batch_size"
     )
+
+
+def recomputing(cfg: RunConfig, k: int, layers: int) -> RunConfig:
+    """`cfg` with its first `k` of `layers` decoder layers recomputed (none: checkpointing off)."""
+    import dataclasses
+
+    model = dataclasses.replace(cfg.model, gradient_checkpointing=k > 0, checkpoint_fraction=k / layers or 1.0)
+    return dataclasses.replace(cfg, model=model)
 
 
 def estimate_run(cfg: RunConfig, gpus: int = 1, dtype: str = "bf16") -> RunEstimate:

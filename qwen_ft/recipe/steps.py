@@ -151,17 +151,14 @@ def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist:
 
 def checkpointing_for_budget(cfg: RunConfig, precision: Precision, dist: DistInfo) -> RunConfig:
     """model.memory_budget_gib: the config recomputing the fewest layers whose estimate fits it (else `cfg`)."""
-    import dataclasses
-
-    from qwen_ft.recipe.estimate import layers_for_budget
+    from qwen_ft.recipe.estimate import layers_for_budget, recomputing
 
     budget = cfg.model.memory_budget_gib
     if budget is None or not cfg.model.gradient_checkpointing:
         return cfg
     k, layers, peak = layers_for_budget(cfg, budget, dist.world, precision.name)
     print0(dist, f"memory budget {budget:g} GiB: recomputing {k} of {layers} decoder layers (estimate {peak:.2f} GiB)")
-    model = dataclasses.replace(cfg.model, gradient_checkpointing=k > 0, checkpoint_fraction=k / layers or 1.0)
-    return dataclasses.replace(cfg, model=model)
+    return recomputing(cfg, k, layers)
 
 
 def host_embedding(cfg: RunConfig, unwrapped, dist: DistInfo):

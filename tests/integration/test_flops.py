@@ -17,21 +17,13 @@ import torch
 
 from qwen_ft.bench.flops import gdn_flops_per_token, hardware_flops, recompute_flops, step_flops
 from qwen_ft.model.shape import Shape
-from qwen_ft.model.tiny import make_tiny_model
 
 LENGTH, ROWS = 64, 2  # one Gated DeltaNet chunk per row: no padding inside the kernel
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made: dict = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = make_tiny_model(tmp_path_factory.mktemp(family) / "m", family, hidden=64, layers=4)
-        return made[family]
-
-    return get
+@pytest.fixture
+def tiny(tiny_family):
+    return lambda family: tiny_family(family, layers=4)
 
 
 def counted_step(model_dir, method: str, checkpointing: bool) -> tuple[dict[str, int], int]:

@@ -19,17 +19,10 @@ from tests.integration.gguf_reference import convert, differences, read, value
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@pytest.fixture
+def tiny(tiny_family):
     """Tiny checkpoints of each family (real vocabularies, hidden 64, 2 layers), made on first use."""
-    made: dict = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = make_tiny_model(tmp_path_factory.mktemp(family) / "model", family, hidden=64, layers=2)
-        return made[family]
-
-    return get
+    return tiny_family
 
 
 @pytest.mark.extras("sentencepiece")  # llama.cpp's converter imports it for every BPE vocabulary

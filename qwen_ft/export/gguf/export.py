@@ -46,10 +46,10 @@ def served_template(src: Path) -> str | None:
     from qwen_ft.data.template import find_template
     from qwen_ft.tokenizer.convert import tokenizer_config
 
-    if is_v1(src) and find_template(src) is None:
-        return tokenizer_config()["chat_template"]
     found = find_template(src)
-    return found.text if found else None
+    if found is not None:
+        return found.text
+    return tokenizer_config()["chat_template"] if is_v1(src) else None
 
 
 def check_request(src: Path, out: Path, dtype: str, overwrite: bool) -> None:
