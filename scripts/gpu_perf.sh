@@ -14,10 +14,12 @@
 #               the memory they free spent on leaving layers un-checkpointed within 19 GiB
 #               (model.memory_budget_gib=19, the layers chosen by qwen-ft estimate)
 #     fusedlora lever 7: 7B LoRA 2048 uncompiled, model.fused_lora false then true (the fused LoRA function)
+#     offload   lever 3: 7B LoRA 2048 uncompiled with model.offload_checkpoint_inputs=true, beside fusedlora's
+#               false row (the same case with the inputs on the device): the peak 0.8 GiB lower at equal speed?
 #     qlora     7B Q-LoRA bitsandbytes and GPTQ at 2048 (the memory goals)
 #     qwen35    Qwen3.5-9B LoRA 2048 beside Trainer + peft (not in the default PARTS)
 #     moe       Qwen3-30B-A3B's layers (12 of 48) LoRA 2048 beside Trainer + peft (not in the default PARTS)
-#   PARTS (default "lora2048 loss256 hostemb budget19 lora8192 qlora fusedlora"), BENCH_STEPS (3 measured steps, median reported), WORK
+#   PARTS (default "lora2048 loss256 hostemb budget19 lora8192 qlora fusedlora offload"), BENCH_STEPS (3 measured steps, median reported), WORK
 #   (random checkpoints; default /tmp/qwen-ft-gpu-perf). WHEELS_DIR: what a bare GPU machine lacks
 #   (scripts/gpu_wheels.sh DIR). Every record has MFU, HFU and torchtitan's MFU (qwen_ft/bench/flops.py).
 #   Writes OUTDIR/bench-*.json, probe.json (versions, device, attention kernels), run.json (date, git
@@ -29,7 +31,7 @@ dry=0
 [ "${1:-}" = "--dry-run" ] && { dry=1; shift; }
 out=${1:?usage: bash scripts/gpu_perf.sh [--dry-run] OUTDIR [WHEELS_DIR]}
 wheels=${2:-}
-parts=${PARTS:-lora2048 loss256 hostemb budget19 lora8192 qlora fusedlora}
+parts=${PARTS:-lora2048 loss256 hostemb budget19 lora8192 qlora fusedlora offload}
 rounds=${ROUNDS:-1}
 steps=${BENCH_STEPS:-3}
 budget=${BUDGET_S:-$([ "$dry" = 1 ] && echo 1800 || echo 450)}  # a dry run on 2 CPU cores is slower
@@ -92,6 +94,8 @@ if has fusedlora; then
       --json "$out/bench-lora-$short-eager-fused-$fused.json" "model.fused_lora=$fused"
   done
 fi
+has offload && bench "offload-$short" --methods lora --lengths "$short" --micro-batch 2 --no-baseline \
+  --json "$out/bench-lora-$short-eager-offload.json" model.offload_checkpoint_inputs=true
 has qwen35 && bench "qwen35-$short" --shape "$hybrid" --methods lora --lengths "$short" --micro-batch 2 \
   --json "$out/bench-qwen35-lora-$short.json"
 has moe && bench "moe-$short" --shape "$moe_shape" --methods lora --lengths "$short" \

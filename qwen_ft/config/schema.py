@@ -78,6 +78,12 @@ class ModelConfig:
         "(qwen_ft/model/host_embedding.py): 1.16 GiB of a 7B model's GPU memory, the same steps. LoRA/Q-LoRA "
         "SFT on an untied, text-only checkpoint; not with trained embeddings or ZeRO-3",
     )
+    offload_checkpoint_inputs: bool = opt(
+        False,
+        "with gradient_checkpointing: keep each recomputed layer's input in pinned host memory from its forward to "
+        "its recomputation (qwen_ft/model/offload.py): 0.8 GiB of a 7B LoRA micro-batch of 2 x 2048 tokens, the "
+        "same steps; copies overlap compute on a side stream. Not with model.compile",
+    )
     adapter: str | None = opt(
         None,
         "a LoRA adapter directory (a qwen-ft or peft output, safetensors) to start from, e.g. the SFT adapter a "

@@ -141,6 +141,13 @@ def _combinations(cfg: RunConfig) -> list[str]:
             f"model.fused_lora: true with {why}; the fused LoRA function covers LoRA on a plain (unquantized) base, "
             "uncompiled: set model.fused_lora: false"
         )
+    if cfg.model.offload_checkpoint_inputs and (not cfg.model.gradient_checkpointing or cfg.model.compile):
+        why = "model.gradient_checkpointing: false" if not cfg.model.gradient_checkpointing else "model.compile: true"
+        problems.append(
+            f"model.offload_checkpoint_inputs: true with {why}; it keeps the inputs of eagerly recomputed layers in "
+            "host memory (a compiled layer's checkpoint is inside its graph): set offload_checkpoint_inputs: false"
+            + (" or gradient_checkpointing: true" if not cfg.model.gradient_checkpointing else "")
+        )
     if cfg.train.adam_moments_on_host and cfg.dist.deepspeed != "none":
         problems.append(
             f"train.adam_moments_on_host: true with dist.deepspeed={cfg.dist.deepspeed}; DeepSpeed runs its own "

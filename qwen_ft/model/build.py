@@ -45,7 +45,8 @@ def build_model(
 
         model = _quantized_base(base, method.quant, precision, attn, device)
         keep_packed_apart(model, family, mixed)
-        return quantize_experts(apply_method(model, method, family, seed), method.quant, base.path, precision)
+        model = quantize_experts(apply_method(model, method, family, seed), method.quant, base.path, precision)
+        return _offload_inputs(model, base)
     weights = torch.float32 if method.name == "full" else precision.dtype
     model = _plain_base(base, family, weights, attn, mixed)
     if base.recomputed_fraction > 0:
@@ -57,7 +58,17 @@ def build_model(
         install_fused_lora(model)
     if base.compile:
         compile_decoder_layers(model)
-    return model.to(device)
+    return _offload_inputs(model, base).to(device)
+
+
+def _offload_inputs(model, base: ModelConfig):
+    """model.offload_checkpoint_inputs: the recomputed layers' inputs wait in host memory (validated: with
+    gradient checkpointing, uncompiled)."""
+    if base.offload_checkpoint_inputs:
+        from qwen_ft.model.offload import offload_checkpoint_inputs
+
+        offload_checkpoint_inputs(model)
+    return model
 
 
 def frozen_copy(

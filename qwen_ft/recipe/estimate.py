@@ -10,6 +10,7 @@ from qwen_ft.sizing.memory import GB, Estimate, RunEstimate, Workload, estimate_
 
 def workload_of(cfg: RunConfig) -> Workload:
     """What the estimate reads of `cfg`."""
+    dropped = cfg.method != "full" and not cfg.model.fused_lora and _lora_dropout(cfg) > 0
     return Workload(
         cfg.method_spec,
         cfg.train.micro_batch_size,
@@ -19,7 +20,24 @@ def workload_of(cfg: RunConfig) -> Workload:
         cfg.dist.deepspeed != "none",
         cfg.model.host_embedding,
         cfg.train.adam_moments_on_host,
+        cfg.model.offload_checkpoint_inputs,
+        dropped,
     )
+
+
+def _lora_dropout(cfg: RunConfig) -> float:
+    """lora.dropout, or the family's default for the checkpoint at model.path (0 where none is readable: a shape
+    given to `peak_of` directly)."""
+    from qwen_ft.errors import QwenFtError
+    from qwen_ft.model.adapters import lora_dropout
+    from qwen_ft.model.families import resolve_family
+
+    if cfg.lora.dropout is not None:
+        return cfg.lora.dropout
+    try:
+        return lora_dropout(cfg.lora, resolve_family(cfg.model.family, cfg.model.path))
+    except QwenFtError:
+        return 0.0
 
 
 def peak_of(

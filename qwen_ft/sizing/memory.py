@@ -97,6 +97,8 @@ class Workload:
     deepspeed: bool
     host_embedding: bool = False  # model.host_embedding: the input embedding in host memory
     moments_on_host: bool = False  # train.adam_moments_on_host: on the device only during the step
+    inputs_on_host: bool = False  # model.offload_checkpoint_inputs: recomputed layers' inputs in host memory
+    dropped_copies: bool = False  # LoRA dropout > 0 through peft's forward (not model.fused_lora): kept inputs
 
 
 def estimate_peak(
@@ -118,10 +120,13 @@ def estimate_peak(
     if work.moments_on_host:  # brought in for the step, when activations and logits are gone
         e.moments["optimizer step"] = optim
     tokens = work.micro_batch_size * work.max_length
-    per_layer = 34 * shape.hidden  # bytes per token per layer, 16-bit activations (already in bytes)
+    # bytes per token per layer, 16-bit activations (already in bytes), and the adapters' dropped inputs
+    per_layer = 34 * shape.hidden + (dropped_input_bytes(work.method, shape) if work.dropped_copies else 0)
     recomputed = checkpointed_layers(shape.layers, work.recomputed_fraction)
-    # Recomputed layers keep their input only; the others all their activations.
-    e.parts["activations"] = tokens * (recomputed * shape.hidden * 2 + (shape.layers - recomputed) * per_layer)
+    # Recomputed layers keep their input only; the others all their activations. With the inputs in host memory,
+    # an adapter run still holds the first (its embedding output is a leaf that requires grad, model/offload.py).
+    kept_inputs = (work.method.name != "full" and recomputed > 0) if work.inputs_on_host else recomputed
+    e.parts["activations"] = tokens * (kept_inputs * shape.hidden * 2 + (shape.layers - recomputed) * per_layer)
     if shape.moe and recomputed < shape.layers:  # the routed copies of each token: top-k active experts
         e.parts["expert activations"] = (
             tokens * expert_activation_bytes(shape) * (shape.layers - recomputed) * shape.moe.layers / shape.layers
@@ -131,9 +136,22 @@ def estimate_peak(
     if shape.gdn and recomputed < shape.layers:
         e.parts["GDN states"] = states * shape.gdn.layers * (1 - recomputed / shape.layers)
     e.moments["loss step"] = _loss_step_bytes(work.loss_chunk_tokens, work.method, shape, dtype, stage, tokens, t)
-    if recomputed:  # one layer's activations while backward replays it
-        e.moments["layer replay"] = tokens * per_layer + states
+    if recomputed:  # one layer's activations while backward replays it (and its input and the next, fetched)
+        e.moments["layer replay"] = tokens * (per_layer + (4 * shape.hidden if work.inputs_on_host else 0)) + states
     return e
+
+
+# Bytes per adapted input element that peft's LoRA dropout adds to a layer's saved activations: its mask and the
+# dropped copy the adapter's matmul keeps (from the 7B LoRA 8192 ledger, tests/integration/test_memory_ledger.py:
+# dropout 0.05 against 0 adds 1.42 GiB to the peak, 5.2 bytes per element of the layer's 6 H + I adapted inputs).
+DROPOUT_BYTES = 5
+
+
+def dropped_input_bytes(method: MethodSpec, shape: Shape) -> float:
+    """Bytes per token per decoder layer of the LoRA dropout's kept copies: one per adapted linear layer's input."""
+    chosen = set(method.lora.target_modules or shape.linear_shapes())
+    inputs = sum(n * sum(i for name, (i, _) in shapes.items() if name in chosen) for n, shapes in shape.layer_groups())
+    return DROPOUT_BYTES * inputs / shape.layers
 
 
 def expert_activation_bytes(shape: Shape) -> int:
