@@ -15,7 +15,7 @@
 #               (model.memory_budget_gib=19, the layers chosen by qwen-ft estimate)
 #     fusedlora lever 7: 7B LoRA 2048 uncompiled, model.fused_lora false then true (the fused LoRA function)
 #     offload   lever 3: 7B LoRA 2048 uncompiled with model.offload_checkpoint_inputs=true, beside fusedlora's
-#               false row (the same case with the inputs on the device): the peak 0.8 GiB lower at equal speed?
+#               false row (the same case with the inputs on the device): the peak 0.97 GiB lower at equal speed?
 #     qlora     7B Q-LoRA bitsandbytes and GPTQ at 2048 (the memory goals)
 #     qwen35    Qwen3.5-9B LoRA 2048 beside Trainer + peft (not in the default PARTS)
 #     moe       Qwen3-30B-A3B's layers (12 of 48) LoRA 2048 beside Trainer + peft (not in the default PARTS)

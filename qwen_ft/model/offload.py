@@ -1,7 +1,7 @@
 """Checkpointed layers' inputs kept in host memory between their forward and their recomputation.
 
 A recomputed decoder layer keeps one tensor on the device through the whole forward: its input, [tokens,
-hidden] in 16-bit, 14 MiB per 2048 tokens of a 7B layer, 0.8 GiB over 28 layers of a 2 x 2048 micro-batch. The
+hidden] in 16-bit, 16 MiB per 2048 tokens of a 7B layer, 0.97 GiB over 31 of 32 layers for 2 x 2048 tokens. The
 backward pass reads it once, to recompute the layer. `model.offload_checkpoint_inputs: true` copies each input
 to pinned host memory as its layer's forward ends (on a side stream, overlapping the next layers), lets the
 device copy go, and brings it back for the recomputation, the previous layer's input fetched meanwhile.
