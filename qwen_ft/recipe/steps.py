@@ -146,6 +146,10 @@ def model(cfg: RunConfig, family: Family, precision: Precision, attn: str, dist:
     if cfg.model.fused_lora:
         fused = sum(hasattr(m, "_peft_forward") for m in unwrapped.modules())
         print0(dist, f"fused LoRA function on {fused} layers (the others run peft's forward)")
+    if cfg.model.offload_checkpoint_inputs:
+        offloaded = sum(getattr(m, "inputs_on_host", False) for m in unwrapped.modules())
+        but = "" if cfg.method == "full" else " but the first's (a leaf of the graph in an adapter run)"
+        print0(dist, f"inputs of {offloaded} recomputed layers{but} kept in host memory until their recomputation")
     return unwrapped
 
 

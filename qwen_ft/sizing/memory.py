@@ -124,7 +124,8 @@ def estimate_peak(
     per_layer = 34 * shape.hidden + (dropped_input_bytes(work.method, shape) if work.dropped_copies else 0)
     recomputed = checkpointed_layers(shape.layers, work.recomputed_fraction)
     # Recomputed layers keep their input only; the others all their activations. With the inputs in host memory,
-    # an adapter run still holds the first (its embedding output is a leaf that requires grad, model/offload.py).
+    # an adapter run still holds the first: its embedding output is a leaf that requires grad (model/offload.py),
+    # or with model.host_embedding the batch's inputs_embeds, which the loop holds through the step.
     kept_inputs = (work.method.name != "full" and recomputed > 0) if work.inputs_on_host else recomputed
     e.parts["activations"] = tokens * (kept_inputs * shape.hidden * 2 + (shape.layers - recomputed) * per_layer)
     if shape.moe and recomputed < shape.layers:  # the routed copies of each token: top-k active experts

@@ -14,11 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 
-def trained(run_config, tmp_path, name: str, *args: str) -> tuple[list[float], dict]:
+def trained(run_config, tmp_path, capsys, name: str, *args: str) -> tuple[list[float], dict]:
     from qwen_ft.cli.main import main
 
     out = tmp_path / name
     assert main(["train", run_config(train={"max_steps": 3}), *args, f"train.output_dir={out}"]) == 0
+    said = "inputs of 3 recomputed layers" in capsys.readouterr().out
+    assert said == ("model.offload_checkpoint_inputs=true" in args)
     losses = [h["loss"] for h in json.loads((out / "train_history.json").read_text())]
     weights = out / "adapter_model.safetensors"
     return losses, load_file(weights if weights.exists() else out / "model.safetensors")
@@ -32,11 +34,13 @@ def trained(run_config, tmp_path, name: str, *args: str) -> tuple[list[float], d
         ("qwen3_moe", ["method=full"]),  # routed experts, every weight trained
     ],
 )
-def test_offloaded_inputs_give_the_plain_checkpoints_steps_bitwise(run_config, tiny_family, tmp_path, family, extra):
+def test_offloaded_inputs_give_the_plain_checkpoints_steps_bitwise(
+    run_config, tiny_family, tmp_path, capsys, family, extra
+):
     model = tiny_family(family, layers=3)
     common = [f"model.path={model}", "lora.dropout=0.1", *extra]
-    plain = trained(run_config, tmp_path, "plain", *common)
-    offloaded = trained(run_config, tmp_path, "offloaded", *common, "model.offload_checkpoint_inputs=true")
+    plain = trained(run_config, tmp_path, capsys, "plain", *common)
+    offloaded = trained(run_config, tmp_path, capsys, "offloaded", *common, "model.offload_checkpoint_inputs=true")
     assert offloaded[0] == plain[0]  # the same floats
     assert offloaded[1].keys() == plain[1].keys()
     for name, tensor in plain[1].items():
