@@ -237,7 +237,7 @@ def z3_leaf_classes(model: torch.nn.Module) -> list[type]:
     """The sparse-MoE block classes of `model`, for DeepSpeed's `set_z3_leaf_modules` (its answer to
     ranks that route to different experts fetching different parameters). transformers 5's fused
     experts are one parameter per projection, so routing cannot split the gathers even without it
-    (tests/integration/test_deepspeed.py passed both ways); it is kept as DeepSpeed recommends."""
+    (tests/integration/test_deepspeed_models.py passed both ways); it is kept as DeepSpeed recommends."""
     return sorted(
         {type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")}, key=lambda c: c.__name__
     )
